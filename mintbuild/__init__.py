@@ -1,0 +1,3 @@
+"""mintbuild: model compression as a build."""
+
+__version__ = "0.1.0"

