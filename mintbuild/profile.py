@@ -1,0 +1,465 @@
+"""`mintbuild profile`: one streaming CPU pass over a checkpoint, no data.
+
+For every tensor: its role, whether it may be quantized, and for every storage option of the option set the
+exact packed bytes (formats.py) and the error of MLX affine round-to-nearest (sum of squared error, NRMSE,
+SQNR), measured with the same quantizer the packer uses. Large tensors are measured on a uniform random sample
+of (row, block) units whose standard error is recorded; sizes are always exact. The artifact is a safetensors
+file (arrays [tensors, options] + JSON metadata) that loads in milliseconds, plus summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+from safetensors.numpy import load_file, save
+
+from . import __version__
+from .checkpoint import (
+    PASSTHROUGH_ROLES,
+    Checkpoint,
+    TensorInfo,
+    compile_rules,
+    layer_index,
+    open_checkpoint,
+    tensor_role,
+)
+from .config import ProfileConfig, as_dict, load_params
+from .errors import MintError
+from .formats import PASSTHROUGH, Option, option_set
+from .io import atomic_dir, canonical_json
+from .quant import QUANTIZER_VERSION
+
+HELP = "measure bytes and quantization error of every tensor x storage option (one CPU pass, no data)"
+SCHEMA_VERSION = 1
+PROFILE_FILE = "profile.safetensors"
+SUMMARY_FILE = "summary.md"
+#: Rows of a large tensor converted to float32 at a time (bounds peak memory to ~64 MB per chunk).
+CHUNK_ELEMENTS = 1 << 24
+#: Sampling stops growing once three standard errors of every option's NRMSE are below this relative bound.
+NRMSE_REL_BOUND = 0.005
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Profile:
+    """The profile artifact: per-tensor metadata and per-(tensor, option) arrays."""
+
+    tensors: list[dict[str, Any]]
+    options: list[Option]
+    arrays: dict[str, np.ndarray]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+    @property
+    def names(self) -> list[str]:
+        return [t["name"] for t in self.tensors]
+
+    @property
+    def hash(self) -> str:
+        return self.provenance["profile_hash"]
+
+    def save(self, folder: Path) -> None:
+        meta = {
+            "schema_version": str(SCHEMA_VERSION),
+            "options": canonical_json([o.name for o in self.options]),
+            "tensors": canonical_json(self.tensors),
+            "provenance": canonical_json(self.provenance),
+            "summary": canonical_json(self.summary),
+        }
+        data = save({k: np.ascontiguousarray(v) for k, v in sorted(self.arrays.items())}, metadata=meta)
+        (folder / PROFILE_FILE).write_bytes(data)
+        (folder / SUMMARY_FILE).write_text(render_summary(self))
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Load a profile artifact (the folder or its profile.safetensors); refuses other schema versions."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    file = path / PROFILE_FILE if path.is_dir() else path
+    if not file.exists():
+        raise MintError(f"{file}: no profile here (run `mintbuild profile` / `dvc repro profile` first)")
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            meta = f.metadata() or {}
+        arrays = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise MintError(f"{file}: not a readable profile ({e})") from None
+    if meta.get("schema_version") != str(SCHEMA_VERSION):
+        raise MintError(
+            f"{file}: profile schema version {meta.get('schema_version')!r}, this mintbuild reads "
+            f"{SCHEMA_VERSION}; re-run `mintbuild profile`"
+        )
+    from .formats import parse_option
+
+    return Profile(
+        tensors=json.loads(meta["tensors"]),
+        options=[parse_option(n) for n in json.loads(meta["options"])],
+        arrays=arrays,
+        provenance=json.loads(meta["provenance"]),
+        summary=json.loads(meta["summary"]),
+    )
+
+
+# --- measurement ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorStats:
+    sse: np.ndarray  # [K] float64, per option; nan where unavailable
+    worst_nrmse: np.ndarray  # [K] per-expert worst case (== nrmse for ordinary tensors)
+    rse: np.ndarray  # [K] relative standard error of the NRMSE estimate (0 when exact)
+    norm_sq: float
+    sampled: int  # elements the quantized options were measured on
+
+
+def _storage_values(x: torch.Tensor) -> torch.Tensor:
+    """The values the packer quantizes: the weight rounded to bf16 (exact for a bf16 checkpoint)."""
+    return x.to(torch.bfloat16).float() if x.dtype != torch.bfloat16 else x.float()
+
+
+def full_pass(info: TensorInfo, t: torch.Tensor) -> tuple[str, float, float]:
+    """Hash of the raw bytes, sum of squares and the 16-bit rounding error, in row chunks; refuses NaN/Inf."""
+    h = xxhash.xxh3_128()
+    h.update(f"{info.name}|{info.dtype}|{list(info.shape)}|".encode())
+    flat = t.reshape(-1)
+    norm_sq = 0.0
+    err16 = 0.0
+    for start in range(0, flat.numel(), CHUNK_ELEMENTS):
+        chunk = flat[start : start + CHUNK_ELEMENTS]
+        h.update(chunk.view(torch.uint8).numpy() if chunk.numel() else b"")
+        x = chunk.float()
+        s = float(
+            torch.sum(x.double().square()) if x.numel() < 4096 else torch.sum(x * x, dtype=torch.float64)
+        )
+        if not math.isfinite(s):
+            bad = int((~torch.isfinite(x)).nonzero()[0, 0]) + start
+            raise MintError(
+                f"{info.file}: tensor {info.name!r} has a non-finite value ({float(flat[bad])}) at index "
+                f"{bad}; fix the checkpoint"
+            )
+        norm_sq += s
+        if t.dtype != torch.bfloat16:
+            err16 += float(torch.sum((_storage_values(x) - x) ** 2, dtype=torch.float64))
+    return h.hexdigest(), norm_sq, err16
+
+
+def _units(info: TensorInfo, block: int, cfg: ProfileConfig) -> tuple[int, np.ndarray | None]:
+    """Number of (row, block) units and, for a sampled tensor, the sorted sample of unit indices."""
+    n_units = info.numel // block
+    if info.numel <= cfg.sample_above:
+        return n_units, None
+    want = max(1, min(n_units, cfg.sample_elements // block))
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(info.name.encode())])
+    return n_units, np.sort(rng.choice(n_units, size=want, replace=False))
+
+
+def measure_quantized(
+    info: TensorInfo, t: torch.Tensor, opts: list[Option], norm_sq: float, cfg: ProfileConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(sse, worst per-expert nrmse, relative standard error, elements measured) for the quantized options."""
+    from .kernels import row_sse
+
+    block = max(o.group for o in opts)
+    n_units, sample = _units(info, block, cfg)
+    flat = t.reshape(n_units, block)
+    rows = flat if sample is None else flat[torch.from_numpy(sample)]
+    ref = rows.float().contiguous()
+    x = _storage_values(ref) if t.dtype != torch.bfloat16 else ref
+    bits = np.array([o.bits for o in opts], dtype=np.int64)
+    groups = np.array([o.group for o in opts], dtype=np.int64)
+    unit_sse = row_sse(x.numpy(), ref.numpy(), bits, groups)  # [U, K]
+    if sample is None:
+        sse = unit_sse.sum(axis=0)
+        rse = np.zeros(len(opts))
+    else:
+        sse, rse = _estimate_total(unit_sse, n_units)
+    worst = _per_expert_worst(info, ref, unit_sse, sample, n_units, sse, norm_sq)
+    return sse, worst, rse, int(rows.numel())
+
+
+def _estimate_total(unit_sse: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unbiased total from a simple random sample of units, and the relative standard error of the NRMSE
+    (half that of the SSE, since NRMSE is its square root)."""
+    u = unit_sse.shape[0]
+    mean = unit_sse.mean(axis=0)
+    std = unit_sse.std(axis=0, ddof=1) if u > 1 else np.zeros_like(mean)
+    fpc = math.sqrt(max(0.0, 1.0 - u / n_units))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(mean > 0, std / math.sqrt(u) * fpc / mean, 0.0)
+    return mean * n_units, 0.5 * rel
+
+
+def _per_expert_worst(
+    info: TensorInfo,
+    ref: torch.Tensor,
+    unit_sse: np.ndarray,
+    sample: np.ndarray | None,
+    n_units: int,
+    sse: np.ndarray,
+    norm_sq: float,
+) -> np.ndarray:
+    """Worst NRMSE over the experts of a stacked [E, out, in] tensor; the tensor's own NRMSE otherwise."""
+    if len(info.shape) < 3 or info.shape[0] < 2:
+        return _nrmse(sse, norm_sq)
+    n_exp = info.shape[0]
+    per_exp = n_units // n_exp
+    idx = np.arange(n_units) if sample is None else sample
+    expert = idx // per_exp
+    e_sse = np.zeros((n_exp, unit_sse.shape[1]))
+    e_norm = np.zeros(n_exp)
+    e_cnt = np.zeros(n_exp)
+    np.add.at(e_sse, expert, unit_sse)
+    np.add.at(e_norm, expert, ref.double().square().sum(dim=1).numpy())
+    np.add.at(e_cnt, expert, 1)
+    seen = e_cnt > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(e_norm[seen, None] > 0, e_sse[seen] / e_norm[seen, None], 0.0)
+    return np.sqrt(ratios.max(axis=0))
+
+
+def _nrmse(sse: np.ndarray, norm_sq: float) -> np.ndarray:
+    if norm_sq > 0:
+        return np.sqrt(sse / norm_sq)
+    return np.where(sse > 0, np.inf, 0.0)  # an all-zero tensor quantizes exactly: defined error 0
+
+
+def _sqnr(sse: np.ndarray, norm_sq: float) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(
+            sse > 0, 10.0 * np.log10(np.maximum(norm_sq, 1e-300) / np.where(sse > 0, sse, 1.0)), np.inf
+        )
+
+
+# --- the pass ---------------------------------------------------------------------------------------------
+
+
+def tied_lm_head(ckpt: Checkpoint) -> str | None:
+    """The lm_head name that the runtime ties to the embedding (and that we therefore never store)."""
+    tie = ckpt.config.get("tie_word_embeddings", False)
+    return "lm_head.weight" if tie and "lm_head.weight" in ckpt.tensors else None
+
+
+def tensor_meta(info: TensorInfo, role: str, opts: tuple[Option, ...]) -> tuple[dict[str, Any], list[Option]]:
+    quantizable = role not in PASSTHROUGH_ROLES and len(info.shape) >= 2
+    usable = [o for o in opts if not o.passthrough and quantizable and o.available(info.shape)]
+    meta = {
+        "name": info.name,
+        "shape": list(info.shape),
+        "dtype": info.dtype,
+        "role": role,
+        "layer": layer_index(info.name),
+        "elements": info.numel,
+        "quantizable": quantizable,
+        "file": info.file.name,
+    }
+    return meta, usable
+
+
+def profile_checkpoint(ckpt: Checkpoint, cfg: ProfileConfig, progress: bool = True) -> Profile:
+    from tqdm import tqdm
+
+    opts = option_set(list(cfg.option_list) if cfg.option_list else cfg.options)
+    rules = compile_rules([(r.role, r.pattern) for r in cfg.role_rules])
+    skip = tied_lm_head(ckpt)
+    tied = bool(ckpt.config.get("tie_word_embeddings", False))
+    names = [n for n in ckpt.names if n != skip]
+    if not names:
+        raise MintError(f"{ckpt.folder}: the checkpoint holds no tensors")
+    n_layers = max((layer_index(n) for n in names), default=-1) + 1
+    cols = _new_columns(len(names), len(opts))
+    metas: list[dict[str, Any]] = []
+    hashes: list[str] = []
+    total = sum(ckpt.tensors[n].numel for n in names)
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, unit="param", unit_scale=True, disable=not progress, desc="profile")
+    for i, name in enumerate(names):
+        info = ckpt.tensors[name]
+        meta, digest = _profile_one(i, info, ckpt.read(name), opts, rules, cfg, cols)
+        meta["tied_to"] = ["lm_head.weight"] if tied and meta["role"] == "embedding" else []
+        meta["last_layer"] = meta["layer"] == n_layers - 1 and meta["layer"] >= 0
+        metas.append(meta)
+        hashes.append(digest)
+        bar.update(info.numel)
+        bar.set_postfix_str(f"{i + 1}/{len(names)} tensors")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return _assemble(ckpt, cfg, opts, metas, hashes, cols, total, seconds)
+
+
+def _new_columns(n: int, k: int) -> dict[str, np.ndarray]:
+    return {
+        "bytes": np.zeros((n, k), np.int64),
+        "available": np.zeros((n, k), np.uint8),
+        "sse": np.full((n, k), np.nan),
+        "nrmse": np.full((n, k), np.nan),
+        "sqnr": np.full((n, k), np.nan),
+        "worst_nrmse": np.full((n, k), np.nan),
+        "nrmse_rse": np.zeros((n, k)),
+        "elements": np.zeros(n, np.int64),
+        "norm_sq": np.zeros(n),
+        "sampled_elements": np.zeros(n, np.int64),
+    }
+
+
+def _profile_one(
+    i: int,
+    info: TensorInfo,
+    t: torch.Tensor,
+    opts: tuple[Option, ...],
+    rules: list,
+    cfg: ProfileConfig,
+    cols: dict[str, np.ndarray],
+) -> tuple[dict[str, Any], str]:
+    role = tensor_role(info.name, len(info.shape), rules)
+    meta, usable = tensor_meta(info, role, opts)
+    digest, norm_sq, err16 = full_pass(info, t)
+    cols["elements"][i] = info.numel
+    cols["norm_sq"][i] = norm_sq
+    k16 = opts.index(PASSTHROUGH)
+    _fill(cols, i, k16, PASSTHROUGH.nbytes(info.shape), np.array([err16]), np.array([0.0]), None, norm_sq)
+    if usable:
+        sse, worst, rse, sampled = measure_quantized(info, t, usable, norm_sq, cfg)
+        cols["sampled_elements"][i] = sampled
+        for j, o in enumerate(usable):
+            k = opts.index(o)
+            _fill(cols, i, k, o.nbytes(info.shape), sse[j : j + 1], rse[j : j + 1], worst[j : j + 1], norm_sq)
+    reasons = {
+        o.name: o.unavailable_reason(info.shape) for o in opts if not o.passthrough and o not in usable
+    }
+    if not meta["quantizable"]:
+        reasons = {k: f"role {role} / {len(info.shape)}-D stays 16-bit" for k in reasons}
+    meta["unavailable"] = {k: v for k, v in reasons.items() if v}
+    return meta, digest
+
+
+def _fill(cols, i, k, nbytes, sse, rse, worst, norm_sq) -> None:
+    cols["bytes"][i, k] = nbytes
+    cols["available"][i, k] = 1
+    cols["sse"][i, k] = sse[0]
+    cols["nrmse"][i, k] = _nrmse(sse, norm_sq)[0]
+    cols["sqnr"][i, k] = _sqnr(sse, norm_sq)[0]
+    cols["worst_nrmse"][i, k] = (worst if worst is not None else _nrmse(sse, norm_sq))[0]
+    cols["nrmse_rse"][i, k] = rse[0]
+
+
+def _assemble(ckpt, cfg, opts, metas, hashes, cols, total, seconds) -> Profile:
+    ckpt_hash = xxhash.xxh3_128("\n".join(hashes).encode()).hexdigest()
+    provenance = {
+        "checkpoint_hash": ckpt_hash,
+        "model_folder": ckpt.folder.name,
+        "options": [o.name for o in opts],
+        "quantizer": QUANTIZER_VERSION,
+        "mintbuild_version": __version__,
+        "profile_config": {k: v for k, v in as_dict(cfg).items() if k != "out"},
+        "tensor_hashes": dict(zip([m["name"] for m in metas], hashes, strict=True)),
+        "model_config": {k: ckpt.config.get(k) for k in _CONFIG_KEYS if k in ckpt.config},
+    }
+    provenance["profile_hash"] = xxhash.xxh3_128(canonical_json(provenance).encode()).hexdigest()
+    sampled = int((cols["sampled_elements"] < cols["elements"]).sum() - (cols["sampled_elements"] == 0).sum())
+    rse = cols["nrmse_rse"]
+    summary = {
+        "tensors": len(metas),
+        "parameters": int(total),
+        "bytes_16bit": int(cols["bytes"][:, opts.index(PASSTHROUGH)].sum()),
+        "sampled_tensors": max(sampled, 0),
+        "max_nrmse_rse": float(rse.max()) if rse.size else 0.0,
+        # Wall time is kept out of the artifact so reruns are byte-identical; it is logged instead.
+    }
+    log.info(
+        "profiled %d tensors, %.3g params in %.1f s (%.3g params/s)",
+        len(metas),
+        total,
+        seconds,
+        total / max(seconds, 1e-9),
+    )
+    return Profile(metas, list(opts), cols, provenance, summary)
+
+
+#: config.json keys later stages need (KV-cache headroom, the evaluator's window).
+_CONFIG_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "num_attention_heads",
+    "hidden_size",
+    "head_dim",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "vocab_size",
+    "torch_dtype",
+)
+
+
+def render_summary(p: Profile) -> str:
+    roles: dict[str, list[int]] = {}
+    for m in p.tensors:
+        r = roles.setdefault(m["role"], [0, 0])
+        r[0] += 1
+        r[1] += m["elements"]
+    s = p.summary
+    lines = [
+        "# Profile summary",
+        "",
+        f"- checkpoint hash: `{p.provenance['checkpoint_hash']}`",
+        f"- tensors: {s['tensors']}, parameters: {s['parameters']:,}, 16-bit bytes: {s['bytes_16bit']:,}",
+        f"- options ({len(p.options)}): {', '.join(o.name for o in p.options)}",
+        f"- tensors measured on a sample: {s['sampled_tensors']} (largest relative standard error of NRMSE: "
+        f"{s['max_nrmse_rse']:.2e})",
+        "",
+        "| role | tensors | parameters |",
+        "|---|---:|---:|",
+        *[f"| {r} | {c} | {n:,} |" for r, (c, n) in sorted(roles.items())],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- stage ------------------------------------------------------------------------------------------------
+
+
+def run(model_dir: Path, cfg: ProfileConfig, out: Path, progress: bool = True) -> Profile:
+    ckpt = open_checkpoint(model_dir)
+    if ckpt.config.get("quantization_config"):
+        raise MintError(f"{model_dir}/config.json has a quantization_config: the checkpoint is pre-quantized")
+    prof = profile_checkpoint(ckpt, cfg, progress)
+    with atomic_dir(out) as tmp:
+        prof.save(tmp)
+    return prof
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="composed parameters (default: params.yaml)")
+    p.add_argument(
+        "--model", help="checkpoint folder or .safetensors file (default: the model stage's output)"
+    )
+    p.add_argument("--out", help="output folder (default: profile.out from params)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    model_dir = Path(args.model) if args.model else _model_weights_dir(Path(params.model.out))
+    run(model_dir, params.profile, Path(args.out or params.profile.out), progress=not args.no_progress)
+
+
+def _model_weights_dir(model_out: Path) -> Path:
+    from .model import resolve_weights_dir
+
+    return resolve_weights_dir(model_out)

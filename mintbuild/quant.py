@@ -1,0 +1,120 @@
+"""MLX affine round-to-nearest: quantize, dequantize, and the per-option error of a tensor.
+
+This is the one quantizer of mintbuild. It reproduces `mx.quantize` (MLX's CPU kernel) bit for bit, so the
+error the profile measures is the error of the model the packer writes:
+
+    per group of g consecutive elements (last dimension), in float32:
+      scale = max((max - min) / (2^b - 1), 1e-7), signed so that the edge with the larger magnitude
+      (min if |min| > |max|, else max) maps to an integer code q0 = rint(edge / scale); when q0 != 0 the
+      scale is re-derived as edge / q0 and the bias is that edge (so it is represented exactly), else bias 0;
+      q = clip(rint((w - bias) / scale), 0, 2^b - 1)
+    stored: q packed little-endian into uint32 words, scale and bias rounded to the 16-bit storage dtype;
+    dequantized: w' = scale16 * q + bias16, each operation rounded to the storage dtype (as MLX does).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .formats import Option
+
+EPS = 1e-7
+#: Bumped whenever the quantizer's numbers change; recorded in every profile's provenance.
+QUANTIZER_VERSION = "mlx-affine-rtn/1"
+
+
+def _group_params(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (scale, bias) per group, as MLX's kernel derives them (before the 16-bit rounding)."""
+    n_bins = float((1 << bits) - 1)
+    w_min = groups.amin(dim=-1)
+    w_max = groups.amax(dim=-1)
+    return _params_from_minmax(w_min, w_max, n_bins)
+
+
+def _params_from_minmax(
+    w_min: torch.Tensor, w_max: torch.Tensor, n_bins: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = w_min.abs() > w_max.abs()
+    scale = torch.clamp_min((w_max - w_min) / n_bins, EPS)
+    scale = torch.where(mask, scale, -scale)
+    edge = torch.where(mask, w_min, w_max)
+    q0 = torch.round(edge / scale)
+    nz = q0 != 0
+    scale = torch.where(nz, edge / q0, scale)
+    bias = torch.where(nz, edge, torch.zeros_like(edge))
+    return scale, bias
+
+
+def quantize_codes(
+    w: torch.Tensor, option: Option, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (uint8, w's shape), scales and biases ([..., K/g], `dtype`) of MLX affine quantization.
+
+    `w` is first cast to the storage dtype `dtype`, as the packer stores it; the math runs in float32.
+    """
+    bits, g = option.bits, option.group
+    x = w.to(dtype).float()
+    groups = x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
+    scale, bias = _group_params(groups, bits)
+    q = torch.round((groups - bias[..., None]) / scale[..., None]).clamp_(0, (1 << bits) - 1)
+    return q.to(torch.uint8).reshape(x.shape), scale.to(dtype), bias.to(dtype)
+
+
+def dequantize_codes(
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    group: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    shape = q.shape
+    qg = q.float().reshape(*shape[:-1], shape[-1] // group, group)
+    # MLX evaluates scale * q + bias in the storage dtype: each operation rounds to it.
+    out = (qg * scales.float()[..., None]).to(dtype).float() + biases.float()[..., None]
+    return out.reshape(shape).to(dtype)
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> np.ndarray:
+    """Pack uint8 codes [..., K] into MLX's uint32 words [..., K*bits/32] (little-endian bit stream)."""
+    codes = q.cpu().numpy().astype(np.uint8)
+    lead, k = codes.shape[:-1], codes.shape[-1]
+    flat = codes.reshape(-1, k)
+    # Each code contributes `bits` bits, least significant first; the stream is then cut into bytes.
+    bitplanes = np.unpackbits(flat[..., None], axis=-1, bitorder="little")[..., :bits]
+    stream = bitplanes.reshape(flat.shape[0], k * bits)
+    packed = np.packbits(stream, axis=-1, bitorder="little")
+    words = packed.view("<u4")
+    return np.ascontiguousarray(words.reshape(*lead, k * bits // 32)).view(np.uint32)
+
+
+def unpack_codes(words: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Inverse of `pack_codes`: uint32 words [..., K*bits/32] -> uint8 codes [..., K]."""
+    lead = words.shape[:-1]
+    as_bytes = np.ascontiguousarray(words).view(np.uint8).reshape(-1, k * bits // 8)
+    stream = np.unpackbits(as_bytes, axis=-1, bitorder="little").reshape(-1, k, bits)
+    codes = np.packbits(stream, axis=-1, bitorder="little")[..., 0]
+    return codes.reshape(*lead, k)
+
+
+def quantize_dequantize(w: torch.Tensor, option: Option, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The storage-dtype tensor the runtime will see for `w` stored with `option`."""
+    if option.passthrough:
+        return w.to(dtype)
+    q, s, b = quantize_codes(w, option, dtype)
+    return dequantize_codes(q, s, b, option.group, dtype)
+
+
+def group_sse(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Sum of squared error per row of `x` (float32 [R, K], already in the storage dtype's values).
+
+    The fused hot loop of the profile: one min/max per group, codes, 16-bit scale/bias, dequantized value
+    rounded to the storage dtype, squared error summed in float64 per row.
+    """
+    groups = x.reshape(x.shape[0], x.shape[1] // group, group)
+    scale, bias = _group_params(groups, bits)
+    q = torch.round((groups - bias[..., None]) / scale[..., None]).clamp_(0, (1 << bits) - 1)
+    deq = (q * scale.to(dtype).float()[..., None]).to(dtype).float()
+    deq = (deq + bias.to(dtype).float()[..., None]).to(dtype).float()
+    err = deq.sub_(groups)
+    return err.square_().sum(dim=(1, 2), dtype=torch.float64)

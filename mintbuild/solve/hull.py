@@ -1,0 +1,108 @@
+"""The LP relaxation of the MCKP, solved exactly by a greedy over lower-convex-hull segments.
+
+Relaxing "one option per row" to a convex combination, each row only ever uses its lower convex hull in the
+(size, cost) plane, and the LP optimum takes hull segments in order of decreasing efficiency (cost saved per
+extra byte) until the budget runs out, the last one fractionally. Its efficiency is the dual price `lam` of a
+byte. The bound reported is the Lagrangian value
+
+    L(lam) = sum_i min_j (c_ij + lam * (s_ij - s_i0)) - lam * (budget - sum_i s_i0),
+
+which equals the LP optimum at the LP's `lam` and, by weak duality, is a valid lower bound for any lam >= 0
+however the hull was rounded: the certificate does not rest on the hull being computed exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .problem import Instance
+
+
+@dataclass(frozen=True)
+class LPRelaxation:
+    lam: float  # dual price of a byte (cost per byte)
+    bound: float  # Lagrangian bound L(lam), a valid lower bound on the optimum
+    rounded: np.ndarray  # int64 [N] Pareto positions of the LP solution with its fractional row rounded down
+    critical_row: int  # the row the LP takes fractionally
+    hull_points: int
+
+
+def lower_hull(inst: Instance) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row lower convex hull of the Pareto points: positions [N, H] (padded with the last), counts."""
+    n, width = inst.par_size.shape
+    s = inst.par_size.astype(np.float64)
+    c = inst.par_cost
+    stack = np.zeros((n, width), dtype=np.int64)
+    depth = np.zeros(n, dtype=np.int64)
+    rows = inst.rows
+    for k in range(width):
+        active = k < inst.par_count
+        while True:
+            cand = np.flatnonzero(active & (depth >= 2))
+            if cand.size == 0:
+                break
+            a = stack[cand, depth[cand] - 2]
+            b = stack[cand, depth[cand] - 1]
+            sa, sb, sk = s[cand, a], s[cand, b], s[cand, k]
+            ca, cb, ck = c[cand, a], c[cand, b], c[cand, k]
+            # b stays only if strictly below the chord a-k; collinear points are dropped so that efficiencies
+            # strictly decrease along each row's hull.
+            pop = (cb - ca) * (sk - sa) >= (ck - ca) * (sb - sa)
+            if not pop.any():
+                break
+            depth[cand[pop]] -= 1
+        act = np.flatnonzero(active)
+        stack[act, depth[act]] = k
+        depth[act] += 1
+    # Pad each row with its last hull point so that gathers stay in range.
+    cols = np.minimum(np.arange(width)[None, :], depth[:, None] - 1)
+    hull = stack[rows[:, None], cols]
+    return hull[:, : int(depth.max())], depth
+
+
+def solve_lp(inst: Instance, budget: int) -> LPRelaxation:
+    """The LP relaxation for a budget with min_bytes <= budget < cheapest_bytes (a constrained instance)."""
+    hull, depth = lower_hull(inst)
+    rows = inst.rows
+    hs = inst.par_size[rows[:, None], hull]
+    hc = inst.par_cost[rows[:, None], hull]
+    seg_valid = np.arange(1, hull.shape[1])[None, :] < depth[:, None]
+    ds = hs[:, 1:] - hs[:, :-1]
+    dc = hc[:, :-1] - hc[:, 1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eff = np.where(seg_valid, dc / np.where(seg_valid, ds, 1), -1.0)
+    # Float rounding must never let a row's later segment sort before an earlier one.
+    eff = np.minimum.accumulate(eff, axis=1)
+    seg_row, seg_pos = np.nonzero(seg_valid)
+    seg_eff = eff[seg_row, seg_pos]
+    order = np.lexsort((seg_pos, seg_row, -seg_eff))
+    cum = np.cumsum(ds[seg_row, seg_pos][order])
+    slack = budget - inst.min_bytes
+    t = int(np.searchsorted(cum, slack, side="right"))
+    if t >= order.size:
+        raise ValueError("solve_lp needs a constrained instance (budget below the cheapest allocation)")
+    crit = order[t]
+    lam = float(seg_eff[crit])
+    taken = np.bincount(seg_row[order[:t]], minlength=inst.n_rows)
+    rounded = hull[rows, taken]
+    return LPRelaxation(
+        lam=lam,
+        bound=lagrangian_bound(inst, lam, budget),
+        rounded=rounded.astype(np.int64),
+        critical_row=int(seg_row[crit]),
+        hull_points=int(depth.sum()),
+    )
+
+
+def row_lagrangian(inst: Instance, lam: float) -> np.ndarray:
+    """c_ij + lam * (s_ij - s_i0) for every Pareto option [N, P] (inf in padding)."""
+    inc = (inst.par_size - inst.min_sizes[:, None]).astype(np.float64)
+    return inst.par_cost + lam * inc
+
+
+def lagrangian_bound(inst: Instance, lam: float, budget: int) -> float:
+    per_row = row_lagrangian(inst, lam).min(axis=1)
+    return math.fsum(per_row.tolist()) - lam * float(budget - inst.min_bytes)
