@@ -36,6 +36,7 @@ def solve_exact(
     budget: int,
     *,
     core_solver: str = "auto",
+    core_target: int = 256,
     dp_max_cells: int = 4_000_000,
     time_limit: float | None = None,
 ) -> tuple[np.ndarray, float, dict]:
@@ -50,46 +51,59 @@ def solve_exact(
         "incumbent": ub,
         "pareto_options": int(inst.par_count.sum()),
         "hull_points": lp.hull_points,
-        "core_rows": 0,
-        "core_options": 0,
-        "core_solver": "none",
+        "core_rounds": [],
     }
     tol = _FIX_SLACK * max(1.0, abs(ub))
     if ub - lp.bound <= tol:
         return pos, lp.bound, info
-    keep = _reduced_cost_keep(inst, lp.lam, ub - lp.bound + tol, pos)
-    core = np.flatnonzero(keep.sum(axis=1) >= 2)
-    info["core_rows"] = int(core.size)
-    info["core_options"] = int(keep[core].sum())
-    if core.size == 0:
-        # Every row is fixed at the incumbent's option: nothing cheaper exists.
-        return pos, ub, info
-    return _solve_core(
-        inst, budget, pos, ub, lp.bound, keep, core, core_solver, dp_max_cells, time_limit, info
-    )
+    lagr = row_lagrangian(inst, lp.lam)
+    reduced = np.where(inst.valid, lagr - lagr.min(axis=1, keepdims=True), np.inf)
+    # Guess a threshold that keeps a core of about `core_target` extra options. If the core's optimum then
+    # lies within it of L, the guess is proven sufficient; otherwise one more round with the true gap proves it.
+    threshold = min(ub - lp.bound, _nth_positive(reduced, core_target))
+    bound = lp.bound
+    while True:
+        keep = reduced <= threshold + tol
+        keep[inst.rows, pos] = True  # the incumbent always stays feasible in the core
+        cand, core_bound, round_info = _solve_core(
+            inst, budget, pos, keep, core_solver, dp_max_cells, time_limit, ub
+        )
+        info["core_rounds"].append(round_info)
+        if cand is not None and (c := inst.cost_of(cand)) < ub:
+            pos, ub = cand, c
+        if threshold + tol >= ub - lp.bound:
+            # Every allocation cheaper than ub uses only kept options: the core's bound is global.
+            bound = max(lp.bound, min(ub, core_bound))
+            break
+        threshold = ub - lp.bound
+    return pos, bound, info
 
 
-def _reduced_cost_keep(inst: Instance, lam: float, threshold: float, pos: np.ndarray) -> np.ndarray:
-    lagr = row_lagrangian(inst, lam)
-    reduced = lagr - lagr.min(axis=1, keepdims=True)
-    keep = inst.valid & (reduced <= threshold)
-    keep[inst.rows, pos] = True  # the incumbent always stays feasible in the core
-    return keep
+def _nth_positive(reduced: np.ndarray, n: int) -> float:
+    """The n-th smallest positive reduced cost (inf when there are fewer)."""
+    flat = reduced[(reduced > 0) & np.isfinite(reduced)]
+    if flat.size <= n:
+        return np.inf
+    return float(np.partition(flat, n)[n])
 
 
 def _solve_core(
     inst: Instance,
     budget: int,
     pos: np.ndarray,
-    ub: float,
-    lp_bound: float,
     keep: np.ndarray,
-    core: np.ndarray,
     core_solver: str,
     dp_max_cells: int,
     time_limit: float | None,
-    info: dict,
-) -> tuple[np.ndarray, float, dict]:
+    ub: float,
+) -> tuple[np.ndarray | None, float, dict]:
+    """Solve the problem restricted to kept options: (positions, lower bound on the restricted optimum, info)."""
+    core = np.flatnonzero(keep.sum(axis=1) >= 2)
+    info: dict = {"rows": int(core.size), "options": int(keep[core].sum())}
+    if core.size == 0:
+        # Every row is fixed at the incumbent's option: the restricted problem has one allocation.
+        info["solver"] = "none"
+        return pos, inst.cost_of(pos), info
     # Compact each core row's kept Pareto positions (still size-ascending) into a small padded problem.
     kept = keep[core]
     count = kept.sum(axis=1).astype(np.int64)
@@ -110,30 +124,18 @@ def _solve_core(
     if use_dp:
         sub, value, shape = dp_solve(size, cost, count, core_budget, DEFAULT_MAX_TABLE_BYTES)
         core_bound = fixed_cost + value
-        info.update(core_solver="dp", core_cells=shape.cells)
+        info.update(solver="dp", cells=shape.cells)
     else:
-        out = milp_solve(
-            size,
-            cost,
-            count,
-            core_budget,
-            abs_gap=1e-3 * REL_TOL * max(abs(ub), 1e-300),
-            time_limit=time_limit,
-        )
+        abs_gap = 1e-3 * REL_TOL * max(abs(ub), 1e-300)
+        out = milp_solve(size, cost, count, core_budget, abs_gap=abs_gap, time_limit=time_limit)
         sub = out.pos
         core_bound = fixed_cost + out.bound
-        info.update(
-            core_solver="highs", core_nodes=out.nodes, core_resolves=out.resolves, core_status=out.status
-        )
-
-    best = pos
-    if sub is not None:
-        cand = pos.copy()
-        cand[core] = cols[np.arange(core.size), sub]
-        if inst.bytes_of(cand) > budget:  # defensive: the core solvers already check bytes
-            cand, _ = repair(inst, cand, budget)
-        if inst.cost_of(cand) < ub:
-            best = cand
-    bound = max(lp_bound, min(ub, core_bound))
-    log.debug("exact: core %d rows / %d options via %s", core.size, int(count.sum()), info["core_solver"])
-    return best, bound, info
+        info.update(solver="highs", nodes=out.nodes, resolves=out.resolves, status=out.status)
+    if sub is None:
+        return None, core_bound, info
+    cand = pos.copy()
+    cand[core] = cols[np.arange(core.size), sub]
+    if inst.bytes_of(cand) > budget:  # defensive: both core solvers already check integer bytes
+        cand, _ = repair(inst, cand, budget)
+    log.debug("exact: core %d rows / %d options via %s", core.size, int(count.sum()), info["solver"])
+    return cand, core_bound, info

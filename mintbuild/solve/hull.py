@@ -25,7 +25,9 @@ from .problem import Instance
 class LPRelaxation:
     lam: float  # dual price of a byte (cost per byte)
     bound: float  # Lagrangian bound L(lam), a valid lower bound on the optimum
-    rounded: np.ndarray  # int64 [N] Pareto positions of the LP solution with its fractional row rounded down
+    rounded: (
+        np.ndarray
+    )  # int64 [N] Pareto positions: the LP solution rounded down, then leftover bytes filled
     critical_row: int  # the row the LP takes fractionally
     hull_points: int
 
@@ -87,6 +89,8 @@ def solve_lp(inst: Instance, budget: int) -> LPRelaxation:
     crit = order[t]
     lam = float(seg_eff[crit])
     taken = np.bincount(seg_row[order[:t]], minlength=inst.n_rows)
+    rem = slack - (int(cum[t - 1]) if t else 0)
+    taken = _fill(taken, seg_row[order[t:]], seg_pos[order[t:]], ds[seg_row, seg_pos][order[t:]], rem)
     rounded = hull[rows, taken]
     return LPRelaxation(
         lam=lam,
@@ -106,3 +110,15 @@ def row_lagrangian(inst: Instance, lam: float) -> np.ndarray:
 def lagrangian_bound(inst: Instance, lam: float, budget: int) -> float:
     per_row = row_lagrangian(inst, lam).min(axis=1)
     return math.fsum(per_row.tolist()) - lam * float(budget - inst.min_bytes)
+
+
+def _fill(taken: np.ndarray, row: np.ndarray, pos: np.ndarray, ds: np.ndarray, rem: int) -> np.ndarray:
+    """Continue the hull greedy past the critical segment, skipping what does not fit (a row's later segments
+    only once its earlier ones are in)."""
+    taken = taken.copy()
+    fits = ds <= rem
+    for i, j, d in zip(row[fits].tolist(), pos[fits].tolist(), ds[fits].tolist(), strict=True):
+        if d <= rem and taken[i] == j:
+            taken[i] = j + 1
+            rem -= d
+    return taken

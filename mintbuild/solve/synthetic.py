@@ -68,7 +68,9 @@ def synthetic_profile(
     sizes = np.zeros((n_rows, len(OPTIONS)), dtype=np.int64)
     costs = np.full((n_rows, len(OPTIONS)), np.inf)
     tail = rng.lognormal(0.1, 0.25, size=n_rows)  # heavier-tailed tensors quantize worse
-    prior = rng.choice([1.0, 1.0, 1.0, 1.0, 2.0, 3.0, 10.0], size=n_rows, p=[0.3, 0.3, 0.2, 0.15, 0.02, 0.02, 0.01])
+    prior = rng.choice(
+        [1.0, 1.0, 1.0, 1.0, 2.0, 3.0, 10.0], size=n_rows, p=[0.3, 0.3, 0.2, 0.15, 0.02, 0.02, 0.01]
+    )
     forced = rng.random(n_rows) < forced_frac
     noise = rng.lognormal(0.0, 0.03, size=(n_rows, len(OPTIONS)))
     weights = 0

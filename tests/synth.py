@@ -1,0 +1,60 @@
+"""Tiny synthetic Llama-shaped checkpoints for fast tests (real safetensors files, random weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def llama_tensors(layers: int = 2, hidden: int = 256, inter: int = 576, vocab: int = 1000, experts: int = 0,
+                  seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape: int) -> torch.Tensor:
+        # Realistic scale and a few heavy-tailed entries, as trained weights have.
+        x = torch.randn(*shape, generator=g) * 0.02
+        x += (torch.rand(*shape, generator=g) < 1e-3) * torch.randn(*shape, generator=g) * 0.2
+        return x.to(dtype)
+
+    t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": w(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
+        t[p + "self_attn.q_proj.weight"] = w(hidden, hidden)
+        t[p + "self_attn.k_proj.weight"] = w(hidden // 4, hidden)
+        t[p + "self_attn.v_proj.weight"] = w(hidden // 4, hidden)
+        t[p + "self_attn.o_proj.weight"] = w(hidden, hidden)
+        if experts:
+            t[p + "mlp.gate.weight"] = w(experts, hidden)
+            t[p + "mlp.experts.gate_up_proj"] = w(experts, 2 * inter, hidden)
+            t[p + "mlp.experts.down_proj"] = w(experts, hidden, inter)
+        else:
+            t[p + "mlp.gate_proj.weight"] = w(inter, hidden)
+            t[p + "mlp.up_proj.weight"] = w(inter, hidden)
+            t[p + "mlp.down_proj.weight"] = w(hidden, inter)
+    t["model.norm.weight"] = torch.ones(hidden, dtype=dtype)
+    return t
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1,
+                     config: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(tensors)
+    cfg = {"model_type": "llama", "tie_word_embeddings": True, "num_hidden_layers": 2,
+           "num_key_value_heads": 1, "num_attention_heads": 4, "hidden_size": 256}
+    (folder / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    if shards == 1:
+        save_file({n: tensors[n].contiguous() for n in names}, str(folder / "model.safetensors"))
+        return folder
+    weight_map = {}
+    for s in range(shards):
+        part = names[s::shards]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in part}, str(folder / fname))
+        weight_map.update({n: fname for n in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
