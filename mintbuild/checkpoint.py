@@ -283,3 +283,15 @@ def layer_index(name: str) -> int:
     """Transformer block index parsed from the name, or -1 for tensors outside the blocks."""
     m = _LAYER.search(name)
     return int(m.group(1)) if m else -1
+
+
+def fingerprint(ckpt: Checkpoint) -> str:
+    """A cheap identity of a checkpoint, from its headers and file sizes (no tensor data read): what the
+    allocate stage compares against the profile's record to refuse a profile of another model."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    for name in ckpt.names:
+        t = ckpt.tensors[name]
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|{t.file.name}|{t.start}|{t.file.stat().st_size}\n".encode())
+    return h.hexdigest()

@@ -74,14 +74,74 @@ class ProfileConfig:
 
 
 @dataclass
+class TargetConfig:
+    """One hardware target. Give exactly one budget: size, bits_per_weight, fraction_of_16bit or memory."""
+
+    description: str = ""
+    #: Absolute size with a unit: "80MB" (10^6), "24GiB" (2^30). See mintbuild/budget.py.
+    size: str | None = None
+    bits_per_weight: float | None = None
+    fraction_of_16bit: float | None = None
+    #: Device memory; the budget is memory - reserve - KV cache.
+    memory: str | None = None
+    reserve: str | None = None
+    kv_context: int = 0
+    kv_batch: int = 1
+    kv_bytes: int = 2
+    #: "error" refuses a budget below the smallest feasible size; "min_safe" builds at that floor and says so.
+    on_infeasible: str = "error"
+
+
+@dataclass
+class PriorRule:
+    #: Regular expression matched (re.search) against the tensor name; or a role name in `role`.
+    pattern: str | None = None
+    role: str | None = None
+    prior: float = 1.0
+
+
+@dataclass
+class SolverConfig:
+    #: exact (proven optimum, default) | cvxpy | dp | greedy (the published one-pass baseline).
+    method: str = "exact"
+    #: nrmse: sum pi*alpha*NRMSE (published); mse: sum pi*alpha*elements*NRMSE^2 (total squared error, size-aware).
+    objective: str = "nrmse"
+    #: Options whose SQNR is below this floor (dB) are removed; a tensor left with none stays 16-bit.
+    veto_sqnr_db: float = 9.0
+    #: Priors by role; "inf" keeps a role 16-bit. first_layer / last_layer apply to blocks 0 and L-1.
+    priors: dict[str, float] = field(
+        default_factory=lambda: {
+            "embedding": 10.0,
+            "lm_head": 10.0,
+            "norm": float("inf"),
+            "bias": float("inf"),
+            "moe_router": 8.0,
+            "vision": 8.0,
+            "first_layer": 3.0,
+            "last_layer": 2.0,
+            "default": 1.0,
+        }
+    )
+    #: Extra rules (first match wins) tried before the role table.
+    prior_rules: list[PriorRule] = field(default_factory=list)
+    #: Per-tensor importance (name -> alpha); absent names get 1.
+    alpha: dict[str, float] = field(default_factory=dict)
+    #: MILP backend of the cvxpy method and of the exact method's core (HIGHS or SCIPY).
+    milp_solver: str = "HIGHS"
+    #: Refuse the dp method when its table would need more than this many bytes.
+    dp_max_table_bytes: int = 2 * 1024**3
+
+
+@dataclass
 class Params:
     schema_version: int = SCHEMA_VERSION
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    #: Later stages (targets, solver, eval) extend this schema.
-    targets: dict[str, Any] = field(default_factory=dict)
-    solver: dict[str, Any] = field(default_factory=dict)
+    targets: dict[str, TargetConfig] = field(default_factory=dict)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    allocate_out: str = "artifacts/allocate"
+    #: Later stages (eval) extend this schema.
     eval: dict[str, Any] = field(default_factory=dict)
 
 

@@ -76,3 +76,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def hash_obj(obj: Any) -> str:
+    """sha256 of a JSON-able object in canonical form (infinities allowed: configs hold `inf` priors)."""
+    return sha256_text(json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True))

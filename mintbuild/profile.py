@@ -29,6 +29,7 @@ from .checkpoint import (
     Checkpoint,
     TensorInfo,
     compile_rules,
+    fingerprint,
     layer_index,
     open_checkpoint,
     tensor_role,
@@ -408,6 +409,7 @@ def _assemble(ckpt, cfg, opts, metas, hashes, cols, total, seconds) -> Profile:
     ckpt_hash = xxhash.xxh3_128("\n".join(hashes).encode()).hexdigest()
     provenance = {
         "checkpoint_hash": ckpt_hash,
+        "model_fingerprint": fingerprint(ckpt),
         "model_folder": ckpt.folder.name,
         "options": [o.name for o in opts],
         "quantizer": QUANTIZER_VERSION,
