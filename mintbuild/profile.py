@@ -138,30 +138,35 @@ def _storage_values(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).float() if x.dtype != torch.bfloat16 else x.float()
 
 
-def full_pass(info: TensorInfo, t: torch.Tensor) -> tuple[str, float, float]:
-    """Hash of the raw bytes, sum of squares and the 16-bit rounding error, in row chunks; refuses NaN/Inf."""
+def content_hash(info: TensorInfo, t: torch.Tensor) -> str:
+    """xxh3-128 of the tensor's name, dtype, shape and raw stored bytes."""
     h = xxhash.xxh3_128()
     h.update(f"{info.name}|{info.dtype}|{list(info.shape)}|".encode())
-    flat = t.reshape(-1)
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def norms(info: TensorInfo, x: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
+    """(sum of squares, squared error of the 16-bit storage rounding) of float32 `x`; refuses NaN/Inf.
+
+    Summed in float32 per chunk (torch's cascade summation keeps that accurate) and across chunks in float64."""
+    flat = x.reshape(-1)
     norm_sq = 0.0
     err16 = 0.0
     for start in range(0, flat.numel(), CHUNK_ELEMENTS):
         chunk = flat[start : start + CHUNK_ELEMENTS]
-        h.update(chunk.view(torch.uint8).numpy() if chunk.numel() else b"")
-        x = chunk.float()
-        s = float(
-            torch.sum(x.double().square()) if x.numel() < 4096 else torch.sum(x * x, dtype=torch.float64)
-        )
+        s = float(torch.sum(chunk * chunk))
         if not math.isfinite(s):
-            bad = int((~torch.isfinite(x)).nonzero()[0, 0]) + start
+            bad = int((~torch.isfinite(chunk)).nonzero()[0, 0]) + start
             raise MintError(
                 f"{info.file}: tensor {info.name!r} has a non-finite value ({float(flat[bad])}) at index "
                 f"{bad}; fix the checkpoint"
             )
         norm_sq += s
-        if t.dtype != torch.bfloat16:
-            err16 += float(torch.sum((_storage_values(x) - x) ** 2, dtype=torch.float64))
-    return h.hexdigest(), norm_sq, err16
+        if dtype != torch.bfloat16:
+            err16 += float(torch.sum((_storage_values(chunk) - chunk) ** 2, dtype=torch.float64))
+    return norm_sq, err16
 
 
 def _sample_units(info: TensorInfo, n_units: int, want: int, seed: int) -> np.ndarray:
@@ -171,7 +176,12 @@ def _sample_units(info: TensorInfo, n_units: int, want: int, seed: int) -> np.nd
 
 
 def measure_quantized(
-    info: TensorInfo, t: torch.Tensor, opts: list[Option], norm_sq: float, cfg: ProfileConfig
+    info: TensorInfo,
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    opts: list[Option],
+    norm_sq: float,
+    cfg: ProfileConfig,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(sse, worst per-expert nrmse, relative standard error, elements measured) for the quantized options.
 
@@ -181,12 +191,12 @@ def measure_quantized(
     """
     block = max(o.group for o in opts)
     n_units = info.numel // block
-    units = t.reshape(n_units, block)
+    units = x.reshape(n_units, block)
     want = n_units if info.numel <= cfg.sample_above else max(2, min(n_units, cfg.sample_elements // block))
     aux = None
     while True:
         sample = None if want >= n_units else _sample_units(info, n_units, want, cfg.seed)
-        ref, unit_sse = _unit_sse(units, sample, opts, t.dtype)
+        ref, unit_sse = _unit_sse(units, sample, opts, dtype)
         if sample is None:
             sse, rse = unit_sse.sum(axis=0), np.zeros(len(opts))
             break
@@ -224,7 +234,7 @@ def _unit_sse(
     from .kernels import row_sse
 
     rows = units if sample is None else units[torch.from_numpy(sample)]
-    ref = rows.float().contiguous()
+    ref = rows.contiguous()
     x = _storage_values(ref) if dtype != torch.bfloat16 else ref
     bits = np.array([o.bits for o in opts], dtype=np.int64)
     groups = np.array([o.group for o in opts], dtype=np.int64)
@@ -375,13 +385,15 @@ def _profile_one(
 ) -> tuple[dict[str, Any], str]:
     role = tensor_role(info.name, len(info.shape), rules)
     meta, usable = tensor_meta(info, role, opts)
-    digest, norm_sq, err16 = full_pass(info, t)
+    digest = content_hash(info, t)
+    x = t.float()  # one conversion (a view for float32 sources), reused by every measurement below
+    norm_sq, err16 = norms(info, x, t.dtype)
     cols["elements"][i] = info.numel
     cols["norm_sq"][i] = norm_sq
     k16 = opts.index(PASSTHROUGH)
     _fill(cols, i, k16, PASSTHROUGH.nbytes(info.shape), np.array([err16]), np.array([0.0]), None, norm_sq)
     if usable:
-        sse, worst, rse, sampled = measure_quantized(info, t, usable, norm_sq, cfg)
+        sse, worst, rse, sampled = measure_quantized(info, x, t.dtype, usable, norm_sq, cfg)
         cols["sampled_elements"][i] = sampled
         for j, o in enumerate(usable):
             k = opts.index(o)
