@@ -293,5 +293,7 @@ def fingerprint(ckpt: Checkpoint) -> str:
     h = xxhash.xxh3_128()
     for name in ckpt.names:
         t = ckpt.tensors[name]
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}|{t.file.name}|{t.start}|{t.file.stat().st_size}\n".encode())
+        h.update(
+            f"{name}|{t.dtype}|{list(t.shape)}|{t.file.name}|{t.start}|{t.file.stat().st_size}\n".encode()
+        )
     return h.hexdigest()

@@ -41,7 +41,10 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
             continue
         mod = importlib.import_module(f"mintbuild.{verb}")
         p = sub.add_parser(
-            verb, help=help_text, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+            verb,
+            help=help_text,
+            description=mod.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.configure_parser(p)
         p.set_defaults(func=mod.main)

@@ -97,7 +97,9 @@ def _build_text_file(cfg: CorpusConfig, out: Path) -> dict[str, Any]:
     _check_fraction(cfg.test_fraction)
     docs = split_plain_text(text)
     if len(docs) < 2:
-        raise MintError(f"{path}: {len(docs)} document(s); a test split needs at least 2 separated by a blank line")
+        raise MintError(
+            f"{path}: {len(docs)} document(s); a test split needs at least 2 separated by a blank line"
+        )
     train, test = split_documents(docs, cfg.test_fraction, cfg.seed)
     source = {
         "source": "text_file",
@@ -112,8 +114,10 @@ def _build_text_file(cfg: CorpusConfig, out: Path) -> dict[str, Any]:
 
 def _build_wikitext_dir(folder: Path, out: Path) -> dict[str, Any]:
     """A local WikiText copy: keep its official split and its bytes as they are."""
-    files = {split: next((folder / n for n in names if (folder / n).is_file()), None)
-             for split, names in WIKITEXT.items()}
+    files = {
+        split: next((folder / n for n in names if (folder / n).is_file()), None)
+        for split, names in WIKITEXT.items()
+    }
     if files["test"] is None:
         raise MintError(f"{folder}: a corpus folder needs {' or '.join(WIKITEXT['test'])}")
     if files["train"] is None:
@@ -130,8 +134,9 @@ def _build_wikitext_dir(folder: Path, out: Path) -> dict[str, Any]:
     return _write(out, texts, counts, wikitext_titles(texts["test"]), source)
 
 
-def _write(out: Path, texts: dict[str, str], counts: dict[str, int], test_titles: list[str],
-           source: dict[str, Any]) -> dict[str, Any]:
+def _write(
+    out: Path, texts: dict[str, str], counts: dict[str, int], test_titles: list[str], source: dict[str, Any]
+) -> dict[str, Any]:
     with atomic_dir(out) as dst:
         splits = {}
         for split in SPLITS:
@@ -146,9 +151,14 @@ def _write(out: Path, texts: dict[str, str], counts: dict[str, int], test_titles
             }
         meta = {"schema_version": META_SCHEMA, **source, "splits": splits, "test_titles": test_titles}
         atomic_write_json(dst / "meta.json", meta)
-    log.info("corpus in %s: train %d docs / %d chars, test %d docs / %d chars", out,
-             splits["train"]["documents"], splits["train"]["chars"],
-             splits["test"]["documents"], splits["test"]["chars"])
+    log.info(
+        "corpus in %s: train %d docs / %d chars, test %d docs / %d chars",
+        out,
+        splits["train"]["documents"],
+        splits["train"]["chars"],
+        splits["test"]["documents"],
+        splits["test"]["chars"],
+    )
     return meta
 
 
@@ -160,7 +170,9 @@ def _check_fraction(f: float) -> None:
 # ---------------------------------------------------------------- splitting and files
 
 
-def split_documents(docs: list[Document], test_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+def split_documents(
+    docs: list[Document], test_fraction: float, seed: int
+) -> tuple[list[Document], list[Document]]:
     """Deterministic split: the round(n * f) documents with the smallest sha256(seed, key) are the test set.
 
     Hashing each key (instead of shuffling the list) keeps a document's side fixed when others are added or
@@ -170,7 +182,9 @@ def split_documents(docs: list[Document], test_fraction: float, seed: int) -> tu
     n_test = min(max(round(n * test_fraction), 1), n - 1)
     ranked = sorted(range(n), key=lambda i: (hashlib.sha256(f"{seed}\0{docs[i].key}".encode()).digest(), i))
     test_ids = set(ranked[:n_test])
-    return [d for i, d in enumerate(docs) if i not in test_ids], [d for i, d in enumerate(docs) if i in test_ids]
+    return [d for i, d in enumerate(docs) if i not in test_ids], [
+        d for i, d in enumerate(docs) if i in test_ids
+    ]
 
 
 def join_documents(docs: list[Document]) -> str:
@@ -257,8 +271,19 @@ def _local(tag: str) -> str:
 
 #: Sections made of citations and link lists, not prose.
 _DROP_SECTIONS = {
-    "references", "notes", "footnotes", "citations", "sources", "bibliography", "see also", "external links",
-    "further reading", "notes and references", "references and notes", "works cited", "external sources",
+    "references",
+    "notes",
+    "footnotes",
+    "citations",
+    "sources",
+    "bibliography",
+    "see also",
+    "external links",
+    "further reading",
+    "notes and references",
+    "references and notes",
+    "works cited",
+    "external sources",
 }
 #: Link namespaces whose links are media or page metadata, not words of the text.
 _DROP_NAMESPACES = {"file", "image", "media", "category"}
@@ -277,8 +302,9 @@ _TAG = re.compile(r"</?[A-Za-z][^<>]*>")
 # Innermost-first: a template holding no other "{{", so repeated removal handles any nesting depth.
 _TEMPLATE = re.compile(r"\{\{(?:(?!\{\{)[^}]|\}(?!\}))*\}\}")
 _TABLE = re.compile(r"^[ \t:]*\{\|(?:(?!^[ \t:]*\{\|)[\s\S])*?^[ \t]*\|\}", re.M)
-# Innermost-first like templates; single brackets may occur inside (a caption's "[above]").
-_LINK = re.compile(r"\[\[((?:[^\[\]]|\[(?!\[)|\](?!\]))*)\]\]")
+# Innermost-first like templates; single brackets may occur inside (a caption's "[above]"), and in "]]]"
+# the first "]" is content.
+_LINK = re.compile(r"\[\[((?:[^\[\]]|\[(?!\[)|\](?!\])|\](?=\]\]))*)\]\]")
 _EXTERNAL = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]+(?:[ \t]+([^\]]*))?\]")
 _QUOTES = re.compile(r"'{2,}")
 _LIST = re.compile(r"^[*#:;]+[ \t]*", re.M)

@@ -79,7 +79,7 @@ class Option:
     def packed_shape(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of (packed uint32 weight, scales) as MLX stores them; biases have the scales' shape."""
         lead = tuple(shape[:-1])
-        return lead + (shape[-1] * self.bits // 32,), lead + (shape[-1] // self.group,)
+        return (*lead, shape[-1] * self.bits // 32), (*lead, shape[-1] // self.group)
 
 
 PASSTHROUGH = Option(16, 0)
@@ -100,7 +100,7 @@ def parse_option(name: str) -> Option:
 
 OPTION_SETS: dict[str, tuple[Option, ...]] = {
     # bits {2,3,4,5,6,8} x group {32,64,128} + 16-bit: 19 options.
-    "default": tuple(Option(b, g) for b in MLX_BITS for g in MLX_GROUPS) + (PASSTHROUGH,),
+    "default": (*tuple(Option(b, g) for b in MLX_BITS for g in MLX_GROUPS), PASSTHROUGH),
     # The published method's set.
     "seed": tuple(
         parse_option(n) for n in ("q2g32", "q3g64", "q4g32", "q4g64", "q4g128", "q8g64", "q8g128", "f16")

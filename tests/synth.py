@@ -9,8 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 
-def llama_tensors(layers: int = 2, hidden: int = 256, inter: int = 576, vocab: int = 1000, experts: int = 0,
-                  seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def llama_tensors(
+    layers: int = 2,
+    hidden: int = 256,
+    inter: int = 576,
+    vocab: int = 1000,
+    experts: int = 0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
 
     def w(*shape: int) -> torch.Tensor:
@@ -40,12 +47,19 @@ def llama_tensors(layers: int = 2, hidden: int = 256, inter: int = 576, vocab: i
     return t
 
 
-def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1,
-                     config: dict | None = None) -> Path:
+def write_checkpoint(
+    folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1, config: dict | None = None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(tensors)
-    cfg = {"model_type": "llama", "tie_word_embeddings": True, "num_hidden_layers": 2,
-           "num_key_value_heads": 1, "num_attention_heads": 4, "hidden_size": 256}
+    cfg = {
+        "model_type": "llama",
+        "tie_word_embeddings": True,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 1,
+        "num_attention_heads": 4,
+        "hidden_size": 256,
+    }
     (folder / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
     if shards == 1:
         save_file({n: tensors[n].contiguous() for n in names}, str(folder / "model.safetensors"))
@@ -56,5 +70,7 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], shards: int
         fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         save_file({n: tensors[n].contiguous() for n in part}, str(folder / fname))
         weight_map.update({n: fname for n in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return folder

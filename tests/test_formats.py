@@ -18,7 +18,14 @@ def test_option_sets() -> None:
     assert len(OPTION_SETS["default"]) == 19 and len(OPTION_SETS["seed"]) == 8
     assert PASSTHROUGH in OPTION_SETS["default"] and PASSTHROUGH in OPTION_SETS["seed"]
     assert [o.name for o in OPTION_SETS["seed"]] == [
-        "q2g32", "q3g64", "q4g32", "q4g64", "q4g128", "q8g64", "q8g128", "f16"
+        "q2g32",
+        "q3g64",
+        "q4g32",
+        "q4g64",
+        "q4g128",
+        "q8g64",
+        "q8g128",
+        "f16",
     ]
     assert option_set(["q4g64", "q8g64"]) == (Option(4, 64), Option(8, 64), PASSTHROUGH)
 

@@ -81,7 +81,9 @@ def test_error_columns_are_consistent(moe_profile) -> None:
 
 def test_rerun_is_byte_identical_and_sharding_does_not_matter(moe_ckpt, moe_profile, tmp_path) -> None:
     run(moe_ckpt, ProfileConfig(), tmp_path / "again", progress=False)
-    assert (tmp_path / "again/profile.safetensors").read_bytes() == (moe_profile / "profile.safetensors").read_bytes()
+    assert (tmp_path / "again/profile.safetensors").read_bytes() == (
+        moe_profile / "profile.safetensors"
+    ).read_bytes()
     sharded = write_checkpoint(tmp_path / "sharded", llama_tensors(experts=4), shards=3)
     run(sharded, ProfileConfig(), tmp_path / "p3", progress=False)
     a, b = load_profile(moe_profile), load_profile(tmp_path / "p3")
@@ -186,8 +188,16 @@ def _corrupt(kind: str, tmp_path: Path) -> tuple[Path, str]:
     raise AssertionError(kind)
 
 
-BAD = ["missing", "not_safetensors", "truncated", "lying_offsets", "nan", "integer", "index_missing_shard",
-       "index_missing_tensor"]
+BAD = [
+    "missing",
+    "not_safetensors",
+    "truncated",
+    "lying_offsets",
+    "nan",
+    "integer",
+    "index_missing_shard",
+    "index_missing_tensor",
+]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -204,9 +214,22 @@ def test_cli_exit_code_no_traceback_no_partial_artifact(kind: str, tmp_path: Pat
     path, needle = _corrupt(kind, tmp_path)
     out = tmp_path / "out"
     r = subprocess.run(
-        [sys.executable, "-m", "mintbuild.cli", "profile", "--params", str(tmp_path / "none.yaml"),
-         "--model", str(path), "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "mintbuild.cli",
+            "profile",
+            "--params",
+            str(tmp_path / "none.yaml"),
+            "--model",
+            str(path),
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
     )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and needle in r.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -48,7 +50,9 @@ def test_fused_kernel_error_equals_mx_error(opt: Option) -> None:
     """The profile's error is the error of the tensor mx.dequantize gives back."""
     w = torch.from_numpy(_weights(seed=1)).bfloat16()
     wm = mx.array(w.float().numpy()).astype(mx.bfloat16)
-    deq = mx.dequantize(*mx.quantize(wm, group_size=opt.group, bits=opt.bits), group_size=opt.group, bits=opt.bits)
+    deq = mx.dequantize(
+        *mx.quantize(wm, group_size=opt.group, bits=opt.bits), group_size=opt.group, bits=opt.bits
+    )
     ref = w.float().numpy()
     want = ((np.array(deq.astype(mx.float32)).astype(np.float64) - ref) ** 2).sum(axis=1)
     got = row_sse(ref, ref, np.array([opt.bits]), np.array([opt.group]))[:, 0]
@@ -62,7 +66,7 @@ def test_error_falls_with_bits_and_smaller_groups() -> None:
     by = {o: e for o, e in zip(opts, sse, strict=True)}
     for g in (32, 64, 128):
         errs = [by[Option(b, g)] for b in (2, 3, 4, 5, 6, 8)]
-        assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
+        assert all(a > b for a, b in itertools.pairwise(errs)), errs
     for b in (2, 3, 4):
         assert by[Option(b, 32)] < by[Option(b, 128)]
     # Uniform-noise theory for Gaussian weights: 4-bit g64 NRMSE is of order 0.1.

