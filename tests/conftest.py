@@ -31,3 +31,14 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "corpus"
     build_corpus(CorpusConfig(), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_profile(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real profile of the embedded model (default 19 options)."""
+    from mintbuild.config import ProfileConfig
+    from mintbuild.profile import run
+
+    out = tmp_path_factory.mktemp("smollm2_profile") / "profile"
+    run(smollm2_dir, ProfileConfig(), out, progress=False)
+    return out
