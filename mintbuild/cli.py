@@ -22,6 +22,9 @@ VERBS: dict[str, str] = {
     "corpus": "extract the evaluation/calibration text (embedded Wikipedia excerpt or your own file)",
     "profile": "measure bytes and quantization error of every tensor x storage option (one CPU pass, no data)",
     "allocate": "pick bits and group size per tensor for each target's byte budget (proven optimal)",
+    "sweep": "allocate many budgets from the cached profile and print the table (no artifacts per budget)",
+    "pack": "write each target's MLX model folder (mixed-precision affine, loads in mlx-lm as is)",
+    "evaluate": "perplexity of each packed model (and the 16-bit baseline) on the corpus test split",
 }
 
 log = logging.getLogger("mintbuild")
