@@ -16,7 +16,15 @@ import yaml
 from .synth import llama_tensors, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+ENV = {
+    **os.environ,
+    "DVC_NO_ANALYTICS": "1",
+    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+}
 
 
 def _sh(repo: Path, *cmd: str) -> str:
@@ -86,6 +94,21 @@ def test_full_build_then_only_the_edited_target_reruns(repo) -> None:
     assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@a", "allocate@b", "allocate@c"}
     shown = _sh(repo_dir, "dvc", "metrics", "show")
     assert "avg_bits_per_weight" in shown
+
+
+def test_diff_renders_a_pull_request_comment(repo) -> None:
+    repo_dir, params = repo
+    _sh(repo_dir, "dvc", "repro")
+    _sh(repo_dir, "git", "add", "-A")
+    _sh(repo_dir, "git", "commit", "-qm", "base")
+    params["targets"]["b"]["bits_per_weight"] = 5.0
+    _write(repo_dir, params)
+    _sh(repo_dir, "dvc", "repro")
+    md = _sh(repo_dir, "mintbuild", "diff", "HEAD")
+    assert "### `b` (changed)" in md and "`a`" not in md
+    assert "tensor choices changed" in md and "-> q" in md
+    before, after = re.search(r"\| bits/weight \| ([0-9.]+) \| ([0-9.]+) \|", md).groups()
+    assert float(before) > float(after)
 
 
 def test_infeasible_budget_surfaces_readably_through_dvc(repo) -> None:
