@@ -36,5 +36,6 @@ def solve_mckp(sizes: Any, costs: Any, budget: Any, method: str = "exact", **opt
         raise MintError(f"unknown solver method {method!r}; choose one of {', '.join(METHODS)}")
     inst = MCKPInstance(sizes, costs)
     if method == "cvxpy":
-        return CvxpyMCKP(inst).solve(budget, _start=start, **opts)
+        prune = opts.pop("prune_dominated", True)
+        return CvxpyMCKP(inst, prune_dominated=prune).solve(budget, _start=start, **opts)
     return run(inst, budget, method, _FUNCS[method], opts, start)

@@ -25,10 +25,16 @@ _COST_SCALE_TOP = 1e4
 
 
 class CvxpyMCKP:
-    """A reusable cvxpy model of one instance: `CvxpyMCKP(sizes, costs).solve(budget, solver="HIGHS")`."""
+    """A reusable cvxpy model of one instance: `CvxpyMCKP(sizes, costs).solve(budget, solver="HIGHS")`.
 
-    def __init__(self, sizes: Any, costs: Any = None) -> None:
+    With `prune_dominated` (default) only each row's Pareto options get a variable: an option another beats on
+    both size and cost is never needed, and dropping them roughly halves the model. Without it, every
+    available option gets one (an oracle that shares no presolve with the other methods).
+    """
+
+    def __init__(self, sizes: Any, costs: Any = None, *, prune_dominated: bool = True) -> None:
         self.inst = sizes if isinstance(sizes, Instance) else Instance(sizes, costs)
+        self.prune_dominated = prune_dominated
         self._problem = None
 
     def _build(self) -> None:
@@ -36,7 +42,11 @@ class CvxpyMCKP:
         import scipy.sparse as sp
 
         inst = self.inst
-        self.var_row, self.var_opt = np.nonzero(np.isfinite(inst.costs))
+        if self.prune_dominated:
+            var_row, var_pos = np.nonzero(inst.valid)
+            self.var_row, self.var_opt = var_row, inst.par_idx[var_row, var_pos]
+        else:
+            self.var_row, self.var_opt = np.nonzero(np.isfinite(inst.costs))
         n_var = self.var_row.size
         inc = inst.sizes[self.var_row, self.var_opt] - inst.min_sizes[self.var_row]
         self.unit = int(np.gcd.reduce(inc[inc > 0])) if np.any(inc > 0) else 1
@@ -62,6 +72,8 @@ class CvxpyMCKP:
         verbose: bool = False,
         _start: float | None = None,
     ) -> MCKPResult:
+        import cvxpy as cp
+
         start = time.perf_counter() if _start is None else _start
         inst = self.inst
         b = inst.check_budget(budget)
@@ -71,16 +83,24 @@ class CvxpyMCKP:
             self._build()
         self.capacity.value = float((b - inst.min_bytes) // self.unit)
         t0 = time.perf_counter()
-        self._problem.solve(solver=solver, verbose=verbose, **_solver_options(solver, time_limit))
+        failed = False
+        try:
+            self._problem.solve(solver=solver, verbose=verbose, **_solver_options(solver, time_limit))
+            status = str(self._problem.status)
+        except cp.error.SolverError as err:
+            failed, status = True, f"solver error: {err}"
         info: dict[str, Any] = {
             "solver": solver,
-            "status": self._problem.status,
+            "status": status,
             "solver_seconds": time.perf_counter() - t0,
+            "variables": int(self.var_row.size),
         }
         lp = solve_lp(inst, b)
-        bound = max(lp.bound, self._solver_bound(solver))
-        info.update(lp_bound=lp.bound, solver_bound=self._solver_bound(solver))
-        if self.x.value is None:
+        # After a failure the stats (and x) may still hold a previous budget's answer: use neither.
+        solver_bound = -math.inf if failed else self._solver_bound()
+        bound = max(lp.bound, solver_bound)
+        info.update(lp_bound=lp.bound, solver_bound=solver_bound)
+        if failed or self.x.value is None:
             # No answer at all (solver failure or time limit): fall back to the LP-rounding incumbent.
             pos = improve(inst, lp.rounded, b)
             info["fallback"] = "lp-rounding"
@@ -101,7 +121,7 @@ class CvxpyMCKP:
         choice[self.var_row[order][first]] = self.var_opt[order][first]
         return choice
 
-    def _solver_bound(self, solver: str) -> float:
+    def _solver_bound(self) -> float:
         stats = self._problem.solver_stats.extra_stats if self._problem.solver_stats else None
         if stats is None:
             return -math.inf

@@ -74,6 +74,7 @@ def dp_solve(
     arg = np.zeros((m, cap + 1), dtype=shape.argmin_dtype)
     old = np.zeros(cap + 1)
     new = np.empty(cap + 1)
+    cand = np.empty(cap + 1)
     better = np.empty(cap + 1, dtype=bool)
     for i in range(m):
         np.add(old, cost[i, 0], out=new)
@@ -81,13 +82,12 @@ def dp_solve(
             u = int(shape.units[i, j])
             if u > cap:
                 break  # sizes ascend along the row: every later option is larger still
-            cand = old[: cap + 1 - u] + cost[i, j]
-            view = new[u:]
-            mask = better[: cap + 1 - u]
+            n = cap + 1 - u
+            np.add(old[:n], cost[i, j], out=cand[:n])
             # Strict: among equal costs the earlier (smaller) option stays.
-            np.less(cand, view, out=mask)
-            np.copyto(view, cand, where=mask)
-            arg[i, u:][mask] = j
+            np.less(cand[:n], new[u:], out=better[:n])
+            np.copyto(new[u:], cand[:n], where=better[:n])
+            np.copyto(arg[i, u:], j, where=better[:n])
         old, new = new, old
     pos = np.zeros(m, dtype=np.int64)
     c = cap

@@ -34,35 +34,40 @@ class LPRelaxation:
 
 def lower_hull(inst: Instance) -> tuple[np.ndarray, np.ndarray]:
     """Per-row lower convex hull of the Pareto points: positions [N, H] (padded with the last), counts."""
-    n, width = inst.par_size.shape
-    s = inst.par_size.astype(np.float64)
-    c = inst.par_cost
-    stack = np.zeros((n, width), dtype=np.int64)
-    depth = np.zeros(n, dtype=np.int64)
-    rows = inst.rows
-    for k in range(width):
-        active = k < inst.par_count
-        while True:
-            cand = np.flatnonzero(active & (depth >= 2))
-            if cand.size == 0:
-                break
-            a = stack[cand, depth[cand] - 2]
-            b = stack[cand, depth[cand] - 1]
-            sa, sb, sk = s[cand, a], s[cand, b], s[cand, k]
-            ca, cb, ck = c[cand, a], c[cand, b], c[cand, k]
-            # b stays only if strictly below the chord a-k; collinear points are dropped so that efficiencies
-            # strictly decrease along each row's hull.
-            pop = (cb - ca) * (sk - sa) >= (ck - ca) * (sb - sa)
-            if not pop.any():
-                break
-            depth[cand[pop]] -= 1
-        act = np.flatnonzero(active)
-        stack[act, depth[act]] = k
-        depth[act] += 1
+    alive = inst.valid.copy()
+    todo = np.flatnonzero(inst.par_count >= 3)  # one or two points are their own hull
+    while todo.size:
+        pop = _non_convex(inst.par_size[todo].astype(np.float64), inst.par_cost[todo], alive[todo])
+        hit = pop.any(axis=1)
+        alive[todo[hit]] &= ~pop[hit]
+        todo = todo[hit]  # rows that lost nothing are final
+    depth = alive.sum(axis=1).astype(np.int64)
+    hull = np.argsort(~alive, axis=1, kind="stable")[:, : max(int(depth.max(initial=1)), 1)]
     # Pad each row with its last hull point so that gathers stay in range.
-    cols = np.minimum(np.arange(width)[None, :], depth[:, None] - 1)
-    hull = stack[rows[:, None], cols]
-    return hull[:, : int(depth.max())], depth
+    cols = np.minimum(np.arange(hull.shape[1])[None, :], depth[:, None] - 1)
+    return np.take_along_axis(hull, cols, axis=1), depth
+
+
+def _non_convex(s: np.ndarray, c: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """Alive points on or above the chord between their nearest alive neighbours.
+
+    None of them is a hull vertex, so all can go at once; collinear points go too, so that efficiencies strictly
+    decrease along each row's hull.
+    """
+    n, width = s.shape
+    idx = np.broadcast_to(np.arange(width), (n, width))
+    left = np.maximum.accumulate(np.where(alive, idx, -1), axis=1)
+    left = np.concatenate([np.full((n, 1), -1), left[:, :-1]], axis=1)
+    right = np.minimum.accumulate(np.where(alive, idx, width)[:, ::-1], axis=1)[:, ::-1]
+    right = np.concatenate([right[:, 1:], np.full((n, 1), width)], axis=1)
+    inner = alive & (left >= 0) & (right < width)
+    flat = (np.arange(n) * width)[:, None]
+    li = (flat + np.clip(left, 0, width - 1)).ravel()
+    ri = (flat + np.clip(right, 0, width - 1)).ravel()
+    ls, lc = s.ravel()[li].reshape(n, width), c.ravel()[li].reshape(n, width)
+    rs, rc = s.ravel()[ri].reshape(n, width), c.ravel()[ri].reshape(n, width)
+    with np.errstate(invalid="ignore"):
+        return inner & ((c - lc) * (rs - ls) >= (rc - lc) * (s - ls))
 
 
 def solve_lp(inst: Instance, budget: int) -> LPRelaxation:

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-OPTIONS: tuple[tuple[int, int], ...] = tuple((b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)) + (
-    (16, 0),
-)
+_QUANTIZED = tuple((b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128))
+OPTIONS: tuple[tuple[int, int], ...] = (*_QUANTIZED, (16, 0))
 
 #: (out, in) shapes of real LLM linear layers (SmolLM2, Llama-7B/8B, Mistral, Qwen), for "large" profiles.
 LARGE_SHAPES = (
