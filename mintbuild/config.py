@@ -104,8 +104,11 @@ class PriorRule:
 class SolverConfig:
     #: exact (proven optimum, default) | cvxpy | dp | greedy (the published one-pass baseline).
     method: str = "exact"
-    #: nrmse: sum pi*alpha*NRMSE (published); mse: sum pi*alpha*elements*NRMSE^2 (total squared error, size-aware).
+    #: nrmse: sum pi*alpha*NRMSE (published); mse: sum pi*alpha*elements*NRMSE^2 (total squared error,
+    #: size-aware); fisher: sum pi*alpha*(calibrated mean squared gradient x SSE) (needs the importance stage).
     objective: str = "nrmse"
+    #: The importance artifact the fisher objective reads.
+    importance: str = "artifacts/importance/importance.json"
     #: Options whose SQNR is below this floor (dB) are removed; a tensor left with none stays 16-bit.
     veto_sqnr_db: float = 9.0
     #: Priors by role; "inf" keeps a role 16-bit. first_layer / last_layer apply to blocks 0 and L-1.
@@ -133,6 +136,40 @@ class SolverConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Perplexity on the corpus split: fixed windows, fixed count, fixed seed (deterministic on one machine)."""
+
+    #: Corpus split to score ("test" or "train").
+    split: str = "test"
+    #: Tokens per window; capped at the model's max_position_embeddings.
+    window: int = 2048
+    #: Windows scored (sampled with `seed` from the candidate windows, then kept in corpus order).
+    n_windows: int = 8
+    seed: int = 0
+    #: Distance between candidate window starts; 0 = `window` (disjoint windows).
+    stride: int = 0
+    #: Activation dtype of the torch evaluator (float32 or bfloat16); weights are the packed bf16 values.
+    dtype: str = "float32"
+    #: torch CPU threads; 0 = torch's default.
+    threads: int = 0
+
+
+@dataclass
+class ImportanceConfig:
+    """Calibration pass for the learned importance alpha (diagonal Fisher on the corpus train split)."""
+
+    #: Calibration windows (non-overlapping, from train.txt only) and tokens per window.
+    n_windows: int = 4
+    window: int = 512
+    seed: int = 0
+    #: torch CPU threads; 0 = torch's default.
+    threads: int = 0
+    #: Significant digits kept in the artifact (the last bits of CPU gradients depend on the thread split).
+    sig_digits: int = 6
+    out: str = "artifacts/importance"
+
+
+@dataclass
 class Params:
     schema_version: int = SCHEMA_VERSION
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -141,8 +178,12 @@ class Params:
     targets: dict[str, TargetConfig] = field(default_factory=dict)
     solver: SolverConfig = field(default_factory=SolverConfig)
     allocate_out: str = "artifacts/allocate"
-    #: Later stages (eval) extend this schema.
-    eval: dict[str, Any] = field(default_factory=dict)
+    #: Packed MLX model folders, one per target (`mintbuild pack`).
+    pack_out: str = "artifacts/pack"
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    #: Perplexity metrics: baseline/ (the 16-bit model) and one folder per target (`mintbuild evaluate`).
+    eval_out: str = "artifacts/evaluate"
 
 
 def register_configs() -> None:

@@ -89,8 +89,12 @@ def _fit(x: np.ndarray, y: np.ndarray, scale: float, free_c: bool, free_b0: bool
                 theta0.append(c0), lo.append(0.1), up.append(8.0)
             if free_b0:
                 theta0.append(f * hi_b0), lo.append(0.0), up.append(hi_b0)
-            theta0 = np.clip(theta0, lo, [u if math.isfinite(u) else t for u, t in zip(up, theta0, strict=True)])
-            r = least_squares(resid, theta0, bounds=(lo, up), loss="soft_l1", f_scale=0.05 * float(np.median(y)))
+            theta0 = np.clip(
+                theta0, lo, [u if math.isfinite(u) else t for u, t in zip(up, theta0, strict=True)]
+            )
+            r = least_squares(
+                resid, theta0, bounds=(lo, up), loss="soft_l1", f_scale=0.05 * float(np.median(y))
+            )
             if best is None or r.cost < best.cost:
                 best = r
     a, b, c, b0 = unpack(best.x)

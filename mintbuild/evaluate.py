@@ -1,0 +1,392 @@
+"""`mintbuild evaluate`: perplexity of each packed model, and of the 16-bit baseline, on the corpus test split.
+
+The packed folder itself is evaluated (not the allocation): its manifest is checked (every file's size and
+sha256, so a folder edited by hand is refused), each MLX affine module is unpacked and dequantized with
+mintbuild.quant (the same values mlx-lm computes) into the model's transformers architecture, and the model
+runs on the CPU. Windows are fixed: the tokenized split is cut into candidate windows of `window` tokens every
+`stride` tokens, `n_windows` of them are drawn with `seed` and scored in corpus order; each window's first
+token has no context and is not scored. Reported: mean PPL = exp(mean token NLL over all scored tokens) and
+the median of per-window PPL (as the published method reports), tokens scored and tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import EvalConfig, Params, as_dict, load_params
+from .errors import MintError
+from .io import atomic_dir, canonical_json, sha256_file, sha256_text
+from .pack import MANIFEST_FILE, TOKENIZER_FILES
+from .quant import dequantize_codes, unpack_codes
+
+METRICS_FILE = "metrics.json"
+BASELINE = "baseline"
+SCHEMA_VERSION = 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- loading a packed folder
+
+
+def verify_manifest(folder: Path) -> dict[str, Any]:
+    """The pack manifest, after checking every file it lists (size, sha256) and that no weight file was added."""
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise MintError(f"{folder}: no {MANIFEST_FILE}; not a folder written by `mintbuild pack`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (ValueError, KeyError) as e:
+        raise MintError(f"{path}: invalid pack manifest ({e})") from None
+    for name, want in sorted(files.items()):
+        p = folder / name
+        if not p.is_file():
+            raise MintError(f"{p}: listed in {MANIFEST_FILE} but missing")
+        size = p.stat().st_size
+        if size != want["bytes"]:
+            raise MintError(f"{p}: {size:,} B but the pack wrote {want['bytes']:,} B (edited by hand?)")
+        if sha256_file(p) != want["sha256"]:
+            raise MintError(
+                f"{p}: content differs from what the pack wrote (sha256 mismatch; edited by hand?)"
+            )
+    extra = sorted(p.name for p in folder.glob("*.safetensors*") if p.name not in files)
+    if extra:
+        raise MintError(f"{folder}: weight file(s) {extra} not written by the pack")
+    return manifest
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise MintError(f"{folder}: no config.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise MintError(f"{path}: invalid JSON ({e})") from None
+
+
+def module_option(quant: dict[str, Any], path: str) -> tuple[int, int]:
+    """(bits, group) of a quantized module from config.json's `quantization` (per-path entry, else default)."""
+    entry = quant.get(path)
+    if isinstance(entry, dict):
+        return int(entry["bits"]), int(entry["group_size"])
+    if entry is False:
+        raise MintError(f"config.json says module {path!r} is not quantized, but the file holds its scales")
+    return int(quant["bits"]), int(quant["group_size"])
+
+
+def dequantized_state(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of the packed weights as bf16, quantized modules dequantized exactly as MLX does."""
+    from safetensors import safe_open
+
+    quant = config.get("quantization") or {}
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise MintError(f"{folder}: no model*.safetensors")
+    raw: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                raw[name] = sf.get_tensor(name)
+    state: dict[str, torch.Tensor] = {}
+    for name in sorted(raw):
+        if name.endswith((".scales", ".biases")):
+            continue
+        stem = name.removesuffix(".weight")
+        if f"{stem}.scales" not in raw:
+            state[name] = raw[name].to(torch.bfloat16)
+            continue
+        state[name] = dequantize_module(stem, raw, quant)
+    return state
+
+
+def dequantize_module(stem: str, raw: dict[str, torch.Tensor], quant: dict[str, Any]) -> torch.Tensor:
+    bits, group = module_option(quant, stem)
+    words, scales, biases = raw[f"{stem}.weight"], raw[f"{stem}.scales"], raw[f"{stem}.biases"]
+    k = scales.shape[-1] * group
+    if words.dtype != torch.uint32 or words.shape[-1] * 32 != k * bits or biases.shape != scales.shape:
+        raise MintError(
+            f"module {stem!r}: packed shapes {list(words.shape)} / {list(scales.shape)} do not match "
+            f"{bits}-bit groups of {group} from config.json"
+        )
+    codes = torch.from_numpy(unpack_codes(words.numpy(), bits, k))
+    return dequantize_codes(codes, scales, biases, group, torch.bfloat16)
+
+
+def build_model(
+    config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype
+) -> torch.nn.Module:
+    """The transformers architecture of `config` holding `state` (tied lm_head from the embedding)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise MintError("config.json has no model_type")
+    hf_config = AutoConfig.for_model(model_type, **cfg)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise MintError(f"weights do not match the {model_type} architecture: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")  # fmt: skip
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def load_packed(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model, manifest) of a packed folder, after verifying it against its manifest."""
+    manifest = verify_manifest(folder)
+    config = read_config(folder)
+    return build_model(config, dequantized_state(folder, config), dtype), manifest
+
+
+def load_baseline(folder: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The unquantized model (the model stage's folder or the local checkpoint it names), weights in bf16."""
+    from .checkpoint import open_checkpoint
+    from .profile import tied_lm_head
+
+    ckpt = open_checkpoint(folder)
+    skip = tied_lm_head(ckpt)
+    state = {n: ckpt.read(n).to(torch.bfloat16) for n in ckpt.names if n != skip}
+    return build_model(ckpt.config, state, dtype)
+
+
+# ---------------------------------------------------------------- tokens and windows
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        raise MintError(f"{folder}: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def corpus_tokens(corpus_dir: Path, split: str, tokenizer: Any) -> tuple[np.ndarray, str]:
+    path = corpus_dir / f"{split}.txt"
+    if not path.is_file():
+        raise MintError(f"{path}: no corpus split {split!r}; run `mintbuild corpus` first")
+    text = path.read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int64), sha256_text(text)
+
+
+@dataclass(frozen=True)
+class Windows:
+    starts: list[int]
+    length: int
+
+
+def choose_windows(n_tokens: int, cfg: EvalConfig, max_positions: int | None) -> Windows:
+    length = min(cfg.window, max_positions) if max_positions else cfg.window
+    if length < 2:
+        raise MintError(f"eval.window {cfg.window} is too short (need at least 2 tokens)")
+    if n_tokens < length:
+        raise MintError(
+            f"the corpus {cfg.split} split has {n_tokens:,} tokens, fewer than one window of {length}"
+        )
+    stride = cfg.stride or length
+    candidates = list(range(0, n_tokens - length + 1, stride))
+    n = cfg.n_windows
+    if n < 1:
+        raise MintError(f"eval.n_windows {n} must be at least 1")
+    if n > len(candidates):
+        log.warning(
+            "only %d windows of %d tokens fit the corpus; scoring all of them", len(candidates), length
+        )
+        n = len(candidates)
+    rng = np.random.default_rng(cfg.seed)
+    picked = sorted(int(candidates[i]) for i in rng.choice(len(candidates), size=n, replace=False))
+    return Windows(picked, length)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def window_logits(model: torch.nn.Module, ids: np.ndarray | list[int]) -> torch.Tensor:
+    """float32 logits [T, vocab] of one sequence."""
+    x = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
+    with torch.inference_mode():
+        return model(input_ids=x, use_cache=False).logits[0].float()
+
+
+def window_nll(model: torch.nn.Module, ids: np.ndarray) -> tuple[float, int]:
+    """(sum of token NLL, tokens scored) of one window; its first token is context only."""
+    logits = window_logits(model, ids)
+    target = torch.as_tensor(ids[1:], dtype=torch.long)
+    nll = torch.nn.functional.cross_entropy(logits[:-1], target, reduction="sum")
+    return float(nll), len(target)
+
+
+def perplexity(
+    model: torch.nn.Module, tokens: np.ndarray, windows: Windows, progress: bool
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    total_nll, total_tokens, per_window = 0.0, 0, []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(windows.starts) * windows.length, unit="tok", unit_scale=True, disable=not progress)
+    for s in windows.starts:
+        nll, n = window_nll(model, tokens[s : s + windows.length])
+        total_nll += nll
+        total_tokens += n
+        per_window.append(math.exp(nll / n))
+        bar.update(windows.length)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return {
+        "ppl_mean": math.exp(total_nll / total_tokens),
+        "ppl_median": statistics.median(per_window),
+        "ppl_windows": per_window,
+        "nll_mean": total_nll / total_tokens,
+        "tokens": total_tokens,
+        "windows": len(windows.starts),
+        "window": windows.length,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(len(windows.starts) * windows.length / max(seconds, 1e-9), 1),
+    }
+
+
+def setup_torch(cfg: EvalConfig) -> torch.dtype:
+    if cfg.dtype not in _DTYPES:
+        raise MintError(f"eval.dtype {cfg.dtype!r}: choose one of {sorted(_DTYPES)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return _DTYPES[cfg.dtype]
+
+
+def eval_settings(cfg: EvalConfig, corpus_sha: str, windows: Windows) -> dict[str, Any]:
+    """What must match between a target's run and the baseline's for the delta to mean anything."""
+    return {**as_dict(cfg), "corpus_sha256": corpus_sha, "window": windows.length, "starts": windows.starts}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def evaluate_folder(
+    model: torch.nn.Module, tok_folder: Path, params: Params, corpus_dir: Path, progress: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    tokenizer = load_tokenizer(tok_folder)
+    tokens, corpus_sha = corpus_tokens(corpus_dir, params.eval.split, tokenizer)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    windows = choose_windows(len(tokens), params.eval, max_pos)
+    return perplexity(model, tokens, windows, progress), eval_settings(params.eval, corpus_sha, windows)
+
+
+def run_baseline(
+    params: Params, out_root: Path | None = None, progress: bool = True, **kw: Any
+) -> dict[str, Any]:
+    from .model import resolve_weights_dir
+
+    dtype = setup_torch(params.eval)
+    model_dir = Path(kw.get("model_out") or params.model.out)
+    weights = resolve_weights_dir(model_dir)
+    model = load_baseline(weights, dtype)
+    corpus_dir = Path(kw.get("corpus_out") or params.corpus.out)
+    scores, settings = evaluate_folder(model, model_dir, params, corpus_dir, progress)
+    bytes_16 = sum(p.stat().st_size for p in sorted(weights.glob("*.safetensors")))
+    metrics = {"schema_version": SCHEMA_VERSION, "target": BASELINE, "bytes_on_disk": bytes_16, **scores}
+    return _write(Path(out_root or params.eval_out) / BASELINE, metrics, settings)
+
+
+def run_target(
+    params: Params, target: str, out_root: Path | None = None, progress: bool = True, **kw: Any
+) -> dict[str, Any]:
+    dtype = setup_torch(params.eval)
+    out_root = Path(out_root or params.eval_out)
+    folder = Path(kw.get("pack_out") or params.pack_out) / target
+    if not folder.is_dir():
+        raise MintError(f"{folder}: no packed model; run `mintbuild pack --target {target}` first")
+    baseline = _read_baseline(out_root / BASELINE)
+    model, manifest = load_packed(folder, dtype)
+    corpus_dir = Path(kw.get("corpus_out") or params.corpus.out)
+    scores, settings = evaluate_folder(model, folder, params, corpus_dir, progress)
+    if baseline["settings"] != settings:
+        raise MintError(
+            f"{out_root / BASELINE}: the baseline was scored with other eval settings or corpus; "
+            "re-run `mintbuild evaluate --baseline`"
+        )
+    base = baseline["metrics"]
+    metrics = {
+        "schema_version": SCHEMA_VERSION,
+        "target": target,
+        "budget": manifest["budget"],
+        "bytes_on_disk": manifest["weights_bytes"],
+        "avg_bits_per_weight": manifest["avg_bits_per_weight"],
+        "objective": manifest["objective"],
+        **scores,
+        "baseline_ppl_mean": base["ppl_mean"],
+        "baseline_ppl_median": base["ppl_median"],
+        "delta_ppl_mean": scores["ppl_mean"] - base["ppl_mean"],
+        "delta_ppl_median": scores["ppl_median"] - base["ppl_median"],
+        "delta_ppl_mean_pct": 100 * (scores["ppl_mean"] / base["ppl_mean"] - 1),
+    }
+    return _write(out_root / target, metrics, settings)
+
+
+def _read_baseline(folder: Path) -> dict[str, Any]:
+    path = folder / METRICS_FILE
+    if not path.is_file():
+        raise MintError(f"{path}: no baseline metrics; run `mintbuild evaluate --baseline` first")
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    settings = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
+    return {"metrics": metrics, "settings": settings}
+
+
+def _write(out: Path, metrics: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    with atomic_dir(out) as tmp:
+        (tmp / METRICS_FILE).write_text(canonical_json(metrics), encoding="utf-8")
+        (tmp / "settings.json").write_text(canonical_json(settings), encoding="utf-8")
+    log.info(
+        "%s: PPL mean %.4f, median %.4f over %d tokens (%d windows of %d), %.0f tokens/s%s",
+        metrics["target"],
+        metrics["ppl_mean"],
+        metrics["ppl_median"],
+        metrics["tokens"],
+        metrics["windows"],
+        metrics["window"],
+        metrics["tokens_per_s"],
+        f", {metrics['delta_ppl_mean_pct']:+.2f}% vs 16-bit" if "delta_ppl_mean_pct" in metrics else "",
+    )
+    return metrics
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="composed parameters (default: params.yaml)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--target", action="append", help="target name (repeatable); default: every target")
+    who.add_argument("--baseline", action="store_true", help="score the unquantized 16-bit model once")
+    p.add_argument("--out", help="output root (default: eval_out from params)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    out = Path(args.out) if args.out else None
+    if args.baseline:
+        run_baseline(params, out, progress=not args.no_progress)
+        return
+    names = args.target or sorted(params.targets)
+    unknown = [n for n in names if n not in params.targets]
+    if unknown:
+        raise MintError(f"unknown target(s) {unknown}; configured: {sorted(params.targets)}")
+    for name in names:
+        run_target(params, name, out, progress=not args.no_progress)

@@ -1,0 +1,422 @@
+"""Learned importance (alpha) per tensor: a short calibration pass, diagonal empirical Fisher.
+
+For each calibration window w (``window`` tokens of the corpus *train* split, never the test split that
+`mintbuild evaluate` scores) we compute the mean next-token cross-entropy L_w of the fp32 model, backpropagate,
+and take per weight tensor i the mean over its elements of grad^2. Then
+
+    alpha_i = (1/n_windows) * sum_w mean_elements(dL_w/dW_i ^ 2)
+
+which is the per-tensor mean of the diagonal empirical Fisher. A quantization error E_i on tensor i raises the
+expected loss by about 1/2 * sum_j F_jj E_j^2 ~ 1/2 * alpha_i * SSE_i, so the allocator's `fisher` objective is
+cost_i(option) = pi_i * alpha_i * SSE_i(option), with SSE from the (data-free) profile.
+
+Windows: start at a line beginning of train.txt, chosen with a seeded permutation, non-overlapping; each is the
+first ``window`` tokens of the text from there. Their character ranges in train.txt are recorded so anyone can
+check that calibration never touched the evaluation text.
+
+Tied embedding / lm_head: the tied parameter's gradient already sums both uses; it is recorded under the
+checkpoint name of the embedding. Stacked MoE experts (one 3-D tensor) get one alpha. Experts stored one tensor
+per expert get an empirical-Bayes estimate: each expert's mean is shrunk toward the mean of its siblings
+(same layer and projection) in proportion to its between-window variance, so an expert that saw few tokens
+(noisy, spiky gradients) borrows strength from the others, and one that saw none gets the siblings' mean.
+Checkpoint tensors the loaded model does not expose under the same name get the mean of their role in the same
+layer (else of the role, else of all tensors) and are listed under "estimated".
+
+Values are rounded to `sig_digits` significant digits: on one machine and thread count the gradients are
+bitwise reproducible, but the matmul split (threads, CPU) changes the last bits, and 6 digits is far below
+the sampling noise of a 2k-token Fisher estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import ImportanceConfig, load_params
+from .errors import MintError
+from .io import atomic_dir, atomic_write_json, sha256_file
+
+SCHEMA_VERSION = 1
+FILENAME = "importance.json"
+SPLIT = "train"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+#: A window of n tokens is first looked for in this many chars per token (doubled until it fits).
+_CHARS_PER_TOKEN = 6
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Window:
+    #: Character range [char_start, char_end) of train.txt that the window's tokens cover.
+    char_start: int
+    char_end: int
+    ids: list[int]
+
+
+# ---------------------------------------------------------------- calibration text
+
+
+def read_train_text(corpus_dir: Path) -> tuple[str, str]:
+    """(text of the train split, sha256 of the file); checks the file against meta.json when there is one."""
+    path = Path(corpus_dir) / f"{SPLIT}.txt"
+    if not path.is_file():
+        raise MintError(f"{path}: no calibration split; run `mintbuild corpus` first")
+    sha = sha256_file(path)
+    meta_path = Path(corpus_dir) / "meta.json"
+    if meta_path.is_file():
+        recorded = json.loads(meta_path.read_text(encoding="utf-8")).get("splits", {}).get(SPLIT, {})
+        if recorded.get("sha256") not in (None, sha):
+            raise MintError(f"{path}: sha256 {sha[:12]} differs from meta.json ({recorded['sha256'][:12]})")
+    return path.read_text(encoding="utf-8"), sha
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / n).is_file() for n in TOKENIZER_FILES):
+        raise MintError(f"{model_dir}: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def choose_windows(text: str, tokenizer: Any, n_windows: int, length: int, seed: int) -> list[Window]:
+    """`n_windows` non-overlapping windows of exactly `length` tokens, each starting at a line of `text`.
+
+    Only the chosen spans are tokenised (the whole 2.4 MB split would cost seconds): a seeded permutation of
+    the line starts is walked until enough windows fit. Returned in text order.
+    """
+    if n_windows < 1 or length < 2:
+        raise MintError(f"importance: need n_windows >= 1 and window >= 2 (got {n_windows}, {length})")
+    starts = [0] + [m.end() for m in re.finditer(r"\n(?=[^\n])", text)]
+    order = np.random.default_rng(seed).permutation(len(starts))
+    chosen: list[Window] = []
+    for k in order[: max(50 * n_windows, 1000)]:
+        w = _window_at(text, tokenizer, starts[int(k)], length)
+        if w and not any(w.char_start < c.char_end and c.char_start < w.char_end for c in chosen):
+            chosen.append(w)
+            if len(chosen) == n_windows:
+                break
+    if not chosen:
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        raise MintError(f"the corpus {SPLIT} split has {n:,} tokens, fewer than one window of {length}")
+    if len(chosen) < n_windows:
+        log.warning("only %d non-overlapping windows of %d tokens found", len(chosen), length)
+    return sorted(chosen, key=lambda w: w.char_start)
+
+
+def _window_at(text: str, tokenizer: Any, start: int, length: int) -> Window | None:
+    span = length * _CHARS_PER_TOKEN
+    while True:
+        end = min(len(text), start + span)
+        enc = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        # The last token must not be cut by the span end (drop it unless the span reaches the end of text).
+        usable = len(ids) if end == len(text) else len(ids) - 1
+        if usable >= length:
+            return Window(start, start + int(enc["offset_mapping"][length - 1][1]), list(ids[:length]))
+        if end == len(text):
+            return None
+        span *= 2
+
+
+# ---------------------------------------------------------------- the Fisher pass
+
+
+def load_model(model_dir: Path) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not (model_dir / "config.json").is_file():
+        raise MintError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise MintError(
+            f"{model_dir}: transformers cannot load the model ({str(e).splitlines()[0]})"
+        ) from None
+    model.eval()  # no dropout; gradients still flow
+    return model
+
+
+def fisher_pass(
+    model: Any, windows: list[Window], progress: bool
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Per parameter, the per-window mean of grad^2 (float64); and the per-window loss."""
+    import torch
+    from tqdm import tqdm
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    per_window: dict[str, list[float]] = {n: [] for n, _ in params}
+    losses, seconds = [], []
+    for w in tqdm(windows, unit="window", disable=not progress, desc="importance"):
+        t0 = time.perf_counter()
+        x = torch.tensor(w.ids, dtype=torch.long)[None]
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+        for n, p in params:
+            # float64 accumulation: the mean of ~10^7 squares in fp32 would lose digits to the summation.
+            g2 = (
+                p.grad.double().square().mean()
+                if p.grad is not None
+                else torch.zeros((), dtype=torch.float64)
+            )
+            per_window[n].append(float(g2))
+        seconds.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    n_tokens = sum(len(w.ids) for w in windows)
+    # The fastest window's rate is the one to compare across runs: other processes on the machine slow the rest.
+    log.info(
+        "calibration: %d windows x %d tokens in %.1f s (%.0f tokens/s; fastest window %.0f tokens/s), "
+        "mean loss %.4f",
+        len(windows), len(windows[0].ids), sum(seconds), n_tokens / max(sum(seconds), 1e-9),
+        len(windows[0].ids) / max(min(seconds), 1e-9), float(np.mean(losses)),
+    )  # fmt: skip
+    return per_window, losses
+
+
+def calibrate(
+    model_dir: Path, windows: list[Window], cfg: ImportanceConfig, progress: bool
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Load the fp32 model and run the Fisher pass; torch's global settings are restored afterwards."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        t0 = time.perf_counter()
+        model = load_model(model_dir)
+        log.info(
+            "loaded %s in fp32 in %.1f s (%d threads)",
+            model_dir,
+            time.perf_counter() - t0,
+            torch.get_num_threads(),
+        )
+        return fisher_pass(model, windows, progress)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def shrink_experts(
+    means: dict[str, float], per_window: dict[str, list[float]], roles: dict[str, str]
+) -> None:
+    """Empirical-Bayes shrinkage of per-expert tensors toward their siblings' mean (in place).
+
+    Sibling group: same name once the expert index is replaced. Expert e with mean m_e and squared standard
+    error v_e (between-window variance / n) gets B_e*mu + (1-B_e)*m_e, with tau^2 = var(m) - mean(v) the
+    spread of true alphas across experts and B_e = v_e / (v_e + tau^2). Experts with zero gradient (no token
+    routed to them) take mu, the mean over experts that saw tokens.
+    """
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in means:
+        if roles.get(name) == "moe_expert":
+            groups[_EXPERT.sub(".experts.*.", name)].append(name)
+    for members in groups.values():
+        seen = [n for n in members if means[n] > 0]
+        if not seen:
+            continue
+        m = np.array([means[n] for n in seen])
+        v = np.array(
+            [
+                np.var(per_window[n], ddof=1) / len(per_window[n]) if len(per_window[n]) > 1 else 0.0
+                for n in seen
+            ]
+        )
+        mu = float(m.mean())
+        tau2 = max(float(m.var()) - float(v.mean()), 0.0)
+        for n, mi, vi in zip(seen, m, v, strict=True):
+            b = 1.0 if tau2 == 0 and vi > 0 else (vi / (vi + tau2) if vi + tau2 > 0 else 0.0)
+            means[n] = b * mu + (1 - b) * float(mi)
+        for n in members:
+            if means[n] == 0:
+                means[n] = mu
+
+
+def fill_missing(
+    names: list[str], alpha: dict[str, float], roles: dict[str, str], layers: dict[str, int]
+) -> dict[str, str]:
+    """Estimate alpha for checkpoint tensors the model does not expose by name; returns name -> how."""
+    by_role_layer: dict[tuple[str, int], list[float]] = defaultdict(list)
+    by_role: dict[str, list[float]] = defaultdict(list)
+    for n, a in alpha.items():
+        role = roles[n].rstrip("s")  # moe_experts (stacked) and moe_expert (split) are one family
+        by_role_layer[role, layers[n]].append(a)
+        by_role[role].append(a)
+    overall = [a for a in alpha.values()]
+    estimated = {}
+    for n in names:
+        if n in alpha:
+            continue
+        role = roles[n].rstrip("s")
+        for key, pool in (
+            (f"mean of role {role} in layer {layers[n]}", by_role_layer.get((role, layers[n]))),
+            (f"mean of role {role}", by_role.get(role)),
+            ("mean of all tensors", overall),
+        ):
+            if pool:
+                alpha[n], estimated[n] = float(np.mean(pool)), key
+                break
+    return estimated
+
+
+def round_sig(x: float, digits: int) -> float:
+    if x == 0 or not math.isfinite(x):
+        return x
+    return float(f"{x:.{digits - 1}e}")
+
+
+# ---------------------------------------------------------------- the library function
+
+
+def compute_importance(
+    model_dir: Path, corpus_dir: Path, cfg: ImportanceConfig, progress: bool = True
+) -> dict[str, Any]:
+    """The importance artifact (a JSON-able dict) of the model in `model_dir` on `corpus_dir`/train.txt."""
+    import torch
+    import transformers
+
+    from .checkpoint import compile_rules, fingerprint, layer_index, open_checkpoint, tensor_role
+    from .profile import tied_lm_head
+
+    model_dir, corpus_dir = Path(model_dir), Path(corpus_dir)
+    ckpt = open_checkpoint(model_dir)  # validates the weights before the slow load
+    text, train_sha = read_train_text(corpus_dir)
+    tokenizer = load_tokenizer(model_dir)
+    max_pos = ckpt.config.get("max_position_embeddings")
+    length = min(cfg.window, max_pos) if max_pos else cfg.window
+    windows = choose_windows(text, tokenizer, cfg.n_windows, length, cfg.seed)
+
+    per_window, losses = calibrate(model_dir, windows, cfg, progress)
+
+    skip = tied_lm_head(ckpt)
+    names = [n for n in ckpt.names if n != skip]
+    rules = compile_rules()
+    roles = {n: tensor_role(n, len(ckpt.tensors[n].shape), rules) for n in names}
+    layers = {n: layer_index(n) for n in names}
+    unused = sorted(set(per_window) - set(names))
+    if unused:
+        log.warning(
+            "%d model parameters are not in the checkpoint by name (ignored): %s", len(unused), unused[:3]
+        )
+    means = {n: float(np.mean(per_window[n])) for n in names if n in per_window}
+    shrink_experts(means, per_window, roles)
+    estimated = fill_missing(names, means, roles, layers)
+    if estimated:
+        log.warning(
+            "%d checkpoint tensors had no gradient by name; alpha estimated: %s",
+            len(estimated),
+            list(estimated)[:3],
+        )
+    alpha = {n: round_sig(means[n], cfg.sig_digits) for n in names}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "method": "diagonal empirical Fisher, per-tensor mean: alpha = mean_elements(sum_w grad_w^2) / n_windows",
+        "provenance": {
+            "model_fingerprint": fingerprint(ckpt),
+            "corpus_split": SPLIT,
+            "corpus_train_sha256": train_sha,
+            "tokens": sum(len(w.ids) for w in windows),
+            "windows": len(windows),
+            "window": length,
+            "seed": cfg.seed,
+            "sig_digits": cfg.sig_digits,
+            "mintbuild_version": __version__,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+        },
+        "windows": [
+            {
+                "char_start": w.char_start,
+                "char_end": w.char_end,
+                "tokens": len(w.ids),
+                "loss": round_sig(loss, 6),
+            }
+            for w, loss in zip(windows, losses, strict=True)
+        ],
+        "tied": _tied(ckpt.config, roles),
+        "alpha": alpha,
+        "estimated": estimated,
+        "summary": summarise(alpha, roles),
+    }
+
+
+def _tied(config: dict[str, Any], roles: dict[str, str]) -> dict[str, str]:
+    """{lm_head: the embedding name its alpha is recorded under}, for a tied model (whether or not the
+    checkpoint stores the lm_head copy)."""
+    emb = [n for n, r in roles.items() if r == "embedding"]
+    return {"lm_head.weight": emb[0]} if config.get("tie_word_embeddings") and emb else {}
+
+
+def summarise(alpha: dict[str, float], roles: dict[str, str]) -> dict[str, dict[str, Any]]:
+    by_role: dict[str, list[float]] = defaultdict(list)
+    for n, a in alpha.items():
+        by_role[roles[n]].append(a)
+    return {
+        r: {"tensors": len(v), "mean": round_sig(float(np.mean(v)), 6), "min": min(v), "max": max(v)}
+        for r, v in sorted(by_role.items())
+    }
+
+
+def run(
+    model_dir: Path, corpus_dir: Path, cfg: ImportanceConfig, out: Path, progress: bool = True
+) -> dict[str, Any]:
+    """Compute the importance and write `out`/importance.json atomically (the folder is replaced whole)."""
+    result = compute_importance(model_dir, corpus_dir, cfg, progress)
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / FILENAME, result)
+    return result
+
+
+def load_importance(path: Path) -> dict[str, Any]:
+    """Read an importance artifact (folder or file)."""
+    path = Path(path)
+    path = path / FILENAME if path.is_dir() else path
+    if not path.is_file():
+        raise MintError(f"{path}: no importance artifact; run `mintbuild importance` first")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise MintError(f"{path}: schema_version {data.get('schema_version')} (expected {SCHEMA_VERSION})")
+    return data
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="composed parameters (default: params.yaml)")
+    p.add_argument("--model", help="HF model folder (default: the model stage's output)")
+    p.add_argument("--corpus", help="corpus folder with train.txt (default: corpus.out from params)")
+    p.add_argument("--out", help="output folder (default: importance.out from params)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> None:
+    from .model import resolve_weights_dir
+
+    params = load_params(args.params)
+    model_dir = Path(args.model) if args.model else resolve_weights_dir(Path(params.model.out))
+    corpus_dir = Path(args.corpus or params.corpus.out)
+    run(
+        model_dir,
+        corpus_dir,
+        params.importance,
+        Path(args.out or params.importance.out),
+        not args.no_progress,
+    )

@@ -1,0 +1,231 @@
+"""The importance stage: deterministic alpha, calibration text disjoint from the evaluation text, alpha that
+tracks loss sensitivity (tiny random Llama), and the real model on a small setting."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mintbuild.checkpoint import PASSTHROUGH_ROLES, compile_rules, open_checkpoint, tensor_role
+from mintbuild.cli import main as cli_main
+from mintbuild.config import ImportanceConfig
+from mintbuild.errors import MintError
+from mintbuild.importance import (
+    FILENAME,
+    choose_windows,
+    compute_importance,
+    load_importance,
+    load_tokenizer,
+    run,
+)
+from mintbuild.io import canonical_json
+
+TINY = ImportanceConfig(n_windows=3, window=64, seed=0, threads=1)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_model(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random-init Llama (tied embeddings) with a small BPE tokenizer trained on the train split."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    text = (corpus_dir / "train.txt").read_text(encoding="utf-8")[:200_000]
+    tok.train_from_iterator(text.splitlines(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out)
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def quantizable(model_dir: Path) -> list[str]:
+    ckpt, rules = open_checkpoint(model_dir), compile_rules()
+    return [
+        n
+        for n in ckpt.names
+        if len(ckpt.tensors[n].shape) >= 2
+        and tensor_role(n, len(ckpt.tensors[n].shape), rules) not in PASSTHROUGH_ROLES
+    ]
+
+
+def assert_train_only(result: dict, corpus_dir: Path) -> None:
+    """Every window is a character range of train.txt, windows are disjoint, and no window's text occurs in
+    the evaluation split."""
+    train = (corpus_dir / "train.txt").read_text(encoding="utf-8")
+    test = (corpus_dir / "test.txt").read_text(encoding="utf-8")
+    assert result["provenance"]["corpus_split"] == "train"
+    spans = sorted((w["char_start"], w["char_end"]) for w in result["windows"])
+    for (_, e), (s2, _) in itertools.pairwise(spans):
+        assert e <= s2
+    for s, e in spans:
+        assert 0 <= s < e <= len(train)
+        assert train[s:e] not in test
+
+
+# ---------------------------------------------------------------- tiny model
+
+
+def test_alpha_is_deterministic(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    a = run(tiny_model, corpus_dir, TINY, tmp_path / "a", progress=False)
+    b = run(tiny_model, corpus_dir, TINY, tmp_path / "b", progress=False)
+    assert (tmp_path / "a" / FILENAME).read_bytes() == (tmp_path / "b" / FILENAME).read_bytes()
+    assert canonical_json(a) == canonical_json(b)
+    assert load_importance(tmp_path / "a")["alpha"] == a["alpha"]
+    other = compute_importance(
+        tiny_model, corpus_dir, ImportanceConfig(n_windows=3, window=64, seed=1, threads=1), False
+    )
+    assert other["windows"] != a["windows"]
+    # Every checkpoint tensor has an alpha; the tied lm_head is recorded under the embedding.
+    assert set(a["alpha"]) == set(open_checkpoint(tiny_model).names)
+    assert a["tied"] == {"lm_head.weight": "model.embed_tokens.weight"} and not a["estimated"]
+    assert a["provenance"]["tokens"] == 3 * 64 and a["provenance"]["windows"] == 3
+    assert_train_only(a, corpus_dir)
+
+
+def _loss(model: torch.nn.Module, windows: list[list[int]]) -> float:
+    with torch.no_grad():
+        return sum(
+            float(model(input_ids=torch.tensor(ids)[None], labels=torch.tensor(ids)[None]).loss)
+            for ids in windows
+        ) / len(windows)
+
+
+def test_alpha_tracks_loss_sensitivity(tiny_model: Path, corpus_dir: Path) -> None:
+    """The same relative noise on each tensor moves the loss by ~|g.delta| ~ sqrt(alpha * SSE): the measured
+    loss change ranks the tensors as alpha*SSE does."""
+    from scipy.stats import spearmanr
+    from transformers import AutoModelForCausalLM
+
+    from mintbuild.importance import read_train_text
+
+    res = compute_importance(tiny_model, corpus_dir, TINY, progress=False)
+    text, _ = read_train_text(corpus_dir)
+    windows = [w.ids for w in choose_windows(text, load_tokenizer(tiny_model), 3, 64, 0)]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    base = _loss(model, windows)
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    predicted, measured = [], []
+    for name in quantizable(tiny_model):
+        w = params[name]
+        deltas = []
+        for _ in range(4):
+            noise = torch.randn(w.shape, generator=g) * 0.05 * w.detach().pow(2).mean().sqrt()
+            with torch.no_grad():
+                w.add_(noise)
+            deltas.append(abs(_loss(model, windows) - base))
+            with torch.no_grad():
+                w.sub_(noise)
+        sse = float((0.05**2) * w.detach().pow(2).sum())
+        predicted.append(res["alpha"][name] * sse)
+        measured.append(float(np.mean(deltas)))
+    rho = spearmanr(predicted, measured).statistic
+    assert rho > 0.8, (rho, predicted, measured)
+
+
+def test_scaling_down_a_path_lowers_its_alpha(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    """o_proj scaled by c scales the gradient reaching layer 0's v_proj by c (alpha by c^2): v_proj then
+    matters less to the loss, and its alpha falls accordingly, while o_proj's own input is unchanged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.mul_(0.01)
+    scaled = tmp_path / "scaled"
+    model.save_pretrained(scaled)
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(scaled)
+    a = compute_importance(tiny_model, corpus_dir, TINY, progress=False)["alpha"]
+    b = compute_importance(scaled, corpus_dir, TINY, progress=False)["alpha"]
+    v = "model.layers.0.self_attn.v_proj.weight"
+    assert b[v] < 1e-3 * a[v]
+    assert b["model.layers.1.self_attn.v_proj.weight"] > 1e-2 * a["model.layers.1.self_attn.v_proj.weight"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MintError, match="no calibration split") as e:
+        compute_importance(tiny_model, empty, TINY, progress=False)
+    assert "\n" not in str(e.value)
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "train.txt").write_text("A short line.\nAnother one.\n", encoding="utf-8")
+    with pytest.raises(MintError, match="fewer than one window of 64"):
+        compute_importance(tiny_model, short, TINY, progress=False)
+    with pytest.raises(MintError, match="no such file or folder"):
+        compute_importance(tmp_path / "missing", corpus_dir, TINY, progress=False)
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    (weights_only / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes())
+    with pytest.raises(MintError, match=r"no tokenizer|no config\.json"):
+        compute_importance(weights_only, corpus_dir, TINY, progress=False)
+    # The CLI turns it into one line and exit code 2.
+    args = ["--params", str(tmp_path / "none.yaml"), "--model", str(tiny_model), "--corpus", str(empty)]
+    rc = cli_main(["importance", *args, "--out", str(tmp_path / "o")])
+    assert rc == 2 and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the real model
+
+
+def test_windows_of_the_real_corpus_avoid_the_test_split(smollm2_dir: Path, corpus_dir: Path) -> None:
+    from mintbuild.importance import read_train_text
+
+    text, _ = read_train_text(corpus_dir)
+    tok = load_tokenizer(smollm2_dir)
+    windows = choose_windows(text, tok, 32, 512, 0)
+    assert len(windows) == 32 and all(len(w.ids) == 512 for w in windows)
+    fake = {"provenance": {"corpus_split": "train"}, "windows": [vars(w) for w in windows]}
+    assert_train_only(fake, corpus_dir)
+    # The recorded character range re-tokenises to the window's tokens.
+    w = windows[0]
+    assert tok(text[w.char_start : w.char_end], add_special_tokens=False)["input_ids"] == w.ids
+
+
+def test_real_smollm2_small_calibration(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    from mintbuild.checkpoint import fingerprint
+
+    # One thread: on a busy 2-core machine two OpenMP threads spin-wait and run several times slower.
+    cfg = ImportanceConfig(n_windows=2, window=128, seed=0, threads=1)
+    res = run(smollm2_dir, corpus_dir, cfg, tmp_path / "imp", progress=False)
+    saved = json.loads((tmp_path / "imp" / FILENAME).read_text(encoding="utf-8"))
+    assert saved == res
+    q = quantizable(smollm2_dir)
+    assert len(q) == 211 and len(res["alpha"]) == 272
+    assert all(math.isfinite(res["alpha"][n]) and res["alpha"][n] > 0 for n in q)
+    prov = res["provenance"]
+    assert prov["model_fingerprint"] == fingerprint(open_checkpoint(smollm2_dir))
+    meta = json.loads((corpus_dir / "meta.json").read_text(encoding="utf-8"))
+    assert prov["corpus_train_sha256"] == meta["splits"]["train"]["sha256"]
+    assert prov["tokens"] == 256 and res["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert {"attn_q", "attn_v", "mlp_down", "embedding"} <= set(res["summary"])
+    assert_train_only(res, corpus_dir)
