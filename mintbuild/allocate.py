@@ -290,7 +290,8 @@ def _document(problem, name, target, cfg, profile, budget, why, tensor_budget, r
     return {
         "schema_version": SCHEMA_VERSION,
         "target": name,
-        "target_config": as_dict(target),
+        # The description is for people: editing it must not change the artifact (nor rebuild pack/evaluate).
+        "target_config": {k: v for k, v in as_dict(target).items() if k != "description"},
         "provenance": {
             "profile_hash": profile.hash,
             "checkpoint_hash": profile.provenance["checkpoint_hash"],

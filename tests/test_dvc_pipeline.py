@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .synth import llama_tensors, write_checkpoint
+from .synth import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {
@@ -48,6 +48,9 @@ def _params(model: Path, text: Path, targets: dict) -> dict:
         "seed": 0,
     }
     p["targets"] = targets
+    # A tiny model: short windows, few of them.
+    p["eval"].update({"window": 64, "n_windows": 2})
+    p["importance"].update({"window": 64, "n_windows": 2})
     return p
 
 
@@ -58,16 +61,22 @@ def _write(repo: Path, params: dict) -> None:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("dvcrepo")
-    model = write_checkpoint(root / "tiny-model", llama_tensors(layers=2))
     text = root / "text.txt"
-    text.write_text("\n\n".join(f"Document {i}. " + "Some words here. " * 50 for i in range(6)))
+    words = ["the", "model", "fits", "the", "budget", "of", "every", "device", "and", "the", "build", "is", "one", "command"]
+    text.write_text(
+        "\n\n".join(
+            f"Document {i}. " + " ".join(words[(i + j) % len(words)] for j in range(600)) for i in range(8)
+        )
+    )
+    model = tiny_llama(root / "tiny-model", text.read_text())
     repo = root / "repo"
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     shutil.copytree(ROOT / "mintbuild", repo / "mintbuild", ignore=shutil.ignore_patterns("__pycache__"))
     _sh(repo, "git", "init", "-q")
     _sh(repo, "dvc", "init", "-q")
-    params = _params(model, text, {"a": {"bits_per_weight": 4.0}, "b": {"bits_per_weight": 6.0}})
+    params = _params(model, text, {"a": {"bits_per_weight": 4.5}, "b": {"bits_per_weight": 6.0}})
     _write(repo, params)
     return repo, params
 
@@ -75,25 +84,30 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
 def test_full_build_then_only_the_edited_target_reruns(repo) -> None:
     repo_dir, params = repo
     first = _ran(_sh(repo_dir, "dvc", "repro"))
-    assert {"model", "corpus", "profile", "allocate@a", "allocate@b"} <= first
-    assert (repo_dir / "artifacts/allocate/a/allocation.json").exists()
+    per_target = {f"{s}@{t}" for s in ("allocate", "pack", "evaluate") for t in "ab"}
+    assert {"model", "corpus", "profile", "importance", "evaluate_baseline"} | per_target <= first
+    assert (repo_dir / "artifacts/pack/a/model.safetensors").exists()
     assert _ran(_sh(repo_dir, "dvc", "repro")) == set()  # nothing changed: nothing runs
 
-    params["targets"]["a"]["bits_per_weight"] = 4.5
+    params["targets"]["a"]["description"] = "a note for reviewers"  # allocation unchanged: pack skipped
     _write(repo_dir, params)
     assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@a"}
 
-    params["targets"]["c"] = {"size": "400KB", "on_infeasible": "min_safe"}
+    params["targets"]["a"]["bits_per_weight"] = 5.0
     _write(repo_dir, params)
-    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@c"}
+    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@a", "pack@a", "evaluate@a"}
 
-    params["solver"]["veto_sqnr_db"] = (
-        12.0  # the solver config is shared: every allocation reruns, no profile
-    )
+    params["targets"]["c"] = {"bits_per_weight": 8.0}
     _write(repo_dir, params)
-    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@a", "allocate@b", "allocate@c"}
+    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@c", "pack@c", "evaluate@c"}
+
+    params["solver"]["veto_sqnr_db"] = 12.0  # shared solver config: every allocation reruns, nothing upstream
+    _write(repo_dir, params)
+    ran = _ran(_sh(repo_dir, "dvc", "repro"))
+    assert {"allocate@a", "allocate@b", "allocate@c"} <= ran
+    assert not ran & {"model", "corpus", "profile", "importance", "evaluate_baseline"}
     shown = _sh(repo_dir, "dvc", "metrics", "show")
-    assert "avg_bits_per_weight" in shown
+    assert "avg_bits_per_weight" in shown and "ppl_mean" in shown
 
 
 def test_diff_renders_a_pull_request_comment(repo) -> None:
@@ -116,6 +130,8 @@ def test_infeasible_budget_surfaces_readably_through_dvc(repo) -> None:
     params["targets"]["d"] = {"size": "10KB"}
     _write(repo_dir, params)
     r = subprocess.run(["dvc", "repro", "allocate@d"], cwd=repo_dir, env=ENV, capture_output=True, text=True)
+    params["targets"].pop("d")
+    _write(repo_dir, params)
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "below the smallest feasible size" in out and "Traceback" not in out

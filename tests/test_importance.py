@@ -25,6 +25,7 @@ from mintbuild.importance import (
     run,
 )
 from mintbuild.io import canonical_json
+from tests.synth import tiny_llama
 
 TINY = ImportanceConfig(n_windows=3, window=64, seed=0, threads=1)
 
@@ -35,33 +36,8 @@ TINY = ImportanceConfig(n_windows=3, window=64, seed=0, threads=1)
 @pytest.fixture(scope="module")
 def tiny_model(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random-init Llama (tied embeddings) with a small BPE tokenizer trained on the train split."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
-    )
     text = (corpus_dir / "train.txt").read_text(encoding="utf-8")[:200_000]
-    tok.train_from_iterator(text.splitlines(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(out)
-    cfg = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "model", text)
 
 
 def quantizable(model_dir: Path) -> list[str]:
