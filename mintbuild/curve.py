@@ -46,8 +46,9 @@ class Curve:
         )
 
 
-def fit_curve(budgets, ppl) -> Curve:
-    """Fit PPL(B) to measured (budget bytes, perplexity) points."""
+def fit_curve(budgets, ppl, a_min: float = 0.0) -> Curve:
+    """Fit PPL(B) to measured (budget bytes, perplexity) points. `a_min` bounds the asymptote from below: pass
+    the 16-bit model's PPL, which no quantized model beats (up to noise), so extrapolation stays physical."""
     x = np.asarray(budgets, dtype=float)
     y = np.asarray(ppl, dtype=float)
     if x.shape != y.shape or x.ndim != 1 or len(x) == 0:
@@ -60,13 +61,16 @@ def fit_curve(budgets, ppl) -> Curve:
     if len(x) == 1:
         return _curve("constant", {"a": float(y[0]), "b": 0.0, "c": 1.0, "B0": 0.0, "scale": scale}, x, y)
     if len(x) == 2:
-        return _fit(x, y, scale, free_c=False, free_b0=False)
+        return _fit(x, y, scale, free_c=False, free_b0=False, a_min=a_min)
     if len(x) == 3:
-        return _fit(x, y, scale, free_c=False, free_b0=True)
-    return _fit(x, y, scale, free_c=True, free_b0=True)
+        return _fit(x, y, scale, free_c=False, free_b0=True, a_min=a_min)
+    return _fit(x, y, scale, free_c=True, free_b0=True, a_min=a_min)
 
 
-def _fit(x: np.ndarray, y: np.ndarray, scale: float, free_c: bool, free_b0: bool) -> Curve:
+def _fit(
+    x: np.ndarray, y: np.ndarray, scale: float, free_c: bool, free_b0: bool, a_min: float = 0.0
+) -> Curve:
+    a_min = min(a_min, float(y.min()) * (1 - 1e-6))  # the bound must leave the data reachable
     xs = x / scale
     hi_b0 = xs.min() * (1 - 1e-3)
 
@@ -83,8 +87,11 @@ def _fit(x: np.ndarray, y: np.ndarray, scale: float, free_c: bool, free_b0: bool
     best = None
     for f in (0.0, 0.5, 0.8, 0.9, 0.97) if free_b0 else (0.0,):
         for c0 in (0.5, 1.0, 2.0) if free_c else (1.0,):
-            theta0 = [max(y.min() * 0.9, 1e-6), max((y.max() - y.min()) * (xs.min() * (1 - f)) ** c0, 1e-9)]
-            lo, up = [0.0, 0.0], [np.inf, np.inf]
+            theta0 = [
+                max(y.min() * 0.9, a_min, 1e-6),
+                max((y.max() - y.min()) * (xs.min() * (1 - f)) ** c0, 1e-9),
+            ]
+            lo, up = [a_min, 0.0], [np.inf, np.inf]
             if free_c:
                 theta0.append(c0), lo.append(0.1), up.append(8.0)
             if free_b0:

@@ -169,10 +169,25 @@ def norms(info: TensorInfo, x: torch.Tensor, dtype: torch.dtype) -> tuple[float,
     return norm_sq, err16
 
 
-def _sample_units(info: TensorInfo, n_units: int, want: int, seed: int) -> np.ndarray:
-    """A sorted uniform random sample of `want` unit indices, fixed by the seed and the tensor's name."""
+def bf16_norms(info: TensorInfo, t: torch.Tensor) -> float:
+    """Sum of squares (float64) of a bf16 tensor, read as bits in one parallel pass; refuses NaN/Inf."""
+    from .kernels import sum_squares
+
+    flat = t.reshape(-1)
+    norm_sq, bad = sum_squares(flat.view(torch.int16).numpy()) if flat.numel() else (0.0, -1)
+    if bad >= 0:
+        raise MintError(
+            f"{info.file}: tensor {info.name!r} has a non-finite value ({float(flat[bad])}) at index "
+            f"{bad}; fix the checkpoint"
+        )
+    return norm_sq
+
+
+def _unit_order(info: TensorInfo, n_units: int, seed: int) -> np.ndarray:
+    """A random order of the units, fixed by the seed and the tensor's name: every prefix is a simple random
+    sample, so a growing sample only measures the units it adds."""
     rng = np.random.default_rng([seed, zlib.crc32(info.name.encode())])
-    return np.sort(rng.choice(n_units, size=want, replace=False))
+    return rng.permutation(n_units)
 
 
 def measure_quantized(
@@ -186,59 +201,71 @@ def measure_quantized(
     """(sse, worst per-expert nrmse, relative standard error, elements measured) for the quantized options.
 
     A unit is one block of `max group` consecutive elements of a row (every option's groups tile it). Small
-    tensors are measured exactly; a large one on a uniform sample of units, grown 4x at a time until three
-    standard errors of every option's NRMSE are within NRMSE_REL_BOUND (or the sample is the whole tensor).
+    tensors are measured exactly; a large one on a uniform sample of units (a prefix of a fixed random order),
+    grown until three standard errors of every option's NRMSE are within NRMSE_REL_BOUND (or the sample is the
+    whole tensor). Each growth measures only the added units and jumps to the size the current standard error
+    predicts (se ~ 1/sqrt(n)); past half the tensor it measures the rest outright.
     """
     block = max(o.group for o in opts)
     n_units = info.numel // block
     units = x.reshape(n_units, block)
     want = n_units if info.numel <= cfg.sample_above else max(2, min(n_units, cfg.sample_elements // block))
-    aux = None
+    if want >= n_units:
+        unit_sse = _unit_sse(units, None, opts)
+        sse = unit_sse.sum(axis=0)
+        worst = _per_expert_worst(info, units, unit_sse, None, n_units, sse, norm_sq)
+        return sse, worst, np.zeros(len(opts)), info.numel
+    order = _unit_order(info, n_units, cfg.seed)
+    aux = range_aux(units, opts)
+    aux_total = aux.sum(axis=0)
+    sample = np.zeros(0, dtype=np.int64)
+    unit_sse = np.zeros((0, len(opts)))
     while True:
-        sample = None if want >= n_units else _sample_units(info, n_units, want, cfg.seed)
-        ref, unit_sse = _unit_sse(units, sample, opts, dtype)
-        if sample is None:
+        new = np.sort(order[sample.size : want])
+        sample = np.concatenate([sample, new])
+        unit_sse = np.concatenate([unit_sse, _unit_sse(units, new, opts)])
+        if want >= n_units:
             sse, rse = unit_sse.sum(axis=0), np.zeros(len(opts))
             break
-        aux = aux if aux is not None else range_aux(units, opts)
-        sse, rse = _estimate_total(unit_sse, aux[sample], aux.sum(axis=0), n_units)
+        sse, rse = _estimate_total(unit_sse, aux[sample], aux_total, n_units)
         log.debug("%s: %d units sampled, 3 x max rse %.4f", info.name, want, 3 * rse.max())
         if 3 * rse.max() <= NRMSE_REL_BOUND:
             break
-        want *= 4
-    worst = _per_expert_worst(info, ref, unit_sse, sample, n_units, sse, norm_sq)
-    return sse, worst, rse, int(ref.numel())
+        grow = min(16.0, max(2.0, 1.25 * (3 * rse.max() / NRMSE_REL_BOUND) ** 2))
+        want = n_units if want * grow >= n_units / 2 else int(want * grow)
+    full = sample.size >= n_units
+    worst = _per_expert_worst(info, units, unit_sse, None if full else sample, n_units, sse, norm_sq)
+    return sse, worst, rse, int(sample.size) * block
+
+
+def _kernel_input(rows: torch.Tensor) -> np.ndarray:
+    """What the kernels read: bf16 as its int16 bit patterns (no conversion), anything else as float32."""
+    rows = rows.contiguous()
+    return (rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows.float()).numpy()
 
 
 def range_aux(units: torch.Tensor, opts: list[Option]) -> np.ndarray:
     """Per unit and option, the sum over the option's groups of (max - min)^2: the quantization step is
-    range / (2^b - 1), so a group's error is nearly proportional to its squared range. Min/max are taken once
-    at the smallest group size and combined pairwise for the larger ones. float64 [n_units, n_options]."""
-    gmin = min(o.group for o in opts)
-    out = np.empty((units.shape[0], len(opts)))
-    step = max(1, CHUNK_ELEMENTS // units.shape[1])
-    for start in range(0, units.shape[0], step):
-        x = units[start : start + step].float()
-        lo = x.reshape(x.shape[0], -1, gmin).amin(-1)
-        hi = x.reshape(x.shape[0], -1, gmin).amax(-1)
-        for j, o in enumerate(opts):
-            f = o.group // gmin
-            r = hi.reshape(hi.shape[0], -1, f).amax(-1) - lo.reshape(lo.shape[0], -1, f).amin(-1)
-            out[start : start + step, j] = r.double().square().sum(-1).numpy()
-    return out
+    range / (2^b - 1), so a group's error is nearly proportional to its squared range. float64
+    [n_units, n_options], one parallel pass (kernels.range_sq)."""
+    from .kernels import range_sq
+
+    return range_sq(_kernel_input(units), np.array([o.group for o in opts], dtype=np.int64))
 
 
-def _unit_sse(
-    units: torch.Tensor, sample: np.ndarray | None, opts: list[Option], dtype: torch.dtype
-) -> tuple[torch.Tensor, np.ndarray]:
+def _unit_sse(units: torch.Tensor, idx: np.ndarray | None, opts: list[Option]) -> np.ndarray:
+    """Per unit (all, or the rows `idx`) and option, the squared error of MLX quantization of the values the
+    packer stores (the weight rounded to bf16) against the weight itself."""
     from .kernels import row_sse
 
-    rows = units if sample is None else units[torch.from_numpy(sample)]
-    ref = rows.contiguous()
-    x = _storage_values(ref) if dtype != torch.bfloat16 else ref
+    rows = units if idx is None else units[torch.from_numpy(idx)]
     bits = np.array([o.bits for o in opts], dtype=np.int64)
     groups = np.array([o.group for o in opts], dtype=np.int64)
-    return ref, row_sse(x.numpy(), ref.numpy(), bits, groups)
+    if rows.dtype == torch.bfloat16:
+        b = _kernel_input(rows)
+        return row_sse(b, b, bits, groups)
+    ref = rows.float().contiguous()
+    return row_sse(_storage_values(ref).numpy(), ref.numpy(), bits, groups)
 
 
 def _estimate_total(
@@ -264,7 +291,7 @@ def _estimate_total(
 
 def _per_expert_worst(
     info: TensorInfo,
-    ref: torch.Tensor,
+    units: torch.Tensor,
     unit_sse: np.ndarray,
     sample: np.ndarray | None,
     n_units: int,
@@ -282,7 +309,8 @@ def _per_expert_worst(
     e_norm = np.zeros(n_exp)
     e_cnt = np.zeros(n_exp)
     np.add.at(e_sse, expert, unit_sse)
-    np.add.at(e_norm, expert, ref.double().square().sum(dim=1).numpy())
+    rows = units if sample is None else units[torch.from_numpy(sample)]
+    np.add.at(e_norm, expert, rows.double().square().sum(dim=1).numpy())
     np.add.at(e_cnt, expert, 1)
     seen = e_cnt > 0
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -386,8 +414,13 @@ def _profile_one(
     role = tensor_role(info.name, len(info.shape), rules)
     meta, usable = tensor_meta(info, role, opts)
     digest = content_hash(info, t)
-    x = t.float()  # one conversion (a view for float32 sources), reused by every measurement below
-    norm_sq, err16 = norms(info, x, t.dtype)
+    if t.dtype == torch.bfloat16:
+        # Every measurement reads the stored bf16 bits (an int16 view of the memory map): no float32 copy.
+        x = t
+        norm_sq, err16 = bf16_norms(info, t), 0.0
+    else:
+        x = t.float()  # one conversion (a view for float32 sources), reused by every measurement below
+        norm_sq, err16 = norms(info, x, t.dtype)
     cols["elements"][i] = info.numel
     cols["norm_sq"][i] = norm_sq
     k16 = opts.index(PASSTHROUGH)

@@ -62,7 +62,22 @@ def _write(repo: Path, params: dict) -> None:
 def repo(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("dvcrepo")
     text = root / "text.txt"
-    words = ["the", "model", "fits", "the", "budget", "of", "every", "device", "and", "the", "build", "is", "one", "command"]
+    words = [
+        "the",
+        "model",
+        "fits",
+        "the",
+        "budget",
+        "of",
+        "every",
+        "device",
+        "and",
+        "the",
+        "build",
+        "is",
+        "one",
+        "command",
+    ]
     text.write_text(
         "\n\n".join(
             f"Document {i}. " + " ".join(words[(i + j) % len(words)] for j in range(600)) for i in range(8)
@@ -85,21 +100,28 @@ def test_full_build_then_only_the_edited_target_reruns(repo) -> None:
     repo_dir, params = repo
     first = _ran(_sh(repo_dir, "dvc", "repro"))
     per_target = {f"{s}@{t}" for s in ("allocate", "pack", "evaluate") for t in "ab"}
-    assert {"model", "corpus", "profile", "importance", "evaluate_baseline"} | per_target <= first
+    assert {"model", "corpus", "profile", "importance", "evaluate_baseline", "report"} | per_target <= first
     assert (repo_dir / "artifacts/pack/a/model.safetensors").exists()
+    report = (repo_dir / "artifacts/report/report.md").read_text()
+    assert (
+        "| a |" in report and "| b |" in report and (repo_dir / "artifacts/report/budget_curve.png").exists()
+    )
+    assert "a+b/B" in report  # two measured points: the simplest form
     assert _ran(_sh(repo_dir, "dvc", "repro")) == set()  # nothing changed: nothing runs
 
     params["targets"]["a"]["description"] = "a note for reviewers"  # allocation unchanged: pack skipped
     _write(repo_dir, params)
-    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@a"}
+    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@a", "report"}
 
     params["targets"]["a"]["bits_per_weight"] = 5.0
     _write(repo_dir, params)
-    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@a", "pack@a", "evaluate@a"}
+    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@a", "pack@a", "evaluate@a", "report"}
 
     params["targets"]["c"] = {"bits_per_weight": 8.0}
     _write(repo_dir, params)
-    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@c", "pack@c", "evaluate@c"}
+    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@c", "pack@c", "evaluate@c", "report"}
+    predicted = _sh(repo_dir, "mintbuild", "predict", "--budget", "70KB")
+    assert re.search(r"70KB\t[0-9.]+", predicted)
 
     params["solver"]["veto_sqnr_db"] = 12.0  # shared solver config: every allocation reruns, nothing upstream
     _write(repo_dir, params)
