@@ -23,7 +23,7 @@ import numpy as np
 
 from . import __version__
 from .budget import ModelFacts, format_size, model_facts, resolve_budget
-from .config import Params, SolverConfig, TargetConfig, as_dict, load_params
+from .config import Params, SolverConfig, TargetConfig, as_dict, load_params, select_targets
 from .errors import InfeasibleBudget, MintError
 from .formats import PASSTHROUGH, Option, header_allowance, stored_entry_names
 from .io import atomic_dir, canonical_json, hash_obj
@@ -359,12 +359,7 @@ def run(
     model_dir: Path | None = None,
     importance_file: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
-    if not params.targets:
-        raise MintError("no targets configured (params.yaml `targets:` is empty)")
-    names = targets or sorted(params.targets)
-    unknown = [n for n in names if n not in params.targets]
-    if unknown:
-        raise MintError(f"unknown target(s) {unknown}; configured: {sorted(params.targets)}")
+    names = select_targets(params, targets)
     if params.solver.method not in ("exact", "cvxpy", "dp", "greedy"):
         raise MintError(f"solver.method {params.solver.method!r}: choose exact, cvxpy, dp or greedy")
     profile = load_profile(profile_dir)

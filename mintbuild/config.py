@@ -186,6 +186,17 @@ class Params:
     eval_out: str = "artifacts/evaluate"
 
 
+def select_targets(params: Params, targets: list[str] | None) -> list[str]:
+    """The requested target names (all when None), refusing unknown ones and an empty build."""
+    if not params.targets:
+        raise MintError("no targets configured (params.yaml `targets:` is empty)")
+    names = list(targets) if targets else sorted(params.targets)
+    unknown = [n for n in names if n not in params.targets]
+    if unknown:
+        raise MintError(f"unknown target(s) {unknown}; configured: {sorted(params.targets)}")
+    return names
+
+
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 

@@ -48,6 +48,23 @@ from numba.extending import intrinsic, models, overload, register_model
 
 _EPS = np.float32(1e-7)
 _ZERO = np.float32(0.0)
+
+
+@njit(inline="always")
+def mlx_scale_bias(w_min: np.float32, w_max: np.float32, n_bins: np.float32) -> tuple[np.float32, np.float32]:
+    """MLX's float32 (scale, bias) of one group from its min and max (before 16-bit rounding): the edge with
+    the larger magnitude maps to an integer code exactly; the profile's scalar path and the packer share it."""
+    mask = abs(w_min) > abs(w_max)
+    scale = max((w_max - w_min) / n_bins, _EPS)
+    if not mask:
+        scale = -scale
+    edge = w_min if mask else w_max
+    q0 = np.rint(edge / scale)
+    if q0 != 0:
+        return edge / q0, edge
+    return scale, _ZERO
+
+
 #: Veltkamp's splitting constant for float32 -> 8 significant bits: 2^(24 - 8) + 1.
 _GAMMA = np.float32(65537.0)
 #: Rows whose values reach this magnitude take the scalar path (the split overflows above ~2^73).
@@ -704,16 +721,7 @@ def _row_scalar(row, ref_row, bits, groups, out) -> None:
             for i in range(start + 1, start + g):
                 w_min = min(w_min, as_f32(row[i]))
                 w_max = max(w_max, as_f32(row[i]))
-            mask = abs(w_min) > abs(w_max)
-            scale = max((w_max - w_min) / n_bins, _EPS)
-            if not mask:
-                scale = -scale
-            edge = w_min if mask else w_max
-            q0 = np.rint(edge / scale)
-            bias = _ZERO
-            if q0 != 0:
-                scale = edge / q0
-                bias = edge
+            scale, bias = mlx_scale_bias(w_min, w_max, n_bins)
             s16 = bf16(scale)
             b16 = bf16(bias)
             part = np.float32(0.0)

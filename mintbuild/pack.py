@@ -38,10 +38,11 @@ import xxhash
 from numba import njit, prange
 
 from .checkpoint import Checkpoint, fingerprint, open_checkpoint
-from .config import Params, load_params
+from .config import Params, load_params, select_targets
 from .errors import MintError
 from .formats import Option, parse_option, stored_entry_names
 from .io import atomic_dir, atomic_write_json, canonical_json, sha256_file
+from .kernels import mlx_scale_bias
 from .quant import QUANTIZER_VERSION
 
 HELP = "write each target's MLX model folder"
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 # against both. Only reassociation of min/max and no-NaN/Inf assumptions (inputs are checked finite first);
 # never arcp/contract, which would change the division and break bit-exactness.
 _FLAGS = {"reassoc", "nnan", "ninf", "nsz"}
-_EPS = np.float32(1e-7)
 _ZERO = np.float32(0.0)
 
 
@@ -119,16 +119,7 @@ def _quantize_pack(
                 v = row[i]
                 w_min = min(w_min, v)
                 w_max = max(w_max, v)
-            mask = abs(w_min) > abs(w_max)
-            scale = max((w_max - w_min) / n_bins, _EPS)
-            if not mask:
-                scale = -scale
-            edge = w_min if mask else w_max
-            q0 = np.rint(edge / scale)
-            bias = _ZERO
-            if q0 != 0:
-                scale = edge / q0
-                bias = edge
+            scale, bias = mlx_scale_bias(w_min, w_max, n_bins)
             scales[r, gi] = _bf16_bits(fbuf, fbits, scale)
             biases[r, gi] = _bf16_bits(fbuf, fbits, bias)
             for i in range(start, start + group):
@@ -661,12 +652,7 @@ def run(
     progress: bool = True,
     **kwargs: Any,
 ) -> list[PackResult]:
-    if not params.targets:
-        raise MintError("no targets configured (params.yaml `targets:` is empty)")
-    names = targets or sorted(params.targets)
-    unknown = [n for n in names if n not in params.targets]
-    if unknown:
-        raise MintError(f"unknown target(s) {unknown}; configured: {sorted(params.targets)}")
+    names = select_targets(params, targets)
     return [pack_target(params, n, dry_run=dry_run, progress=progress, **kwargs) for n in names]
 
 
