@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 from .config import load_params
@@ -33,10 +34,19 @@ def compose_text(conf_dir: Path, overrides: list[str] | None = None, config_name
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as e:
-        raise MintError(f"{conf_dir}: {str(e).splitlines()[0]}") from None
+        raise MintError(f"{conf_dir}: {_explain(conf_dir, str(e).splitlines()[0])}") from None
     text = HEADER + OmegaConf.to_yaml(cfg, sort_keys=True)
     _validate(text)
     return text
+
+
+def _explain(conf_dir: Path, msg: str) -> str:
+    """Hydra's message, plus the available choices when a group option (e.g. a device preset) is unknown."""
+    m = re.search(r"Could not find '([^'/]+)/([^']+)'", msg)
+    if m and (conf_dir / m.group(1)).is_dir():
+        names = sorted(p.stem for p in (conf_dir / m.group(1)).glob("*.yaml"))
+        return f"{msg}; available in {m.group(1)}/: {', '.join(names)}"
+    return msg
 
 
 def _validate(text: str) -> None:

@@ -32,3 +32,10 @@ def test_overrides_and_typos(tmp_path) -> None:
         compose_text(ROOT / "conf", ["+targets.smollm2-4bpw.sise=3MB"])
     with pytest.raises(MintError, match="nope"):
         compose_text(ROOT / "conf", ["solver=nope"])
+
+
+def test_unknown_preset_and_duplicate_target_names() -> None:
+    with pytest.raises(MintError, match=r"target/nope.*available in target/: .*phone_8gb.*rtx4090"):
+        compose_text(ROOT / "conf", ["+target@targets.x=nope"])
+    with pytest.raises(MintError, match=r"Multiple values for target@targets\.smollm2-4bpw"):
+        compose_text(ROOT / "conf", ["+target@targets.smollm2-4bpw=rtx4090"])
