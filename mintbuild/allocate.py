@@ -96,7 +96,7 @@ def build_problem(profile: Profile, cfg: SolverConfig, importance: dict[str, flo
         fisher = _fisher_sse(profile, idx, importance or {})
         costs = np.where(np.isfinite(costs), _weights(priors, alphas)[:, None] * fisher, np.inf)
     sizes = np.where(avail, sizes, 0)
-    entries = [e for d in decisions for m in d["members"] for e in _entries(m, d, avail)]
+    entries = [e for d in decisions for m in d["members"] for e in _entries(m, d)]
     facts = model_facts(
         int(profile["elements"].sum()),
         int(profile["bytes"][:, k16].sum()),
@@ -107,7 +107,7 @@ def build_problem(profile: Profile, cfg: SolverConfig, importance: dict[str, flo
     )
 
 
-def _entries(member: str, d: dict[str, Any], avail: np.ndarray) -> list[str]:
+def _entries(member: str, d: dict[str, Any]) -> list[str]:
     # Worst case for the header: a quantizable tensor stored as weight + scales + biases.
     return stored_entry_names(member, Option(4, 64) if d["quantizable"] else PASSTHROUGH)
 
@@ -334,21 +334,16 @@ def check_model(profile: Profile, params: Params, model_dir: Path | None) -> Non
 
 def load_importance(path: Path, profile: Profile) -> dict[str, float]:
     """alpha per tensor from the importance stage; refuses one computed on another model than the profile's."""
-    import json
+    from .importance import load_importance as read_importance
 
-    if not path.exists():
-        raise MintError(
-            f"{path}: no importance artifact (run `mintbuild importance`, or use objective nrmse/mse)"
-        )
-    try:
-        doc = json.loads(path.read_text())
-        alpha = {str(k): float(v) for k, v in doc["alpha"].items()}
-    except (ValueError, KeyError, TypeError) as e:
-        raise MintError(f"{path}: not a readable importance artifact ({e})") from None
+    doc = read_importance(path)
     fp = doc.get("provenance", {}).get("model_fingerprint")
     if fp and fp != profile.provenance.get("model_fingerprint"):
         raise MintError(f"{path}: computed on another model than the profile's (fingerprint {fp}); re-run it")
-    return alpha
+    try:
+        return {str(k): float(v) for k, v in doc["alpha"].items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise MintError(f"{path}: not a readable importance artifact ({e})") from None
 
 
 def run(

@@ -26,7 +26,7 @@ import torch
 
 from .config import EvalConfig, Params, as_dict, load_params
 from .errors import MintError
-from .io import atomic_dir, canonical_json, sha256_file, sha256_text
+from .io import atomic_dir, canonical_json, read_json, sha256_file, sha256_text
 from .pack import MANIFEST_FILE, TOKENIZER_FILES
 from .quant import dequantize_codes, unpack_codes
 
@@ -69,13 +69,7 @@ def verify_manifest(folder: Path) -> dict[str, Any]:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise MintError(f"{folder}: no config.json")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise MintError(f"{path}: invalid JSON ({e})") from None
+    return read_json(folder / "config.json", "no config.json")
 
 
 def module_option(quant: dict[str, Any], path: str) -> tuple[int, int]:

@@ -90,3 +90,16 @@ def sha256_text(text: str) -> str:
 def hash_obj(obj: Any) -> str:
     """sha256 of a JSON-able object in canonical form (infinities allowed: configs hold `inf` priors)."""
     return sha256_text(json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True))
+
+
+def read_json(path: str | os.PathLike, missing: str) -> Any:
+    """A JSON artifact; a missing file is a MintError ending with `missing` (what to run), bad JSON names it."""
+    from .errors import MintError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MintError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise MintError(f"{path}: invalid JSON ({e})") from None

@@ -41,7 +41,7 @@ from .checkpoint import Checkpoint, fingerprint, open_checkpoint
 from .config import Params, load_params, select_targets
 from .errors import MintError
 from .formats import Option, parse_option, stored_entry_names
-from .io import atomic_dir, atomic_write_json, canonical_json, sha256_file
+from .io import atomic_dir, atomic_write_json, canonical_json, read_json, sha256_file
 from .kernels import mlx_scale_bias
 from .quant import QUANTIZER_VERSION
 
@@ -520,13 +520,9 @@ def check_tokenizer(model_dir: Path, model_config: dict[str, Any]) -> None:
 
 
 def load_allocation(root: Path, target: str) -> dict[str, Any]:
-    path = root / target / "allocation.json"
-    if not path.is_file():
-        raise MintError(f"{path}: no allocation; run `mintbuild allocate --target {target}` first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise MintError(f"{path}: invalid JSON ({e})") from None
+    return read_json(
+        root / target / "allocation.json", f"no allocation; run `mintbuild allocate --target {target}` first"
+    )
 
 
 def check_provenance(alloc: dict[str, Any], ckpt: Checkpoint, path: Path) -> None:
