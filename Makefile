@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
 export MINTBUILD_CACHE ?= $(CURDIR)/.cache/mintbuild
 
-.PHONY: setup build test lint bench clean
+.PHONY: setup build test lint bench quality clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_solve.py
 	$(BIN)/python benchmarks/bench_profile.py
+
+## quality: mintbuild vs uniform MLX, mlx-lm recipes and the published greedy at equal bytes (~12 min)
+quality: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro importance
+	$(BIN)/python benchmarks/quality.py
 
 clean:
 	rm -rf artifacts .cache $(VENV)

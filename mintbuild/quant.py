@@ -89,12 +89,25 @@ def pack_codes(q: torch.Tensor, bits: int) -> np.ndarray:
 
 
 def unpack_codes(words: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """Inverse of `pack_codes`: uint32 words [..., K*bits/32] -> uint8 codes [..., K]."""
+    """Inverse of `pack_codes`: uint32 words [..., K*bits/32] -> uint8 codes [..., K].
+
+    Every 32 codes fill exactly `bits` words (K is a multiple of the group, hence of 32), so each chunk of
+    `bits` words is read as 64-bit pairs (word j | word j+1 << 32) and code c is one shift and mask away.
+    Blocked so that the 8-byte-per-code temporary stays small on large embeddings.
+    """
     lead = words.shape[:-1]
-    as_bytes = np.ascontiguousarray(words).view(np.uint8).reshape(-1, k * bits // 8)
-    stream = np.unpackbits(as_bytes, axis=-1, bitorder="little").reshape(-1, k, bits)
-    codes = np.packbits(stream, axis=-1, bitorder="little")[..., 0]
-    return codes.reshape(*lead, k)
+    chunks = np.ascontiguousarray(words).reshape(-1, bits)
+    offsets = np.arange(32) * bits
+    word, shift = offsets // 32, (offsets % 32).astype(np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    out = np.empty((chunks.shape[0], 32), dtype=np.uint8)
+    step = 1 << 17
+    for c0 in range(0, chunks.shape[0], step):
+        w = chunks[c0 : c0 + step].astype(np.uint64)
+        # The last word's upper half is never read: a code that starts in it ends inside it.
+        pairs = w | (np.roll(w, -1, axis=1) << np.uint64(32))
+        out[c0 : c0 + step] = (pairs[:, word] >> shift) & mask
+    return out.reshape(*lead, k)
 
 
 def quantize_dequantize(w: torch.Tensor, option: Option, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -157,3 +157,25 @@ def test_infeasible_budget_surfaces_readably_through_dvc(repo) -> None:
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "below the smallest feasible size" in out and "Traceback" not in out
+
+
+def test_quality_benchmark_runs_on_the_built_artifacts(repo) -> None:
+    """benchmarks/quality.py on the tiny model: mlx-lm's convert makes the reference, every mintbuild row is
+    packed at no more than the reference's bytes and scored by the same evaluator."""
+    import json
+
+    repo_dir, _ = repo
+    _sh(repo_dir, "dvc", "repro", "importance")
+    script = ROOT / "benchmarks" / "quality.py"
+    _sh(repo_dir, sys.executable, str(script), "--refs", "4/32,mixed_3_6", "--methods", "greedy,fisher",
+        "--windows", "1", "--out", "artifacts/quality")  # fmt: skip
+    doc = json.loads((repo_dir / "artifacts/quality/quality.json").read_text())
+    rows = {(r["series"], r["ref"]): r for r in doc["rows"]}
+    refs = [r for r in doc["rows"] if r["series"] in ("uniform (mlx-lm)", "mlx-lm recipe")]
+    assert {r["label"] for r in refs} == {"uniform 4/g32", "mixed_3_6"}
+    for ref in refs:
+        for series in ("published greedy (nrmse)", "exact, fisher (default)"):
+            ours = rows[(series, ref["label"])]
+            assert 0 < ours["bytes"] <= ref["bytes"] and ours["ppl_mean"] > 1
+    assert (repo_dir / "artifacts/quality/quality.png").stat().st_size > 1000
+    assert "| uniform 4/g32 |" in (repo_dir / "artifacts/quality/quality.md").read_text()

@@ -1,0 +1,432 @@
+"""Quality benchmark: mintbuild against uniform MLX quantization, mlx-lm's mixed recipes and the published greedy,
+at equal bytes, with one corpus, one set of windows and one evaluator for every row.
+
+Reference rows are made by mlx-lm itself (`mlx_lm.convert`: uniform bits x group, and the recipes mixed_2_6,
+mixed_3_4, mixed_3_6, mixed_4_6). For each reference, the budget is the byte size of its weight files, and at that
+budget we allocate with the published one-pass greedy (objective nrmse), and with the proven-optimal `exact` solver
+and each objective (nrmse = published, mse = data-free size-aware, fisher = calibrated default), pack with
+`mintbuild pack` and score every folder with mintbuild's evaluator (dequantized into the transformers
+architecture; the windows of `eval` in params.yaml). Every mintbuild row is checked to be at most the reference's
+bytes.
+
+Writes artifacts/quality/: quality.md (tables), quality.png (bytes vs PPL, one series per method, 16-bit line),
+quality.json (every row). Needs the model, corpus, profile and importance stages (`make quality` runs them).
+
+Usage: .venv/bin/python benchmarks/quality.py [--params params.yaml] [--refs 4/64,mixed_4_6,...]
+       [--methods greedy,nrmse,mse,fisher] [--importance extra.json:label ...] [--windows N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mintbuild.allocate import ALLOCATION_FILE, allocate_target, build_problem, load_importance
+from mintbuild.budget import format_size
+from mintbuild.config import Params, SolverConfig, TargetConfig, load_params
+from mintbuild.errors import InfeasibleBudget, MintError
+from mintbuild.evaluate import (
+    build_model,
+    choose_windows,
+    corpus_tokens,
+    dequantized_state,
+    load_baseline,
+    load_tokenizer,
+    perplexity,
+    read_config,
+    setup_torch,
+)
+from mintbuild.formats import Option
+from mintbuild.io import atomic_dir, canonical_json
+from mintbuild.model import resolve_weights_dir
+from mintbuild.pack import pack_target
+from mintbuild.profile import Profile, load_profile
+
+log = logging.getLogger("quality")
+
+#: Uniform bits/group of the issue (4/128 is skipped when the model's shapes do not allow it) and mlx-lm's recipes.
+DEFAULT_REFS = ["3/32", "3/64", "4/32", "4/64", "4/128", "5/64", "6/64", "8/64",
+                "mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]  # fmt: skip
+#: Our rows: (label, solver method, objective).
+METHODS = {
+    "greedy": ("published greedy (nrmse)", "greedy", "nrmse"),
+    "nrmse": ("exact, nrmse (published objective)", "exact", "nrmse"),
+    "mse": ("exact, mse (data-free, size-aware)", "exact", "mse"),
+    "fisher": ("exact, fisher (default)", "exact", "fisher"),
+}
+RECIPE_GROUP = 64  # mlx-lm's default group size for its recipes
+
+
+@dataclass
+class Row:
+    series: str
+    label: str
+    ref: str
+    bytes: int
+    bpw: float
+    ppl_mean: float = math.nan
+    ppl_median: float = math.nan
+    seconds: float = 0.0
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Bench:
+    params: Params
+    work: Path
+    tokens: np.ndarray
+    windows: Any
+    profile: Profile
+    parameters: int
+    scored: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def score(self, folder: Path) -> tuple[float, float, bool]:
+        """(mean PPL, median PPL, reused) of a folder of MLX weights; identical weights are scored once."""
+        digest = weights_digest(folder)
+        if digest in self.scored:
+            return (*self.scored[digest], True)
+        config = read_config(folder)
+        model = build_model(config, dequantized_state(folder, config), torch.float32)
+        s = perplexity(model, self.tokens, self.windows, progress=False)
+        self.scored[digest] = (s["ppl_mean"], s["ppl_median"])
+        return s["ppl_mean"], s["ppl_median"], False
+
+
+def weights_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("model*.safetensors"))
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in weights_files(folder))
+
+
+def weights_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in weights_files(folder):
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- reference rows (mlx-lm)
+
+
+def parse_ref(spec: str) -> tuple[str, dict[str, Any]]:
+    """'4/64' -> uniform 4-bit g64; 'mixed_4_6' -> mlx-lm's recipe. Returns (label, mlx_lm.convert kwargs)."""
+    if spec.startswith("mixed_"):
+        return spec, {"q_bits": 4, "q_group_size": RECIPE_GROUP, "quant_predicate": spec}
+    try:
+        bits, group = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise MintError(f"reference {spec!r}: write bits/group (e.g. 4/64) or an mlx-lm recipe") from None
+    return f"uniform {bits}/g{group}", {"q_bits": bits, "q_group_size": group}
+
+
+def uniform_unavailable(profile: Profile, spec: str) -> str | None:
+    """Why uniform bits/group cannot be stored for this model (a tensor whose inner dimension it does not
+    divide), or None."""
+    if spec.startswith("mixed_"):
+        return None
+    bits, group = (int(v) for v in spec.split("/"))
+    for t in profile.tensors:
+        why = Option(bits, group).unavailable_reason(tuple(t["shape"])) if t["quantizable"] else None
+        if why:
+            return f"{t['name']} {list(t['shape'])}: {why}"
+    return None
+
+
+def convert_reference(model_dir: Path, out: Path, kwargs: dict[str, Any]) -> float:
+    from mlx_lm import convert
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints its progress
+        convert(str(model_dir), str(out), quantize=True, **kwargs)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- mintbuild rows
+
+
+def solver_config(base: SolverConfig, method: str, objective: str) -> SolverConfig:
+    return replace(base, method=method, objective=objective)
+
+
+def mintbuild_row(bench: Bench, problem, cfg: SolverConfig, series: str, ref: Row) -> Row:
+    """Allocate at the reference's bytes, pack, check bytes <= reference, score."""
+    name = f"{series}@{ref.label}".replace(" ", "_").replace("/", "-").replace(",", "").replace("(", "")
+    name = name.replace(")", "")
+    alloc_root, pack_root = bench.work / "allocate", bench.work / "pack"
+    target = TargetConfig(size=f"{ref.bytes}B")
+    t0 = time.perf_counter()
+    try:
+        doc, _ = allocate_target(problem, name, target, cfg, bench.profile)
+    except InfeasibleBudget as e:
+        return Row(series, name, ref.label, 0, math.nan, note=f"infeasible: {e}".split(";")[0])
+    with atomic_dir(alloc_root / name) as tmp:
+        (tmp / ALLOCATION_FILE).write_text(canonical_json(doc))
+    res = pack_target(
+        bench.params, name, out_root=pack_root, alloc_root=alloc_root, cache_dir=bench.work / "cache",
+        progress=False,
+    )  # fmt: skip
+    folder = pack_root / name
+    size = weights_bytes(folder)
+    if size > ref.bytes:
+        raise MintError(f"{name}: {size:,} B on disk exceeds the reference {ref.label}'s {ref.bytes:,} B")
+    mean, median, reused = bench.score(folder)
+    shutil.rmtree(folder)  # the allocation stays; the packed copy is not needed once scored
+    t = doc["totals"]
+    return Row(
+        series, name, ref.label, size, 8 * size / bench.parameters, mean, median, time.perf_counter() - t0,
+        note="same weights as another row" if reused else "",
+        extra={"objective": t["objective"], "gap": t["gap"], "pack_seconds": round(res.seconds, 2)},
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- the run
+
+
+def setup(params: Params, work: Path, n_windows: int | None) -> tuple[Bench, Path]:
+    model_dir = Path(params.model.out)
+    if n_windows:
+        params.eval.n_windows = n_windows
+    setup_torch(params.eval)
+    tokenizer = load_tokenizer(model_dir)
+    tokens, _ = corpus_tokens(Path(params.corpus.out), params.eval.split, tokenizer)
+    config = read_config(model_dir)
+    windows = choose_windows(len(tokens), params.eval, config.get("max_position_embeddings"))
+    profile = load_profile(Path(params.profile.out))
+    parameters = int(sum(t["elements"] for t in profile.tensors))
+    return Bench(params, work, tokens, windows, profile, parameters), model_dir
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    params = load_params(args.params)
+    with tempfile.TemporaryDirectory(prefix="mintbuild-quality-") as tmp:
+        bench, model_dir = setup(params, Path(tmp), args.windows)
+        rows = [baseline_row(bench, model_dir)]
+        refs = reference_rows(bench, model_dir, args.refs.split(","), rows)
+        rows += refs
+        series = method_series(bench, args)
+        for ref in refs:
+            for label, (problem, cfg) in series.items():
+                row = mintbuild_row(bench, problem, cfg, label, ref)
+                rows.append(row)
+                log.info("  %-40s %s  PPL %.3f  %s", label, format_size(row.bytes), row.ppl_mean, row.note)
+    seconds = time.perf_counter() - t_start
+    return {"rows": rows, "seconds": seconds, "settings": settings(bench, args)}
+
+
+def baseline_row(bench: Bench, model_dir: Path) -> Row:
+    t0 = time.perf_counter()
+    weights = resolve_weights_dir(model_dir)
+    model = load_baseline(weights, torch.float32)
+    s = perplexity(model, bench.tokens, bench.windows, progress=False)
+    row = Row("16-bit", "16-bit", "", weights_bytes(weights), 16.0, s["ppl_mean"], s["ppl_median"])
+    row.seconds = time.perf_counter() - t0
+    log.info("16-bit: %s, PPL %.3f", format_size(row.bytes), row.ppl_mean)
+    return row
+
+
+def reference_rows(bench: Bench, model_dir: Path, specs: list[str], rows: list[Row]) -> list[Row]:
+    refs = []
+    for spec in specs:
+        label, kwargs = parse_ref(spec)
+        why = uniform_unavailable(bench.profile, spec)
+        if why:
+            rows.append(Row("uniform (mlx-lm)", label, label, 0, math.nan, note=f"not storable: {why}"))
+            log.info("%s: skipped (%s)", label, why)
+            continue
+        out = bench.work / "ref" / spec.replace("/", "g")
+        t0 = time.perf_counter()
+        convert_reference(resolve_weights_dir(model_dir), out, kwargs)  # a local model: its own folder
+        size = weights_bytes(out)
+        mean, median, _ = bench.score(out)
+        series = "mlx-lm recipe" if spec.startswith("mixed_") else "uniform (mlx-lm)"
+        row = Row(series, label, label, size, 8 * size / bench.parameters, mean, median,
+                  time.perf_counter() - t0)  # fmt: skip
+        log.info("%s: %s, PPL %.3f", label, format_size(size), mean)
+        refs.append(row)
+        shutil.rmtree(out)
+    return refs
+
+
+def method_series(bench: Bench, args: argparse.Namespace) -> dict[str, tuple[Any, SolverConfig]]:
+    """{series label: (knapsack problem, solver config)}; the knapsack is built once per objective."""
+    base = bench.params.solver
+    out = {}
+    for key in args.methods.split(","):
+        if key not in METHODS:
+            raise MintError(f"unknown method {key!r}; choose from {sorted(METHODS)}")
+        label, method, objective = METHODS[key]
+        cfg = solver_config(base, method, objective)
+        alpha = load_importance(Path(base.importance), bench.profile) if objective == "fisher" else None
+        out[label] = (build_problem(bench.profile, cfg, alpha), cfg)
+    for spec in args.importance or []:
+        path, _, tag = spec.partition(":")
+        cfg = solver_config(base, "exact", "fisher")
+        alpha = load_importance(Path(path), bench.profile)
+        out[f"exact, fisher ({tag or Path(path).parent.name})"] = (
+            build_problem(bench.profile, cfg, alpha),
+            cfg,
+        )
+    return out
+
+
+def settings(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    import mlx_lm
+
+    return {
+        "model": bench.params.model.name,
+        "windows": len(bench.windows.starts),
+        "window": bench.windows.length,
+        "tokens_scored": len(bench.windows.starts) * (bench.windows.length - 1),
+        "split": bench.params.eval.split,
+        "parameters": bench.parameters,
+        "mlx_lm_version": mlx_lm.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------- output
+
+
+def comparison_table(rows: list[Row]) -> list[str]:
+    """One line per reference: its PPL and each mintbuild series' PPL at <= its bytes."""
+    refs = [r for r in rows if r.series in ("uniform (mlx-lm)", "mlx-lm recipe") and r.bytes]
+    ours = sorted({r.series for r in rows if r.ref and r.series not in ("uniform (mlx-lm)", "mlx-lm recipe")},
+                  key=list(rows_series_order(rows)).index)  # fmt: skip
+    head = "| reference | bytes | reference PPL | " + " | ".join(ours) + " | best of ours vs reference |"
+    lines = [head, "|" + "---|" * (4 + len(ours))]
+    for ref in sorted(refs, key=lambda r: r.bytes):
+        cells, best = [], math.inf
+        for s in ours:
+            match = [r for r in rows if r.series == s and r.ref == ref.label]
+            if not match or not match[0].bytes:
+                cells.append("-")
+                continue
+            best = min(best, match[0].ppl_mean)
+            cells.append(f"{match[0].ppl_mean:.2f} ({100 * (match[0].ppl_mean / ref.ppl_mean - 1):+.1f}%)")
+        delta = f"{100 * (best / ref.ppl_mean - 1):+.1f}%" if math.isfinite(best) else "-"
+        lines.append(f"| {ref.label} | {format_size(ref.bytes)} | {ref.ppl_mean:.2f} | " + " | ".join(cells)
+                     + f" | {delta} |")  # fmt: skip
+    return lines
+
+
+def rows_series_order(rows: list[Row]) -> dict[str, None]:
+    return dict.fromkeys(r.series for r in rows)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows, st = result["rows"], result["settings"]
+    base = rows[0]
+    lines = [
+        "# Quality at equal bytes",
+        "",
+        f"Model {st['model']} ({st['parameters']:,} parameters); perplexity on the corpus {st['split']} split, "
+        f"{st['windows']} windows x {st['window']} tokens ({st['tokens_scored']:,} tokens scored), the same "
+        "windows and evaluator for every row. Reference rows are made by mlx-lm "
+        f"{st['mlx_lm_version']} (`mlx_lm.convert`); mintbuild rows are allocated at the reference's bytes, "
+        "packed by `mintbuild pack` and never larger on disk (checked).",
+        "",
+        f"16-bit: {format_size(base.bytes)}, mean PPL {base.ppl_mean:.3f}.",
+        "",
+        "Mean PPL; in brackets, the change against the reference row at the same bytes.",
+        "",
+        *comparison_table(rows),
+        "",
+        "## Every row",
+        "",
+        "| series | row | matched to | bytes on disk | bits/weight (disk) | mean PPL | median PPL | note |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        size = format_size(r.bytes) if r.bytes else "-"
+        lines.append(
+            f"| {r.series} | {r.label} | {r.ref or '-'} | {size} | {_f(r.bpw, 3)} | {_f(r.ppl_mean)} | "
+            f"{_f(r.ppl_median)} | {r.note} |"
+        )
+    lines += ["", f"Whole benchmark: {result['seconds']:.0f} s ({result['seconds'] / 60:.1f} min).", ""]
+    return "\n".join(lines)
+
+
+def _f(v: float, digits: int = 3) -> str:
+    return "-" if not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    styles = ["s", "D", "v", "^", "o", "P", "X", "*"]
+    for i, s in enumerate(rows_series_order(rows)):
+        if s == "16-bit":
+            continue
+        pts = sorted((r.bytes / 1e6, r.ppl_mean) for r in rows if r.series == s and r.bytes)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=styles[i % len(styles)], ls="-", alpha=0.8, label=s)
+    ax.axhline(rows[0].ppl_mean, color="gray", ls="--", label="16-bit")
+    ax.set_xlabel("weights on disk (MB)")
+    ax.set_ylabel("perplexity (mean over tokens)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    rows = result["rows"]
+    with atomic_dir(out) as tmp:
+        (tmp / "quality.md").write_text(markdown(result), encoding="utf-8")
+        plot(rows, tmp / "quality.png")
+        doc = {"settings": result["settings"], "seconds": round(result["seconds"], 1),
+               "rows": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                         for k, v in vars(r).items()} for r in rows]}  # fmt: skip
+        (tmp / "quality.json").write_text(canonical_json(doc), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--params", default="params.yaml", help="composed parameters (model, corpus, eval, solver)"
+    )
+    ap.add_argument("--refs", default=",".join(DEFAULT_REFS), help="reference rows: bits/group or mixed_*")
+    ap.add_argument("--methods", default=",".join(METHODS), help="mintbuild series: greedy,nrmse,mse,fisher")
+    ap.add_argument("--importance", action="append", help="extra fisher series from another importance "
+                    "artifact: PATH[:label] (repeatable)")  # fmt: skip
+    ap.add_argument("--windows", type=int, help="evaluation windows (default: eval.n_windows)")
+    ap.add_argument("--out", default="artifacts/quality", help="output folder (default: artifacts/quality)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("mintbuild").setLevel(logging.WARNING)
+    try:
+        result = run(args)
+    except MintError as e:
+        sys.exit(f"quality: {e}")
+    write(result, Path(args.out))
+    sys.stdout.write(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
