@@ -164,7 +164,10 @@ def convert_reference(model_dir: Path, out: Path, kwargs: dict[str, Any]) -> flo
 
 
 def solver_config(base: SolverConfig, method: str, objective: str) -> SolverConfig:
-    return replace(base, method=method, objective=objective)
+    """The build's solver settings with this row's method and objective; the error-only objectives (the
+    published method) get the published role priors, fisher keeps the build's (conf/solver/priors/)."""
+    priors = base.priors if objective == "fisher" else SolverConfig().priors
+    return replace(base, method=method, objective=objective, priors=priors)
 
 
 def mintbuild_row(bench: Bench, problem, cfg: SolverConfig, series: str, ref: Row) -> Row:

@@ -112,6 +112,7 @@ class SolverConfig:
     #: Options whose SQNR is below this floor (dB) are removed; a tensor left with none stays 16-bit.
     veto_sqnr_db: float = 9.0
     #: Priors by role; "inf" keeps a role 16-bit. first_layer / last_layer apply to blocks 0 and L-1.
+    #: The default is the published table; conf/solver/priors/calibrated.yaml (fisher's) sets the finite ones to 1.
     priors: dict[str, float] = field(
         default_factory=lambda: {
             "embedding": 10.0,
