@@ -346,6 +346,14 @@ def load_importance(path: Path, profile: Profile) -> dict[str, float]:
         raise MintError(f"{path}: not a readable importance artifact ({e})") from None
 
 
+def problem_for(profile: Profile, cfg: SolverConfig, importance_file: Path | None = None) -> Problem:
+    """The knapsack for `cfg`, reading the importance artifact when the objective is fisher."""
+    importance = None
+    if cfg.objective == "fisher":
+        importance = load_importance(importance_file or Path(cfg.importance), profile)
+    return build_problem(profile, cfg, importance)
+
+
 def run(
     params: Params,
     targets: list[str] | None,
@@ -359,10 +367,7 @@ def run(
         raise MintError(f"solver.method {params.solver.method!r}: choose exact, cvxpy, dp or greedy")
     profile = load_profile(profile_dir)
     check_model(profile, params, model_dir)
-    importance = None
-    if params.solver.objective == "fisher":
-        importance = load_importance(importance_file or Path(params.solver.importance), profile)
-    problem = build_problem(profile, params.solver, importance)
+    problem = problem_for(profile, params.solver, importance_file)
     results = {}
     for name in names:
         doc, metrics = allocate_target(problem, name, params.targets[name], params.solver, profile)

@@ -69,6 +69,24 @@ def run(conf_dir: Path, out: Path, overrides: list[str] | None = None) -> str:
     return text
 
 
+def is_current(text: str, path: Path) -> bool:
+    """Whether `path` holds the same parameters as `text`. Compared as data, not text: `dvc exp run` (Hydra
+    enabled) writes the same composition in its own key order and without our header."""
+    import yaml
+
+    if not path.exists():
+        return False
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) == yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+
+
+def check(conf_dir: Path, out: Path, overrides: list[str] | None = None) -> None:
+    if not is_current(compose_text(conf_dir, overrides), out):
+        raise MintError(f"{out} is stale: it differs from compose({conf_dir}/); run `mintbuild compose`")
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. solver=mse targets.x.size=70MB")
     p.add_argument("--conf", default="conf", help="config folder (default: conf)")
@@ -78,9 +96,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     if args.check:
-        text = compose_text(Path(args.conf), args.overrides)
-        current = Path(args.out).read_text() if Path(args.out).exists() else ""
-        if text != current:
-            raise MintError(f"{args.out} is stale: run `mintbuild compose` and commit it")
+        check(Path(args.conf), Path(args.out), args.overrides)
         return
     run(Path(args.conf), Path(args.out), args.overrides)

@@ -313,13 +313,14 @@ def run_target(
     folder = Path(kw.get("pack_out") or params.pack_out) / target
     if not folder.is_dir():
         raise MintError(f"{folder}: no packed model; run `mintbuild pack --target {target}` first")
-    baseline = _read_baseline(out_root / BASELINE)
+    baseline_dir = Path(kw.get("baseline_dir") or out_root / BASELINE)
+    baseline = _read_baseline(baseline_dir)
     model, manifest = load_packed(folder, dtype)
     corpus_dir = Path(kw.get("corpus_out") or params.corpus.out)
     scores, settings = evaluate_folder(model, folder, params, corpus_dir, progress)
     if baseline["settings"] != settings:
         raise MintError(
-            f"{out_root / BASELINE}: the baseline was scored with other eval settings or corpus; "
+            f"{baseline_dir}: the baseline was scored with other eval settings or corpus; "
             "re-run `mintbuild evaluate --baseline`"
         )
     base = baseline["metrics"]

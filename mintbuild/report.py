@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 def collect(params: Params) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     rows = []
     for name in sorted(params.targets):
-        alloc = _read(Path(params.allocate_out) / name / "allocation.json")
-        metrics = _read(Path(params.eval_out) / name / "metrics.json")
+        alloc = read_metrics(Path(params.allocate_out) / name / "allocation.json")
+        metrics = read_metrics(Path(params.eval_out) / name / "metrics.json")
         if alloc is None:
             continue
         t = alloc["totals"]
@@ -41,11 +41,11 @@ def collect(params: Params) -> tuple[list[dict[str, Any]], dict[str, Any] | None
             "ppl_mean": (metrics or {}).get("ppl_mean"), "ppl_median": (metrics or {}).get("ppl_median"),
             "note": "; ".join(alloc.get("notes", [])),
         })  # fmt: skip
-    baseline = _read(Path(params.eval_out) / "baseline" / "metrics.json")
+    baseline = read_metrics(Path(params.eval_out) / "baseline" / "metrics.json")
     return sorted(rows, key=lambda r: r["bytes"]), baseline
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def read_metrics(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -134,25 +134,24 @@ def run(params: Params, out: Path) -> str:
     rows, baseline = collect(params)
     if not rows:
         raise MintError(f"no allocations under {params.allocate_out}: run `dvc repro` first")
+    with atomic_dir(out) as tmp:
+        return render(rows, baseline, tmp, "report.md")
+
+
+def render(rows: list[dict[str, Any]], baseline: dict[str, Any] | None, folder: Path, md_name: str) -> str:
+    """Fit the curve to the measured rows and write `md_name`, rows.json, curve.json and budget_curve.png
+    into `folder` (the caller's temporary folder). Rows: target, budget, bytes, bytes_on_disk, bpw, ppl_mean,
+    ppl_median, note."""
     floor = float(baseline["ppl_mean"]) if baseline else 0.0
     curve = fit_rows(rows, floor)
     leave_one_out(rows, floor)
     text = markdown(rows, baseline, curve)
-    with atomic_dir(out) as tmp:
-        (tmp / "report.md").write_text(text)
-        (tmp / "rows.json").write_text(canonical_json(rows))
-        if curve:
-            (tmp / "curve.json").write_text(
-                canonical_json(
-                    {
-                        "form": curve.form,
-                        "params": curve.params,
-                        "rmse": curve.rmse,
-                        "n_points": curve.n_points,
-                    }
-                )
-            )
-        plot(rows, baseline, curve, tmp / "budget_curve.png")
+    (folder / md_name).write_text(text)
+    (folder / "rows.json").write_text(canonical_json(rows))
+    if curve:
+        fit = {"form": curve.form, "params": curve.params, "rmse": curve.rmse, "n_points": curve.n_points}
+        (folder / "curve.json").write_text(canonical_json(fit))
+    plot(rows, baseline, curve, folder / "budget_curve.png")
     return text
 
 

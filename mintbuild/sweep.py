@@ -1,45 +1,92 @@
-"""`mintbuild sweep`: allocate many budgets from the one cached profile, without writing per-target artifacts.
+"""`mintbuild sweep`: many budgets from the one cached profile, without touching the build's targets.
 
 The knapsack is built once; each budget is one solve (tens of milliseconds for a 135M model), so a sweep of a
-hundred budgets takes seconds. Prints a Markdown table (budget, bytes, bits/weight, objective, gap and, when
-measured points exist, the curve's predicted perplexity) and writes it as JSON when --out is given.
+hundred budgets takes seconds. Prints a Markdown table (budget, bytes, bits/weight, objective, gap and, when a
+fitted curve exists, its predicted perplexity).
+
+`--measure` also packs and scores every budget (the pack cache makes tensors already quantized by the build or
+an earlier point free) against the build's 16-bit baseline, and writes into --out (default artifacts/sweep):
+sweep.md (the budget table with measured PPL and the leave-one-out prediction), rows.json, curve.json (the fit
+over the measured points; `mintbuild predict --curve` reads it) and budget_curve.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .allocate import allocate_target, build_problem
+from .allocate import ALLOCATION_FILE, allocate_target, problem_for
 from .budget import format_size
-from .config import TargetConfig, load_params
+from .config import Params, SolverConfig, TargetConfig, load_params
 from .errors import InfeasibleBudget, MintError
-from .io import atomic_write_json
+from .io import atomic_dir, atomic_write_json, canonical_json
 from .profile import load_profile
 
 log = logging.getLogger(__name__)
 
 
-def sweep(profile_dir: Path, solver_cfg, targets: list[tuple[str, TargetConfig]]) -> list[dict[str, Any]]:
+def solve_all(
+    profile_dir: Path,
+    cfg: SolverConfig,
+    targets: list[tuple[str, TargetConfig]],
+    importance: Path | None = None,
+) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """(table row, allocation document or None if infeasible) per budget, from one knapsack."""
     profile = load_profile(profile_dir)
-    problem = build_problem(profile, solver_cfg)
-    rows = []
+    problem = problem_for(profile, cfg, importance)
+    out = []
     for name, target in targets:
         t0 = time.perf_counter()
         try:
-            doc, _ = allocate_target(problem, name, target, solver_cfg, profile)
+            doc, _ = allocate_target(problem, name, target, cfg, profile)
         except InfeasibleBudget as e:
-            rows.append({"target": name, "error": str(e)})
+            out.append(({"target": name, "error": str(e)}, None))
             continue
         t = doc["totals"]
-        rows.append({"target": name, "budget": t["budget"], "bytes": t["bytes"],
-                     "avg_bits_per_weight": t["avg_bits_per_weight"], "objective": t["objective"],
-                     "gap": t["gap"], "optimal": t["optimal"], "seconds": time.perf_counter() - t0})  # fmt: skip
+        row = {"target": name, "budget": t["budget"], "bytes": t["bytes"],
+               "avg_bits_per_weight": t["avg_bits_per_weight"], "objective": t["objective"], "gap": t["gap"],
+               "optimal": t["optimal"], "seconds": time.perf_counter() - t0}  # fmt: skip
+        out.append((row, doc))
+    return out
+
+
+def sweep(
+    profile_dir: Path, cfg: SolverConfig, targets: list[tuple[str, TargetConfig]]
+) -> list[dict[str, Any]]:
+    """The table rows of an allocation-only sweep."""
+    return [row for row, _ in solve_all(profile_dir, cfg, targets)]
+
+
+def measure(params: Params, solved: list[tuple[dict[str, Any], dict[str, Any] | None]], out: Path,
+            keep_packs: bool = False, progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+    """Pack and score every feasible budget; the report rows (see mintbuild.report.render)."""
+    from tqdm import tqdm
+
+    from .evaluate import BASELINE, run_target
+    from .pack import pack_target
+
+    baseline = Path(params.eval_out) / BASELINE
+    alloc_root, pack_root, eval_root = out / "allocate", out / "pack", out / "evaluate"
+    rows = []
+    feasible = [(r, d) for r, d in solved if d is not None]
+    for row, doc in tqdm(feasible, desc="sweep", unit="budget", disable=not progress):
+        name = row["target"]
+        with atomic_dir(alloc_root / name) as tmp:
+            (tmp / ALLOCATION_FILE).write_text(canonical_json(doc))
+        pack_target(params, name, out_root=pack_root, alloc_root=alloc_root, progress=False)
+        m = run_target(params, name, eval_root, progress=False, pack_out=pack_root, baseline_dir=baseline)
+        if not keep_packs:
+            shutil.rmtree(pack_root / name)
+        rows.append({"target": name, "budget": row["budget"], "bytes": row["bytes"],
+                     "bytes_on_disk": m["bytes_on_disk"], "bpw": row["avg_bits_per_weight"],
+                     "ppl_mean": m["ppl_mean"], "ppl_median": m["ppl_median"], "note": ""})  # fmt: skip
     return rows
 
 
@@ -77,18 +124,51 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sizes", nargs="+", help="absolute budgets, e.g. 60MB 70MB 80MB")
     g.add_argument("--bpw", help="bits/weight range lo:hi:step or list a,b,c")
     p.add_argument("--profile", help="profile folder (default: profile.out from params)")
-    p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--json", help="allocation-only: write the rows as JSON here")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also pack and score every budget (needs the build's 16-bit baseline: `dvc repro`)",
+    )
+    p.add_argument(
+        "--out", default="artifacts/sweep", help="--measure output folder (default: artifacts/sweep)"
+    )
+    p.add_argument("--keep-packs", action="store_true", help="--measure: keep the packed folders")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> None:
+    from .predict import load_curve
+
     params = load_params(args.params)
     if args.sizes:
         targets = [(f"size-{s}", TargetConfig(size=s)) for s in args.sizes]
     else:
         targets = [(f"bpw-{b:g}", TargetConfig(bits_per_weight=b)) for b in parse_range(args.bpw)]
     t0 = time.perf_counter()
-    rows = sweep(Path(args.profile or params.profile.out), params.solver, targets)
-    log.info("%d budgets in %.2f s", len(rows), time.perf_counter() - t0)
-    print(markdown(rows))
-    if args.out:
-        atomic_write_json(args.out, rows)
+    solved = solve_all(Path(args.profile or params.profile.out), params.solver, targets)
+    rows = [r for r, _ in solved]
+    log.info("%d budgets allocated in %.2f s", len(rows), time.perf_counter() - t0)
+    if not args.measure:
+        curve_file = Path("artifacts/report/curve.json")
+        sys.stdout.write(markdown(rows, load_curve(curve_file) if curve_file.exists() else None) + "\n")
+        if args.json:
+            atomic_write_json(args.json, rows)
+        return
+    sys.stdout.write(run_measure(params, solved, Path(args.out), args.keep_packs, not args.no_progress))
+
+
+def run_measure(params: Params, solved, out: Path, keep_packs: bool, progress: bool) -> str:
+    from .report import read_metrics, render
+
+    baseline = read_metrics(Path(params.eval_out) / "baseline" / "metrics.json")
+    if baseline is None:
+        raise MintError(f"{params.eval_out}/baseline: no 16-bit baseline; run `dvc repro evaluate_baseline`")
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:  # the whole sweep folder appears at once, or not at all
+        rows = measure(params, solved, tmp, keep_packs, progress)
+        text = render(rows, baseline, tmp, "sweep.md")
+    log.info(
+        "%d budgets packed and scored in %.1f s: %s", len(rows), time.perf_counter() - t0, out / "sweep.md"
+    )
+    return text

@@ -179,3 +179,54 @@ def test_quality_benchmark_runs_on_the_built_artifacts(repo) -> None:
             assert 0 < ours["bytes"] <= ref["bytes"] and ours["ppl_mean"] > 1
     assert (repo_dir / "artifacts/quality/quality.png").stat().st_size > 1000
     assert "| uniform 4/g32 |" in (repo_dir / "artifacts/quality/quality.md").read_text()
+
+
+def test_sweep_measures_points_and_fits_a_curve(repo) -> None:
+    """`mintbuild sweep --measure` on the built artifacts: every budget allocated (fisher objective, from the
+    importance stage), packed and scored against the 16-bit baseline; the curve is fitted to those points and
+    `predict --curve` answers from it. The build's own targets are untouched."""
+    import json
+
+    repo_dir, _ = repo
+    before = (repo_dir / "artifacts/report/report.md").read_text()
+    quick = _sh(repo_dir, "mintbuild", "sweep", "--bpw", "4:8:0.5")
+    assert quick.count("| bpw-") == 9
+    _sh(
+        repo_dir,
+        "mintbuild",
+        "sweep",
+        "--bpw",
+        "5,6,8",
+        "--measure",
+        "--out",
+        "artifacts/sweep",
+        "--no-progress",
+    )
+    rows = json.loads((repo_dir / "artifacts/sweep/rows.json").read_text())
+    assert [r["target"] for r in rows] == ["bpw-5", "bpw-6", "bpw-8"]
+    assert all(r["bytes_on_disk"] <= r["budget"] and r["ppl_mean"] > 1 for r in rows)
+    md = (repo_dir / "artifacts/sweep/sweep.md").read_text()
+    assert "| bpw-6 |" in md and "Fit:" in md
+    assert not (repo_dir / "artifacts/sweep/pack/bpw-6").exists()  # packs are dropped once scored
+    out = _sh(repo_dir, "mintbuild", "predict", "--curve", "artifacts/sweep/curve.json", "--budget", "55KB")
+    assert re.search(r"55KB\t[0-9.]+", out)
+    assert (repo_dir / "artifacts/report/report.md").read_text() == before
+
+
+def test_dvc_exp_run_composes_conf_and_reruns_only_the_overridden_target(repo) -> None:
+    """With Hydra enabled, `dvc exp run` composes conf/ into params.yaml itself and `-S` overrides it: the build
+    as conf/ groups (the shipped ones plus this repo's model, text and targets) reruns nothing, then one
+    target's override reruns only that target."""
+    repo_dir, params = repo
+    shutil.copytree(ROOT / "conf", repo_dir / "conf", dirs_exist_ok=True)
+    groups = [{"model": "local"}, {"corpus": "text_file"}, {"profile": "default"}, {"solver": "exact"},
+              {"eval": "default"}, {"importance": "default"}, "_self_"]  # fmt: skip
+    (repo_dir / "conf/config.yaml").write_text(yaml.safe_dump({"defaults": groups, **params}, sort_keys=True))
+    _sh(repo_dir, "dvc", "config", "hydra.enabled", "True")
+    _sh(repo_dir, "git", "add", "-A")
+    _sh(repo_dir, "git", "commit", "-qm", "conf")
+    assert _ran(_sh(repo_dir, "dvc", "exp", "run")) == set()
+    ran = _ran(_sh(repo_dir, "dvc", "exp", "run", "-S", "targets.a.bits_per_weight=4.75"))
+    assert ran == {"allocate@a", "pack@a", "evaluate@a", "report"}
+    assert yaml.safe_load((repo_dir / "params.yaml").read_text())["targets"]["a"]["bits_per_weight"] == 4.75
+    assert "targets.a.bits_per_weight" in _sh(repo_dir, "dvc", "exp", "show", "--csv")
