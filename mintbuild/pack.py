@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -184,7 +185,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return 4 * int(np.prod(self.shape)) if self.dtype == "U32" else 2 * int(np.prod(self.shape))
+        return (4 if self.dtype == "U32" else 2) * math.prod(self.shape)
 
 
 @dataclass
@@ -218,7 +219,7 @@ class Plan:
 
     @property
     def parameters(self) -> int:
-        return sum(int(np.prod(it.shape)) for it in self.items)
+        return sum(math.prod(it.shape) for it in self.items)
 
 
 def item_entries(name: str, option: Option, shape: tuple[int, ...]) -> list[Entry]:
