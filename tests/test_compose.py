@@ -51,3 +51,15 @@ def test_unknown_preset_and_duplicate_target_names() -> None:
         compose_text(ROOT / "conf", ["+target@targets.x=nope"])
     with pytest.raises(MintError, match=r"Multiple values for target@targets\.smollm2-4bpw"):
         compose_text(ROOT / "conf", ["+target@targets.smollm2-4bpw=rtx4090"])
+
+
+def test_experiments_override_several_groups_at_once(tmp_path) -> None:
+    out = tmp_path / "params.yaml"
+    out.write_text(compose_text(ROOT / "conf", ["+experiment=published"]))
+    p = load_params(out)
+    assert (p.solver.method, p.solver.objective, p.profile.options) == ("greedy", "nrmse", "seed")
+    assert p.solver.priors["embedding"] == 10.0  # the published priors come with the published objective
+    out.write_text(compose_text(ROOT / "conf", ["+experiment=devices"]))
+    p = load_params(out)
+    assert {"rtx4090", "laptop-16gb", "phone-8gb", "workstation-64gb", "smollm2-4bpw"} <= set(p.targets)
+    assert p.targets["rtx4090"].memory == "24GiB" and p.solver.objective == "fisher"
