@@ -20,6 +20,7 @@ little more than one. The output is byte-identical for identical inputs (sorted 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -373,7 +374,7 @@ class PackCache:
         key = xxhash.xxh3_128(f"{CACHE_TAG}|{digest}|{option.name}".encode()).hexdigest()
         return self.root / key[:2] / f"{key}-{option.name}.bin"
 
-    def get(self, digest: str, option: Option) -> bytes | None:
+    def get(self, digest: str, option: Option) -> memoryview | None:
         if self.root is None:
             return None
         p = self.path(digest, option)
@@ -381,19 +382,26 @@ class PackCache:
             raw = p.read_bytes()
         except OSError:
             return None
-        if len(raw) < 16 or xxhash.xxh3_128(raw[16:]).digest() != raw[:16]:
+        if len(raw) < 16 or xxhash.xxh3_128(memoryview(raw)[16:]).digest() != raw[:16]:
             log.warning("pack cache entry %s is corrupt; recomputing it", p)
             return None
-        return raw[16:]
+        return memoryview(raw)[16:]
 
-    def put(self, digest: str, option: Option, payload: bytes) -> None:
+    def put(self, digest: str, option: Option, parts: list[memoryview]) -> None:
+        """Store the payload given as its parts (written one after the other, never joined in memory)."""
         if self.root is None:
             return
         p = self.path(digest, option)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        h = xxhash.xxh3_128()
+        for part in parts:
+            h.update(part)
         # No fsync: a torn entry after a crash fails its digest and is recomputed.
-        tmp.write_bytes(xxhash.xxh3_128(payload).digest() + payload)
+        with open(tmp, "wb") as f:
+            f.write(h.digest())
+            for part in parts:
+                f.write(part)
         os.replace(tmp, p)
 
 
@@ -402,7 +410,9 @@ def default_cache_dir(pack_out: Path) -> Path:
     return Path(env) / "pack" if env else Path(pack_out) / ".cache"
 
 
-def tensor_payload(ckpt: Checkpoint, item: Item, cache: PackCache, hashes: dict[str, str]) -> list[bytes]:
+def tensor_payload(
+    ckpt: Checkpoint, item: Item, cache: PackCache, hashes: dict[str, str]
+) -> list[memoryview]:
     """The bytes of each of the item's entries, in entry order; records the tensor's content hash."""
     from .profile import content_hash
 
@@ -411,26 +421,22 @@ def tensor_payload(ckpt: Checkpoint, item: Item, cache: PackCache, hashes: dict[
     # The profile's hash (name, dtype, shape, raw bytes): checks the allocation's provenance and keys the cache.
     hashes[item.source] = digest = content_hash(info, t)
     if item.option.passthrough:
-        return [_bf16_bytes(t)]
+        return [memoryview(_bf16_bytes(t))]
     sizes = [e.nbytes for e in item.entries]
     payload = cache.get(digest, item.option)
-    if payload is None or len(payload) != sum(sizes):
-        cache.misses += 1
-        try:
-            words, scales, biases = quantize_pack(t, item.option)
-        except MintError as e:
-            raise MintError(f"{info.file}: tensor {item.source!r}: {e}") from None
-        payload = b"".join(
-            a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in (words, scales, biases)
-        )
-        cache.put(digest, item.option, payload)
-    else:
+    if payload is not None and len(payload) == sum(sizes):
         cache.hits += 1
-    out, pos = [], 0
-    for n in sizes:
-        out.append(payload[pos : pos + n])
-        pos += n
-    return out
+        # Zero-copy views of the cached entry, one per stored tensor.
+        bounds = np.cumsum([0, *sizes]).tolist()
+        return [payload[a:b] for a, b in itertools.pairwise(bounds)]
+    cache.misses += 1
+    try:
+        arrays = quantize_pack(t, item.option)
+    except MintError as e:
+        raise MintError(f"{info.file}: tensor {item.source!r}: {e}") from None
+    parts = [memoryview(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))).cast("B") for a in arrays]
+    cache.put(digest, item.option, parts)
+    return parts
 
 
 def _bf16_bytes(t: torch.Tensor) -> bytes:
@@ -462,7 +468,7 @@ def write_weights(
                 f.seek(base + start)
                 f.write(data)
                 written[item.decision] += len(data)
-            bar.update(int(np.prod(item.shape)))
+            bar.update(math.prod(item.shape))
     bar.close()
     return dict(written)
 
