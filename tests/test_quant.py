@@ -72,3 +72,14 @@ def test_error_falls_with_bits_and_smaller_groups() -> None:
     # Uniform-noise theory for Gaussian weights: 4-bit g64 NRMSE is of order 0.1.
     nrmse = np.sqrt(by[Option(4, 64)] / (x.astype(np.float64) ** 2).sum())
     assert 0.03 < nrmse < 0.2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_unpack_inverts_pack_across_blocks(bits: int) -> None:
+    """unpack_codes works in blocks of 2^17 chunks of 32 codes: a tensor spanning several blocks (and a partial
+    last one) round-trips exactly."""
+    rng = np.random.default_rng(bits)
+    rows, k = 9000, 576  # 162,000 chunks of 32 codes: two blocks, the second partial
+    q = torch.from_numpy(rng.integers(0, 1 << bits, (rows, k), dtype=np.uint8))
+    words = pack_codes(q, bits)
+    assert np.array_equal(unpack_codes(words, bits, k), q.numpy())
