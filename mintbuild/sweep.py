@@ -70,9 +70,10 @@ def measure(params: Params, solved: list[tuple[dict[str, Any], dict[str, Any] | 
     from tqdm import tqdm
 
     from .evaluate import BASELINE, run_target
-    from .pack import pack_target
+    from .pack import default_cache_dir, pack_target
 
     baseline = Path(params.eval_out) / BASELINE
+    cache = default_cache_dir(Path(params.pack_out))  # the build's: its quantized tensors are reused
     alloc_root, pack_root, eval_root = out / "allocate", out / "pack", out / "evaluate"
     rows = []
     feasible = [(r, d) for r, d in solved if d is not None]
@@ -80,7 +81,7 @@ def measure(params: Params, solved: list[tuple[dict[str, Any], dict[str, Any] | 
         name = row["target"]
         with atomic_dir(alloc_root / name) as tmp:
             (tmp / ALLOCATION_FILE).write_text(canonical_json(doc))
-        pack_target(params, name, out_root=pack_root, alloc_root=alloc_root, progress=False)
+        pack_target(params, name, out_root=pack_root, alloc_root=alloc_root, progress=False, cache_dir=cache)
         m = run_target(params, name, eval_root, progress=False, pack_out=pack_root, baseline_dir=baseline)
         if not keep_packs:
             shutil.rmtree(pack_root / name)
