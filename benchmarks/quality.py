@@ -24,6 +24,7 @@ import hashlib
 import io
 import logging
 import math
+import re
 import shutil
 import sys
 import tempfile
@@ -172,8 +173,8 @@ def solver_config(base: SolverConfig, method: str, objective: str) -> SolverConf
 
 def mintbuild_row(bench: Bench, problem, cfg: SolverConfig, series: str, ref: Row) -> Row:
     """Allocate at the reference's bytes, pack, check bytes <= reference, score."""
-    name = f"{series}@{ref.label}".replace(" ", "_").replace("/", "-").replace(",", "").replace("(", "")
-    name = name.replace(")", "")
+    # A folder name: "exact, fisher (default)@uniform 4/g64" -> "exact_fisher_default@uniform_4-g64".
+    name = re.sub(r"[^\w@.-]+", "_", f"{series}@{ref.label}".replace("/", "-")).strip("_").replace("_@", "@")
     alloc_root, pack_root = bench.work / "allocate", bench.work / "pack"
     target = TargetConfig(size=f"{ref.bytes}B")
     t0 = time.perf_counter()
