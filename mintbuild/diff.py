@@ -20,6 +20,7 @@ import yaml
 
 from .budget import format_size
 from .errors import MintError
+from .report import DEFAULT_CURVE
 
 WORKSPACE = "workspace"
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def load_side(rev: str) -> dict[str, Any]:
             "allocation": json.loads(alloc) if alloc else None,
             "metrics": json.loads(metrics) if metrics else None,
         }
-    report = read_text("artifacts/report/curve.json", rev)
+    report = read_text(DEFAULT_CURVE, rev)
     side["curve"] = json.loads(report) if report else None
     return side
 

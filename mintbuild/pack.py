@@ -427,7 +427,7 @@ def tensor_payload(
     if payload is not None and len(payload) == sum(sizes):
         cache.hits += 1
         # Zero-copy views of the cached entry, one per stored tensor.
-        bounds = np.cumsum([0, *sizes]).tolist()
+        bounds = itertools.accumulate(sizes, initial=0)
         return [payload[a:b] for a, b in itertools.pairwise(bounds)]
     cache.misses += 1
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from .budget import parse_size
 from .curve import Curve
 from .errors import MintError
+from .report import DEFAULT_CURVE
 
 
 def load_curve(path: Path) -> Curve:
@@ -26,7 +27,9 @@ def load_curve(path: Path) -> Curve:
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", required=True, nargs="+", help="budget(s) with a unit, e.g. 70MB")
     p.add_argument(
-        "--curve", default="artifacts/report/curve.json", help="fitted curve (from `mintbuild report`)"
+        "--curve",
+        default=DEFAULT_CURVE,
+        help=f"fitted curve (default: {DEFAULT_CURVE}, from `mintbuild report`)",
     )
 
 

@@ -26,12 +26,16 @@ from .io import atomic_dir, canonical_json
 
 log = logging.getLogger(__name__)
 
+CURVE_FILE = "curve.json"
+#: Where `predict`, `diff` and `sweep` find the build's fitted curve (the report stage's default output).
+DEFAULT_CURVE = f"artifacts/report/{CURVE_FILE}"
+
 
 def collect(params: Params) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     rows = []
     for name in sorted(params.targets):
-        alloc = read_metrics(Path(params.allocate_out) / name / "allocation.json")
-        metrics = read_metrics(Path(params.eval_out) / name / "metrics.json")
+        alloc = read_if_exists(Path(params.allocate_out) / name / "allocation.json")
+        metrics = read_if_exists(Path(params.eval_out) / name / "metrics.json")
         if alloc is None:
             continue
         t = alloc["totals"]
@@ -41,11 +45,11 @@ def collect(params: Params) -> tuple[list[dict[str, Any]], dict[str, Any] | None
             "ppl_mean": (metrics or {}).get("ppl_mean"), "ppl_median": (metrics or {}).get("ppl_median"),
             "note": "; ".join(alloc.get("notes", [])),
         })  # fmt: skip
-    baseline = read_metrics(Path(params.eval_out) / "baseline" / "metrics.json")
+    baseline = read_if_exists(Path(params.eval_out) / "baseline" / "metrics.json")
     return sorted(rows, key=lambda r: r["bytes"]), baseline
 
 
-def read_metrics(path: Path) -> dict[str, Any] | None:
+def read_if_exists(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -150,7 +154,7 @@ def render(rows: list[dict[str, Any]], baseline: dict[str, Any] | None, folder: 
     (folder / "rows.json").write_text(canonical_json(rows))
     if curve:
         fit = {"form": curve.form, "params": curve.params, "rmse": curve.rmse, "n_points": curve.n_points}
-        (folder / "curve.json").write_text(canonical_json(fit))
+        (folder / CURVE_FILE).write_text(canonical_json(fit))
     plot(rows, baseline, curve, folder / "budget_curve.png")
     return text
 

@@ -140,6 +140,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     from .predict import load_curve
+    from .report import DEFAULT_CURVE
 
     params = load_params(args.params)
     if args.sizes:
@@ -151,7 +152,7 @@ def main(args: argparse.Namespace) -> None:
     rows = [r for r, _ in solved]
     log.info("%d budgets allocated in %.2f s", len(rows), time.perf_counter() - t0)
     if not args.measure:
-        curve_file = Path("artifacts/report/curve.json")
+        curve_file = Path(DEFAULT_CURVE)
         sys.stdout.write(markdown(rows, load_curve(curve_file) if curve_file.exists() else None) + "\n")
         if args.json:
             atomic_write_json(args.json, rows)
@@ -160,9 +161,10 @@ def main(args: argparse.Namespace) -> None:
 
 
 def run_measure(params: Params, solved, out: Path, keep_packs: bool, progress: bool) -> str:
-    from .report import read_metrics, render
+    from .evaluate import BASELINE
+    from .report import read_if_exists, render
 
-    baseline = read_metrics(Path(params.eval_out) / "baseline" / "metrics.json")
+    baseline = read_if_exists(Path(params.eval_out) / BASELINE / "metrics.json")
     if baseline is None:
         raise MintError(f"{params.eval_out}/baseline: no 16-bit baseline; run `dvc repro evaluate_baseline`")
     t0 = time.perf_counter()
