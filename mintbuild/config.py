@@ -64,9 +64,9 @@ class ProfileConfig:
     #: Extra option names to use instead of a named set (e.g. [q4g64, q8g64, f16]); empty = use `options`.
     option_list: list[str] = field(default_factory=list)
     #: Tensors with more elements than this are profiled on a deterministic sample of rows (sizes stay exact).
-    sample_above: int = 4_194_304
-    #: Rows sampled target this many elements.
-    sample_elements: int = 2_097_152
+    sample_above: int = 1_048_576
+    #: The first sample holds this many elements; each option's sample grows until its bound is met.
+    sample_elements: int = 524_288
     seed: int = 0
     #: Extra role rules tried before the built-in ones.
     role_rules: list[RoleRule] = field(default_factory=list)

@@ -183,13 +183,6 @@ def bf16_norms(info: TensorInfo, t: torch.Tensor) -> float:
     return norm_sq
 
 
-def _unit_order(info: TensorInfo, n_units: int, seed: int) -> np.ndarray:
-    """A random order of the units, fixed by the seed and the tensor's name: every prefix is a simple random
-    sample, so a growing sample only measures the units it adds."""
-    rng = np.random.default_rng([seed, zlib.crc32(info.name.encode())])
-    return rng.permutation(n_units)
-
-
 def measure_quantized(
     info: TensorInfo,
     x: torch.Tensor,
@@ -197,14 +190,17 @@ def measure_quantized(
     opts: list[Option],
     norm_sq: float,
     cfg: ProfileConfig,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(sse, worst per-expert nrmse, relative standard error, elements measured) for the quantized options.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(sse, worst per-expert nrmse, relative standard error of the NRMSE, elements measured), per option.
 
     A unit is one block of `max group` consecutive elements of a row (every option's groups tile it). Small
-    tensors are measured exactly; a large one on a uniform sample of units (a prefix of a fixed random order),
-    grown until three standard errors of every option's NRMSE are within NRMSE_REL_BOUND (or the sample is the
-    whole tensor). Each growth measures only the added units and jumps to the size the current standard error
-    predicts (se ~ 1/sqrt(n)); past half the tensor it measures the rest outright.
+    tensors are measured exactly. A large one is split in two strata by the auxiliary variable (squared
+    group ranges, one cheap pass): the TAKE_ALL share of units with the widest ranges (outliers: they carry
+    most of the variance of the error) is measured whole, the rest on a uniform sample (a prefix of a fixed
+    random order). Each option's sample grows until three standard errors of its NRMSE are within
+    NRMSE_REL_BOUND (or it is the whole stratum), and only the options still short of the bound measure the
+    added units. A growth jumps to the size the standard error predicts (se ~ 1/sqrt(n)) for the option
+    closest to its bound; past 80% of the stratum the rest is measured outright.
     """
     block = max(o.group for o in opts)
     n_units = info.numel // block
@@ -213,29 +209,70 @@ def measure_quantized(
     if want >= n_units:
         unit_sse = _unit_sse(units, None, opts)
         sse = unit_sse.sum(axis=0)
-        worst = _per_expert_worst(info, units, unit_sse, None, n_units, sse, norm_sq)
-        return sse, worst, np.zeros(len(opts)), info.numel
-    order = _unit_order(info, n_units, cfg.seed)
-    aux = range_aux(units, opts)
-    aux_total = aux.sum(axis=0)
-    sample = np.zeros(0, dtype=np.int64)
-    unit_sse = np.zeros((0, len(opts)))
-    while True:
-        new = np.sort(order[sample.size : want])
-        sample = np.concatenate([sample, new])
-        unit_sse = np.concatenate([unit_sse, _unit_sse(units, new, opts)])
+        worst = _per_expert_worst(info, units, list(unit_sse.T), np.arange(n_units), 0, n_units, sse, norm_sq)
+        return sse, worst, np.zeros(len(opts)), np.full(len(opts), info.numel)
+    # The auxiliary depends only on the group size: one column per size, each option points at its own.
+    sizes = sorted({o.group for o in opts})
+    aux = range_aux(units, sizes)
+    aux_col = np.array([sizes.index(o.group) for o in opts])
+    order, n_top = _strata_order(info, aux[:, -1], cfg.seed)
+    n_rest = n_units - n_top
+    aux_rest = aux.sum(axis=0) - aux[order[:n_top]].sum(axis=0)
+    # Round r measures order[done:want] (sorted in place for memory locality; a prefix of the rest stays a
+    # simple random sample as a set) for the active options: option j's units are order[:taken[j]].
+    cols: list[list[np.ndarray]] = [[] for _ in opts]
+    taken = np.zeros(len(opts), dtype=np.int64)
+    sse, rse = np.zeros(len(opts)), np.zeros(len(opts))
+    active, done, want = np.arange(len(opts)), 0, n_top + min(want, n_rest)
+    while active.size:
+        order[max(done, n_top) : want] = np.sort(order[max(done, n_top) : want])  # the top is sorted
+        measured = _unit_sse(units, order[done:want], [opts[j] for j in active])
+        for c, j in enumerate(active):
+            cols[j].append(measured[:, c])
+        taken[active], done = want, want
+        col = np.stack([np.concatenate(cols[j]) for j in active], axis=1)
+        top = col[:n_top].sum(axis=0)
         if want >= n_units:
-            sse, rse = unit_sse.sum(axis=0), np.zeros(len(opts))
+            sse[active], rse[active] = col.sum(axis=0), 0.0
             break
-        sse, rse = _estimate_total(unit_sse, aux[sample], aux_total, n_units)
-        log.debug("%s: %d units sampled, 3 x max rse %.4f", info.name, want, 3 * rse.max())
-        if 3 * rse.max() <= NRMSE_REL_BOUND:
-            break
-        grow = min(16.0, max(2.0, 1.25 * (3 * rse.max() / NRMSE_REL_BOUND) ** 2))
-        want = n_units if want * grow >= n_units / 2 else int(want * grow)
-    full = sample.size >= n_units
-    worst = _per_expert_worst(info, units, unit_sse, None if full else sample, n_units, sse, norm_sq)
-    return sse, worst, rse, int(sample.size) * block
+        cj = aux_col[active]
+        est, rel = _estimate_total(col[n_top:], aux[order[n_top:want]][:, cj], aux_rest[cj], n_rest)
+        sse[active] = top + est
+        # rel is the NRMSE's relative error for the rest's total alone; scale it to the whole tensor's.
+        rse[active] = rel * np.divide(est, sse[active], out=np.zeros_like(est), where=sse[active] > 0)
+        log.debug(
+            "%s: %d + %d units, 3 x rse %s", info.name, n_top, want - n_top, np.round(3 * rse[active], 4)
+        )
+        active = active[3 * rse[active] > NRMSE_REL_BOUND]
+        if active.size:
+            grow = min(16.0, max(2.0, 1.25 * float(((3 * rse[active] / NRMSE_REL_BOUND) ** 2).min())))
+            m = int((want - n_top) * grow)
+            want = n_units if m >= 0.8 * n_rest else n_top + m
+    columns = [np.concatenate(c) for c in cols]
+    worst = _per_expert_worst(info, units, columns, order, n_top, n_rest, sse, norm_sq)
+    return sse, worst, rse, taken * block
+
+
+#: Share of a sampled tensor's units, those with the widest group ranges, that are measured whole.
+TAKE_ALL = 0.01
+
+
+def _strata_order(info: TensorInfo, key: np.ndarray, seed: int) -> tuple[np.ndarray, int]:
+    """(order, n_top): the TAKE_ALL share of units with the largest `key` first (ascending index), then the
+    other units in a random order fixed by the seed and the tensor's name (every prefix of that part is a
+    simple random sample of it, so a growing sample only measures the units it adds)."""
+    n_units = key.shape[0]
+    n_top = int(n_units * TAKE_ALL)
+    # introselect: linear time and deterministic (which of equal keys at the cut it keeps depends only on
+    # the input, and equal ranges are interchangeable for the estimate).
+    top = (
+        np.sort(np.argpartition(key, n_units - n_top)[n_units - n_top :]) if n_top else np.zeros(0, np.int64)
+    )
+    in_top = np.zeros(n_units, dtype=bool)
+    in_top[top] = True
+    rng = np.random.default_rng([seed, zlib.crc32(info.name.encode())])
+    rest = rng.permutation(n_units)
+    return np.concatenate([top, rest[~in_top[rest]]]), n_top
 
 
 def _kernel_input(rows: torch.Tensor) -> np.ndarray:
@@ -244,13 +281,13 @@ def _kernel_input(rows: torch.Tensor) -> np.ndarray:
     return (rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows.float()).numpy()
 
 
-def range_aux(units: torch.Tensor, opts: list[Option]) -> np.ndarray:
-    """Per unit and option, the sum over the option's groups of (max - min)^2: the quantization step is
+def range_aux(units: torch.Tensor, group_sizes: list[int]) -> np.ndarray:
+    """Per unit and group size, the sum over the unit's groups of (max - min)^2: the quantization step is
     range / (2^b - 1), so a group's error is nearly proportional to its squared range. float64
-    [n_units, n_options], one parallel pass (kernels.range_sq)."""
+    [n_units, n_sizes], one parallel pass (kernels.range_sq)."""
     from .kernels import range_sq
 
-    return range_sq(_kernel_input(units), np.array([o.group for o in opts], dtype=np.int64))
+    return range_sq(_kernel_input(units), np.array(group_sizes, dtype=np.int64))
 
 
 def _unit_sse(units: torch.Tensor, idx: np.ndarray | None, opts: list[Option]) -> np.ndarray:
@@ -292,30 +329,35 @@ def _estimate_total(
 def _per_expert_worst(
     info: TensorInfo,
     units: torch.Tensor,
-    unit_sse: np.ndarray,
-    sample: np.ndarray | None,
-    n_units: int,
+    columns: list[np.ndarray],
+    order: np.ndarray,
+    n_top: int,
+    n_rest: int,
     sse: np.ndarray,
     norm_sq: float,
 ) -> np.ndarray:
-    """Worst NRMSE over the experts of a stacked [E, out, in] tensor; the tensor's own NRMSE otherwise."""
+    """Worst NRMSE over the experts of a stacked [E, out, in] tensor; the tensor's own NRMSE otherwise.
+
+    Option j was measured on order[:len(columns[j])]: the n_top take-all units count once, each sampled unit
+    for n_rest / (sampled units) of its stratum, in both the expert's error and its norm (a ratio estimate)."""
     if len(info.shape) < 3 or info.shape[0] < 2:
         return _nrmse(sse, norm_sq)
     n_exp = info.shape[0]
-    per_exp = n_units // n_exp
-    idx = np.arange(n_units) if sample is None else sample
-    expert = idx // per_exp
-    e_sse = np.zeros((n_exp, unit_sse.shape[1]))
-    e_norm = np.zeros(n_exp)
-    e_cnt = np.zeros(n_exp)
-    np.add.at(e_sse, expert, unit_sse)
-    rows = units if sample is None else units[torch.from_numpy(sample)]
-    np.add.at(e_norm, expert, rows.double().square().sum(dim=1).numpy())
-    np.add.at(e_cnt, expert, 1)
-    seen = e_cnt > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = np.where(e_norm[seen, None] > 0, e_sse[seen] / e_norm[seen, None], 0.0)
-    return np.sqrt(ratios.max(axis=0))
+    per_exp = units.shape[0] // n_exp
+    seen = np.sort(order[: max(len(c) for c in columns)])
+    unit_norm = units[torch.from_numpy(seen)].double().square().sum(dim=1).numpy()
+    worst = np.zeros(len(columns))
+    for j, col in enumerate(columns):
+        idx = order[: len(col)]
+        weight = np.ones(len(col))
+        weight[n_top:] = n_rest / max(len(col) - n_top, 1)
+        expert = idx // per_exp
+        e_sse = np.bincount(expert, weights=col * weight, minlength=n_exp)
+        e_norm = np.bincount(expert, weights=unit_norm[np.searchsorted(seen, idx)] * weight, minlength=n_exp)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = np.where(e_norm > 0, e_sse / e_norm, 0.0)
+        worst[j] = math.sqrt(ratios[np.bincount(expert, minlength=n_exp) > 0].max())
+    return worst
 
 
 def _nrmse(sse: np.ndarray, norm_sq: float) -> np.ndarray:
@@ -427,7 +469,7 @@ def _profile_one(
     _fill(cols, i, k16, PASSTHROUGH.nbytes(info.shape), np.array([err16]), np.array([0.0]), None, norm_sq)
     if usable:
         sse, worst, rse, sampled = measure_quantized(info, x, t.dtype, usable, norm_sq, cfg)
-        cols["sampled_elements"][i] = sampled
+        cols["sampled_elements"][i] = sampled.max()  # the largest of the options' samples
         for j, o in enumerate(usable):
             k = opts.index(o)
             _fill(cols, i, k, o.nbytes(info.shape), sse[j : j + 1], rse[j : j + 1], worst[j : j + 1], norm_sq)

@@ -126,7 +126,7 @@ def test_sampled_error_within_stated_bound(outliers: bool, tmp_path) -> None:
     if outliers:
         w += (torch.rand(2048, 2048, generator=g) < 1e-3) * torch.randn(2048, 2048, generator=g) * 0.3
     ck = write_checkpoint(tmp_path / "ck", {"model.layers.0.mlp.up_proj.weight": w.bfloat16()})
-    run(ck, ProfileConfig(), tmp_path / "exact", progress=False)
+    run(ck, ProfileConfig(sample_above=1 << 40), tmp_path / "exact", progress=False)
     sampled_cfg = ProfileConfig(sample_above=1 << 20, sample_elements=1 << 18)
     run(ck, sampled_cfg, tmp_path / "sampled", progress=False)
     ex, sa = load_profile(tmp_path / "exact"), load_profile(tmp_path / "sampled")
@@ -136,6 +136,52 @@ def test_sampled_error_within_stated_bound(outliers: bool, tmp_path) -> None:
     assert rel.max() <= 0.005, rel
     assert 3 * sa["nrmse_rse"][0, q].max() <= 0.005
     assert np.all(sa["bytes"] == ex["bytes"])
+
+
+def test_sampling_spends_its_effort_where_the_error_varies(tmp_path) -> None:
+    """Per-option samples: the 4-6 bit options settle on a small share of a large heavy-tailed tensor (the
+    take-all stratum of outlier units carries their variance), and every estimate is within the bound."""
+    from mintbuild.checkpoint import TensorInfo
+    from mintbuild.profile import measure_quantized
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4096, 4096, generator=g) * (torch.randn(4096, 1, generator=g) * 0.3).exp() * 0.02
+    w += (torch.rand(4096, 4096, generator=g) < 1e-4) * torch.randn(4096, 4096, generator=g) * 0.3
+    w = w.bfloat16()
+    opts = [o for o in OPTS if not o.passthrough]
+    info = TensorInfo("model.layers.0.mlp.up_proj.weight", "BF16", tuple(w.shape), tmp_path, 0, 0)
+    norm = float(w.float().square().sum())
+    exact = measure_quantized(info, w, torch.bfloat16, opts, norm, ProfileConfig(sample_above=1 << 30))
+    sse, _, rse, taken = measure_quantized(info, w, torch.bfloat16, opts, norm, ProfileConfig())
+    assert (exact[3] == w.numel()).all() and (exact[2] == 0).all()
+    assert np.abs(np.sqrt(sse / exact[0]) - 1).max() <= 0.005
+    assert 3 * rse.max() <= 0.005
+    mid = [k for k, o in enumerate(opts) if 4 <= o.bits <= 6]
+    assert taken[mid].max() <= 0.1 * w.numel(), dict(
+        zip([o.name for o in opts], taken / w.numel(), strict=True)
+    )
+    assert taken.sum() <= 0.25 * len(opts) * w.numel()
+
+
+def test_sampled_stacked_experts_keep_the_per_expert_worst_case(tmp_path) -> None:
+    """A stacked [E, out, in] tensor measured on a sample: its NRMSE within the bound and its per-expert worst
+    case close to the exact one (expert 1 carries outliers, so it is the worst)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(4, 1024, 1024, generator=g) * 0.02
+    w[2] *= 0.25  # relative error is scale-free: expert 2 is not worse for being smaller
+    w[1] += (torch.rand(1024, 1024, generator=g) < 2e-3) * torch.randn(1024, 1024, generator=g) * 0.3
+    ck = write_checkpoint(tmp_path / "ck", {"model.layers.0.mlp.experts.down_proj": w.bfloat16()})
+    run(ck, ProfileConfig(sample_above=1 << 40), tmp_path / "exact", progress=False)
+    run(
+        ck, ProfileConfig(sample_above=1 << 20, sample_elements=1 << 17), tmp_path / "sampled", progress=False
+    )
+    ex, sa = load_profile(tmp_path / "exact"), load_profile(tmp_path / "sampled")
+    q = np.array([not o.passthrough for o in OPTS]) & ex["available"][0].astype(bool)
+    assert (sa["nrmse_rse"][0, q] > 0).sum() >= 10  # most options were estimated from a sample
+    assert np.abs(sa["nrmse"][0, q] / ex["nrmse"][0, q] - 1).max() <= 0.005
+    four = [k for k, o in enumerate(OPTS) if o.bits == 4 and q[k]]
+    assert (ex["worst_nrmse"][0, four] > 1.05 * ex["nrmse"][0, four]).all()  # the outlier expert is worse
+    assert np.abs(sa["worst_nrmse"][0, q] / ex["worst_nrmse"][0, q] - 1).max() <= 0.05
 
 
 # --- bad input ----------------------------------------------------------------------------------------------

@@ -45,6 +45,34 @@ def test_profile_of_the_real_model(smollm2_profile: Path) -> None:
     assert (p["sse"][:, OPTS.index(PASSTHROUGH)] == 0).all()  # bf16 checkpoint
 
 
+def test_sampled_profile_of_the_real_model_is_within_the_stated_bound(
+    smollm2_dir: Path, smollm2_profile: Path, tmp_path: Path
+) -> None:
+    """Every tensor of the real model sampled (far below the default threshold) against the exact profile:
+    each option's NRMSE within 0.5%, as the sampler's three-standard-error rule promises."""
+    from mintbuild.config import ProfileConfig
+    from mintbuild.profile import run
+
+    run(smollm2_dir, ProfileConfig(sample_above=1 << 40), tmp_path / "exact", progress=False)
+    run(
+        smollm2_dir,
+        ProfileConfig(sample_above=1 << 18, sample_elements=1 << 16),
+        tmp_path / "s",
+        progress=False,
+    )
+    ex, sa = load_profile(tmp_path / "exact"), load_profile(tmp_path / "s")
+    assert (sa["nrmse_rse"] > 0).any(axis=1).sum() >= 150  # q, o and the MLP of every layer, the embedding
+    ok = np.isfinite(ex["nrmse"]) & (ex["nrmse"] > 0)
+    rel = np.abs(sa["nrmse"][ok] / ex["nrmse"][ok] - 1)
+    assert rel.max() <= 0.005, rel.max()
+    assert np.all(sa["bytes"] == ex["bytes"])
+    # The default profile (fixture) samples only the 28 M-value embedding, within the same bound.
+    p = load_profile(smollm2_profile)
+    emb = p.names.index("model.embed_tokens.weight")
+    assert p["sampled_elements"][emb] < p["elements"][emb]
+    assert 3 * p["nrmse_rse"].max() <= 0.005
+
+
 def test_allocations_of_the_real_model(smollm2_profile: Path, smollm2_dir: Path, tmp_path: Path) -> None:
     targets = {f"t{b}": TargetConfig(bits_per_weight=b) for b in (3.5, 4.5, 6.0)}
     exact = allocate(
