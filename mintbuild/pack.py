@@ -368,6 +368,7 @@ class PackCache:
         self.root = root
         self.hits = 0
         self.misses = 0
+        self._made: set[Path] = set()  # fan-out folders known to exist (a mkdir per entry costs ~0.1 ms)
 
     def path(self, digest: str, option: Option) -> Path:
         assert self.root is not None
@@ -392,7 +393,9 @@ class PackCache:
         if self.root is None:
             return
         p = self.path(digest, option)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.parent not in self._made:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(p.parent)
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
         h = xxhash.xxh3_128()
         for part in parts:
