@@ -14,6 +14,7 @@ import logging
 import math
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -415,15 +416,22 @@ def profile_checkpoint(ckpt: Checkpoint, cfg: ProfileConfig, progress: bool = Tr
     total = sum(ckpt.tensors[n].numel for n in names)
     t0 = time.perf_counter()
     bar = tqdm(total=total, unit="param", unit_scale=True, disable=not progress, desc="profile")
-    for i, name in enumerate(names):
-        info = ckpt.tensors[name]
-        meta, digest = _profile_one(i, info, ckpt.read(name), opts, rules, cfg, cols)
-        meta["tied_to"] = ["lm_head.weight"] if tied and meta["role"] == "embedding" else []
-        meta["last_layer"] = meta["layer"] == n_layers - 1 and meta["layer"] >= 0
-        metas.append(meta)
-        hashes.append(digest)
-        bar.update(info.numel)
-        bar.set_postfix_str(f"{i + 1}/{len(names)} tensors")
+    # One helper thread hashes tensor i+1 while tensor i is measured: hashing is the first read of the
+    # memory map, so it also takes the page faults (or the disk reads) off the measuring path.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profile-hash") as pool:
+        ahead = pool.submit(_read_and_hash, ckpt, names[0])
+        for i, name in enumerate(names):
+            info = ckpt.tensors[name]
+            t, digest = ahead.result()
+            if i + 1 < len(names):
+                ahead = pool.submit(_read_and_hash, ckpt, names[i + 1])
+            meta = _profile_one(i, info, t, opts, rules, cfg, cols)
+            meta["tied_to"] = ["lm_head.weight"] if tied and meta["role"] == "embedding" else []
+            meta["last_layer"] = meta["layer"] == n_layers - 1 and meta["layer"] >= 0
+            metas.append(meta)
+            hashes.append(digest)
+            bar.update(info.numel)
+            bar.set_postfix_str(f"{i + 1}/{len(names)} tensors")
     bar.close()
     seconds = time.perf_counter() - t0
     return _assemble(ckpt, cfg, opts, metas, hashes, cols, total, seconds)
@@ -452,10 +460,9 @@ def _profile_one(
     rules: list,
     cfg: ProfileConfig,
     cols: dict[str, np.ndarray],
-) -> tuple[dict[str, Any], str]:
+) -> dict[str, Any]:
     role = tensor_role(info.name, len(info.shape), rules)
     meta, usable = tensor_meta(info, role, opts)
-    digest = content_hash(info, t)
     if t.dtype == torch.bfloat16:
         # Every measurement reads the stored bf16 bits (an int16 view of the memory map): no float32 copy.
         x = t
@@ -479,7 +486,12 @@ def _profile_one(
     if not meta["quantizable"]:
         reasons = {k: f"role {role} / {len(info.shape)}-D stays 16-bit" for k in reasons}
     meta["unavailable"] = {k: v for k, v in reasons.items() if v}
-    return meta, digest
+    return meta
+
+
+def _read_and_hash(ckpt: Checkpoint, name: str) -> tuple[torch.Tensor, str]:
+    t = ckpt.read(name)
+    return t, content_hash(ckpt.tensors[name], t)
 
 
 def _fill(cols, i, k, nbytes, sse, rse, worst, norm_sq) -> None:
