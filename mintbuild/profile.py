@@ -2,9 +2,10 @@
 
 For every tensor: its role, whether it may be quantized, and for every storage option of the option set the
 exact packed bytes (formats.py) and the error of MLX affine round-to-nearest (sum of squared error, NRMSE,
-SQNR), measured with the same quantizer the packer uses. Large tensors are measured on a uniform random sample
-of (row, block) units whose standard error is recorded; sizes are always exact. The artifact is a safetensors
-file (arrays [tensors, options] + JSON metadata) that loads in milliseconds, plus summary.md.
+SQNR), measured with the same quantizer the packer uses. Large tensors are measured on a sample (the units
+with the widest ranges whole, a uniform random sample of the rest) whose standard error is recorded; sizes
+are always exact. The artifact is a safetensors file (arrays [tensors, options] + JSON metadata) that loads in
+milliseconds, plus summary.md.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class TensorStats:
     worst_nrmse: np.ndarray  # [K] per-expert worst case (== nrmse for ordinary tensors)
     rse: np.ndarray  # [K] relative standard error of the NRMSE estimate (0 when exact)
     norm_sq: float
-    sampled: int  # elements the quantized options were measured on
+    sampled: int  # elements measured by the quantized option whose sample grew largest
 
 
 def _storage_values(x: torch.Tensor) -> torch.Tensor:
