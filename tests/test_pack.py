@@ -76,6 +76,21 @@ def test_packer_equals_mx_quantize(opt: Option, shape: tuple[int, ...]) -> None:
     assert np.array_equal(scales, s.view(torch.int16).numpy().view(np.uint16))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_packer_is_bit_exact_on_many_values(bits: int) -> None:
+    """2 M bf16 values of very different row scales against mx.quantize: the kernel's multiply by a float64
+    reciprocal (proof in pack.py) gives MLX's float32 division bit for bit, at scale."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(512, 4096, generator=g) * (torch.randn(512, 1, generator=g) * 2).exp() * 0.02
+    w = w.to(torch.bfloat16)
+    opt = Option(bits, 64)
+    words, scales, biases = quantize_pack(w, opt)
+    qm, sm, bm = mx.quantize(mx.array(w.float().numpy()).astype(mx.bfloat16), group_size=64, bits=bits)
+    assert np.array_equal(words, np.array(qm))
+    assert np.array_equal(scales, np.array(sm.view(mx.uint16)))
+    assert np.array_equal(biases, np.array(bm.view(mx.uint16)))
+
+
 def test_packer_refuses_nan_and_unavailable_groups() -> None:
     w = torch.zeros(4, 64, dtype=torch.bfloat16)
     w[2, 5] = float("nan")
