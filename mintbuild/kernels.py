@@ -293,6 +293,110 @@ def bf16(typingctx, x):
     return types.float32(x), codegen
 
 
+# --- 8 x uint32 lanes: the packer's codes and words ---------------------------------------------------------
+
+
+class U32x8(types.Type):
+    """Eight uint32 lanes in one LLVM vector register (codes being packed into words, one row per lane)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="u32x8")
+
+
+u32x8 = U32x8()
+
+
+@register_model(U32x8)
+class _U32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type) -> None:
+        super().__init__(dmm, fe_type, _VI)
+
+
+@intrinsic
+def ucodes(typingctx, q):
+    """Float lanes holding integers in [0, 2^31) as uint32 lanes."""
+    if q is not f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fptosi(args[0], _VI)
+
+    return u32x8(q), codegen
+
+
+@intrinsic
+def uzero(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VI, [0] * W)
+
+    return u32x8(), codegen
+
+
+def _ushift(op: str):
+    @intrinsic
+    def impl(typingctx, u, n):
+        if not (u is u32x8 and isinstance(n, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            n32 = context.cast(builder, args[1], sig.args[1], types.uint32)
+            splat = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(_VI, ir.Undefined), n32, ir.Constant(_I32, 0)),
+                ir.Constant(_VI, ir.Undefined),
+                ir.Constant(_VI, [0] * W),
+            )
+            return getattr(builder, op)(args[0], splat)
+
+        return u32x8(u, n), codegen
+
+    return impl
+
+
+#: ushl(u, n) / ushr(u, n): every lane shifted left / right (logical) by n, 0 <= n < 32.
+ushl = _ushift("shl")
+ushr = _ushift("lshr")
+
+
+@intrinsic
+def uor(typingctx, a, b):
+    if not (a is u32x8 and b is u32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.or_(args[0], args[1])
+
+    return u32x8(a, b), codegen
+
+
+@intrinsic
+def ustore(typingctx, arr, i, u):
+    """arr[i:i + 8] = u for a C-contiguous uint32 array."""
+    ok = isinstance(arr, types.Array) and arr.dtype == types.uint32 and arr.layout == "C"
+    if not (ok and isinstance(i, types.Integer) and u is u32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(a.data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+        builder.store(args[2], builder.bitcast(ptr, _VI.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, i, u), codegen
+
+
+@intrinsic
+def ubf16(typingctx, a):
+    """bf16 bit patterns (in the low 16 bits of each lane) of float32 lanes, rounded to nearest even."""
+    if a is not f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        u = _bf16_bits(builder, builder.bitcast(args[0], _VI), lambda k: ir.Constant(_VI, [k] * W))
+        return builder.lshr(u, ir.Constant(_VI, [16] * W))
+
+    return u32x8(a), codegen
+
+
 @intrinsic
 def vany_gt(typingctx, a, b):
     """True if a > b in any lane."""
@@ -482,9 +586,9 @@ def _row_sse(xc, rc, bits, groups, same, threads):
         tot = np.empty(W, dtype=np.float64)
         for blk in range(part * n_full // n_part, (part + 1) * n_full // n_part):
             r0 = blk * W
-            _transpose_rows(xc, r0, xt)
+            transpose_rows(xc, r0, xt)
             if not same:
-                _transpose_rows(rc, r0, rt)
+                transpose_rows(rc, r0, rt)
             # Values this large overflow the vector path's bf16 rounding: those rows go the scalar way.
             if _block_minmax(xt, mm, _BIG):
                 _block_sse(xt, rt, bits, groups, par, mm, tot, out[r0 : r0 + W])
@@ -510,7 +614,7 @@ def _range_sq(xc, groups, threads):
         nc = k // CHUNK
         for blk in range(part * n_full // n_part, (part + 1) * n_full // n_part):
             r0 = blk * W
-            _transpose_rows(xc, r0, xt)
+            transpose_rows(xc, r0, xt)
             _block_minmax(xt, mm, np.float32(np.inf))
             for j in range(n_opt):
                 per = groups[j] // CHUNK
@@ -567,7 +671,7 @@ def _sum_squares(flat):
 
 
 @njit(inline="always")
-def _transpose_rows(src: np.ndarray, r0: int, dst: np.ndarray) -> None:
+def transpose_rows(src: np.ndarray, r0: int, dst: np.ndarray) -> None:
     """dst[c, l] = src[r0 + l, c] for a C-contiguous src [R, K] (K a multiple of 8) and dst [K, 8]."""
     k = src.shape[1]
     for c in range(0, k, W):

@@ -20,6 +20,7 @@ little more than one. The output is byte-identical for identical inputs (sorted 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
@@ -37,14 +38,33 @@ from typing import Any
 import numpy as np
 import torch
 import xxhash
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from .checkpoint import Checkpoint, fingerprint, open_checkpoint
 from .config import Params, load_params, select_targets
 from .errors import MintError
 from .formats import Option, parse_option, stored_entry_names
 from .io import atomic_dir, atomic_write_json, canonical_json, read_json, sha256_file
-from .kernels import mlx_scale_bias
+from .kernels import (
+    W,
+    mlx_scale_bias,
+    transpose_rows,
+    ubf16,
+    ucodes,
+    uor,
+    ushl,
+    ushr,
+    ustore,
+    uzero,
+    vabs,
+    vload,
+    vmax,
+    vmin,
+    vrint,
+    vsplat,
+    where_gt,
+    where_ne,
+)
 from .quant import QUANTIZER_VERSION
 
 HELP = "write each target's MLX model folder"
@@ -65,10 +85,17 @@ log = logging.getLogger(__name__)
 
 # Same arithmetic as quant.quantize_codes (float32, division by the scale, round half to even, bf16 rounding of
 # scale and bias), which tests/test_quant.py proves equal to mx.quantize; tests/test_pack.py checks this kernel
-# against both. Only reassociation of min/max and no-NaN/Inf assumptions (inputs are checked finite first);
-# never arcp/contract, which would change the division and break bit-exactness.
+# against both.
+#
+# The fast path is the profile kernel's layout (kernels.py): a block of 8 rows is transposed so that each
+# 8-lane vector holds one column of 8 rows. Every step is then vertical vector math with no branches on the
+# data: min/max, MLX's scale and bias (including its divisions), the codes (a true float32 division, as MLX),
+# and the packing itself, because all lanes put their code at the same bit position. For 3-, 5- and 6-bit
+# codes the bit stream crosses word boundaries at positions that are the same in every lane, so the spill is
+# two shifts, not a branch per value. Rows left over (R not a multiple of 8) take the scalar row path.
 _FLAGS = {"reassoc", "nnan", "ninf", "nsz"}
 _ZERO = np.float32(0.0)
+_EPS = np.float32(1e-7)
 
 
 @njit(inline="always")
@@ -79,55 +106,110 @@ def _bf16_bits(fbuf: np.ndarray, ubuf: np.ndarray, v: np.float32) -> np.uint16:
     return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
-@njit(cache=True, parallel=True, fastmath=_FLAGS)
-def _quantize_pack(
-    x16: np.ndarray,
-    bits: int,
-    group: int,
-    words: np.ndarray,
-    scales: np.ndarray,
-    biases: np.ndarray,
-    bad: np.ndarray,
-) -> None:
+@njit(cache=True, parallel=True)
+def _quantize_pack(x16, bits, group, words, scales, biases, bad, threads) -> None:
     """x16 bf16 bit patterns (uint16) [R, K] -> words uint32 [R, K*bits/32], scales/biases bf16 bits [R, K/g].
 
-    Per row: widen to float32, then per group the parameters and the codes (a branch-free loop the compiler
-    vectorises), then the row's codes are packed: 32/bits codes per word for 2, 4 and 8 bits, and for 3, 5
-    and 6 bits every 32 codes fill exactly `bits` words of a little-endian bit stream (MLX's layout).
-    """
+    Nothing is written when a value is NaN or Inf: `bad` then counts them per row."""
+    n_rows, k = x16.shape
+    for r in prange(n_rows):
+        n_bad = 0
+        for i in range(k):
+            n_bad += (x16[r, i] & np.uint16(0x7F80)) == np.uint16(0x7F80)  # exponent all ones: NaN or Inf
+        bad[r] = n_bad
+    if bad.any():
+        return
+    n_full = n_rows // W
+    n_part = max(1, min(n_full, 8 * threads))
+    kw = words.shape[1]
+    for part in prange(n_part):
+        # Scratch once per partition: the transposed values, words and per-group scale/bias bits.
+        xt = np.empty((k, W), dtype=np.float32)
+        wt = np.empty((kw, W), dtype=np.uint32)
+        sb = np.empty((2, W), dtype=np.uint32)
+        for blk in range(part * n_full // n_part, (part + 1) * n_full // n_part):
+            r0 = blk * W
+            transpose_rows(x16, r0, xt)
+            for gi in range(k // group):
+                _pack_group(xt, gi * group, group, bits, wt, sb)
+                for lane in range(W):
+                    scales[r0 + lane, gi] = np.uint16(sb[0, lane])
+                    biases[r0 + lane, gi] = np.uint16(sb[1, lane])
+            for w in range(kw):
+                for lane in range(W):
+                    words[r0 + lane, w] = wt[w, lane]
+    _pack_rows(x16, bits, group, words, scales, biases, n_full * W)
+
+
+@njit(inline="always")
+def _pack_group(xt, c0, group, bits, wt, sb) -> None:
+    """One group (columns c0 .. c0+group) of 8 transposed rows: scale and bias bf16 bits into sb [2, 8], the
+    packed words into wt [K*bits/32, 8]."""
+    zero = vsplat(0.0)
+    one = vsplat(1.0)
+    nb = vsplat((1 << bits) - 1)
+    lo = vload(xt, c0 * W)
+    hi = lo
+    for i in range(c0 + 1, c0 + group):
+        v = vload(xt, i * W)
+        lo = vmin(lo, v)
+        hi = vmax(hi, v)
+    # mlx_scale_bias lane by lane: the edge of larger magnitude maps exactly to an integer code q0.
+    alo = vabs(lo)
+    ahi = vabs(hi)
+    scale = vmax((hi - lo) / nb, vsplat(_EPS))
+    scale = where_gt(alo, ahi, scale, zero - scale)
+    edge = where_gt(alo, ahi, lo, hi)
+    q0 = vrint(edge / scale)
+    scale = where_ne(q0, zero, edge / where_ne(q0, zero, q0, one), scale)
+    bias = where_ne(q0, zero, edge, zero)
+    ustore(sb, 0, ubf16(scale))
+    ustore(sb, W, ubf16(bias))
+    # Codes into a little-endian bit stream; every group starts on a word boundary (group * bits % 32 == 0).
+    w = c0 * bits // 32
+    acc = uzero()
+    n_acc = 0
+    for i in range(c0, c0 + group):
+        u = ucodes(vmin(vmax(vrint((vload(xt, i * W) - bias) / scale), zero), nb))
+        acc = uor(acc, ushl(u, n_acc))
+        n_acc += bits
+        if n_acc >= 32:
+            ustore(wt, w * W, acc)
+            w += 1
+            n_acc -= 32
+            acc = ushr(u, bits - n_acc) if n_acc else uzero()
+
+
+@njit(cache=True, fastmath=_FLAGS)
+def _pack_rows(x16, bits, group, words, scales, biases, first) -> None:
+    """Rows first.. one at a time: widen to float32, per group the parameters and the codes (a branch-free
+    loop the compiler vectorises), then the codes are packed (MLX's layout, as in `_pack_group`). Only
+    reassociation of min/max and no-NaN/Inf assumptions (inputs are checked finite first); never
+    arcp/contract, which would change the division and break bit-exactness."""
     n_rows, k = x16.shape
     n_bins = np.float32((1 << bits) - 1)
     per = 32 // bits if 32 % bits == 0 else 0
-    for r in prange(n_rows):
-        ubuf = np.empty(k, dtype=np.uint32)
-        row = ubuf.view(np.float32)
-        src = x16[r]
-        n_bad = 0
+    ubuf = np.empty(k, dtype=np.uint32)
+    row = ubuf.view(np.float32)
+    codes = np.empty(k, dtype=np.uint32)
+    fbuf = np.empty(1, dtype=np.float32)
+    fbits = fbuf.view(np.uint32)
+    for r in range(first, n_rows):
         for i in range(k):
-            u = src[i]
-            n_bad += (u & np.uint16(0x7F80)) == np.uint16(0x7F80)  # exponent all ones: NaN or Inf
-            ubuf[i] = np.uint32(u) << np.uint32(16)
-        bad[r] = n_bad
-        if n_bad:
-            continue
-        codes = np.empty(k, dtype=np.uint32)
-        fbuf = np.empty(1, dtype=np.float32)
-        fbits = fbuf.view(np.uint32)
+            ubuf[i] = np.uint32(x16[r, i]) << np.uint32(16)
         for gi in range(k // group):
             start = gi * group
             w_min = row[start]
             w_max = row[start]
             for i in range(start + 1, start + group):
-                v = row[i]
-                w_min = min(w_min, v)
-                w_max = max(w_max, v)
+                w_min = min(w_min, row[i])
+                w_max = max(w_max, row[i])
             scale, bias = mlx_scale_bias(w_min, w_max, n_bins)
             scales[r, gi] = _bf16_bits(fbuf, fbits, scale)
             biases[r, gi] = _bf16_bits(fbuf, fbits, bias)
             # fl32(x * fl64(1/s)) == fl32(x / s) for float32 x and s: a quotient of two 24-bit significands is
             # never a float32 rounding midpoint and lies at least 2^-48 (relative) from one, while the float64
-            # product is within 2^-52 of it. Unlike the division this vectorises, as does the int32
-            # conversion (a float -> uint32 one does not): 1.7x on this loop, bit-exact with MLX.
+            # product is within 2^-52 of it. Unlike the division this vectorises.
             inv = np.float64(1.0) / np.float64(scale)
             for i in range(start, start + group):
                 q = np.float32(np.float64(row[i] - bias) * inv)
@@ -173,7 +255,7 @@ def quantize_pack(w: torch.Tensor, option: Option) -> tuple[np.ndarray, np.ndarr
     scales = np.empty((rows, sshape[-1]), dtype=np.uint16)
     biases = np.empty((rows, sshape[-1]), dtype=np.uint16)
     bad = np.zeros(rows, dtype=np.int64)
-    _quantize_pack(x16, option.bits, option.group, words, scales, biases, bad)
+    _quantize_pack(x16, option.bits, option.group, words, scales, biases, bad, get_num_threads())
     if bad.any():
         raise MintError(f"{int(bad.sum())} NaN or Inf value(s) in row(s) {np.flatnonzero(bad)[:3].tolist()}")
     return words.reshape(wshape), scales.reshape(sshape), biases.reshape(sshape)
@@ -301,22 +383,21 @@ def quantization_section(items: list[Item]) -> dict[str, Any] | None:
 
 
 def _layout(plan: Plan) -> None:
-    """safetensors header (sorted names, fixed metadata, padded to 8 bytes) and data offsets in name order."""
-    entries = sorted((e for it in plan.items for e in it.entries), key=lambda e: e.name)
-    names = [e.name for e in entries]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise MintError(f"two stored tensors would both be named {dup!r}")
-    header: dict[str, Any] = {"__metadata__": FILE_METADATA}
+    """safetensors header (sorted names, fixed metadata, padded to 8 bytes); the data in plan order (items by
+    source name, each item's entries together), so the file is written front to back and hashed as written."""
     offset = 0
-    for e in entries:
+    for e in (e for it in plan.items for e in it.entries):
+        if e.name in plan.offsets:
+            raise MintError(f"two stored tensors would both be named {e.name!r}")
+        plan.offsets[e.name] = (offset, offset + e.nbytes)
+        offset += e.nbytes
+    header: dict[str, Any] = {"__metadata__": FILE_METADATA}
+    for e in sorted((e for it in plan.items for e in it.entries), key=lambda e: e.name):
         header[e.name] = {
             "dtype": e.dtype,
             "shape": list(e.shape),
-            "data_offsets": [offset, offset + e.nbytes],
+            "data_offsets": list(plan.offsets[e.name]),
         }
-        plan.offsets[e.name] = (offset, offset + e.nbytes)
-        offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     plan.header = struct.pack("<Q", len(raw)) + raw
@@ -457,29 +538,32 @@ def _bf16_bytes(t: torch.Tensor) -> bytes:
 
 def write_weights(
     plan: Plan, ckpt: Checkpoint, path: Path, cache: PackCache, progress: bool, hashes: dict[str, str]
-) -> dict[str, int]:
-    """Write the safetensors file; return bytes written per decision (checked against the plan)."""
+) -> tuple[dict[str, int], str]:
+    """Write the safetensors file front to back; return the bytes written per decision (checked against the
+    plan) and the file's sha256, computed as it is written (a second pass over the file cost ~10% of a pack)."""
     from tqdm import tqdm
 
     written: Counter[str] = Counter()
+    sha = hashlib.sha256(plan.header)
     bar = tqdm(total=plan.parameters, unit="param", unit_scale=True, disable=not progress, desc=plan.target)
     with open(path, "wb") as f:
         f.write(plan.header)
-        f.truncate(plan.file_bytes)
-        base = len(plan.header)
+        pos = 0
         for item in plan.items:
             for entry, data in zip(item.entries, tensor_payload(ckpt, item, cache, hashes), strict=True):
                 start, end = plan.offsets[entry.name]
-                if len(data) != end - start:
+                if start != pos or len(data) != end - start:
                     raise MintError(
-                        f"tensor {entry.name!r}: wrote {len(data):,} B but the layout planned {end - start:,} B"
+                        f"tensor {entry.name!r}: {len(data):,} B at offset {pos:,}, but the layout planned "
+                        f"{end - start:,} B at {start:,}"
                     )
-                f.seek(base + start)
                 f.write(data)
+                sha.update(data)
+                pos = end
                 written[item.decision] += len(data)
             bar.update(math.prod(item.shape))
     bar.close()
-    return dict(written)
+    return dict(written), sha.hexdigest()
 
 
 def check_written(alloc: dict[str, Any], written: dict[str, int], path: Path, plan: Plan) -> None:
@@ -609,13 +693,13 @@ def pack_target(
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         hashes: dict[str, str] = {}
-        written = write_weights(plan, ckpt, tmp / WEIGHTS_FILE, cache, progress, hashes)
+        written, weights_sha = write_weights(plan, ckpt, tmp / WEIGHTS_FILE, cache, progress, hashes)
         check_checkpoint_hash(alloc, hashes)
         check_written(alloc, written, tmp / WEIGHTS_FILE, plan)
         (tmp / "config.json").write_text(canonical_json(packed_config(model_config, plan)), encoding="utf-8")
         for src in files:
             shutil.copyfile(src, tmp / src.name)
-        result.manifest = manifest(tmp, alloc, alloc_path, plan)
+        result.manifest = manifest(tmp, alloc, alloc_path, plan, {WEIGHTS_FILE: weights_sha})
         atomic_write_json(tmp / MANIFEST_FILE, result.manifest)
     result.seconds = time.perf_counter() - t0
     result.cache_hits, result.cache_misses = cache.hits, cache.misses
@@ -634,7 +718,10 @@ def pack_target(
     return result
 
 
-def manifest(folder: Path, alloc: dict[str, Any], alloc_path: Path, plan: Plan) -> dict[str, Any]:
+def manifest(
+    folder: Path, alloc: dict[str, Any], alloc_path: Path, plan: Plan, known: dict[str, str]
+) -> dict[str, Any]:
+    """The pack's record; `known` holds sha256 digests already computed (file name -> hex)."""
     totals = alloc["totals"]
     return {
         "schema_version": MANIFEST_SCHEMA,
@@ -650,7 +737,7 @@ def manifest(folder: Path, alloc: dict[str, Any], alloc_path: Path, plan: Plan) 
         "objective_kind": totals.get("objective_kind"),
         "quantizer": QUANTIZER_VERSION,
         "files": {
-            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            p.name: {"bytes": p.stat().st_size, "sha256": known.get(p.name) or sha256_file(p)}
             for p in sorted(folder.iterdir())
             if p.is_file() and p.name != MANIFEST_FILE
         },

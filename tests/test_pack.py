@@ -58,12 +58,17 @@ def build(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> dict[s
     "opt", [Option(3, 32), Option(3, 128), Option(5, 64), Option(6, 32), Option(6, 128), Option(2, 64),
             Option(4, 64), Option(8, 128)], ids=str,
 )  # fmt: skip
-@pytest.mark.parametrize("shape", [(48, 384), (3, 16, 256)], ids=["2d", "3d-experts"])
+@pytest.mark.parametrize(
+    "shape", [(48, 384), (3, 16, 256), (13, 384)], ids=["2d", "3d-experts", "rows-not-a-multiple-of-8"]
+)
 def test_packer_equals_mx_quantize(opt: Option, shape: tuple[int, ...]) -> None:
     g = torch.Generator().manual_seed(opt.bits * 1000 + opt.group)
     w = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-    w.reshape(-1, shape[-1])[1, : opt.group] = 0  # an all-zero group
-    w.reshape(-1, shape[-1])[2, : opt.group] = 0.5  # a constant group
+    rows = w.reshape(-1, shape[-1])
+    # An all-zero and a constant group in the 8-row block path and in the leftover rows' scalar path.
+    for r in (1, rows.shape[0] - 2):
+        rows[r, : opt.group] = 0
+        rows[r + 1, : opt.group] = 0.5
     words, scales, biases = quantize_pack(w, opt)
     qm, sm, bm = mx.quantize(
         mx.array(w.float().numpy()).astype(mx.bfloat16), group_size=opt.group, bits=opt.bits
@@ -78,10 +83,11 @@ def test_packer_equals_mx_quantize(opt: Option, shape: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_packer_is_bit_exact_on_many_values(bits: int) -> None:
-    """2 M bf16 values of very different row scales against mx.quantize: the kernel's multiply by a float64
-    reciprocal (proof in pack.py) gives MLX's float32 division bit for bit, at scale."""
+    """2 M bf16 values of very different row scales against mx.quantize, bit for bit: 512 rows through the
+    8-row vector path and 3 leftover rows through the scalar path (whose multiply by a float64 reciprocal
+    pack.py proves equal to MLX's float32 division)."""
     g = torch.Generator().manual_seed(bits)
-    w = torch.randn(512, 4096, generator=g) * (torch.randn(512, 1, generator=g) * 2).exp() * 0.02
+    w = torch.randn(515, 4096, generator=g) * (torch.randn(515, 1, generator=g) * 2).exp() * 0.02
     w = w.to(torch.bfloat16)
     opt = Option(bits, 64)
     words, scales, biases = quantize_pack(w, opt)
