@@ -1,4 +1,5 @@
-"""Pack throughput (fresh vs fully cached target) and evaluator tokens/s vs plain transformers, in one run.
+"""Pack throughput (fresh vs fully cached target), the quantize kernel vs the torch reference quantizer, and
+evaluator tokens/s vs plain transformers, all in one run.
 
 Usage: .venv/bin/python benchmarks/bench_pack.py [--target smollm2-4bpw] [--tokens 256]
 Needs the built artifacts (model, corpus, allocate/<target>): `dvc repro allocate` or `make build`.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,39 @@ def bench_pack(target: str) -> None:
             )
 
 
+def bench_kernel(target: str) -> None:
+    """The fused kernel against quant.py's eager torch quantizer + packer on the embedding (the largest
+    tensor), same option, same values; the outputs are checked equal."""
+    from mintbuild.checkpoint import open_checkpoint
+    from mintbuild.formats import Option
+    from mintbuild.model import resolve_weights_dir
+    from mintbuild.pack import quantize_pack
+    from mintbuild.quant import pack_codes, quantize_codes
+
+    params = load_params()
+    ckpt = open_checkpoint(resolve_weights_dir(Path(params.model.out)))
+    name = max(ckpt.tensors, key=lambda n: ckpt.tensors[n].numel)
+    w = ckpt.read(name)
+    for opt in (Option(4, 64), Option(3, 32)):
+        quantize_pack(w[:8], opt)  # JIT
+        fast, words = _best_of(3, lambda o=opt: quantize_pack(w, o)[0])
+        ref, ref_words = _best_of(1, lambda o=opt: pack_codes(quantize_codes(w, o)[0], o.bits))
+        assert np.array_equal(words, ref_words), "the kernel and the reference disagree"
+        print(
+            f"quantize {opt.name} {name} ({w.numel() / 1e6:.1f} M): fused kernel {w.numel() / fast / 1e6:.0f} "
+            f"M params/s, torch reference {w.numel() / ref / 1e6:.0f} M params/s ({ref / fast:.1f}x)"
+        )
+
+
+def _best_of(n: int, fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
+    best, out = float("inf"), None
+    for _ in range(n):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
 def bench_eval(target: str, n_tokens: int) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -53,4 +88,5 @@ if __name__ == "__main__":
     ap.add_argument("--tokens", type=int, default=256)
     a = ap.parse_args()
     bench_pack(a.target)
+    bench_kernel(a.target)
     bench_eval(a.target, a.tokens)
