@@ -14,7 +14,8 @@ Per target, artifacts/pack/<target>/ holds:
 The bytes of every decision are checked against the allocation's planned bytes (`formats.Option.nbytes`), and
 the weight file (header included) against the target's budget, before the folder is renamed into place.
 Quantized tensors are cached by (content hash, option, quantizer version), so targets that share choices cost
-little more than one. The output is byte-identical for identical inputs (sorted names, fixed metadata).
+little more than one. The output is byte-identical for identical inputs (sorted header names, data in source
+name order, fixed metadata); the file is written front to back and its sha256 taken as it is written.
 """
 
 from __future__ import annotations
