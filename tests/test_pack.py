@@ -3,6 +3,7 @@ budget on disk, the cache, byte-identical output and the bad-input refusals."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import struct
@@ -18,6 +19,7 @@ from mintbuild.checkpoint import fingerprint, open_checkpoint
 from mintbuild.config import Params, ProfileConfig, TargetConfig
 from mintbuild.errors import MintError
 from mintbuild.formats import Option
+from mintbuild.io import sha256_file
 from mintbuild.pack import MANIFEST_FILE, WEIGHTS_FILE, pack_target, quantize_pack
 from mintbuild.quant import pack_codes, quantize_codes
 
@@ -134,6 +136,12 @@ def test_planned_bytes_equal_written_bytes(build: dict[str, Any]) -> None:
         cfg = json.loads((res.out / "config.json").read_text())
         assert cfg["quantization"] == cfg["quantization_config"] and cfg["quantization"]["mode"] == "affine"
         assert (res.out / "tokenizer.json").is_file()
+        # safetensors' rule: the data section is covered exactly, no hole and no overlap (in any order).
+        spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+        assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+        # The weights' sha256 is taken while writing: it must equal a fresh read of every file.
+        files = json.loads((res.out / MANIFEST_FILE).read_text())["files"]
+        assert {n: f["sha256"] for n, f in files.items()} == {n: sha256_file(res.out / n) for n in files}
 
 
 @pytest.mark.slow
