@@ -34,6 +34,9 @@ references do), then in float64.
 `range_sq` (per-unit squared group ranges, the profile's sampling auxiliary) and `sum_squares` (norm and
 NaN/Inf check) are the profile's other per-value passes; all three also accept bf16 tensors as int16 bit
 patterns, so the profile never needs a float32 copy of a bf16 tensor.
+
+The packer's kernel (pack.py) uses the same 8-row layout and vector type, plus a small 8 x uint32 type
+(`ucodes`, `ushl`, `ushr`, `uor`, `ustore`, `ubf16`) to pack codes into MLX's words lane by lane.
 """
 
 from __future__ import annotations
