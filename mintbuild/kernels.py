@@ -726,21 +726,27 @@ def _block_sse(xt, rt, bits, groups, par, mm, tot, out) -> None:
 
 
 @njit(inline="always")
-def _group_params(lo, hi, nb, par, o) -> None:
-    """MLX's scale and bias for 8 groups (min lo, max hi, nb = 2^bits - 1), stored at par[o:]: bias, 1/scale,
-    scale, bf16 scale, 65537 * bf16 scale, bf16 bias, and the tie-check threshold."""
+def vmlx_scale_bias(lo, hi, nb):
+    """`mlx_scale_bias` lane by lane: float32 (scale, bias) of 8 groups from their min `lo` and max `hi` (nb =
+    2^bits - 1); the edge of larger magnitude maps exactly to an integer code q0 (MLX's rule)."""
     zero = vsplat(0.0)
-    one = vsplat(1.0)
-    rng = hi - lo
-    scale = vmax(rng / nb, vsplat(_EPS))
+    scale = vmax((hi - lo) / nb, vsplat(_EPS))
     alo = vabs(lo)
     ahi = vabs(hi)
-    # The edge of larger magnitude maps exactly to an integer code q0 (MLX's rule).
     scale = where_gt(alo, ahi, scale, zero - scale)
     edge = where_gt(alo, ahi, lo, hi)
     q0 = vrint(edge / scale)
-    scale = where_ne(q0, zero, edge / where_ne(q0, zero, q0, one), scale)
-    bias = where_ne(q0, zero, edge, zero)
+    scale = where_ne(q0, zero, edge / where_ne(q0, zero, q0, vsplat(1.0)), scale)
+    return scale, where_ne(q0, zero, edge, zero)
+
+
+@njit(inline="always")
+def _group_params(lo, hi, nb, par, o) -> None:
+    """MLX's scale and bias for 8 groups (min lo, max hi, nb = 2^bits - 1), stored at par[o:]: bias, 1/scale,
+    scale, bf16 scale, 65537 * bf16 scale, bf16 bias, and the tie-check threshold."""
+    one = vsplat(1.0)
+    rng = hi - lo
+    scale, bias = vmlx_scale_bias(lo, hi, nb)
     inv = one / scale
     s16 = vbf16(scale)
     vstore(par, o, bias)

@@ -57,14 +57,12 @@ from .kernels import (
     ushr,
     ustore,
     uzero,
-    vabs,
     vload,
     vmax,
     vmin,
+    vmlx_scale_bias,
     vrint,
     vsplat,
-    where_gt,
-    where_ne,
 )
 from .quant import QUANTIZER_VERSION
 
@@ -96,7 +94,6 @@ log = logging.getLogger(__name__)
 # two shifts, not a branch per value. Rows left over (R not a multiple of 8) take the scalar row path.
 _FLAGS = {"reassoc", "nnan", "ninf", "nsz"}
 _ZERO = np.float32(0.0)
-_EPS = np.float32(1e-7)
 
 
 @njit(inline="always")
@@ -147,7 +144,6 @@ def _pack_group(xt, c0, group, bits, wt, sb) -> None:
     """One group (columns c0 .. c0+group) of 8 transposed rows: scale and bias bf16 bits into sb [2, 8], the
     packed words into wt [K*bits/32, 8]."""
     zero = vsplat(0.0)
-    one = vsplat(1.0)
     nb = vsplat((1 << bits) - 1)
     lo = vload(xt, c0 * W)
     hi = lo
@@ -155,15 +151,7 @@ def _pack_group(xt, c0, group, bits, wt, sb) -> None:
         v = vload(xt, i * W)
         lo = vmin(lo, v)
         hi = vmax(hi, v)
-    # mlx_scale_bias lane by lane: the edge of larger magnitude maps exactly to an integer code q0.
-    alo = vabs(lo)
-    ahi = vabs(hi)
-    scale = vmax((hi - lo) / nb, vsplat(_EPS))
-    scale = where_gt(alo, ahi, scale, zero - scale)
-    edge = where_gt(alo, ahi, lo, hi)
-    q0 = vrint(edge / scale)
-    scale = where_ne(q0, zero, edge / where_ne(q0, zero, q0, one), scale)
-    bias = where_ne(q0, zero, edge, zero)
+    scale, bias = vmlx_scale_bias(lo, hi, nb)
     ustore(sb, 0, ubf16(scale))
     ustore(sb, W, ubf16(bias))
     # Codes into a little-endian bit stream; every group starts on a word boundary (group * bits % 32 == 0).
