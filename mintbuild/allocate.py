@@ -427,6 +427,6 @@ def _model_dir(params: Params) -> Path | None:
     try:
         from .model import resolve_weights_dir
 
-        return resolve_weights_dir(Path(params.model.out))
+        return resolve_weights_dir(Path(params.equalize.out))
     except MintError:
         return None

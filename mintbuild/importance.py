@@ -401,7 +401,7 @@ def load_importance(path: Path) -> dict[str, Any]:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="composed parameters (default: params.yaml)")
-    p.add_argument("--model", help="HF model folder (default: the model stage's output)")
+    p.add_argument("--model", help="HF model folder (default: the equalize stage's output)")
     p.add_argument("--corpus", help="corpus folder with train.txt (default: corpus.out from params)")
     p.add_argument("--out", help="output folder (default: importance.out from params)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -411,7 +411,7 @@ def main(args: argparse.Namespace) -> None:
     from .model import resolve_weights_dir
 
     params = load_params(args.params)
-    model_dir = Path(args.model) if args.model else resolve_weights_dir(Path(params.model.out))
+    model_dir = Path(args.model) if args.model else resolve_weights_dir(Path(params.equalize.out))
     corpus_dir = Path(args.corpus or params.corpus.out)
     run(
         model_dir,

@@ -664,7 +664,7 @@ def pack_target(
     from .model import resolve_weights_dir
 
     out_root = Path(out_root or params.pack_out)
-    model_dir = Path(model_out or params.model.out)
+    model_dir = Path(model_out or params.equalize.out)
     alloc_path = Path(alloc_root or params.allocate_out) / target / "allocation.json"
     alloc = load_allocation(Path(alloc_root or params.allocate_out), target)
     ckpt = open_checkpoint(resolve_weights_dir(model_dir))

@@ -594,7 +594,7 @@ def run(model_dir: Path, cfg: ProfileConfig, out: Path, progress: bool = True) -
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="composed parameters (default: params.yaml)")
     p.add_argument(
-        "--model", help="checkpoint folder or .safetensors file (default: the model stage's output)"
+        "--model", help="checkpoint folder or .safetensors file (default: the equalize stage's output)"
     )
     p.add_argument("--out", help="output folder (default: profile.out from params)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -602,7 +602,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
-    model_dir = Path(args.model) if args.model else _model_weights_dir(Path(params.model.out))
+    model_dir = Path(args.model) if args.model else _model_weights_dir(Path(params.equalize.out))
     run(model_dir, params.profile, Path(args.out or params.profile.out), progress=not args.no_progress)
 
 

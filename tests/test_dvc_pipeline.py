@@ -51,6 +51,7 @@ def _params(model: Path, text: Path, targets: dict) -> dict:
     # A tiny model: short windows, few of them.
     p["eval"].update({"window": 64, "n_windows": 2})
     p["importance"].update({"window": 64, "n_windows": 2})
+    p["equalize"].update({"window": 64, "n_windows": 2, "samples": 64, "rank": 16, "grid": 6})
     return p
 
 
@@ -100,7 +101,15 @@ def test_full_build_then_only_the_edited_target_reruns(repo) -> None:
     repo_dir, params = repo
     first = _ran(_sh(repo_dir, "dvc", "repro"))
     per_target = {f"{s}@{t}" for s in ("allocate", "pack", "evaluate") for t in "ab"}
-    assert {"model", "corpus", "profile", "importance", "evaluate_baseline", "report"} | per_target <= first
+    assert {
+        "model",
+        "corpus",
+        "equalize",
+        "profile",
+        "importance",
+        "evaluate_baseline",
+        "report",
+    } | per_target <= first
     assert (repo_dir / "artifacts/pack/a/model.safetensors").exists()
     report = (repo_dir / "artifacts/report/report.md").read_text()
     assert (
@@ -127,7 +136,7 @@ def test_full_build_then_only_the_edited_target_reruns(repo) -> None:
     _write(repo_dir, params)
     ran = _ran(_sh(repo_dir, "dvc", "repro"))
     assert {"allocate@a", "allocate@b", "allocate@c"} <= ran
-    assert not ran & {"model", "corpus", "profile", "importance", "evaluate_baseline"}
+    assert not ran & {"model", "corpus", "equalize", "profile", "importance", "evaluate_baseline"}
     shown = _sh(repo_dir, "dvc", "metrics", "show")
     assert "avg_bits_per_weight" in shown and "ppl_mean" in shown
 
@@ -220,7 +229,7 @@ def test_dvc_exp_run_composes_conf_and_reruns_only_the_overridden_target(repo) -
     repo_dir, params = repo
     shutil.copytree(ROOT / "conf", repo_dir / "conf", dirs_exist_ok=True)
     groups = [{"model": "local"}, {"corpus": "text_file"}, {"profile": "default"}, {"solver": "exact"},
-              {"eval": "default"}, {"importance": "default"}, "_self_"]  # fmt: skip
+              {"eval": "default"}, {"importance": "default"}, {"equalize": "awq"}, "_self_"]  # fmt: skip
     (repo_dir / "conf/config.yaml").write_text(yaml.safe_dump({"defaults": groups, **params}, sort_keys=True))
     _sh(repo_dir, "dvc", "config", "hydra.enabled", "True")
     _sh(repo_dir, "git", "add", "-A")

@@ -38,7 +38,7 @@ def real_build(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> d
     root = tmp_path_factory.mktemp("packbuild")
     profile_run(smollm2_dir, ProfileConfig(), root / "profile", progress=False)
     params = Params(targets=dict(TARGETS))
-    params.model.out = str(smollm2_dir)
+    params.equalize.out = str(smollm2_dir)
     params.allocate_out = str(root / "allocate")
     params.pack_out = str(root / "pack")
     params.eval_out = str(root / "evaluate")
@@ -174,7 +174,7 @@ def _fake_allocation(root: Path, target: str, fp: str) -> None:
 def test_refuses_allocation_of_another_model(smollm2_dir: Path, tmp_path: Path) -> None:
     _fake_allocation(tmp_path / "alloc", "t", "0" * 32)
     params = Params(targets={"t": TargetConfig(size="1MB")})
-    params.model.out = str(smollm2_dir)
+    params.equalize.out = str(smollm2_dir)
     with pytest.raises(MintError, match="made from another model") as e:
         pack_target(params, "t", out_root=tmp_path / "pack", alloc_root=tmp_path / "alloc", progress=False)
     assert "\n" not in str(e.value) and not (tmp_path / "pack").exists()
@@ -188,7 +188,7 @@ def test_refuses_missing_tokenizer(smollm2_dir: Path, tmp_path: Path) -> None:
         (model / name).symlink_to(smollm2_dir / name)
     _fake_allocation(tmp_path / "alloc", "t", fingerprint(open_checkpoint(model)))
     params = Params(targets={"t": TargetConfig(size="1MB")})
-    params.model.out = str(model)
+    params.equalize.out = str(model)
     with pytest.raises(MintError, match="no tokenizer"):
         pack_target(params, "t", out_root=tmp_path / "pack", alloc_root=tmp_path / "alloc", progress=False)
     assert not (tmp_path / "pack").exists()
@@ -203,7 +203,7 @@ def test_refuses_wrong_tokenizer(smollm2_dir: Path, tmp_path: Path) -> None:
     (model / "config.json").write_text(json.dumps(cfg))
     _fake_allocation(tmp_path / "alloc", "t", fingerprint(open_checkpoint(model)))
     params = Params(targets={"t": TargetConfig(size="1MB")})
-    params.model.out = str(model)
+    params.equalize.out = str(model)
     with pytest.raises(MintError, match="wrong tokenizer"):
         pack_target(params, "t", out_root=tmp_path / "pack", alloc_root=tmp_path / "alloc", progress=False)
     assert not (tmp_path / "pack").exists() and MANIFEST_FILE
