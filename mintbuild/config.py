@@ -177,7 +177,7 @@ class EqualizeConfig:
     #: awq (search per-channel power-of-two scales on calibration activations) | none (the model as is).
     method: str = "awq"
     #: Calibration windows (from the corpus train split only) and tokens per window; forward passes only.
-    n_windows: int = 8
+    n_windows: int = 4
     window: int = 512
     seed: int = 0
     #: Tokens per group kept for the search (every k-th calibration token).
@@ -185,7 +185,7 @@ class EqualizeConfig:
     #: Directions of the sample's activation covariance the output error keeps exactly (the rest: isotropic).
     rank: int = 128
     #: Exponents a tried per group, evenly spaced on [0, 1] (a = 0 is plain round-to-nearest).
-    grid: int = 21
+    grid: int = 11
     #: The quantizer the search measures (MLX affine bits / group).
     bits: int = 4
     group: int = 64

@@ -155,7 +155,7 @@ def test_real_smollm2(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> No
     assert ppl(tmp_path / "eq", False) == full  # bit-identical at 16 bits
     plain, equalized = ppl(smollm2_dir, True), ppl(tmp_path / "eq", True)
     # The share of the 4-bit damage (PPL above 16-bit) that equalization removes: measured 0.146 here (25.17,
-    # 37.38 -> 35.60) with this small calibration; 0.49 with the default one on the eval windows (18.02, 24.70
-    # -> 21.43). A no-op gives 0, a wrong fold breaks the 16-bit equality above.
+    # 37.38 -> 35.60) with this small calibration; 0.15 with the stage's defaults on the eval windows (18.02,
+    # 24.70 -> 23.55). A no-op gives 0, a wrong fold breaks the 16-bit equality above.
     removed = 1 - (equalized - full) / (plain - full)
     assert math.isfinite(equalized) and removed > 0.08, (full, plain, equalized)
