@@ -7,10 +7,11 @@ budget we allocate with the published one-pass greedy (objective nrmse), and wit
 and each objective (nrmse = published, mse = data-free size-aware, fisher = calibrated default), pack with
 `mintbuild pack` and score every folder with mintbuild's evaluator (dequantized into the transformers
 architecture; the windows of `eval` in params.yaml). Every mintbuild row is checked to be at most the reference's
-bytes.
+bytes. References quantize the model stage's weights; mintbuild rows those of the equalize stage (the same
+16-bit function, rewritten so that round-to-nearest loses less; `equalize=none` compares like for like).
 
 Writes artifacts/quality/: quality.md (tables), quality.png (bytes vs PPL, one series per method, 16-bit line),
-quality.json (every row). Needs the model, corpus, profile and importance stages (`make quality` runs them).
+quality.json (every row). Needs the model, corpus, equalize, profile and importance stages (`make quality` runs them).
 
 Usage: .venv/bin/python benchmarks/quality.py [--params params.yaml] [--refs 4/64,mixed_4_6,...]
        [--methods greedy,nrmse,mse,fisher] [--importance extra.json:label ...] [--windows N] [--out DIR]
@@ -305,6 +306,8 @@ def settings(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "parameters": bench.parameters,
         "mlx_lm_version": mlx_lm.__version__,
         "torch_threads": torch.get_num_threads(),
+        # mintbuild rows quantize the equalize stage's weights (method none: the model's own); references, mlx-lm's.
+        "equalize": bench.params.equalize.method,
     }
 
 
@@ -346,8 +349,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Model {st['model']} ({st['parameters']:,} parameters); perplexity on the corpus {st['split']} split, "
         f"{st['windows']} windows x {st['window']} tokens ({st['tokens_scored']:,} tokens scored), the same "
         "windows and evaluator for every row. Reference rows are made by mlx-lm "
-        f"{st['mlx_lm_version']} (`mlx_lm.convert`); mintbuild rows are allocated at the reference's bytes, "
-        "packed by `mintbuild pack` and never larger on disk (checked).",
+        f"{st['mlx_lm_version']} (`mlx_lm.convert`) from the model's own weights; mintbuild rows quantize the "
+        f"equalize stage's weights (equalize: {st.get('equalize', 'none')}; the same 16-bit function), are "
+        "allocated at the reference's bytes, packed by `mintbuild pack` and never larger on disk (checked).",
         "",
         f"16-bit: {format_size(base.bytes)}, mean PPL {base.ppl_mean:.3f}.",
         "",

@@ -38,7 +38,7 @@ def real_build(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> d
     root = tmp_path_factory.mktemp("packbuild")
     profile_run(smollm2_dir, ProfileConfig(), root / "profile", progress=False)
     params = Params(targets=dict(TARGETS))
-    params.equalize.out = str(smollm2_dir)
+    params.model.out = params.equalize.out = str(smollm2_dir)  # the 16-bit baseline reads model.out
     params.allocate_out = str(root / "allocate")
     params.pack_out = str(root / "pack")
     params.eval_out = str(root / "evaluate")
