@@ -171,7 +171,7 @@ def pow2_scales(mean_abs: Any, a: float, share: int = 1, head_dim: int = 0) -> A
 class Metric:
     """The output-error metric of one group: |D x^T|^2 summed over the sample tokens x, for D = W' - W.
 
-    From the sample's thin SVD X = U diag(sigma) V^T: the top `rank` directions exactly, the rest as one
+    From the sample's (randomized, seeded) SVD X = U diag(sigma) V^T: the top `rank` directions exactly, the rest as one
     isotropic remainder (their mean energy over the C - rank dimensions left, which also covers directions the
     sample never spans). One [O, C] x [C, rank] product per candidate instead of [O, C] x [C, S].
     """
