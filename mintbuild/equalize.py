@@ -28,16 +28,17 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import EqualizeConfig, load_params
+from .config import EqualizeConfig
 from .errors import MintError
+from .importance import calibration_args, calibration_parser
 from .io import atomic_dir, atomic_write_json, sha256_file
+from .model import copy_small_files
 
 SCHEMA_VERSION = 1
 RECORD = "equalize.json"
@@ -283,7 +284,7 @@ def run(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, out: Path, progr
         return _passthrough(model_dir, out)
     record, tensors = compute(model_dir, Path(corpus_dir), cfg, progress)
     with atomic_dir(out) as tmp:
-        _copy_small_files(model_dir, tmp)
+        copy_small_files(model_dir, tmp)
         _save(tensors, tmp / WEIGHTS_FILE)
         atomic_write_json(tmp / RECORD, record)
         manifest = {"schema_version": 1, "source": "equalize", "method": cfg.method,
@@ -300,20 +301,11 @@ def compute(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, progress: bo
     import numpy as np
     import torch
 
-    from .checkpoint import fingerprint, open_checkpoint
-    from .importance import choose_windows, load_model, load_tokenizer, read_train_text
+    from .checkpoint import fingerprint
+    from .importance import calibration_windows, load_model, torch_settings
 
-    ckpt = open_checkpoint(model_dir)
-    text, train_sha = read_train_text(corpus_dir)
-    tokenizer = load_tokenizer(model_dir)
-    max_pos = ckpt.config.get("max_position_embeddings")
-    length = min(cfg.window, max_pos) if max_pos else cfg.window
-    windows = choose_windows(text, tokenizer, cfg.n_windows, length, cfg.seed)
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    try:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    ckpt, windows, train_sha = calibration_windows(model_dir, corpus_dir, cfg.n_windows, cfg.window, cfg.seed)
+    with torch_settings(cfg.threads):
         t0 = time.perf_counter()
         model = load_model(model_dir)
         groups = layer_groups(model)
@@ -321,9 +313,6 @@ def compute(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, progress: bo
         t1 = time.perf_counter()
         records = equalize_model(model, groups, stats, cfg, progress)
         t2 = time.perf_counter()
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
     log.info(
         "calibration %.1f s, search %.1f s (%d groups x %d exponents)",
         t1 - t0,
@@ -393,29 +382,12 @@ def _save(tensors: dict[str, Any], path: Path) -> None:
     save_file(dict(sorted(tensors.items())), str(path), metadata={"format": "pt"})
 
 
-def _copy_small_files(model_dir: Path, dst: Path) -> None:
-    from .model import SMALL_FILES
-
-    for src in sorted(model_dir.iterdir()):
-        if src.is_file() and (src.name in SMALL_FILES or src.name.startswith("tokenizer")):
-            shutil.copyfile(src, dst / src.name)
-
-
 def _passthrough(model_dir: Path, out: Path) -> dict:
-    """method none: the small files and a manifest naming the original weights (nothing is copied)."""
-    from .model import local_weight_files
+    """method none: the model stage's own local-folder manifest naming `model_dir` (nothing is copied)."""
+    from .config import ModelConfig
+    from .model import import_model
 
-    weights = local_weight_files(model_dir)
-    with atomic_dir(out) as tmp:
-        _copy_small_files(model_dir, tmp)
-        manifest = {
-            "schema_version": 1,
-            "source": "local",
-            "method": "none",
-            "path": str(model_dir.resolve()),
-            "files": {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in weights},
-        }
-        atomic_write_json(tmp / "manifest.json", manifest)
+    manifest = import_model(ModelConfig(source="local", path=str(model_dir)), out)
     log.info("equalize.method none: %s points at %s", out, model_dir)
     return manifest
 
@@ -430,17 +402,9 @@ def load_record(folder: Path) -> dict | None:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", default="params.yaml", help="composed parameters (default: params.yaml)")
-    p.add_argument("--model", help="HF model folder (default: the model stage's output)")
-    p.add_argument("--corpus", help="corpus folder with train.txt (default: corpus.out from params)")
-    p.add_argument("--out", help="output folder (default: equalize.out from params)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    calibration_parser(p, "model", "equalize.out")
 
 
 def main(args: argparse.Namespace) -> None:
-    from .model import resolve_weights_dir
-
-    params = load_params(args.params)
-    model_dir = Path(args.model) if args.model else resolve_weights_dir(Path(params.model.out))
-    corpus_dir = Path(args.corpus or params.corpus.out)
+    params, model_dir, corpus_dir = calibration_args(args, "model")
     run(model_dir, corpus_dir, params.equalize, Path(args.out or params.equalize.out), not args.no_progress)

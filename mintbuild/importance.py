@@ -30,12 +30,14 @@ the sampling noise of a 2k-token Fisher estimate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import re
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .config import ImportanceConfig, load_params
+from .config import ImportanceConfig, Params, load_params
 from .errors import MintError
 from .io import atomic_dir, atomic_write_json, sha256_file
 
@@ -188,18 +190,47 @@ def fisher_pass(
     return per_window, losses
 
 
+@contextlib.contextmanager
+def torch_settings(threads: int, seed: int | None = None) -> Iterator[None]:
+    """Deterministic algorithms, `threads` CPU threads (0 = torch's default) and an optional seed; torch's
+    global settings are restored afterwards (the calibration stages run inside tests and benchmarks too)."""
+    import torch
+
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        if seed is not None:
+            torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+
+
+def calibration_windows(
+    model_dir: Path, corpus_dir: Path, n_windows: int, window: int, seed: int
+) -> tuple[Any, list[Window], str]:
+    """(checkpoint, windows of the train split capped at the model's context, train.txt sha256); the checkpoint
+    is opened first so that bad weights fail before the slow work."""
+    from .checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(model_dir)
+    text, train_sha = read_train_text(corpus_dir)
+    tokenizer = load_tokenizer(model_dir)
+    max_pos = ckpt.config.get("max_position_embeddings")
+    length = min(window, max_pos) if max_pos else window
+    return ckpt, choose_windows(text, tokenizer, n_windows, length, seed), train_sha
+
+
 def calibrate(
     model_dir: Path, windows: list[Window], cfg: ImportanceConfig, progress: bool
 ) -> tuple[dict[str, list[float]], list[float]]:
     """Load the fp32 model and run the Fisher pass; torch's global settings are restored afterwards."""
     import torch
 
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    try:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    with torch_settings(cfg.threads, cfg.seed):
         t0 = time.perf_counter()
         model = load_model(model_dir)
         log.info(
@@ -209,9 +240,6 @@ def calibrate(
             torch.get_num_threads(),
         )
         return fisher_pass(model, windows, progress)
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
 
 
 def shrink_experts(
@@ -292,16 +320,11 @@ def compute_importance(
     import torch
     import transformers
 
-    from .checkpoint import compile_rules, fingerprint, layer_index, open_checkpoint, tensor_role
+    from .checkpoint import compile_rules, fingerprint, layer_index, tensor_role
     from .profile import tied_lm_head
 
     model_dir, corpus_dir = Path(model_dir), Path(corpus_dir)
-    ckpt = open_checkpoint(model_dir)  # validates the weights before the slow load
-    text, train_sha = read_train_text(corpus_dir)
-    tokenizer = load_tokenizer(model_dir)
-    max_pos = ckpt.config.get("max_position_embeddings")
-    length = min(cfg.window, max_pos) if max_pos else cfg.window
-    windows = choose_windows(text, tokenizer, cfg.n_windows, length, cfg.seed)
+    ckpt, windows, train_sha = calibration_windows(model_dir, corpus_dir, cfg.n_windows, cfg.window, cfg.seed)
 
     per_window, losses = calibrate(model_dir, windows, cfg, progress)
 
@@ -334,7 +357,7 @@ def compute_importance(
             "corpus_train_sha256": train_sha,
             "tokens": sum(len(w.ids) for w in windows),
             "windows": len(windows),
-            "window": length,
+            "window": len(windows[0].ids),
             "seed": cfg.seed,
             "sig_digits": cfg.sig_digits,
             "mintbuild_version": __version__,
@@ -399,20 +422,32 @@ def load_importance(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- CLI
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
+def calibration_parser(p: argparse.ArgumentParser, model_stage: str, out_key: str) -> None:
+    """The arguments of a calibration stage (importance, equalize): params, model, corpus, out, progress."""
     p.add_argument("--params", default="params.yaml", help="composed parameters (default: params.yaml)")
-    p.add_argument("--model", help="HF model folder (default: the equalize stage's output)")
+    p.add_argument("--model", help=f"HF model folder (default: the {model_stage} stage's output)")
     p.add_argument("--corpus", help="corpus folder with train.txt (default: corpus.out from params)")
-    p.add_argument("--out", help="output folder (default: importance.out from params)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", help=f"output folder (default: {out_key} from params)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def main(args: argparse.Namespace) -> None:
+def calibration_args(args: argparse.Namespace, model_stage: str) -> tuple[Params, Path, Path]:
+    """(params, model folder, corpus folder) of a calibration stage's command line; the model folder defaults
+    to the output of `model_stage` (`model` or `equalize`)."""
     from .model import resolve_weights_dir
 
     params = load_params(args.params)
-    model_dir = Path(args.model) if args.model else resolve_weights_dir(Path(params.equalize.out))
-    corpus_dir = Path(args.corpus or params.corpus.out)
+    model_out = Path(getattr(params, model_stage).out)
+    model_dir = Path(args.model) if args.model else resolve_weights_dir(model_out)
+    return params, model_dir, Path(args.corpus or params.corpus.out)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    calibration_parser(p, "equalize", "importance.out")
+
+
+def main(args: argparse.Namespace) -> None:
+    params, model_dir, corpus_dir = calibration_args(args, "equalize")
     run(
         model_dir,
         corpus_dir,

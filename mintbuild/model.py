@@ -305,9 +305,7 @@ def _import_local(cfg: ModelConfig, out: Path) -> dict[str, Any]:
     folder = Path(cfg.path).expanduser().resolve()
     weights = local_weight_files(folder)
     with atomic_dir(out) as dst:
-        for src in sorted(folder.iterdir()):
-            if src.is_file() and (src.name in SMALL_FILES or src.name.startswith("tokenizer")):
-                shutil.copy2(src, dst / src.name)
+        copy_small_files(folder, dst)
         manifest = {
             "schema_version": MANIFEST_SCHEMA,
             "source": "local",
@@ -318,6 +316,13 @@ def _import_local(cfg: ModelConfig, out: Path) -> dict[str, Any]:
         atomic_write_json(dst / MANIFEST, manifest)
     log.info("model folder %s: %d weight file(s); manifest in %s", folder, len(weights), out)
     return manifest
+
+
+def copy_small_files(folder: Path, dst: Path) -> None:
+    """config.json, generation/chat files and the tokenizer files of an HF folder (never the weights)."""
+    for src in sorted(Path(folder).iterdir()):
+        if src.is_file() and (src.name in SMALL_FILES or src.name.startswith("tokenizer")):
+            shutil.copy2(src, dst / src.name)
 
 
 def local_weight_files(folder: Path) -> list[Path]:
