@@ -308,6 +308,8 @@ def settings(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         # mintbuild rows quantize the equalize stage's weights (method none: the model's own); references, mlx-lm's.
         "equalize": bench.params.equalize.method,
+        # mintbuild rows round by pack.rounding (gptq: the output head against its importance-stage Hessian).
+        "pack_rounding": bench.params.pack.rounding,
     }
 
 

@@ -167,7 +167,23 @@ class ImportanceConfig:
     threads: int = 0
     #: Significant digits kept in the artifact (the last bits of CPU gradients depend on the thread split).
     sig_digits: int = 6
+    #: Forward-only windows (train split) whose output-head inputs give the Hessian X^T X the packer's GPTQ
+    #: rounding uses (`pack.rounding`); 0 = none. Fewer than 8 x 512 tokens overfit it here (README).
+    hessian_windows: int = 16
     out: str = "artifacts/importance"
+
+
+@dataclass
+class PackConfig:
+    """How the packer rounds each quantized tensor to its chosen bits and group."""
+
+    #: gptq (error-compensated, for the tensors the importance stage measured a Hessian for; the rest
+    #: round-to-nearest) | rtn (round-to-nearest everywhere, bit-identical to mx.quantize).
+    rounding: str = "gptq"
+    #: GPTQ damping, as a fraction of the mean diagonal of H (larger = closer to round-to-nearest).
+    damp: float = 0.1
+    #: Columns updated together (a multiple of the group size; speed only, same result up to float rounding).
+    block: int = 128
 
 
 @dataclass
@@ -205,6 +221,7 @@ class Params:
     allocate_out: str = "artifacts/allocate"
     #: Packed MLX model folders, one per target (`mintbuild pack`).
     pack_out: str = "artifacts/pack"
+    pack: PackConfig = field(default_factory=PackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     equalize: EqualizeConfig = field(default_factory=EqualizeConfig)

@@ -51,6 +51,8 @@ from .io import atomic_dir, atomic_write_json, sha256_file
 
 SCHEMA_VERSION = 1
 FILENAME = "importance.json"
+#: The output head's input Hessian (float64 [K, K] per head weight, by checkpoint name) for GPTQ rounding.
+HESSIAN_FILE = "hessian.safetensors"
 SPLIT = "train"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 #: A window of n tokens is first looked for in this many chars per token (doubled until it fits).
@@ -310,6 +312,66 @@ def round_sig(x: float, digits: int) -> float:
     return float(f"{x:.{digits - 1}e}")
 
 
+# ---------------------------------------------------------------- the output head's input Hessian
+
+
+def head_hessian(model: Any, windows: list[Window], progress: bool) -> tuple[str, Any]:
+    """(parameter name of the output head's weight, H = sum over the windows' tokens of x x^T of the head's
+    input x, float64). The tied head's weight is the embedding parameter, so its name is the embedding's."""
+    import torch
+    from tqdm import tqdm
+
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise MintError(f"{type(model).__name__}: no linear output head to measure a Hessian for")
+    name = next(n for n, p in model.named_parameters(remove_duplicate=True) if p is head.weight)
+    k = head.weight.shape[1]
+    acc = torch.zeros((k, k), dtype=torch.float64)
+
+    def hook(_module: Any, inputs: tuple[Any, ...]) -> None:
+        x = inputs[0].detach().reshape(-1, k).double()
+        acc.add_(x.T @ x)
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        with torch.inference_mode():
+            for w in tqdm(windows, unit="window", disable=not progress, desc="head hessian"):
+                model(input_ids=torch.tensor(w.ids, dtype=torch.long)[None], use_cache=False)
+    finally:
+        handle.remove()
+    return name, acc
+
+
+def compute_hessian(
+    model_dir: Path, corpus_dir: Path, cfg: ImportanceConfig, progress: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(record for importance.json, {checkpoint name of the head weight: H}) from `hessian_windows`
+    forward-only windows of the train split (seeded like the Fisher windows, possibly overlapping them)."""
+
+    from .profile import tied_lm_head
+
+    ckpt, windows, _ = calibration_windows(model_dir, corpus_dir, cfg.hessian_windows, cfg.window, cfg.seed)
+    with torch_settings(cfg.threads, cfg.seed):
+        t0 = time.perf_counter()
+        name, h = head_hessian(load_model(model_dir), windows, progress)
+    stored = [n for n in ckpt.names if n != tied_lm_head(ckpt)]
+    if name not in stored:
+        raise MintError(f"{model_dir}: the output head's weight {name!r} is not a checkpoint tensor")
+    tokens = sum(len(w.ids) for w in windows)
+    log.info("head Hessian of %s: %d windows, %d tokens in %.1f s", name, len(windows), tokens,
+             time.perf_counter() - t0)  # fmt: skip
+    record = {
+        "file": HESSIAN_FILE,
+        "what": "H = sum_tokens x x^T of the output head's input x (float64), for GPTQ rounding in pack",
+        "tensors": {name: {"inputs": int(h.shape[0])}},
+        "tokens": tokens,
+        "windows": [
+            {"char_start": w.char_start, "char_end": w.char_end, "tokens": len(w.ids)} for w in windows
+        ],
+    }
+    return record, {name: h}
+
+
 # ---------------------------------------------------------------- the library function
 
 
@@ -400,11 +462,40 @@ def summarise(alpha: dict[str, float], roles: dict[str, str]) -> dict[str, dict[
 def run(
     model_dir: Path, corpus_dir: Path, cfg: ImportanceConfig, out: Path, progress: bool = True
 ) -> dict[str, Any]:
-    """Compute the importance and write `out`/importance.json atomically (the folder is replaced whole)."""
+    """Compute the importance (and the head Hessian unless `hessian_windows` is 0) and write `out`/
+    importance.json (+ hessian.safetensors) atomically: the folder is replaced whole."""
+    from safetensors.torch import save_file
+
     result = compute_importance(model_dir, corpus_dir, cfg, progress)
+    record, hessians = (
+        compute_hessian(model_dir, corpus_dir, cfg, progress) if cfg.hessian_windows else ({}, {})
+    )
     with atomic_dir(out) as tmp:
+        if hessians:
+            save_file(hessians, str(tmp / HESSIAN_FILE), metadata={"schema_version": str(SCHEMA_VERSION)})
+            result["hessian"] = {**record, "sha256": sha256_file(tmp / HESSIAN_FILE)}
         atomic_write_json(tmp / FILENAME, result)
     return result
+
+
+def load_hessians(folder: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """({tensor name: H}, sha256 of the file, the importance artifact) of an importance folder; the file is
+    checked against the sha256 that importance.json recorded."""
+    from safetensors.torch import load_file
+
+    doc = load_importance(folder)
+    record = doc.get("hessian")
+    path = Path(folder) / HESSIAN_FILE
+    if not record:
+        raise MintError(
+            f"{Path(folder) / FILENAME}: no output-head Hessian (importance.hessian_windows is 0); set it, rerun "
+            "`mintbuild importance`, or set pack.rounding: rtn"
+        )
+    if not path.is_file() or sha256_file(path) != record["sha256"]:
+        raise MintError(
+            f"{path}: missing or not the file importance.json recorded (sha256 {record['sha256'][:12]})"
+        )
+    return load_file(str(path)), record["sha256"], doc
 
 
 def load_importance(path: Path) -> dict[str, Any]:

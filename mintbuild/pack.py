@@ -13,8 +13,10 @@ Per target, artifacts/pack/<target>/ holds:
 
 The bytes of every decision are checked against the allocation's planned bytes (`formats.Option.nbytes`), and
 the weight file (header included) against the target's budget, before the folder is renamed into place.
-Quantized tensors are cached by (content hash, option, quantizer version), so targets that share choices cost
-little more than one. The output is byte-identical for identical inputs (sorted header names, data in source
+Rounding (`pack.rounding`): round-to-nearest, bit-identical to mx.quantize, or GPTQ (gptq.py) for the tensors
+the importance stage measured an input Hessian for (the output head); same format and bytes either way.
+Quantized tensors are cached by (content hash, option, quantizer version, rounding), so targets that share
+choices cost little more than one. The output is byte-identical for identical inputs (sorted header names, data in source
 name order, fixed metadata); the file is written front to back and its sha256 taken as it is written.
 """
 
@@ -45,6 +47,7 @@ from .checkpoint import Checkpoint, fingerprint, open_checkpoint
 from .config import Params, load_params, select_targets
 from .errors import MintError
 from .formats import Option, parse_option, stored_entry_names
+from .gptq import GPTQ_VERSION, gptq_codes
 from .io import atomic_dir, atomic_write_json, canonical_json, read_json, sha256_file
 from .kernels import (
     W,
@@ -64,7 +67,7 @@ from .kernels import (
     vrint,
     vsplat,
 )
-from .quant import QUANTIZER_VERSION
+from .quant import QUANTIZER_VERSION, pack_codes
 
 HELP = "write each target's MLX model folder"
 WEIGHTS_FILE = "model.safetensors"
@@ -248,6 +251,75 @@ def quantize_pack(w: torch.Tensor, option: Option) -> tuple[np.ndarray, np.ndarr
     if bad.any():
         raise MintError(f"{int(bad.sum())} NaN or Inf value(s) in row(s) {np.flatnonzero(bad)[:3].tolist()}")
     return words.reshape(wshape), scales.reshape(sshape), biases.reshape(sshape)
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How quantized tensors are rounded: GPTQ for those with a Hessian, round-to-nearest for the rest."""
+
+    method: str = "rtn"
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessian_sha256: str = ""
+    damp: float = 0.1
+    block: int = 128
+
+    def cache_key(self, name: str) -> str:
+        """What, besides the tensor's content and option, its stored bytes depend on."""
+        if name not in self.hessians:
+            return ""
+        return f"|{GPTQ_VERSION}|{self.hessian_sha256}|{self.damp}|{self.block}"
+
+    def record(self) -> dict[str, Any]:
+        if self.method == "rtn":
+            return {"method": "rtn"}
+        return {
+            "method": self.method,
+            "version": GPTQ_VERSION,
+            "gptq_tensors": sorted(self.hessians),
+            "hessian_sha256": self.hessian_sha256,
+            "damp": self.damp,
+            "block": self.block,
+        }
+
+
+def load_rounding(params: Params, ckpt: Checkpoint) -> Rounding:
+    """The rounding `params.pack` asks for, with the importance stage's Hessians of this very model."""
+    from .importance import load_hessians
+
+    cfg = params.pack
+    if cfg.rounding == "rtn":
+        return Rounding()
+    if cfg.rounding != "gptq":
+        raise MintError(f"pack.rounding {cfg.rounding!r}: choose gptq or rtn")
+    if not (cfg.damp > 0 and cfg.block > 0):
+        raise MintError(f"pack.damp {cfg.damp} and pack.block {cfg.block} must be positive")
+    folder = Path(params.importance.out)
+    hessians, sha, doc = load_hessians(folder)
+    want, got = doc.get("provenance", {}).get("model_fingerprint"), fingerprint(ckpt)
+    if want != got:
+        raise MintError(
+            f"{folder}: the Hessian was measured on another model (fingerprint {want} != {got} of "
+            f"{ckpt.folder}); re-run `mintbuild importance`"
+        )
+    return Rounding("gptq", hessians, sha, cfg.damp, cfg.block)
+
+
+def gptq_pack(
+    w: torch.Tensor, option: Option, hessian: torch.Tensor, rounding: Rounding
+) -> tuple[np.ndarray, ...]:
+    """`quantize_pack`'s arrays, rounded by GPTQ against `hessian`."""
+    shape = tuple(w.shape)
+    reason = option.unavailable_reason(shape)
+    if reason:
+        raise MintError(f"option {option.name} cannot store shape {list(shape)}: {reason}")
+    if not torch.isfinite(w).all():
+        raise MintError(f"{int((~torch.isfinite(w)).sum())} NaN or Inf value(s)")
+    q, scales, biases = gptq_codes(w, hessian, option, rounding.damp, rounding.block)
+    wshape, sshape = option.packed_shape(shape)
+    as_u16 = [
+        t.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(sshape) for t in (scales, biases)
+    ]
+    return pack_codes(q, option.bits).reshape(wshape), *as_u16
 
 
 # ---------------------------------------------------------------- the plan
@@ -490,7 +562,7 @@ def default_cache_dir(pack_out: Path) -> Path:
 
 
 def tensor_payload(
-    ckpt: Checkpoint, item: Item, cache: PackCache, hashes: dict[str, str]
+    ckpt: Checkpoint, item: Item, cache: PackCache, hashes: dict[str, str], rounding: Rounding
 ) -> list[memoryview]:
     """The bytes of each of the item's entries, in entry order; records the tensor's content hash."""
     from .profile import content_hash
@@ -502,7 +574,8 @@ def tensor_payload(
     if item.option.passthrough:
         return [memoryview(_bf16_bytes(t))]
     sizes = [e.nbytes for e in item.entries]
-    payload = cache.get(digest, item.option)
+    key = digest + rounding.cache_key(item.source)
+    payload = cache.get(key, item.option)
     if payload is not None and len(payload) == sum(sizes):
         cache.hits += 1
         # Zero-copy views of the cached entry, one per stored tensor.
@@ -510,11 +583,14 @@ def tensor_payload(
         return [payload[a:b] for a, b in itertools.pairwise(bounds)]
     cache.misses += 1
     try:
-        arrays = quantize_pack(t, item.option)
+        hessian = rounding.hessians.get(item.source)
+        arrays = (
+            quantize_pack(t, item.option) if hessian is None else gptq_pack(t, item.option, hessian, rounding)
+        )
     except MintError as e:
         raise MintError(f"{info.file}: tensor {item.source!r}: {e}") from None
     parts = [memoryview(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))).cast("B") for a in arrays]
-    cache.put(digest, item.option, parts)
+    cache.put(key, item.option, parts)
     return parts
 
 
@@ -526,7 +602,13 @@ def _bf16_bytes(t: torch.Tensor) -> bytes:
 
 
 def write_weights(
-    plan: Plan, ckpt: Checkpoint, path: Path, cache: PackCache, progress: bool, hashes: dict[str, str]
+    plan: Plan,
+    ckpt: Checkpoint,
+    path: Path,
+    cache: PackCache,
+    progress: bool,
+    hashes: dict[str, str],
+    rounding: Rounding,
 ) -> tuple[dict[str, int], str]:
     """Write the safetensors file front to back; return the bytes written per decision (checked against the
     plan) and the file's sha256, computed as it is written (a second pass over the file cost ~10% of a pack)."""
@@ -539,7 +621,9 @@ def write_weights(
         f.write(plan.header)
         pos = 0
         for item in plan.items:
-            for entry, data in zip(item.entries, tensor_payload(ckpt, item, cache, hashes), strict=True):
+            for entry, data in zip(
+                item.entries, tensor_payload(ckpt, item, cache, hashes, rounding), strict=True
+            ):
                 start, end = plan.offsets[entry.name]
                 if start != pos or len(data) != end - start:
                     raise MintError(
@@ -674,6 +758,7 @@ def pack_target(
     check_tokenizer(model_dir, model_config)
     plan = make_plan(alloc, ckpt)
     check_budget(plan)
+    rounding = load_rounding(params, ckpt)
     out = out_root / target
     result = PackResult(target, out, plan)
     if dry_run:
@@ -682,13 +767,15 @@ def pack_target(
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         hashes: dict[str, str] = {}
-        written, weights_sha = write_weights(plan, ckpt, tmp / WEIGHTS_FILE, cache, progress, hashes)
+        written, weights_sha = write_weights(
+            plan, ckpt, tmp / WEIGHTS_FILE, cache, progress, hashes, rounding
+        )
         check_checkpoint_hash(alloc, hashes)
         check_written(alloc, written, tmp / WEIGHTS_FILE, plan)
         (tmp / "config.json").write_text(canonical_json(packed_config(model_config, plan)), encoding="utf-8")
         for src in files:
             shutil.copyfile(src, tmp / src.name)
-        result.manifest = manifest(tmp, alloc, alloc_path, plan, {WEIGHTS_FILE: weights_sha})
+        result.manifest = manifest(tmp, alloc, alloc_path, plan, {WEIGHTS_FILE: weights_sha}, rounding)
         atomic_write_json(tmp / MANIFEST_FILE, result.manifest)
     result.seconds = time.perf_counter() - t0
     result.cache_hits, result.cache_misses = cache.hits, cache.misses
@@ -708,7 +795,12 @@ def pack_target(
 
 
 def manifest(
-    folder: Path, alloc: dict[str, Any], alloc_path: Path, plan: Plan, known: dict[str, str]
+    folder: Path,
+    alloc: dict[str, Any],
+    alloc_path: Path,
+    plan: Plan,
+    known: dict[str, str],
+    rounding: Rounding,
 ) -> dict[str, Any]:
     """The pack's record; `known` holds sha256 digests already computed (file name -> hex)."""
     totals = alloc["totals"]
@@ -725,6 +817,7 @@ def manifest(
         "objective": totals.get("objective"),
         "objective_kind": totals.get("objective_kind"),
         "quantizer": QUANTIZER_VERSION,
+        "rounding": rounding.record(),
         "files": {
             p.name: {"bytes": p.stat().st_size, "sha256": known.get(p.name) or sha256_file(p)}
             for p in sorted(folder.iterdir())

@@ -39,6 +39,9 @@ def real_build(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> d
     profile_run(smollm2_dir, ProfileConfig(), root / "profile", progress=False)
     params = Params(targets=dict(TARGETS))
     params.model.out = params.equalize.out = str(smollm2_dir)  # the 16-bit baseline reads model.out
+    params.pack.rounding = (
+        "rtn"  # mx.quantize's bits exactly; test_gptq.py packs the same allocations with GPTQ
+    )
     params.allocate_out = str(root / "allocate")
     params.pack_out = str(root / "pack")
     params.eval_out = str(root / "evaluate")
