@@ -50,7 +50,7 @@ def _params(model: Path, text: Path, targets: dict) -> dict:
     p["targets"] = targets
     # A tiny model: short windows, few of them.
     p["eval"].update({"window": 64, "n_windows": 2})
-    p["importance"].update({"window": 64, "n_windows": 2})
+    p["importance"].update({"window": 64, "n_windows": 2, "hessian_windows": 4})
     p["equalize"].update({"window": 64, "n_windows": 2, "samples": 64, "rank": 16, "grid": 6})
     return p
 
@@ -229,7 +229,7 @@ def test_dvc_exp_run_composes_conf_and_reruns_only_the_overridden_target(repo) -
     repo_dir, params = repo
     shutil.copytree(ROOT / "conf", repo_dir / "conf", dirs_exist_ok=True)
     groups = [{"model": "local"}, {"corpus": "text_file"}, {"profile": "default"}, {"solver": "exact"},
-              {"eval": "default"}, {"importance": "default"}, {"equalize": "awq"}, "_self_"]  # fmt: skip
+              {"eval": "default"}, {"importance": "default"}, {"equalize": "awq"}, {"pack": "gptq"}, "_self_"]  # fmt: skip
     (repo_dir / "conf/config.yaml").write_text(yaml.safe_dump({"defaults": groups, **params}, sort_keys=True))
     _sh(repo_dir, "dvc", "config", "hydra.enabled", "True")
     _sh(repo_dir, "git", "add", "-A")

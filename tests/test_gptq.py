@@ -205,8 +205,8 @@ def test_gptq_head_has_less_output_error_on_test_tokens(gptq_build: dict[str, An
     for kind in ("rtn", "gptq"):
         state = dequantized_state(gptq_build[kind], read_config(gptq_build[kind]))
         errs[kind] = output_error(w.to(torch.bfloat16), state["model.embed_tokens.weight"], h)
-    # Measured: 0.78 of round-to-nearest's output error.
-    assert errs["gptq"] < 0.9 * errs["rtn"], errs
+    # Measured: 0.40 of round-to-nearest's output error (1,024 test tokens; Hessian from 8 x 256 train tokens).
+    assert errs["gptq"] < 0.6 * errs["rtn"], errs
 
 
 @pytest.mark.slow
