@@ -8,7 +8,8 @@ and each objective (nrmse = published, mse = data-free size-aware, fisher = cali
 `mintbuild pack` and score every folder with mintbuild's evaluator (dequantized into the transformers
 architecture; the windows of `eval` in params.yaml). Every mintbuild row is checked to be at most the reference's
 bytes. References quantize the model stage's weights; mintbuild rows those of the equalize stage (the same
-16-bit function, rewritten so that round-to-nearest loses less; `equalize=none` compares like for like).
+16-bit function, rewritten so that round-to-nearest loses less; `equalize=none` compares like for like) and are
+rounded as `pack.rounding` says (gptq: the output head by GPTQ; `pack=rtn`: round-to-nearest like mlx-lm).
 
 Writes artifacts/quality/: quality.md (tables), quality.png (bytes vs PPL, one series per method, 16-bit line),
 quality.json (every row). Needs the model, corpus, equalize, profile and importance stages (`make quality` runs them).
@@ -37,7 +38,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mintbuild.allocate import ALLOCATION_FILE, allocate_target, build_problem, load_importance
+from mintbuild.allocate import (
+    ALLOCATION_FILE,
+    allocate_target,
+    build_problem,
+    load_importance,
+    rounding_gains,
+    weights_dir,
+)
 from mintbuild.budget import format_size
 from mintbuild.config import Params, SolverConfig, TargetConfig, load_params
 from mintbuild.errors import InfeasibleBudget, MintError
@@ -275,6 +283,9 @@ def reference_rows(bench: Bench, model_dir: Path, specs: list[str], rows: list[R
 def method_series(bench: Bench, args: argparse.Namespace) -> dict[str, tuple[Any, SolverConfig]]:
     """{series label: (knapsack problem, solver config)}; the knapsack is built once per objective."""
     base = bench.params.solver
+    # fisher rows price the GPTQ-rounded head as `mintbuild allocate` does (the packer rounds it so).
+    gains = rounding_gains(replace(bench.params, solver=replace(base, objective="fisher")), bench.profile,
+                           weights_dir(bench.params))  # fmt: skip
     out = {}
     for key in args.methods.split(","):
         if key not in METHODS:
@@ -282,13 +293,13 @@ def method_series(bench: Bench, args: argparse.Namespace) -> dict[str, tuple[Any
         label, method, objective = METHODS[key]
         cfg = solver_config(base, method, objective)
         alpha = load_importance(Path(base.importance), bench.profile) if objective == "fisher" else None
-        out[label] = (build_problem(bench.profile, cfg, alpha), cfg)
+        out[label] = (build_problem(bench.profile, cfg, alpha, gains if alpha else None), cfg)
     for spec in args.importance or []:
         path, _, tag = spec.partition(":")
         cfg = solver_config(base, "exact", "fisher")
         alpha = load_importance(Path(path), bench.profile)
         out[f"exact, fisher ({tag or Path(path).parent.name})"] = (
-            build_problem(bench.profile, cfg, alpha),
+            build_problem(bench.profile, cfg, alpha, gains),
             cfg,
         )
     return out
@@ -353,7 +364,8 @@ def markdown(result: dict[str, Any]) -> str:
         "windows and evaluator for every row. Reference rows are made by mlx-lm "
         f"{st['mlx_lm_version']} (`mlx_lm.convert`) from the model's own weights; mintbuild rows quantize the "
         f"equalize stage's weights (equalize: {st.get('equalize', 'none')}; the same 16-bit function), are "
-        "allocated at the reference's bytes, packed by `mintbuild pack` and never larger on disk (checked).",
+        "allocated at the reference's bytes, packed by `mintbuild pack` (rounding: "
+        f"{st.get('pack_rounding', 'rtn')}) and never larger on disk (checked).",
         "",
         f"16-bit: {format_size(base.bytes)}, mean PPL {base.ppl_mean:.3f}.",
         "",

@@ -64,9 +64,15 @@ def tie_group(meta: dict[str, Any]) -> str:
     return meta["name"]
 
 
-def build_problem(profile: Profile, cfg: SolverConfig, importance: dict[str, float] | None = None) -> Problem:
+def build_problem(
+    profile: Profile,
+    cfg: SolverConfig,
+    importance: dict[str, float] | None = None,
+    gains: dict[str, dict[str, float]] | None = None,
+) -> Problem:
     """The knapsack of `profile` under `cfg`. The `fisher` objective needs `importance` (tensor name ->
-    calibrated alpha, from the importance stage): cost = pi * alpha_cfg * sum over members of alpha * SSE."""
+    calibrated alpha, from the importance stage): cost = pi * alpha_cfg * sum over members of alpha * SSE * r,
+    r = `gains`[tensor][option] for the tensors the packer rounds by GPTQ (`rounding_gains`), else 1."""
     if cfg.objective not in OBJECTIVES:
         raise MintError(f"solver.objective {cfg.objective!r}: choose one of {list(OBJECTIVES)}")
     if cfg.objective == "fisher" and not importance:
@@ -93,7 +99,11 @@ def build_problem(profile: Profile, cfg: SolverConfig, importance: dict[str, flo
     k16 = profile.options.index(PASSTHROUGH)
     costs = _costs(cfg, nrmse, sqnr, avail, priors, alphas, elements, k16)
     if cfg.objective == "fisher":
-        fisher = _fisher_sse(profile, idx, importance or {})
+        fisher = _fisher_sse(profile, idx, importance or {}, gains or {})
+        for d in decisions:
+            found = [gains[m] for m in d["members"] if m in (gains or {})]
+            if found:
+                d["rounding_gain"] = {k: round(v, 4) for k, v in sorted(found[0].items())}
         costs = np.where(np.isfinite(costs), _weights(priors, alphas)[:, None] * fisher, np.inf)
     sizes = np.where(avail, sizes, 0)
     entries = [e for d in decisions for m in d["members"] for e in _entries(m, d)]
@@ -158,10 +168,12 @@ def _weights(priors: np.ndarray, alphas: np.ndarray) -> np.ndarray:
     return np.where(np.isinf(priors), 1.0, priors) * alphas
 
 
-def _fisher_sse(profile: Profile, idx: list[list[int]], importance: dict[str, float]) -> np.ndarray:
-    """Per decision and option, sum over member tensors of alpha (mean squared loss gradient) x SSE: the
-    second-order estimate of the loss increase. A tensor missing from the importance file gets the mean alpha
-    of its role (logged)."""
+def _fisher_sse(
+    profile: Profile, idx: list[list[int]], importance: dict[str, float], gains: dict[str, dict[str, float]]
+) -> np.ndarray:
+    """Per decision and option, sum over member tensors of alpha (mean squared loss gradient) x SSE x r: the
+    second-order estimate of the loss increase, r the GPTQ rounding gain of the tensor and option (1 for
+    round-to-nearest). A tensor missing from the importance file gets the mean alpha of its role (logged)."""
     by_role: dict[str, list[float]] = {}
     for m in profile.tensors:
         if m["name"] in importance:
@@ -176,6 +188,9 @@ def _fisher_sse(profile: Profile, idx: list[list[int]], importance: dict[str, fl
                 log.warning("no importance for %s: using its role's mean %.3g", m["name"], a)
         alpha[i] = a
     weighted = alpha[:, None] * np.nan_to_num(profile["sse"], nan=0.0)
+    for i, m in enumerate(profile.tensors):
+        for j, o in enumerate(profile.options):
+            weighted[i, j] *= gains.get(m["name"], {}).get(o.name, 1.0)
     return np.stack([weighted[rows].sum(axis=0) for rows in idx])
 
 
@@ -346,12 +361,51 @@ def load_importance(path: Path, profile: Profile) -> dict[str, float]:
         raise MintError(f"{path}: not a readable importance artifact ({e})") from None
 
 
-def problem_for(profile: Profile, cfg: SolverConfig, importance_file: Path | None = None) -> Problem:
+def problem_for(
+    profile: Profile,
+    cfg: SolverConfig,
+    importance_file: Path | None = None,
+    gains: dict[str, dict[str, float]] | None = None,
+) -> Problem:
     """The knapsack for `cfg`, reading the importance artifact when the objective is fisher."""
     importance = None
     if cfg.objective == "fisher":
         importance = load_importance(importance_file or Path(cfg.importance), profile)
-    return build_problem(profile, cfg, importance)
+    return build_problem(profile, cfg, importance, gains)
+
+
+def rounding_gains(params: Params, profile: Profile, model_dir: Path | None) -> dict[str, dict[str, float]]:
+    """{tensor: {option: r}} for the tensors `mintbuild pack` rounds by GPTQ (pack.rounding gptq: those the
+    importance stage measured a Hessian for), r = GPTQ's output error over round-to-nearest's on that Hessian.
+    Only the fisher objective uses it (the others are the published and the data-free ones)."""
+    from .checkpoint import open_checkpoint
+    from .gptq import rounding_gain
+    from .importance import load_hessians
+
+    if params.pack.rounding != "gptq" or params.solver.objective != "fisher":
+        return {}
+    if model_dir is None:
+        raise MintError(
+            f"pack.rounding gptq: the allocation prices GPTQ on the model's weights, but {params.equalize.out} "
+            "has none; run `mintbuild equalize` (or set pack.rounding: rtn)"
+        )
+    hs = load_hessians(Path(params.importance.out))
+    ckpt, gains = open_checkpoint(model_dir), {}
+    for name, h in sorted(hs.full.items()):
+        if name not in hs.even:
+            raise MintError(
+                f"{params.importance.out}: no even-window Hessian of {name}; re-run `mintbuild importance`"
+            )
+        shape = tuple(ckpt.tensors[name].shape)
+        options = [o for o in profile.options if not o.passthrough and not o.unavailable_reason(shape)]
+        # Fitted on the even windows, measured on the odd ones: the gain on tokens GPTQ did not see.
+        fit, held_out = hs.even[name], h - hs.even[name]
+        gains[name] = rounding_gain(
+            ckpt.read(name), fit, held_out, options, params.pack.damp, params.pack.block
+        )
+        log.info("GPTQ rounding of %s: output error x %s of round-to-nearest", name,
+                 ", ".join(f"{k} {v:.2f}" for k, v in gains[name].items()))  # fmt: skip
+    return gains
 
 
 def run(
@@ -367,7 +421,8 @@ def run(
         raise MintError(f"solver.method {params.solver.method!r}: choose exact, cvxpy, dp or greedy")
     profile = load_profile(profile_dir)
     check_model(profile, params, model_dir)
-    problem = problem_for(profile, params.solver, importance_file)
+    gains = rounding_gains(params, profile, model_dir)
+    problem = problem_for(profile, params.solver, importance_file, gains)
     results = {}
     for name in names:
         doc, metrics = allocate_target(problem, name, params.targets[name], params.solver, profile)
@@ -413,7 +468,7 @@ def main(args: argparse.Namespace) -> None:
                 "memory": None,
             }
         )
-    model_dir = _model_dir(params)
+    model_dir = weights_dir(params)
     run(
         params,
         args.target,
@@ -423,7 +478,8 @@ def main(args: argparse.Namespace) -> None:
     )
 
 
-def _model_dir(params: Params) -> Path | None:
+def weights_dir(params: Params) -> Path | None:
+    """The weights folder the build packs (the equalize stage's), or None before it exists."""
     try:
         from .model import resolve_weights_dir
 

@@ -22,7 +22,7 @@ import torch
 
 from .errors import MintError
 from .formats import Option
-from .quant import _group_params
+from .quant import _group_params, dequantize_codes, quantize_dequantize
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +93,32 @@ def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> f
     """tr((W - Q) H (W - Q)^T): the squared output error over the tokens H was summed from."""
     e = w.double() - deq.double()
     return float(((e @ hessian.double()) * e).sum())
+
+
+def rounding_gain(
+    w: torch.Tensor,
+    fit: torch.Tensor,
+    held_out: torch.Tensor,
+    options: list[Option],
+    damp: float,
+    block: int,
+    rows: int = 1024,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Per option, the output error of GPTQ fitted on the Hessian `fit`, over round-to-nearest's, both measured
+    on `held_out` (the Hessian of other tokens): below 1 when GPTQ helps on text it did not see.
+
+    GPTQ rounds each row against the same H independently of the other rows, so the ratio is estimated on a
+    seeded sample of `rows` rows (1,024 of the 49,152 of SmolLM2's head: ~0.1 s per option). The allocator
+    multiplies the tensor's fisher cost by it, so that it prices the tensor as the packer will store it.
+    """
+    if w.shape[0] > rows:
+        pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
+        w = w[pick.sort().values]
+    h = held_out.double()
+    gains = {}
+    for opt in options:
+        q, s, b = gptq_codes(w, fit, opt, damp, block)
+        rtn = output_error(w, quantize_dequantize(w, opt), h)
+        gains[opt.name] = output_error(w, dequantize_codes(q, s, b, opt.group), h) / rtn if rtn > 0 else 1.0
+    return gains

@@ -22,6 +22,10 @@ per expert get an empirical-Bayes estimate: each expert's mean is shrunk toward 
 Checkpoint tensors the loaded model does not expose under the same name get the mean of their role in the same
 layer (else of the role, else of all tensors) and are listed under "estimated".
 
+The stage also measures, for `mintbuild pack`'s GPTQ rounding (gptq.py), the output head's input Hessian
+H = sum x x^T over `hessian_windows` forward-only windows of the train split (hessian.safetensors, float64,
+under the head weight's checkpoint name: the embedding's when tied; its sha256 is in importance.json).
+
 Values are rounded to `sig_digits` significant digits: on one machine and thread count the gradients are
 bitwise reproducible, but the matmul split (threads, CPU) changes the last bits, and 6 digits is far below
 the sampling noise of a 2k-token Fisher estimate.
@@ -51,8 +55,11 @@ from .io import atomic_dir, atomic_write_json, sha256_file
 
 SCHEMA_VERSION = 1
 FILENAME = "importance.json"
-#: The output head's input Hessian (float64 [K, K] per head weight, by checkpoint name) for GPTQ rounding.
+#: The output head's input Hessian (float64 [K, K] per head weight, by checkpoint name) for GPTQ rounding, and
+#: the same sum over the even-numbered windows only (key `<name>` + HALF), so that the allocator can measure
+#: GPTQ's gain on tokens it was not fitted to.
 HESSIAN_FILE = "hessian.safetensors"
+HALF = "#even_windows"
 SPLIT = "train"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 #: A window of n tokens is first looked for in this many chars per token (doubled until it fits).
@@ -315,9 +322,10 @@ def round_sig(x: float, digits: int) -> float:
 # ---------------------------------------------------------------- the output head's input Hessian
 
 
-def head_hessian(model: Any, windows: list[Window], progress: bool) -> tuple[str, Any]:
+def head_hessian(model: Any, windows: list[Window], progress: bool) -> tuple[str, Any, Any]:
     """(parameter name of the output head's weight, H = sum over the windows' tokens of x x^T of the head's
-    input x, float64). The tied head's weight is the embedding parameter, so its name is the embedding's."""
+    input x, float64, and the same sum over the even-numbered windows). The tied head's weight is the
+    embedding parameter, so its name is the embedding's."""
     import torch
     from tqdm import tqdm
 
@@ -326,20 +334,22 @@ def head_hessian(model: Any, windows: list[Window], progress: bool) -> tuple[str
         raise MintError(f"{type(model).__name__}: no linear output head to measure a Hessian for")
     name = next(n for n, p in model.named_parameters(remove_duplicate=True) if p is head.weight)
     k = head.weight.shape[1]
-    acc = torch.zeros((k, k), dtype=torch.float64)
+    acc = [torch.zeros((k, k), dtype=torch.float64) for _ in range(2)]
+    parity = [0]
 
     def hook(_module: Any, inputs: tuple[Any, ...]) -> None:
         x = inputs[0].detach().reshape(-1, k).double()
-        acc.add_(x.T @ x)
+        acc[parity[0]].add_(x.T @ x)
 
     handle = head.register_forward_pre_hook(hook)
     try:
         with torch.inference_mode():
-            for w in tqdm(windows, unit="window", disable=not progress, desc="head hessian"):
+            for i, w in enumerate(tqdm(windows, unit="window", disable=not progress, desc="head hessian")):
+                parity[0] = i % 2
                 model(input_ids=torch.tensor(w.ids, dtype=torch.long)[None], use_cache=False)
     finally:
         handle.remove()
-    return name, acc
+    return name, acc[0] + acc[1], acc[0]
 
 
 def compute_hessian(
@@ -347,13 +357,12 @@ def compute_hessian(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(record for importance.json, {checkpoint name of the head weight: H}) from `hessian_windows`
     forward-only windows of the train split (seeded like the Fisher windows, possibly overlapping them)."""
-
     from .profile import tied_lm_head
 
     ckpt, windows, _ = calibration_windows(model_dir, corpus_dir, cfg.hessian_windows, cfg.window, cfg.seed)
     with torch_settings(cfg.threads, cfg.seed):
         t0 = time.perf_counter()
-        name, h = head_hessian(load_model(model_dir), windows, progress)
+        name, h, even = head_hessian(load_model(model_dir), windows, progress)
     stored = [n for n in ckpt.names if n != tied_lm_head(ckpt)]
     if name not in stored:
         raise MintError(f"{model_dir}: the output head's weight {name!r} is not a checkpoint tensor")
@@ -363,13 +372,13 @@ def compute_hessian(
     record = {
         "file": HESSIAN_FILE,
         "what": "H = sum_tokens x x^T of the output head's input x (float64), for GPTQ rounding in pack",
-        "tensors": {name: {"inputs": int(h.shape[0])}},
+        "tensors": {name: {"inputs": int(h.shape[0]), "even_windows_key": name + HALF}},
         "tokens": tokens,
         "windows": [
             {"char_start": w.char_start, "char_end": w.char_end, "tokens": len(w.ids)} for w in windows
         ],
     }
-    return record, {name: h}
+    return record, {name: h, name + HALF: even}
 
 
 # ---------------------------------------------------------------- the library function
@@ -478,9 +487,20 @@ def run(
     return result
 
 
-def load_hessians(folder: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """({tensor name: H}, sha256 of the file, the importance artifact) of an importance folder; the file is
-    checked against the sha256 that importance.json recorded."""
+@dataclass(frozen=True)
+class Hessians:
+    """The importance stage's head Hessians: over all windows, over the even-numbered ones, the file's sha256
+    and importance.json."""
+
+    full: dict[str, Any]
+    even: dict[str, Any]
+    sha256: str
+    doc: dict[str, Any]
+
+
+def load_hessians(folder: Path) -> Hessians:
+    """The head Hessians of an importance folder; the file is checked against the sha256 importance.json
+    recorded."""
     from safetensors.torch import load_file
 
     doc = load_importance(folder)
@@ -495,7 +515,10 @@ def load_hessians(folder: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
         raise MintError(
             f"{path}: missing or not the file importance.json recorded (sha256 {record['sha256'][:12]})"
         )
-    return load_file(str(path)), record["sha256"], doc
+    tensors = load_file(str(path))
+    full = {k: v for k, v in tensors.items() if not k.endswith(HALF)}
+    even = {k.removesuffix(HALF): v for k, v in tensors.items() if k.endswith(HALF)}
+    return Hessians(full, even, record["sha256"], doc)
 
 
 def load_importance(path: Path) -> dict[str, Any]:

@@ -16,8 +16,9 @@ the weight file (header included) against the target's budget, before the folder
 Rounding (`pack.rounding`): round-to-nearest, bit-identical to mx.quantize, or GPTQ (gptq.py) for the tensors
 the importance stage measured an input Hessian for (the output head); same format and bytes either way.
 Quantized tensors are cached by (content hash, option, quantizer version, rounding), so targets that share
-choices cost little more than one. The output is byte-identical for identical inputs (sorted header names, data in source
-name order, fixed metadata); the file is written front to back and its sha256 taken as it is written.
+choices cost little more than one. The output is byte-identical for identical inputs (sorted header names,
+data in source name order, fixed metadata; GPTQ's float32 matrix products on one machine and thread count);
+the file is written front to back and its sha256 taken as it is written.
 """
 
 from __future__ import annotations
@@ -294,14 +295,14 @@ def load_rounding(params: Params, ckpt: Checkpoint) -> Rounding:
     if not (cfg.damp > 0 and cfg.block > 0):
         raise MintError(f"pack.damp {cfg.damp} and pack.block {cfg.block} must be positive")
     folder = Path(params.importance.out)
-    hessians, sha, doc = load_hessians(folder)
-    want, got = doc.get("provenance", {}).get("model_fingerprint"), fingerprint(ckpt)
+    hs = load_hessians(folder)
+    want, got = hs.doc.get("provenance", {}).get("model_fingerprint"), fingerprint(ckpt)
     if want != got:
         raise MintError(
             f"{folder}: the Hessian was measured on another model (fingerprint {want} != {got} of "
             f"{ckpt.folder}); re-run `mintbuild importance`"
         )
-    return Rounding("gptq", hessians, sha, cfg.damp, cfg.block)
+    return Rounding("gptq", hs.full, hs.sha256, cfg.damp, cfg.block)
 
 
 def gptq_pack(
