@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .allocate import ALLOCATION_FILE, allocate_target, problem_for
+from .allocate import ALLOCATION_FILE, allocate_target, problem_for, rounding_gains, weights_dir
 from .budget import format_size
 from .config import Params, SolverConfig, TargetConfig, load_params
 from .errors import InfeasibleBudget, MintError
@@ -37,10 +37,12 @@ def solve_all(
     cfg: SolverConfig,
     targets: list[tuple[str, TargetConfig]],
     importance: Path | None = None,
+    gains: dict[str, dict[str, float]] | None = None,
 ) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
-    """(table row, allocation document or None if infeasible) per budget, from one knapsack."""
+    """(table row, allocation document or None if infeasible) per budget, from one knapsack (priced as
+    `mintbuild allocate` prices it: `gains` from `allocate.rounding_gains`)."""
     profile = load_profile(profile_dir)
-    problem = problem_for(profile, cfg, importance)
+    problem = problem_for(profile, cfg, importance, gains)
     out = []
     for name, target in targets:
         t0 = time.perf_counter()
@@ -111,12 +113,21 @@ def markdown(rows: list[dict[str, Any]], curve=None) -> str:
         if "error" in r:
             lines.append(f"| {r['target']} | infeasible: {r['error'].split(': ', 1)[-1][:80]}... |")
             continue
-        pred = f" {curve.predict(r['budget']):.2f} |" if curve else ""
+        pred = f" {_predicted(curve, r['budget'])} |" if curve else ""
         lines.append(
             f"| {r['target']} | {format_size(r['budget'])} | {format_size(r['bytes'])} | "
             f"{r['avg_bits_per_weight']:.3f} | {r['objective']:.5g} | {r['gap']:.1e} |{pred}"
         )
     return "\n".join(lines)
+
+
+def _predicted(curve: Any, budget: int) -> str:
+    """The curve's PPL at `budget`, or why there is none (a budget at or below the fitted pole is still
+    allocated and listed: only its prediction is missing)."""
+    try:
+        return f"{curve.predict(budget):.2f}"
+    except MintError:
+        return f"- (at or below the curve's pole, {format_size(curve.params['B0'])})"
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -148,7 +159,9 @@ def main(args: argparse.Namespace) -> None:
     else:
         targets = [(f"bpw-{b:g}", TargetConfig(bits_per_weight=b)) for b in parse_range(args.bpw)]
     t0 = time.perf_counter()
-    solved = solve_all(Path(args.profile or params.profile.out), params.solver, targets)
+    profile_dir = Path(args.profile or params.profile.out)
+    gains = rounding_gains(params, load_profile(profile_dir), weights_dir(params))
+    solved = solve_all(profile_dir, params.solver, targets, gains=gains)
     rows = [r for r, _ in solved]
     log.info("%d budgets allocated in %.2f s", len(rows), time.perf_counter() - t0)
     if not args.measure:

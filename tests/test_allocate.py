@@ -185,3 +185,17 @@ def test_sweep_reuses_one_problem_and_reports_infeasible_rows(setup) -> None:
     assert all(a >= b for a, b in itertools.pairwise(objs))
     table = markdown(rows)
     assert table.count("\n") == len(rows) + 1 and "infeasible" in table
+    # A curve whose pole lies between the feasible budgets: the rows below it keep their allocation and say
+    # why they have no prediction; the others are predicted.
+    from mintbuild.curve import fit_curve
+
+    budgets = np.array([r["budget"] for r in ok], dtype=float)
+    pole = float(np.median(budgets))
+    b = np.linspace(pole * 1.1, pole * 3, 6)
+    curve = fit_curve(b, 20 + 1e3 / ((b - pole) / 1e3))
+    lines = markdown(rows, curve).splitlines()[2:]
+    below = [r["budget"] <= curve.params["B0"] for r in ok]
+    assert 0 < sum(below) < len(ok)  # both kinds of row are exercised
+    for r, line in zip(rows, lines, strict=True):
+        if "error" not in r:
+            assert ("at or below the curve's pole" in line) == (r["budget"] <= curve.params["B0"]), line
