@@ -376,7 +376,8 @@ def problem_for(
 
 def rounding_gains(params: Params, profile: Profile, model_dir: Path | None) -> dict[str, dict[str, float]]:
     """{tensor: {option: r}} for the tensors `mintbuild pack` rounds by GPTQ (pack.rounding gptq: those the
-    importance stage measured a Hessian for), r = GPTQ's output error over round-to-nearest's on that Hessian.
+    importance stage measured a Hessian for), r = GPTQ's output error over round-to-nearest's, GPTQ fitted on
+    the even-numbered calibration windows and both measured on the odd ones (1 when there is a single window).
     Only the fisher objective uses it (the others are the published and the data-free ones)."""
     from .checkpoint import open_checkpoint
     from .gptq import rounding_gain
