@@ -284,8 +284,7 @@ def method_series(bench: Bench, args: argparse.Namespace) -> dict[str, tuple[Any
     """{series label: (knapsack problem, solver config)}; the knapsack is built once per objective."""
     base = bench.params.solver
     # fisher rows price the GPTQ-rounded head as `mintbuild allocate` does (the packer rounds it so).
-    gains = rounding_gains(replace(bench.params, solver=replace(base, objective="fisher")), bench.profile,
-                           weights_dir(bench.params))  # fmt: skip
+    gains = rounding_gains(bench.params, bench.profile, weights_dir(bench.params))
     out = {}
     for key in args.methods.split(","):
         if key not in METHODS:

@@ -101,9 +101,8 @@ def build_problem(
     if cfg.objective == "fisher":
         fisher = _fisher_sse(profile, idx, importance or {}, gains or {})
         for d in decisions:
-            found = [gains[m] for m in d["members"] if m in (gains or {})]
-            if found:
-                d["rounding_gain"] = {k: round(v, 4) for k, v in sorted(found[0].items())}
+            for m in set(d["members"]) & set(gains or {}):
+                d["rounding_gain"] = {k: round(v, 4) for k, v in sorted(gains[m].items())}
         costs = np.where(np.isfinite(costs), _weights(priors, alphas)[:, None] * fisher, np.inf)
     sizes = np.where(avail, sizes, 0)
     entries = [e for d in decisions for m in d["members"] for e in _entries(m, d)]
@@ -189,8 +188,8 @@ def _fisher_sse(
         alpha[i] = a
     weighted = alpha[:, None] * np.nan_to_num(profile["sse"], nan=0.0)
     for i, m in enumerate(profile.tensors):
-        for j, o in enumerate(profile.options):
-            weighted[i, j] *= gains.get(m["name"], {}).get(o.name, 1.0)
+        if m["name"] in gains:
+            weighted[i] *= [gains[m["name"]].get(o.name, 1.0) for o in profile.options]
     return np.stack([weighted[rows].sum(axis=0) for rows in idx])
 
 
@@ -365,12 +364,16 @@ def problem_for(
     profile: Profile,
     cfg: SolverConfig,
     importance_file: Path | None = None,
-    gains: dict[str, dict[str, float]] | None = None,
+    params: Params | None = None,
+    model_dir: Path | None = None,
 ) -> Problem:
-    """The knapsack for `cfg`, reading the importance artifact when the objective is fisher."""
-    importance = None
+    """The knapsack for `cfg`, reading the importance artifact when the objective is fisher, and pricing the
+    tensors `params.pack` rounds by GPTQ (`rounding_gains`) when `params` is given."""
+    importance = gains = None
     if cfg.objective == "fisher":
         importance = load_importance(importance_file or Path(cfg.importance), profile)
+        if params is not None:
+            gains = rounding_gains(params, profile, model_dir)
     return build_problem(profile, cfg, importance, gains)
 
 
@@ -379,19 +382,19 @@ def rounding_gains(params: Params, profile: Profile, model_dir: Path | None) -> 
     importance stage measured a Hessian for), r = GPTQ's output error over round-to-nearest's, GPTQ fitted on
     the even-numbered calibration windows and both measured on the odd ones (1 when there is a single window).
     Only the fisher objective uses it (the others are the published and the data-free ones)."""
-    from .checkpoint import open_checkpoint
+    from .checkpoint import fingerprint, open_checkpoint
     from .gptq import rounding_gain
     from .importance import load_hessians
 
-    if params.pack.rounding != "gptq" or params.solver.objective != "fisher":
+    if params.pack.rounding != "gptq":
         return {}
     if model_dir is None:
         raise MintError(
             f"pack.rounding gptq: the allocation prices GPTQ on the model's weights, but {params.equalize.out} "
             "has none; run `mintbuild equalize` (or set pack.rounding: rtn)"
         )
-    hs = load_hessians(Path(params.importance.out))
     ckpt, gains = open_checkpoint(model_dir), {}
+    hs = load_hessians(Path(params.importance.out), fingerprint(ckpt))
     for name, h in sorted(hs.full.items()):
         if name not in hs.even:
             raise MintError(
@@ -422,8 +425,7 @@ def run(
         raise MintError(f"solver.method {params.solver.method!r}: choose exact, cvxpy, dp or greedy")
     profile = load_profile(profile_dir)
     check_model(profile, params, model_dir)
-    gains = rounding_gains(params, profile, model_dir)
-    problem = problem_for(profile, params.solver, importance_file, gains)
+    problem = problem_for(profile, params.solver, importance_file, params, model_dir)
     results = {}
     for name in names:
         doc, metrics = allocate_target(problem, name, params.targets[name], params.solver, profile)

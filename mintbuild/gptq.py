@@ -16,15 +16,11 @@ gained only 0.02 more for ~1 min per target (see the README's "Rounding").
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from .errors import MintError
 from .formats import Option
 from .quant import _group_params, dequantize_codes, quantize_dequantize
-
-log = logging.getLogger(__name__)
 
 #: Recorded in the packer's cache key and manifest; bump whenever the numbers below change.
 GPTQ_VERSION = "gptq-mlx-affine/1"

@@ -363,8 +363,7 @@ def compute_hessian(
     with torch_settings(cfg.threads, cfg.seed):
         t0 = time.perf_counter()
         name, h, even = head_hessian(load_model(model_dir), windows, progress)
-    stored = [n for n in ckpt.names if n != tied_lm_head(ckpt)]
-    if name not in stored:
+    if name not in ckpt.names or name == tied_lm_head(ckpt):
         raise MintError(f"{model_dir}: the output head's weight {name!r} is not a checkpoint tensor")
     tokens = sum(len(w.ids) for w in windows)
     log.info("head Hessian of %s: %d windows, %d tokens in %.1f s", name, len(windows), tokens,
@@ -498,9 +497,9 @@ class Hessians:
     doc: dict[str, Any]
 
 
-def load_hessians(folder: Path) -> Hessians:
-    """The head Hessians of an importance folder; the file is checked against the sha256 importance.json
-    recorded."""
+def load_hessians(folder: Path, model_fingerprint: str) -> Hessians:
+    """The head Hessians of an importance folder, measured on the model with `model_fingerprint`; the file is
+    checked against the sha256 importance.json recorded."""
     from safetensors.torch import load_file
 
     doc = load_importance(folder)
@@ -514,6 +513,12 @@ def load_hessians(folder: Path) -> Hessians:
     if not path.is_file() or sha256_file(path) != record["sha256"]:
         raise MintError(
             f"{path}: missing or not the file importance.json recorded (sha256 {record['sha256'][:12]})"
+        )
+    measured_on = doc.get("provenance", {}).get("model_fingerprint")
+    if measured_on != model_fingerprint:
+        raise MintError(
+            f"{folder}: the Hessian was measured on another model (fingerprint {measured_on} != "
+            f"{model_fingerprint}); re-run `mintbuild importance`"
         )
     tensors = load_file(str(path))
     full = {k: v for k, v in tensors.items() if not k.endswith(HALF)}

@@ -234,14 +234,19 @@ def _pack_row(codes: np.ndarray, bits: int, per: int, out: np.ndarray) -> None:
                 n_acc -= 32
 
 
+def packed_shapes(option: Option, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(words shape, scales/biases shape) of `shape` stored with `option`, refusing a shape it cannot store."""
+    reason = option.unavailable_reason(shape)
+    if reason:
+        raise MintError(f"option {option.name} cannot store shape {list(shape)}: {reason}")
+    return option.packed_shape(shape)
+
+
 def quantize_pack(w: torch.Tensor, option: Option) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MLX affine tensors of `w` (rounded to bf16 first, as stored): (uint32 words, bf16 scales, bf16 biases),
     the scales and biases as uint16 bit patterns, all in MLX's shapes (`Option.packed_shape`)."""
     shape = tuple(w.shape)
-    reason = option.unavailable_reason(shape)
-    if reason:
-        raise MintError(f"option {option.name} cannot store shape {list(shape)}: {reason}")
-    wshape, sshape = option.packed_shape(shape)
+    wshape, sshape = packed_shapes(option, shape)
     x16 = w.to(torch.bfloat16).contiguous().reshape(-1, shape[-1]).view(torch.int16).numpy().view(np.uint16)
     rows = x16.shape[0]
     words = np.empty((rows, wshape[-1]), dtype=np.uint32)
@@ -294,14 +299,7 @@ def load_rounding(params: Params, ckpt: Checkpoint) -> Rounding:
         raise MintError(f"pack.rounding {cfg.rounding!r}: choose gptq or rtn")
     if not (cfg.damp > 0 and cfg.block > 0):
         raise MintError(f"pack.damp {cfg.damp} and pack.block {cfg.block} must be positive")
-    folder = Path(params.importance.out)
-    hs = load_hessians(folder)
-    want, got = hs.doc.get("provenance", {}).get("model_fingerprint"), fingerprint(ckpt)
-    if want != got:
-        raise MintError(
-            f"{folder}: the Hessian was measured on another model (fingerprint {want} != {got} of "
-            f"{ckpt.folder}); re-run `mintbuild importance`"
-        )
+    hs = load_hessians(Path(params.importance.out), fingerprint(ckpt))
     return Rounding("gptq", hs.full, hs.sha256, cfg.damp, cfg.block)
 
 
@@ -309,14 +307,10 @@ def gptq_pack(
     w: torch.Tensor, option: Option, hessian: torch.Tensor, rounding: Rounding
 ) -> tuple[np.ndarray, ...]:
     """`quantize_pack`'s arrays, rounded by GPTQ against `hessian`."""
-    shape = tuple(w.shape)
-    reason = option.unavailable_reason(shape)
-    if reason:
-        raise MintError(f"option {option.name} cannot store shape {list(shape)}: {reason}")
+    wshape, sshape = packed_shapes(option, tuple(w.shape))
     if not torch.isfinite(w).all():
         raise MintError(f"{int((~torch.isfinite(w)).sum())} NaN or Inf value(s)")
     q, scales, biases = gptq_codes(w, hessian, option, rounding.damp, rounding.block)
-    wshape, sshape = option.packed_shape(shape)
     as_u16 = [
         t.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(sshape) for t in (scales, biases)
     ]

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .allocate import ALLOCATION_FILE, allocate_target, problem_for, rounding_gains, weights_dir
+from .allocate import ALLOCATION_FILE, allocate_target, problem_for, weights_dir
 from .budget import format_size
 from .config import Params, SolverConfig, TargetConfig, load_params
 from .errors import InfeasibleBudget, MintError
@@ -37,12 +37,13 @@ def solve_all(
     cfg: SolverConfig,
     targets: list[tuple[str, TargetConfig]],
     importance: Path | None = None,
-    gains: dict[str, dict[str, float]] | None = None,
+    params: Params | None = None,
 ) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
-    """(table row, allocation document or None if infeasible) per budget, from one knapsack (priced as
-    `mintbuild allocate` prices it: `gains` from `allocate.rounding_gains`)."""
+    """(table row, allocation document or None if infeasible) per budget, from one knapsack (given the build's
+    `params`, priced as `mintbuild allocate` prices it)."""
     profile = load_profile(profile_dir)
-    problem = problem_for(profile, cfg, importance, gains)
+    model_dir = weights_dir(params) if params is not None else None
+    problem = problem_for(profile, cfg, importance, params, model_dir)
     out = []
     for name, target in targets:
         t0 = time.perf_counter()
@@ -159,9 +160,7 @@ def main(args: argparse.Namespace) -> None:
     else:
         targets = [(f"bpw-{b:g}", TargetConfig(bits_per_weight=b)) for b in parse_range(args.bpw)]
     t0 = time.perf_counter()
-    profile_dir = Path(args.profile or params.profile.out)
-    gains = rounding_gains(params, load_profile(profile_dir), weights_dir(params))
-    solved = solve_all(profile_dir, params.solver, targets, gains=gains)
+    solved = solve_all(Path(args.profile or params.profile.out), params.solver, targets, params=params)
     rows = [r for r, _ in solved]
     log.info("%d budgets allocated in %.2f s", len(rows), time.perf_counter() - t0)
     if not args.measure:

@@ -147,7 +147,7 @@ def test_head_hessian_is_xtx_of_the_head_inputs(tmp_path: Path, corpus_dir: Path
     assert (tmp_path / "a" / HESSIAN_FILE).read_bytes() == (tmp_path / "b" / HESSIAN_FILE).read_bytes()
     assert_train_only({"provenance": a["provenance"], "windows": a["hessian"]["windows"]}, corpus_dir)
     assert a["hessian"] == b["hessian"] and list(a["hessian"]["tensors"]) == [head]
-    loaded = load_hessians(tmp_path / "a")
+    loaded = load_hessians(tmp_path / "a", a["provenance"]["model_fingerprint"])
     assert list(loaded.full) == [head] and list(loaded.even) == [head]
     cfg = ImportanceConfig(n_windows=1, window=64, hessian_windows=0)
     none = run(model_dir, corpus_dir, cfg, tmp_path / "c", False)
