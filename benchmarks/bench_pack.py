@@ -38,11 +38,11 @@ def bench_pack(target: str) -> None:
 def bench_kernel(target: str) -> None:
     """The fused kernel against quant.py's eager torch quantizer + packer on the embedding (the largest
     tensor), same option, same values; the outputs are checked equal."""
+    from mintbuild.artifacts.model import resolve_weights_dir
     from mintbuild.checkpoint import open_checkpoint
     from mintbuild.formats import Option
-    from mintbuild.model import resolve_weights_dir
-    from mintbuild.pack import quantize_pack
-    from mintbuild.quant import pack_codes, quantize_codes
+    from mintbuild.quant.pack_kernel import quantize_pack
+    from mintbuild.quant.reference import pack_codes, quantize_codes
 
     params = load_params()
     ckpt = open_checkpoint(resolve_weights_dir(Path(params.model.out)))

@@ -196,7 +196,7 @@ def eager_reference(folder: Path, side: int) -> tuple[float, int]:
     """params/s of quant.group_sse (plain eager torch) over the 18 quantized options on a side x side sample."""
     from mintbuild.checkpoint import open_checkpoint
     from mintbuild.formats import OPTION_SETS
-    from mintbuild.quant import group_sse
+    from mintbuild.quant.reference import group_sse
 
     ckpt = open_checkpoint(folder)
     w = ckpt.read("model.layers.0.mlp.gate_proj.weight")[:side, :side].float().contiguous()
@@ -213,7 +213,7 @@ def kernel_speed(folder: Path, side: int) -> float:
     """params/s of the fused kernel alone (all 18 options) on the same sample, as the profile calls it."""
     from mintbuild.checkpoint import open_checkpoint
     from mintbuild.formats import OPTION_SETS
-    from mintbuild.kernels import row_sse
+    from mintbuild.quant.error_kernels import row_sse
 
     ckpt = open_checkpoint(folder)
     w = ckpt.read("model.layers.0.mlp.gate_proj.weight")[:side, :side].float().contiguous()
@@ -233,8 +233,8 @@ def kernel_speed(folder: Path, side: int) -> float:
 def time_load_profile(n_tensors: int, seed: int) -> float:
     """Save a synthetic profile of n_tensors x 19 options built directly with the Profile dataclass, then time
     load_profile (best of 3)."""
+    from mintbuild.artifacts.profile import Profile, load_profile
     from mintbuild.formats import OPTION_SETS
-    from mintbuild.profile import Profile, load_profile
 
     opts = list(OPTION_SETS["default"])
     k = len(opts)

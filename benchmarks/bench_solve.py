@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +24,11 @@ from mintbuild.errors import MintError
 from mintbuild.solve import MCKPResult, solve_mckp
 from mintbuild.solve.dp import DEFAULT_MAX_TABLE_BYTES, dp_shape
 from mintbuild.solve.problem import Instance
-from mintbuild.solve.synthetic import synthetic_profile
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the test-only instance generator lives in tests/
+from tests.mckp_instances import synthetic_profile
 
 log = logging.getLogger("bench_solve")
 

@@ -38,33 +38,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from mintbuild.allocate import (
-    ALLOCATION_FILE,
-    allocate_target,
-    build_problem,
-    load_importance,
-    rounding_gains,
-    weights_dir,
-)
+from mintbuild.allocate import allocate_target
+from mintbuild.artifacts.allocation import write_allocation
+from mintbuild.artifacts.model import resolve_weights_dir
+from mintbuild.artifacts.profile import Profile, load_profile
 from mintbuild.budget import format_size
-from mintbuild.config import Params, SolverConfig, TargetConfig, load_params
+from mintbuild.calibration import load_tokenizer
+from mintbuild.config import PUBLISHED_PRIORS, Params, SolverConfig, TargetConfig, load_params
 from mintbuild.errors import InfeasibleBudget, MintError
 from mintbuild.evaluate import (
     build_model,
     choose_windows,
     corpus_tokens,
-    dequantized_state,
     load_baseline,
-    load_tokenizer,
     perplexity,
-    read_config,
     setup_torch,
 )
 from mintbuild.formats import Option
 from mintbuild.io import atomic_dir, canonical_json
-from mintbuild.model import resolve_weights_dir
+from mintbuild.knapsack import build_problem, load_importance, rounding_gains
+from mintbuild.mlx_folder import dequantized_state, read_config
 from mintbuild.pack import pack_target
-from mintbuild.profile import Profile, load_profile
 
 log = logging.getLogger("quality")
 
@@ -176,7 +170,7 @@ def convert_reference(model_dir: Path, out: Path, kwargs: dict[str, Any]) -> flo
 def solver_config(base: SolverConfig, method: str, objective: str) -> SolverConfig:
     """The build's solver settings with this row's method and objective; the error-only objectives (the
     published method) get the published role priors, fisher keeps the build's (conf/solver/priors/)."""
-    priors = base.priors if objective == "fisher" else SolverConfig().priors
+    priors = base.priors if objective == "fisher" else dict(PUBLISHED_PRIORS)
     return replace(base, method=method, objective=objective, priors=priors)
 
 
@@ -191,8 +185,7 @@ def mintbuild_row(bench: Bench, problem, cfg: SolverConfig, series: str, ref: Ro
         doc, _ = allocate_target(problem, name, target, cfg, bench.profile)
     except InfeasibleBudget as e:
         return Row(series, name, ref.label, 0, math.nan, note=f"infeasible: {e}".split(";")[0])
-    with atomic_dir(alloc_root / name) as tmp:
-        (tmp / ALLOCATION_FILE).write_text(canonical_json(doc))
+    write_allocation(alloc_root / name, doc)
     res = pack_target(
         bench.params, name, out_root=pack_root, alloc_root=alloc_root, cache_dir=bench.work / "cache",
         progress=False,
@@ -284,7 +277,7 @@ def method_series(bench: Bench, args: argparse.Namespace) -> dict[str, tuple[Any
     """{series label: (knapsack problem, solver config)}; the knapsack is built once per objective."""
     base = bench.params.solver
     # fisher rows price the GPTQ-rounded head as `mintbuild allocate` does (the packer rounds it so).
-    gains = rounding_gains(bench.params, bench.profile, weights_dir(bench.params))
+    gains = rounding_gains(bench.params, bench.profile)
     out = {}
     for key in args.methods.split(","):
         if key not in METHODS:

@@ -13,221 +13,27 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__
-from .budget import ModelFacts, format_size, model_facts, resolve_budget
+from .artifacts.allocation import SCHEMA_VERSION, write_allocation
+from .artifacts.model import resolve_weights_dir
+from .artifacts.profile import Profile, load_profile
+from .budget import format_size, resolve_budget
+from .checkpoint import fingerprint, open_checkpoint
 from .config import Params, SolverConfig, TargetConfig, as_dict, load_params, select_targets
 from .errors import InfeasibleBudget, MintError
-from .formats import PASSTHROUGH, Option, header_allowance, stored_entry_names
-from .io import atomic_dir, canonical_json, hash_obj
-from .profile import Profile, load_profile
-
-SCHEMA_VERSION = 1
-ALLOCATION_FILE = "allocation.json"
-METRICS_FILE = "metrics.json"
-OBJECTIVES = ("nrmse", "mse", "fisher")
-_EXPERT = re.compile(r"\.experts\.\d+\.")
+from .io import hash_obj
+from .knapsack import Problem, floor_bytes, infeasible_message, problem_for
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Problem:
-    """The MCKP of one profile under one solver config (independent of the budget)."""
-
-    decisions: list[dict[str, Any]]
-    options: list[Option]
-    sizes: np.ndarray  # int64 [D, K]; 0 where unavailable
-    costs: np.ndarray  # float64 [D, K]; inf where unavailable or vetoed
-    nrmse: np.ndarray  # [D, K]
-    sqnr: np.ndarray  # [D, K]
-    available: np.ndarray  # bool [D, K] before the veto
-    header_bytes: int
-    facts: ModelFacts
-
-    @property
-    def k16(self) -> int:
-        return self.options.index(PASSTHROUGH)
-
-
-def tie_group(meta: dict[str, Any]) -> str:
-    """Tensors the runtime stores as one (experts named one per tensor, stacked on load) share a decision."""
-    if meta["role"] == "moe_expert":
-        return _EXPERT.sub(".experts.*.", meta["name"])
-    return meta["name"]
-
-
-def build_problem(
-    profile: Profile,
-    cfg: SolverConfig,
-    importance: dict[str, float] | None = None,
-    gains: dict[str, dict[str, float]] | None = None,
-) -> Problem:
-    """The knapsack of `profile` under `cfg`. The `fisher` objective needs `importance` (tensor name ->
-    calibrated alpha, from the importance stage): cost = pi * alpha_cfg * sum over members of alpha * SSE * r,
-    r = `gains`[tensor][option] for the tensors the packer rounds by GPTQ (`rounding_gains`), else 1."""
-    if cfg.objective not in OBJECTIVES:
-        raise MintError(f"solver.objective {cfg.objective!r}: choose one of {list(OBJECTIVES)}")
-    if cfg.objective == "fisher" and not importance:
-        raise MintError(
-            "solver.objective fisher needs the importance artifact (run `mintbuild importance`), "
-            "or choose objective nrmse / mse"
-        )
-    groups: dict[str, list[int]] = {}
-    for i, m in enumerate(profile.tensors):
-        groups.setdefault(tie_group(m), []).append(i)
-    names = sorted(groups)
-    idx = [groups[n] for n in names]
-    avail = np.stack([profile["available"][rows].astype(bool).all(axis=0) for rows in idx])
-    sizes = np.stack([profile["bytes"][rows].sum(axis=0) for rows in idx]).astype(np.int64)
-    sse = np.stack([np.nansum(profile["sse"][rows], axis=0) for rows in idx])
-    norm = np.array([profile["norm_sq"][rows].sum() for rows in idx])
-    elements = np.array([int(profile["elements"][rows].sum()) for rows in idx], dtype=np.int64)
-    nrmse, sqnr = _error_metrics(sse, norm, avail)
-    decisions = [_decision(profile, n, rows) for n, rows in zip(names, idx, strict=True)]
-    priors = np.array([prior_for(d, cfg) for d in decisions])
-    alphas = np.array([float(cfg.alpha.get(d["name"], 1.0)) for d in decisions])
-    for d, p, a in zip(decisions, priors, alphas, strict=True):
-        d["prior"], d["alpha"] = (None if math.isinf(p) else float(p)), float(a)
-    k16 = profile.options.index(PASSTHROUGH)
-    costs = _costs(cfg, nrmse, sqnr, avail, priors, alphas, elements, k16)
-    if cfg.objective == "fisher":
-        fisher = _fisher_sse(profile, idx, importance or {}, gains or {})
-        for d in decisions:
-            for m in set(d["members"]) & set(gains or {}):
-                d["rounding_gain"] = {k: round(v, 4) for k, v in sorted(gains[m].items())}
-        costs = np.where(np.isfinite(costs), _weights(priors, alphas)[:, None] * fisher, np.inf)
-    sizes = np.where(avail, sizes, 0)
-    entries = [e for d in decisions for m in d["members"] for e in _entries(m, d)]
-    facts = model_facts(
-        int(profile["elements"].sum()),
-        int(profile["bytes"][:, k16].sum()),
-        profile.provenance.get("model_config", {}),
-    )
-    return Problem(
-        decisions, list(profile.options), sizes, costs, nrmse, sqnr, avail, header_allowance(entries), facts
-    )
-
-
-def _entries(member: str, d: dict[str, Any]) -> list[str]:
-    # Worst case for the header: a quantizable tensor stored as weight + scales + biases.
-    return stored_entry_names(member, Option(4, 64) if d["quantizable"] else PASSTHROUGH)
-
-
-def _decision(profile: Profile, name: str, rows: list[int]) -> dict[str, Any]:
-    first = profile.tensors[rows[0]]
-    return {
-        "name": name,
-        "members": [profile.tensors[r]["name"] for r in rows],
-        "role": first["role"],
-        "layer": first["layer"],
-        "last_layer": bool(first.get("last_layer")),
-        "elements": int(sum(profile.tensors[r]["elements"] for r in rows)),
-        "quantizable": bool(first["quantizable"]),
-        "tied_to": first.get("tied_to", []),
-    }
-
-
-def _error_metrics(sse: np.ndarray, norm: np.ndarray, avail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        nrmse = np.where(norm[:, None] > 0, np.sqrt(sse / norm[:, None]), np.where(sse > 0, np.inf, 0.0))
-        sqnr = np.where(sse > 0, 10 * np.log10(norm[:, None] / np.where(sse > 0, sse, 1)), np.inf)
-    return np.where(avail, nrmse, np.nan), np.where(avail, sqnr, np.nan)
-
-
-def prior_for(d: dict[str, Any], cfg: SolverConfig) -> float:
-    """pi of a decision: the first matching prior rule, else the role's prior, else the layer position's,
-    else the default (the published table: embedding 10, lm_head 10, norm inf, router 8, vision 8, first
-    layer 3, last layer 2, default 1)."""
-    for rule in cfg.prior_rules:
-        if rule.role and rule.role == d["role"]:
-            return float(rule.prior)
-        if rule.pattern and re.search(rule.pattern, d["name"]):
-            return float(rule.prior)
-    table = cfg.priors
-    if d["role"] in table:
-        return float(table[d["role"]])
-    if d["tied_to"] and "lm_head" in table:
-        return max(float(table.get("embedding", 1)), float(table["lm_head"]))
-    if d["layer"] == 0 and "first_layer" in table:
-        return float(table["first_layer"])
-    if d["last_layer"] and "last_layer" in table:
-        return float(table["last_layer"])
-    return float(table.get("default", 1.0))
-
-
-def _weights(priors: np.ndarray, alphas: np.ndarray) -> np.ndarray:
-    return np.where(np.isinf(priors), 1.0, priors) * alphas
-
-
-def _fisher_sse(
-    profile: Profile, idx: list[list[int]], importance: dict[str, float], gains: dict[str, dict[str, float]]
-) -> np.ndarray:
-    """Per decision and option, sum over member tensors of alpha (mean squared loss gradient) x SSE x r: the
-    second-order estimate of the loss increase, r the GPTQ rounding gain of the tensor and option (1 for
-    round-to-nearest). A tensor missing from the importance file gets the mean alpha of its role (logged)."""
-    by_role: dict[str, list[float]] = {}
-    for m in profile.tensors:
-        if m["name"] in importance:
-            by_role.setdefault(m["role"], []).append(float(importance[m["name"]]))
-    overall = float(np.mean([v for vs in by_role.values() for v in vs])) if by_role else 1.0
-    alpha = np.empty(len(profile.tensors))
-    for i, m in enumerate(profile.tensors):
-        a = importance.get(m["name"])
-        if a is None:
-            a = float(np.mean(by_role[m["role"]])) if m["role"] in by_role else overall
-            if m["quantizable"]:
-                log.warning("no importance for %s: using its role's mean %.3g", m["name"], a)
-        alpha[i] = a
-    weighted = alpha[:, None] * np.nan_to_num(profile["sse"], nan=0.0)
-    for i, m in enumerate(profile.tensors):
-        if m["name"] in gains:
-            weighted[i] *= [gains[m["name"]].get(o.name, 1.0) for o in profile.options]
-    return np.stack([weighted[rows].sum(axis=0) for rows in idx])
-
-
-def _costs(cfg, nrmse, sqnr, avail, priors, alphas, elements, k16) -> np.ndarray:
-    weight = _weights(priors, alphas)
-    if cfg.objective == "nrmse":
-        costs = weight[:, None] * nrmse
-    else:
-        costs = (weight * elements)[:, None] * np.square(nrmse)
-    usable = avail & ((sqnr >= cfg.veto_sqnr_db) | np.isnan(sqnr))
-    usable[:, k16] = avail[:, k16]
-    usable[np.isinf(priors)] = False
-    usable[np.isinf(priors), k16] = True
-    return np.where(usable, np.nan_to_num(costs, nan=np.inf, posinf=np.inf), np.inf)
-
-
 # --- budgets and the floor -----------------------------------------------------------------------------------
-
-
-def floor_bytes(problem: Problem, with_veto: bool = True) -> int:
-    """Smallest achievable tensor bytes (every decision at its cheapest usable option)."""
-    ok = np.isfinite(problem.costs) if with_veto else problem.available
-    return int(np.where(ok, problem.sizes, np.iinfo(np.int64).max).min(axis=1).sum())
-
-
-def infeasible_message(problem: Problem, name: str, budget: int, why: str, veto_db: float) -> str:
-    lo = floor_bytes(problem) + problem.header_bytes
-    lo_noveto = floor_bytes(problem, with_veto=False) + problem.header_bytes
-    ok = np.isfinite(problem.costs)
-    mins = np.where(ok, problem.sizes, np.iinfo(np.int64).max).min(axis=1)
-    top = np.argsort(-mins, kind="stable")[:3]
-    setters = ", ".join(f"{problem.decisions[i]['name']} ({format_size(mins[i])})" for i in top)
-    return (
-        f"target {name!r}: budget {budget:,} B ({format_size(budget)}; {why}) is below the smallest "
-        f"feasible size "
-        f"{lo:,} B ({format_size(lo)}) with the {veto_db:g} dB SQNR veto ({lo_noveto:,} B without it); "
-        f"largest floor tensors: {setters}"
-    )
 
 
 # --- solving one target --------------------------------------------------------------------------------------
@@ -334,8 +140,6 @@ def role_summary(decisions: list[dict[str, Any]]) -> dict[str, dict[str, dict[st
 
 def check_model(profile: Profile, params: Params, model_dir: Path | None) -> None:
     """Refuse a profile made from another checkpoint than the configured model."""
-    from .checkpoint import fingerprint, open_checkpoint
-
     if model_dir is None or not model_dir.exists():
         return
     fp = fingerprint(open_checkpoint(model_dir))
@@ -344,72 +148,6 @@ def check_model(profile: Profile, params: Params, model_dir: Path | None) -> Non
             f"the profile was made from another model than {model_dir} (fingerprint "
             f"{profile.provenance.get('model_fingerprint')} != {fp}); re-run `mintbuild profile`"
         )
-
-
-def load_importance(path: Path, profile: Profile) -> dict[str, float]:
-    """alpha per tensor from the importance stage; refuses one computed on another model than the profile's."""
-    from .importance import load_importance as read_importance
-
-    doc = read_importance(path)
-    fp = doc.get("provenance", {}).get("model_fingerprint")
-    if fp and fp != profile.provenance.get("model_fingerprint"):
-        raise MintError(f"{path}: computed on another model than the profile's (fingerprint {fp}); re-run it")
-    try:
-        return {str(k): float(v) for k, v in doc["alpha"].items()}
-    except (KeyError, TypeError, ValueError) as e:
-        raise MintError(f"{path}: not a readable importance artifact ({e})") from None
-
-
-def problem_for(
-    profile: Profile,
-    cfg: SolverConfig,
-    importance_file: Path | None = None,
-    params: Params | None = None,
-    model_dir: Path | None = None,
-) -> Problem:
-    """The knapsack for `cfg`, reading the importance artifact when the objective is fisher, and pricing the
-    tensors `params.pack` rounds by GPTQ (`rounding_gains`) when `params` is given."""
-    importance = gains = None
-    if cfg.objective == "fisher":
-        importance = load_importance(importance_file or Path(cfg.importance), profile)
-        if params is not None:
-            gains = rounding_gains(params, profile, model_dir)
-    return build_problem(profile, cfg, importance, gains)
-
-
-def rounding_gains(params: Params, profile: Profile, model_dir: Path | None) -> dict[str, dict[str, float]]:
-    """{tensor: {option: r}} for the tensors `mintbuild pack` rounds by GPTQ (pack.rounding gptq: those the
-    importance stage measured a Hessian for), r = GPTQ's output error over round-to-nearest's, GPTQ fitted on
-    the even-numbered calibration windows and both measured on the odd ones (1 when there is a single window).
-    Only the fisher objective uses it (the others are the published and the data-free ones)."""
-    from .checkpoint import fingerprint, open_checkpoint
-    from .gptq import rounding_gain
-    from .importance import load_hessians
-
-    if params.pack.rounding != "gptq":
-        return {}
-    if model_dir is None:
-        raise MintError(
-            f"pack.rounding gptq: the allocation prices GPTQ on the model's weights, but {params.equalize.out} "
-            "has none; run `mintbuild equalize` (or set pack.rounding: rtn)"
-        )
-    ckpt, gains = open_checkpoint(model_dir), {}
-    hs = load_hessians(Path(params.importance.out), fingerprint(ckpt))
-    for name, h in sorted(hs.full.items()):
-        if name not in hs.even:
-            raise MintError(
-                f"{params.importance.out}: no even-window Hessian of {name}; re-run `mintbuild importance`"
-            )
-        shape = tuple(ckpt.tensors[name].shape)
-        options = [o for o in profile.options if not o.passthrough and not o.unavailable_reason(shape)]
-        # Fitted on the even windows, measured on the odd ones: the gain on tokens GPTQ did not see.
-        fit, held_out = hs.even[name], h - hs.even[name]
-        gains[name] = rounding_gain(
-            ckpt.read(name), fit, held_out, options, params.pack.damp, params.pack.block
-        )
-        log.info("GPTQ rounding of %s: output error x %s of round-to-nearest", name,
-                 ", ".join(f"{k} {v:.2f}" for k, v in gains[name].items()))  # fmt: skip
-    return gains
 
 
 def run(
@@ -425,13 +163,11 @@ def run(
         raise MintError(f"solver.method {params.solver.method!r}: choose exact, cvxpy, dp or greedy")
     profile = load_profile(profile_dir)
     check_model(profile, params, model_dir)
-    problem = problem_for(profile, params.solver, importance_file, params, model_dir)
+    problem = problem_for(profile, params.solver, importance_file, params)
     results = {}
     for name in names:
         doc, metrics = allocate_target(problem, name, params.targets[name], params.solver, profile)
-        with atomic_dir(out_root / name) as tmp:
-            (tmp / ALLOCATION_FILE).write_text(canonical_json(doc))
-            (tmp / METRICS_FILE).write_text(canonical_json(metrics))
+        write_allocation(out_root / name, doc, metrics)
         t = doc["totals"]
         log.info(
             "%s: %s of %s (%.2f bits/weight), objective %.6g, gap %.2g, %s, %.3f s",
@@ -484,8 +220,6 @@ def main(args: argparse.Namespace) -> None:
 def weights_dir(params: Params) -> Path | None:
     """The weights folder the build packs (the equalize stage's), or None before it exists."""
     try:
-        from .model import resolve_weights_dir
-
         return resolve_weights_dir(Path(params.equalize.out))
     except MintError:
         return None

@@ -18,18 +18,21 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import MintError
 
+if TYPE_CHECKING:  # torch is imported where tensors are read: header-only users (allocate) stay light
+    import torch
+
 #: safetensors dtype -> (bytes per element, numpy dtype to read the raw bytes, torch dtype to view them as).
-FLOAT_DTYPES: dict[str, tuple[int, str, torch.dtype]] = {
-    "BF16": (2, "<u2", torch.bfloat16),
-    "F16": (2, "<f2", torch.float16),
-    "F32": (4, "<f4", torch.float32),
-    "F64": (8, "<f8", torch.float64),
+FLOAT_DTYPES: dict[str, tuple[int, str, str]] = {
+    "BF16": (2, "<u2", "bfloat16"),
+    "F16": (2, "<f2", "float16"),
+    "F32": (4, "<f4", "float32"),
+    "F64": (8, "<f8", "float64"),
 }
 #: Everything else safetensors knows; refused with a clear message (integers mean a pre-quantized checkpoint).
 OTHER_DTYPES = {
@@ -159,7 +162,10 @@ def _check_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
-    _, np_dtype, torch_dtype = FLOAT_DTYPES[info.dtype]
+    import torch
+
+    _, np_dtype, dtype_name = FLOAT_DTYPES[info.dtype]
+    torch_dtype = getattr(torch, dtype_name)
     if info.numel == 0:
         return torch.zeros(info.shape, dtype=torch_dtype)
     size = info.numel * np.dtype(np_dtype).itemsize
@@ -305,3 +311,21 @@ def fingerprint(ckpt: Checkpoint) -> str:
             f"{name}|{t.dtype}|{list(t.shape)}|{t.file.name}|{t.start}|{t.file.stat().st_size}\n".encode()
         )
     return h.hexdigest()
+
+
+def content_hash(info: TensorInfo, t: torch.Tensor) -> str:
+    """xxh3-128 of the tensor's name, dtype, shape and raw stored bytes."""
+    import torch
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    h.update(f"{info.name}|{info.dtype}|{list(info.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def tied_lm_head(ckpt: Checkpoint) -> str | None:
+    """The lm_head name that the runtime ties to the embedding (and that we therefore never store)."""
+    tie = ckpt.config.get("tie_word_embeddings", False)
+    return "lm_head.weight" if tie and "lm_head.weight" in ckpt.tensors else None

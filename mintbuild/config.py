@@ -100,32 +100,36 @@ class PriorRule:
     prior: float = 1.0
 
 
+#: The published method's role priors (conf/solver/priors/published.yaml; the nrmse and mse objectives').
+PUBLISHED_PRIORS = {
+    "embedding": 10.0,
+    "lm_head": 10.0,
+    "norm": float("inf"),
+    "bias": float("inf"),
+    "moe_router": 8.0,
+    "vision": 8.0,
+    "first_layer": 3.0,
+    "last_layer": 2.0,
+    "default": 1.0,
+}
+#: The fisher objective's priors (conf/solver/priors/calibrated.yaml): alpha measures what the finite priors
+#: guess, so they are all 1; norms and biases stay 16-bit.
+CALIBRATED_PRIORS = {k: (v if v == float("inf") else 1.0) for k, v in PUBLISHED_PRIORS.items()}
+
+
 @dataclass
 class SolverConfig:
     #: exact (proven optimum, default) | cvxpy | dp | greedy (the published one-pass baseline).
     method: str = "exact"
     #: nrmse: sum pi*alpha*NRMSE (published); mse: sum pi*alpha*elements*NRMSE^2 (total squared error,
     #: size-aware); fisher: sum pi*alpha*(calibrated mean squared gradient x SSE) (needs the importance stage).
-    objective: str = "nrmse"
+    objective: str = "fisher"
     #: The importance artifact the fisher objective reads.
     importance: str = "artifacts/importance/importance.json"
     #: Options whose SQNR is below this floor (dB) are removed; a tensor left with none stays 16-bit.
     veto_sqnr_db: float = 9.0
     #: Priors by role; "inf" keeps a role 16-bit. first_layer / last_layer apply to blocks 0 and L-1.
-    #: The default is the published table; conf/solver/priors/calibrated.yaml (fisher's) sets the finite ones to 1.
-    priors: dict[str, float] = field(
-        default_factory=lambda: {
-            "embedding": 10.0,
-            "lm_head": 10.0,
-            "norm": float("inf"),
-            "bias": float("inf"),
-            "moe_router": 8.0,
-            "vision": 8.0,
-            "first_layer": 3.0,
-            "last_layer": 2.0,
-            "default": 1.0,
-        }
-    )
+    priors: dict[str, float] = field(default_factory=lambda: dict(CALIBRATED_PRIORS))
     #: Extra rules (first match wins) tried before the role table.
     prior_rules: list[PriorRule] = field(default_factory=list)
     #: Per-tensor importance (name -> alpha); absent names get 1.
@@ -143,9 +147,9 @@ class EvalConfig:
     #: Corpus split to score ("test" or "train").
     split: str = "test"
     #: Tokens per window; capped at the model's max_position_embeddings.
-    window: int = 2048
+    window: int = 512
     #: Windows scored (sampled with `seed` from the candidate windows, then kept in corpus order).
-    n_windows: int = 8
+    n_windows: int = 4
     seed: int = 0
     #: Distance between candidate window starts; 0 = `window` (disjoint windows).
     stride: int = 0
@@ -238,13 +242,6 @@ def select_targets(params: Params, targets: list[str] | None) -> list[str]:
     if unknown:
         raise MintError(f"unknown target(s) {unknown}; configured: {sorted(params.targets)}")
     return names
-
-
-def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="params_schema", node=Params)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:

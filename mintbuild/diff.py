@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
+from .artifacts.curve import DEFAULT_CURVE
 from .budget import format_size
 from .errors import MintError
-from .report import DEFAULT_CURVE
 
 WORKSPACE = "workspace"
 log = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ way out.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -34,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .artifacts.model import copy_small_files, write_local_manifest
+from .calibration import calibration_args, calibration_parser, calibration_windows, load_model, torch_settings
 from .config import EqualizeConfig
 from .errors import MintError
-from .importance import calibration_args, calibration_parser
 from .io import atomic_dir, atomic_write_json, sha256_file
-from .model import copy_small_files
 
 SCHEMA_VERSION = 1
 RECORD = "equalize.json"
@@ -205,7 +204,7 @@ class Metric:
 
 def output_error(weights: list[Any], metric: Metric, s: Any, option: Any) -> float:
     """sum_j |(Q(W_j s)/s - W_j) x^T|^2 over the sample, with Q the profile's quantizer (storage dtype bf16)."""
-    from .quant import quantize_dequantize
+    from .quant.reference import quantize_dequantize
 
     return sum(metric(quantize_dequantize(w * s, option).float() / s - w) for w in weights)
 
@@ -302,7 +301,6 @@ def compute(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, progress: bo
     import torch
 
     from .checkpoint import fingerprint
-    from .importance import calibration_windows, load_model, torch_settings
 
     ckpt, windows, train_sha = calibration_windows(model_dir, corpus_dir, cfg.n_windows, cfg.window, cfg.seed)
     with torch_settings(cfg.threads):
@@ -384,18 +382,9 @@ def _save(tensors: dict[str, Any], path: Path) -> None:
 
 def _passthrough(model_dir: Path, out: Path) -> dict:
     """method none: the model stage's own local-folder manifest naming `model_dir` (nothing is copied)."""
-    from .config import ModelConfig
-    from .model import import_model
-
-    manifest = import_model(ModelConfig(source="local", path=str(model_dir)), out)
+    manifest = write_local_manifest(model_dir, out)
     log.info("equalize.method none: %s points at %s", out, model_dir)
     return manifest
-
-
-def load_record(folder: Path) -> dict | None:
-    """equalize.json of an equalized folder, or None (method none / a plain model folder)."""
-    path = Path(folder) / RECORD
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 # ---------------------------------------------------------------- CLI

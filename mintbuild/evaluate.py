@@ -2,7 +2,7 @@
 
 The packed folder itself is evaluated (not the allocation): its manifest is checked (every file's size and
 sha256, so a folder edited by hand is refused), each MLX affine module is unpacked and dequantized with
-mintbuild.quant (the same values mlx-lm computes) into the model's transformers architecture, and the model
+mintbuild.quant.reference (the same values mlx-lm computes) into the model's transformers architecture, and the model
 runs on the CPU. Windows are fixed: the tokenized split is cut into candidate windows of `window` tokens every
 `stride` tokens, `n_windows` of them are drawn with `seed` and scored in corpus order; each window's first
 token has no context and is not scored. Reported: mean PPL = exp(mean token NLL over all scored tokens) and
@@ -12,7 +12,6 @@ the median of per-window PPL (as the published method reports), tokens scored an
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
@@ -24,100 +23,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from .artifacts.metrics import BASELINE, SCHEMA_VERSION, read_baseline, write_metrics
+from .artifacts.model import resolve_weights_dir
+from .calibration import load_tokenizer
+from .checkpoint import open_checkpoint, tied_lm_head
 from .config import EvalConfig, Params, as_dict, load_params
 from .errors import MintError
-from .io import atomic_dir, canonical_json, read_json, sha256_file, sha256_text
-from .pack import MANIFEST_FILE, TOKENIZER_FILES
-from .quant import dequantize_codes, unpack_codes
+from .io import sha256_text
+from .mlx_folder import dequantized_state, read_config, verify_manifest
 
-METRICS_FILE = "metrics.json"
-BASELINE = "baseline"
-SCHEMA_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- loading a packed folder
-
-
-def verify_manifest(folder: Path) -> dict[str, Any]:
-    """The pack manifest, after checking every file it lists (size, sha256) and that no weight file was added."""
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
-        raise MintError(f"{folder}: no {MANIFEST_FILE}; not a folder written by `mintbuild pack`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (ValueError, KeyError) as e:
-        raise MintError(f"{path}: invalid pack manifest ({e})") from None
-    for name, want in sorted(files.items()):
-        p = folder / name
-        if not p.is_file():
-            raise MintError(f"{p}: listed in {MANIFEST_FILE} but missing")
-        size = p.stat().st_size
-        if size != want["bytes"]:
-            raise MintError(f"{p}: {size:,} B but the pack wrote {want['bytes']:,} B (edited by hand?)")
-        if sha256_file(p) != want["sha256"]:
-            raise MintError(
-                f"{p}: content differs from what the pack wrote (sha256 mismatch; edited by hand?)"
-            )
-    extra = sorted(p.name for p in folder.glob("*.safetensors*") if p.name not in files)
-    if extra:
-        raise MintError(f"{folder}: weight file(s) {extra} not written by the pack")
-    return manifest
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    return read_json(folder / "config.json", "no config.json")
-
-
-def module_option(quant: dict[str, Any], path: str) -> tuple[int, int]:
-    """(bits, group) of a quantized module from config.json's `quantization` (per-path entry, else default)."""
-    entry = quant.get(path)
-    if isinstance(entry, dict):
-        return int(entry["bits"]), int(entry["group_size"])
-    if entry is False:
-        raise MintError(f"config.json says module {path!r} is not quantized, but the file holds its scales")
-    return int(quant["bits"]), int(quant["group_size"])
-
-
-def dequantized_state(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every tensor of the packed weights as bf16, quantized modules dequantized exactly as MLX does."""
-    from safetensors import safe_open
-
-    quant = config.get("quantization") or {}
-    files = sorted(folder.glob("model*.safetensors"))
-    if not files:
-        raise MintError(f"{folder}: no model*.safetensors")
-    raw: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                raw[name] = sf.get_tensor(name)
-    state: dict[str, torch.Tensor] = {}
-    for name in sorted(raw):
-        if name.endswith((".scales", ".biases")):
-            continue
-        stem = name.removesuffix(".weight")
-        if f"{stem}.scales" not in raw:
-            state[name] = raw[name].to(torch.bfloat16)
-            continue
-        state[name] = dequantize_module(stem, raw, quant)
-    return state
-
-
-def dequantize_module(stem: str, raw: dict[str, torch.Tensor], quant: dict[str, Any]) -> torch.Tensor:
-    bits, group = module_option(quant, stem)
-    words, scales, biases = raw[f"{stem}.weight"], raw[f"{stem}.scales"], raw[f"{stem}.biases"]
-    k = scales.shape[-1] * group
-    if words.dtype != torch.uint32 or words.shape[-1] * 32 != k * bits or biases.shape != scales.shape:
-        raise MintError(
-            f"module {stem!r}: packed shapes {list(words.shape)} / {list(scales.shape)} do not match "
-            f"{bits}-bit groups of {group} from config.json"
-        )
-    codes = torch.from_numpy(unpack_codes(words.numpy(), bits, k))
-    return dequantize_codes(codes, scales, biases, group, torch.bfloat16)
 
 
 def build_model(
@@ -156,9 +76,6 @@ def load_packed(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[torch
 
 def load_baseline(folder: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The unquantized model (the model stage's folder or the local checkpoint it names), weights in bf16."""
-    from .checkpoint import open_checkpoint
-    from .profile import tied_lm_head
-
     ckpt = open_checkpoint(folder)
     skip = tied_lm_head(ckpt)
     state = {n: ckpt.read(n).to(torch.bfloat16) for n in ckpt.names if n != skip}
@@ -166,14 +83,6 @@ def load_baseline(folder: Path, dtype: torch.dtype = torch.float32) -> torch.nn.
 
 
 # ---------------------------------------------------------------- tokens and windows
-
-
-def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    if not any((folder / n).is_file() for n in TOKENIZER_FILES):
-        raise MintError(f"{folder}: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
-    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def corpus_tokens(corpus_dir: Path, split: str, tokenizer: Any) -> tuple[np.ndarray, str]:
@@ -292,8 +201,6 @@ def evaluate_folder(
 def run_baseline(
     params: Params, out_root: Path | None = None, progress: bool = True, **kw: Any
 ) -> dict[str, Any]:
-    from .model import resolve_weights_dir
-
     dtype = setup_torch(params.eval)
     model_dir = Path(kw.get("model_out") or params.model.out)
     weights = resolve_weights_dir(model_dir)
@@ -302,7 +209,7 @@ def run_baseline(
     scores, settings = evaluate_folder(model, model_dir, params, corpus_dir, progress)
     bytes_16 = sum(p.stat().st_size for p in sorted(weights.glob("*.safetensors")))
     metrics = {"schema_version": SCHEMA_VERSION, "target": BASELINE, "bytes_on_disk": bytes_16, **scores}
-    return _write(Path(out_root or params.eval_out) / BASELINE, metrics, settings)
+    return write_metrics(Path(out_root or params.eval_out) / BASELINE, metrics, settings)
 
 
 def run_target(
@@ -314,7 +221,7 @@ def run_target(
     if not folder.is_dir():
         raise MintError(f"{folder}: no packed model; run `mintbuild pack --target {target}` first")
     baseline_dir = Path(kw.get("baseline_dir") or out_root / BASELINE)
-    baseline = _read_baseline(baseline_dir)
+    baseline = read_baseline(baseline_dir)
     model, manifest = load_packed(folder, dtype)
     corpus_dir = Path(kw.get("corpus_out") or params.corpus.out)
     scores, settings = evaluate_folder(model, folder, params, corpus_dir, progress)
@@ -338,34 +245,7 @@ def run_target(
         "delta_ppl_median": scores["ppl_median"] - base["ppl_median"],
         "delta_ppl_mean_pct": 100 * (scores["ppl_mean"] / base["ppl_mean"] - 1),
     }
-    return _write(out_root / target, metrics, settings)
-
-
-def _read_baseline(folder: Path) -> dict[str, Any]:
-    path = folder / METRICS_FILE
-    if not path.is_file():
-        raise MintError(f"{path}: no baseline metrics; run `mintbuild evaluate --baseline` first")
-    metrics = json.loads(path.read_text(encoding="utf-8"))
-    settings = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
-    return {"metrics": metrics, "settings": settings}
-
-
-def _write(out: Path, metrics: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    with atomic_dir(out) as tmp:
-        (tmp / METRICS_FILE).write_text(canonical_json(metrics), encoding="utf-8")
-        (tmp / "settings.json").write_text(canonical_json(settings), encoding="utf-8")
-    log.info(
-        "%s: PPL mean %.4f, median %.4f over %d tokens (%d windows of %d), %.0f tokens/s%s",
-        metrics["target"],
-        metrics["ppl_mean"],
-        metrics["ppl_median"],
-        metrics["tokens"],
-        metrics["windows"],
-        metrics["window"],
-        metrics["tokens_per_s"],
-        f", {metrics['delta_ppl_mean_pct']:+.2f}% vs 16-bit" if "delta_ppl_mean_pct" in metrics else "",
-    )
-    return metrics
+    return write_metrics(out_root / target, metrics, settings)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

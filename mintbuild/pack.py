@@ -29,9 +29,7 @@ import itertools
 import json
 import logging
 import math
-import os
 import shutil
-import struct
 import sys
 import time
 from collections import Counter
@@ -42,221 +40,35 @@ from typing import Any
 import numpy as np
 import torch
 import xxhash
-from numba import get_num_threads, njit, prange
 
-from .checkpoint import Checkpoint, fingerprint, open_checkpoint
+from .artifacts.allocation import ALLOCATION_FILE, load_allocation
+from .artifacts.importance import load_hessians
+from .artifacts.model import resolve_weights_dir
+from .checkpoint import Checkpoint, content_hash, fingerprint, open_checkpoint
 from .config import Params, load_params, select_targets
 from .errors import MintError
-from .formats import Option, parse_option, stored_entry_names
+from .formats import Option, parse_option
 from .gptq import GPTQ_VERSION, gptq_codes
-from .io import atomic_dir, atomic_write_json, canonical_json, read_json, sha256_file
-from .kernels import (
-    W,
-    mlx_scale_bias,
-    transpose_rows,
-    ubf16,
-    ucodes,
-    uor,
-    ushl,
-    ushr,
-    ustore,
-    uzero,
-    vload,
-    vmax,
-    vmin,
-    vmlx_scale_bias,
-    vrint,
-    vsplat,
+from .io import atomic_dir, atomic_write_json, canonical_json
+from .mlx_folder import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    Item,
+    Plan,
+    check_tokenizer,
+    item_entries,
+    layout,
+    manifest,
+    packed_config,
+    quantization_section,
+    tokenizer_files,
 )
-from .quant import QUANTIZER_VERSION, pack_codes
+from .pack_cache import PackCache, default_cache_dir
+from .quant.pack_kernel import packed_shapes, quantize_pack
+from .quant.reference import pack_codes
 
 HELP = "write each target's MLX model folder"
-WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "mintbuild-pack.json"
-MANIFEST_SCHEMA = 1
-#: safetensors metadata mlx-lm's own save_model writes; fixed so the file is byte-identical on rerun.
-FILE_METADATA = {"format": "mlx"}
-#: Small files of the model folder copied next to the weights (tokenizer* files are matched by prefix).
-COPIED_FILES = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-CACHE_TAG = f"{QUANTIZER_VERSION}|bf16|pack/1"
-
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- the fused quantize + pack kernel
-
-# Same arithmetic as quant.quantize_codes (float32, division by the scale, round half to even, bf16 rounding of
-# scale and bias), which tests/test_quant.py proves equal to mx.quantize; tests/test_pack.py checks this kernel
-# against both.
-#
-# The fast path is the profile kernel's layout (kernels.py): a block of 8 rows is transposed so that each
-# 8-lane vector holds one column of 8 rows. Every step is then vertical vector math with no branches on the
-# data: min/max, MLX's scale and bias (including its divisions), the codes (a true float32 division, as MLX),
-# and the packing itself, because all lanes put their code at the same bit position. For 3-, 5- and 6-bit
-# codes the bit stream crosses word boundaries at positions that are the same in every lane, so the spill is
-# two shifts, not a branch per value. Rows left over (R not a multiple of 8) take the scalar row path.
-_FLAGS = {"reassoc", "nnan", "ninf", "nsz"}
-_ZERO = np.float32(0.0)
-
-
-@njit(inline="always")
-def _bf16_bits(fbuf: np.ndarray, ubuf: np.ndarray, v: np.float32) -> np.uint16:
-    """bf16 bit pattern of v, round to nearest even (what torch's .to(bfloat16) does for finite values)."""
-    fbuf[0] = v
-    u = ubuf[0]
-    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-
-@njit(cache=True, parallel=True)
-def _quantize_pack(x16, bits, group, words, scales, biases, bad, threads) -> None:
-    """x16 bf16 bit patterns (uint16) [R, K] -> words uint32 [R, K*bits/32], scales/biases bf16 bits [R, K/g].
-
-    Nothing is written when a value is NaN or Inf: `bad` then counts them per row."""
-    n_rows, k = x16.shape
-    for r in prange(n_rows):
-        n_bad = 0
-        for i in range(k):
-            n_bad += (x16[r, i] & np.uint16(0x7F80)) == np.uint16(0x7F80)  # exponent all ones: NaN or Inf
-        bad[r] = n_bad
-    if bad.any():
-        return
-    n_full = n_rows // W
-    n_part = max(1, min(n_full, 8 * threads))
-    kw = words.shape[1]
-    for part in prange(n_part):
-        # Scratch once per partition: the transposed values, words and per-group scale/bias bits.
-        xt = np.empty((k, W), dtype=np.float32)
-        wt = np.empty((kw, W), dtype=np.uint32)
-        sb = np.empty((2, W), dtype=np.uint32)
-        for blk in range(part * n_full // n_part, (part + 1) * n_full // n_part):
-            r0 = blk * W
-            transpose_rows(x16, r0, xt)
-            for gi in range(k // group):
-                _pack_group(xt, gi * group, group, bits, wt, sb)
-                for lane in range(W):
-                    scales[r0 + lane, gi] = np.uint16(sb[0, lane])
-                    biases[r0 + lane, gi] = np.uint16(sb[1, lane])
-            for w in range(kw):
-                for lane in range(W):
-                    words[r0 + lane, w] = wt[w, lane]
-    _pack_rows(x16, bits, group, words, scales, biases, n_full * W)
-
-
-@njit(inline="always")
-def _pack_group(xt, c0, group, bits, wt, sb) -> None:
-    """One group (columns c0 .. c0+group) of 8 transposed rows: scale and bias bf16 bits into sb [2, 8], the
-    packed words into wt [K*bits/32, 8]."""
-    zero = vsplat(0.0)
-    nb = vsplat((1 << bits) - 1)
-    lo = vload(xt, c0 * W)
-    hi = lo
-    for i in range(c0 + 1, c0 + group):
-        v = vload(xt, i * W)
-        lo = vmin(lo, v)
-        hi = vmax(hi, v)
-    scale, bias = vmlx_scale_bias(lo, hi, nb)
-    ustore(sb, 0, ubf16(scale))
-    ustore(sb, W, ubf16(bias))
-    # Codes into a little-endian bit stream; every group starts on a word boundary (group * bits % 32 == 0).
-    w = c0 * bits // 32
-    acc = uzero()
-    n_acc = 0
-    for i in range(c0, c0 + group):
-        u = ucodes(vmin(vmax(vrint((vload(xt, i * W) - bias) / scale), zero), nb))
-        acc = uor(acc, ushl(u, n_acc))
-        n_acc += bits
-        if n_acc >= 32:
-            ustore(wt, w * W, acc)
-            w += 1
-            n_acc -= 32
-            acc = ushr(u, bits - n_acc) if n_acc else uzero()
-
-
-@njit(cache=True, fastmath=_FLAGS)
-def _pack_rows(x16, bits, group, words, scales, biases, first) -> None:
-    """Rows first.. one at a time: widen to float32, per group the parameters and the codes (a branch-free
-    loop the compiler vectorises), then the codes are packed (MLX's layout, as in `_pack_group`). Only
-    reassociation of min/max and no-NaN/Inf assumptions (inputs are checked finite first); never
-    arcp/contract, which would change the division and break bit-exactness."""
-    n_rows, k = x16.shape
-    n_bins = np.float32((1 << bits) - 1)
-    per = 32 // bits if 32 % bits == 0 else 0
-    ubuf = np.empty(k, dtype=np.uint32)
-    row = ubuf.view(np.float32)
-    codes = np.empty(k, dtype=np.uint32)
-    fbuf = np.empty(1, dtype=np.float32)
-    fbits = fbuf.view(np.uint32)
-    for r in range(first, n_rows):
-        for i in range(k):
-            ubuf[i] = np.uint32(x16[r, i]) << np.uint32(16)
-        for gi in range(k // group):
-            start = gi * group
-            w_min = row[start]
-            w_max = row[start]
-            for i in range(start + 1, start + group):
-                w_min = min(w_min, row[i])
-                w_max = max(w_max, row[i])
-            scale, bias = mlx_scale_bias(w_min, w_max, n_bins)
-            scales[r, gi] = _bf16_bits(fbuf, fbits, scale)
-            biases[r, gi] = _bf16_bits(fbuf, fbits, bias)
-            # fl32(x * fl64(1/s)) == fl32(x / s) for float32 x and s: a quotient of two 24-bit significands is
-            # never a float32 rounding midpoint and lies at least 2^-48 (relative) from one, while the float64
-            # product is within 2^-52 of it. Unlike the division this vectorises.
-            inv = np.float64(1.0) / np.float64(scale)
-            for i in range(start, start + group):
-                q = np.float32(np.float64(row[i] - bias) * inv)
-                codes[i] = np.int32(min(max(np.rint(q), _ZERO), n_bins))
-        _pack_row(codes, bits, per, words[r])
-
-
-@njit(inline="always")
-def _pack_row(codes: np.ndarray, bits: int, per: int, out: np.ndarray) -> None:
-    k = codes.shape[0]
-    if per:
-        for w in range(k // per):
-            acc = np.uint32(0)
-            for j in range(per):
-                acc |= codes[w * per + j] << np.uint32(j * bits)
-            out[w] = acc
-        return
-    for c in range(k // 32):
-        acc = np.uint64(0)
-        n_acc = 0
-        w = c * bits
-        for j in range(32):
-            acc |= np.uint64(codes[c * 32 + j]) << np.uint64(n_acc)
-            n_acc += bits
-            if n_acc >= 32:
-                out[w] = np.uint32(acc & np.uint64(0xFFFFFFFF))
-                w += 1
-                acc >>= np.uint64(32)
-                n_acc -= 32
-
-
-def packed_shapes(option: Option, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(words shape, scales/biases shape) of `shape` stored with `option`, refusing a shape it cannot store."""
-    reason = option.unavailable_reason(shape)
-    if reason:
-        raise MintError(f"option {option.name} cannot store shape {list(shape)}: {reason}")
-    return option.packed_shape(shape)
-
-
-def quantize_pack(w: torch.Tensor, option: Option) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MLX affine tensors of `w` (rounded to bf16 first, as stored): (uint32 words, bf16 scales, bf16 biases),
-    the scales and biases as uint16 bit patterns, all in MLX's shapes (`Option.packed_shape`)."""
-    shape = tuple(w.shape)
-    wshape, sshape = packed_shapes(option, shape)
-    x16 = w.to(torch.bfloat16).contiguous().reshape(-1, shape[-1]).view(torch.int16).numpy().view(np.uint16)
-    rows = x16.shape[0]
-    words = np.empty((rows, wshape[-1]), dtype=np.uint32)
-    scales = np.empty((rows, sshape[-1]), dtype=np.uint16)
-    biases = np.empty((rows, sshape[-1]), dtype=np.uint16)
-    bad = np.zeros(rows, dtype=np.int64)
-    _quantize_pack(x16, option.bits, option.group, words, scales, biases, bad, get_num_threads())
-    if bad.any():
-        raise MintError(f"{int(bad.sum())} NaN or Inf value(s) in row(s) {np.flatnonzero(bad)[:3].tolist()}")
-    return words.reshape(wshape), scales.reshape(sshape), biases.reshape(sshape)
 
 
 @dataclass(frozen=True)
@@ -290,8 +102,6 @@ class Rounding:
 
 def load_rounding(params: Params, ckpt: Checkpoint) -> Rounding:
     """The rounding `params.pack` asks for, with the importance stage's Hessians of this very model."""
-    from .importance import load_hessians
-
     cfg = params.pack
     if cfg.rounding == "rtn":
         return Rounding()
@@ -318,66 +128,6 @@ def gptq_pack(
 
 
 # ---------------------------------------------------------------- the plan
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One tensor stored in the file."""
-
-    name: str
-    dtype: str  # safetensors dtype: U32 or BF16
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return (4 if self.dtype == "U32" else 2) * math.prod(self.shape)
-
-
-@dataclass
-class Item:
-    """One checkpoint tensor and how it is stored."""
-
-    source: str
-    option: Option
-    shape: tuple[int, ...]
-    decision: str
-    entries: list[Entry]
-
-
-@dataclass
-class Plan:
-    target: str
-    budget: int
-    header_allowance: int
-    items: list[Item]
-    quantization: dict[str, Any] | None
-    header: bytes = b""
-    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    @property
-    def data_bytes(self) -> int:
-        return sum(e.nbytes for it in self.items for e in it.entries)
-
-    @property
-    def file_bytes(self) -> int:
-        return len(self.header) + self.data_bytes
-
-    @property
-    def parameters(self) -> int:
-        return sum(math.prod(it.shape) for it in self.items)
-
-
-def item_entries(name: str, option: Option, shape: tuple[int, ...]) -> list[Entry]:
-    if option.passthrough:
-        return [Entry(name, "BF16", shape)]
-    wshape, sshape = option.packed_shape(shape)
-    w, s, b = stored_entry_names(name, option)
-    return [Entry(w, "U32", wshape), Entry(s, "BF16", sshape), Entry(b, "BF16", sshape)]
-
-
-def module_path(name: str) -> str:
-    """The module path mlx-lm's nn.quantize sees for a weight (`a.b.weight` -> `a.b`)."""
-    return name.removesuffix(".weight")
 
 
 def make_plan(alloc: dict[str, Any], ckpt: Checkpoint) -> Plan:
@@ -411,52 +161,8 @@ def make_plan(alloc: dict[str, Any], ckpt: Checkpoint) -> Plan:
     totals = alloc["totals"]
     plan = Plan(alloc["target"], int(totals["budget"]), int(totals["header_allowance"]), items, None)
     plan.quantization = quantization_section(items)
-    _layout(plan)
+    layout(plan)
     return plan
-
-
-def quantization_section(items: list[Item]) -> dict[str, Any] | None:
-    """config.json's `quantization`: the most common option (by tensor count, then bytes, then name) as the
-    default, plus one entry per module path whose choice differs; None when nothing is quantized."""
-    quantized = [it for it in items if not it.option.passthrough]
-    if not quantized:
-        return None
-    count = Counter(it.option for it in quantized)
-    nbytes = Counter()
-    for it in quantized:
-        nbytes[it.option] += it.option.nbytes(it.shape)
-    default = min(count, key=lambda o: (-count[o], -nbytes[o], o.name))
-    section: dict[str, Any] = {"group_size": default.group, "bits": default.bits, "mode": "affine"}
-    for it in items:
-        if len(it.shape) < 2:
-            continue  # norms and biases: never quantizable modules, nothing to say
-        path = module_path(it.source)
-        if it.option.passthrough:
-            section[path] = False  # mlx-lm keeps the module as is (a quantizable Linear/Embedding in 16 bits)
-        elif it.option != default:
-            section[path] = {"group_size": it.option.group, "bits": it.option.bits}
-    return section
-
-
-def _layout(plan: Plan) -> None:
-    """safetensors header (sorted names, fixed metadata, padded to 8 bytes); the data in plan order (items by
-    source name, each item's entries together), so the file is written front to back and hashed as written."""
-    offset = 0
-    for e in (e for it in plan.items for e in it.entries):
-        if e.name in plan.offsets:
-            raise MintError(f"two stored tensors would both be named {e.name!r}")
-        plan.offsets[e.name] = (offset, offset + e.nbytes)
-        offset += e.nbytes
-    header: dict[str, Any] = {"__metadata__": FILE_METADATA}
-    for e in sorted((e for it in plan.items for e in it.entries), key=lambda e: e.name):
-        header[e.name] = {
-            "dtype": e.dtype,
-            "shape": list(e.shape),
-            "data_offsets": list(plan.offsets[e.name]),
-        }
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    plan.header = struct.pack("<Q", len(raw)) + raw
 
 
 def check_budget(plan: Plan) -> None:
@@ -500,68 +206,10 @@ def render_plan(plan: Plan, out: Path) -> str:
 # ---------------------------------------------------------------- the cache
 
 
-class PackCache:
-    """Quantized tensors on disk, keyed by (content hash of the source tensor, option, quantizer version).
-
-    One file per entry: 16-byte xxh3-128 digest of the payload, then the words, scales and biases bytes. The
-    digest is checked on every read, so a torn or corrupted entry is recomputed, never used.
-    """
-
-    def __init__(self, root: Path | None) -> None:
-        self.root = root
-        self.hits = 0
-        self.misses = 0
-        self._made: set[Path] = set()  # fan-out folders known to exist (a mkdir per entry costs ~0.1 ms)
-
-    def path(self, digest: str, option: Option) -> Path:
-        assert self.root is not None
-        key = xxhash.xxh3_128(f"{CACHE_TAG}|{digest}|{option.name}".encode()).hexdigest()
-        return self.root / key[:2] / f"{key}-{option.name}.bin"
-
-    def get(self, digest: str, option: Option) -> memoryview | None:
-        if self.root is None:
-            return None
-        p = self.path(digest, option)
-        try:
-            raw = p.read_bytes()
-        except OSError:
-            return None
-        if len(raw) < 16 or xxhash.xxh3_128(memoryview(raw)[16:]).digest() != raw[:16]:
-            log.warning("pack cache entry %s is corrupt; recomputing it", p)
-            return None
-        return memoryview(raw)[16:]
-
-    def put(self, digest: str, option: Option, parts: list[memoryview]) -> None:
-        """Store the payload given as its parts (written one after the other, never joined in memory)."""
-        if self.root is None:
-            return
-        p = self.path(digest, option)
-        if p.parent not in self._made:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(p.parent)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        h = xxhash.xxh3_128()
-        for part in parts:
-            h.update(part)
-        # No fsync: a torn entry after a crash fails its digest and is recomputed.
-        with open(tmp, "wb") as f:
-            f.write(h.digest())
-            for part in parts:
-                f.write(part)
-        os.replace(tmp, p)
-
-
-def default_cache_dir(pack_out: Path) -> Path:
-    env = os.environ.get("MINTBUILD_CACHE")
-    return Path(env) / "pack" if env else Path(pack_out) / ".cache"
-
-
 def tensor_payload(
     ckpt: Checkpoint, item: Item, cache: PackCache, hashes: dict[str, str], rounding: Rounding
 ) -> list[memoryview]:
     """The bytes of each of the item's entries, in entry order; records the tensor's content hash."""
-    from .profile import content_hash
-
     info = ckpt.tensors[item.source]
     t = ckpt.read(item.source)
     # The profile's hash (name, dtype, shape, raw bytes): checks the allocation's provenance and keys the cache.
@@ -649,50 +297,6 @@ def check_written(alloc: dict[str, Any], written: dict[str, int], path: Path, pl
         )
 
 
-def packed_config(model_config: dict[str, Any], plan: Plan) -> dict[str, Any]:
-    cfg = {k: v for k, v in model_config.items() if k not in ("quantization", "quantization_config")}
-    if plan.quantization is not None:
-        cfg["quantization"] = plan.quantization
-        cfg["quantization_config"] = plan.quantization  # what mlx-lm's convert writes too (HF model tree)
-    return cfg
-
-
-def tokenizer_files(model_dir: Path) -> list[Path]:
-    """The model folder's tokenizer and generation files; refuses a folder without a tokenizer."""
-    if not any((model_dir / n).is_file() for n in TOKENIZER_FILES):
-        raise MintError(
-            f"{model_dir}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); the packed model needs one"
-        )
-    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.startswith("tokenizer"))
-    files += [model_dir / n for n in COPIED_FILES if (model_dir / n).is_file()]
-    return sorted(set(files))
-
-
-def check_tokenizer(model_dir: Path, model_config: dict[str, Any]) -> None:
-    """A tokenizer whose ids do not fit the model's embedding is the wrong tokenizer."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        return
-    try:
-        tok = json.loads(path.read_text(encoding="utf-8"))
-        vocab = tok["model"]["vocab"]
-        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
-        ids += [a["id"] for a in tok.get("added_tokens", [])]
-    except (ValueError, KeyError, TypeError) as e:
-        raise MintError(f"{path}: not a valid tokenizer.json ({e})") from None
-    n = model_config.get("vocab_size")
-    if n and ids and max(ids) >= int(n):
-        raise MintError(
-            f"{path}: token id {max(ids)} does not fit the model's vocab_size {n}: wrong tokenizer for this model"
-        )
-
-
-def load_allocation(root: Path, target: str) -> dict[str, Any]:
-    return read_json(
-        root / target / "allocation.json", f"no allocation; run `mintbuild allocate --target {target}` first"
-    )
-
-
 def check_provenance(alloc: dict[str, Any], ckpt: Checkpoint, path: Path) -> None:
     want = alloc.get("provenance", {}).get("model_fingerprint")
     got = fingerprint(ckpt)
@@ -740,11 +344,9 @@ def pack_target(
     alloc_root: Path | None = None,
     model_out: Path | None = None,
 ) -> PackResult:
-    from .model import resolve_weights_dir
-
     out_root = Path(out_root or params.pack_out)
     model_dir = Path(model_out or params.equalize.out)
-    alloc_path = Path(alloc_root or params.allocate_out) / target / "allocation.json"
+    alloc_path = Path(alloc_root or params.allocate_out) / target / ALLOCATION_FILE
     alloc = load_allocation(Path(alloc_root or params.allocate_out), target)
     ckpt = open_checkpoint(resolve_weights_dir(model_dir))
     check_provenance(alloc, ckpt, alloc_path)
@@ -770,7 +372,9 @@ def pack_target(
         (tmp / "config.json").write_text(canonical_json(packed_config(model_config, plan)), encoding="utf-8")
         for src in files:
             shutil.copyfile(src, tmp / src.name)
-        result.manifest = manifest(tmp, alloc, alloc_path, plan, {WEIGHTS_FILE: weights_sha}, rounding)
+        result.manifest = manifest(
+            tmp, alloc, alloc_path, plan, {WEIGHTS_FILE: weights_sha}, rounding.record()
+        )
         atomic_write_json(tmp / MANIFEST_FILE, result.manifest)
     result.seconds = time.perf_counter() - t0
     result.cache_hits, result.cache_misses = cache.hits, cache.misses
@@ -787,38 +391,6 @@ def pack_target(
         cache.misses,
     )
     return result
-
-
-def manifest(
-    folder: Path,
-    alloc: dict[str, Any],
-    alloc_path: Path,
-    plan: Plan,
-    known: dict[str, str],
-    rounding: Rounding,
-) -> dict[str, Any]:
-    """The pack's record; `known` holds sha256 digests already computed (file name -> hex)."""
-    totals = alloc["totals"]
-    return {
-        "schema_version": MANIFEST_SCHEMA,
-        "target": plan.target,
-        "allocation_sha256": sha256_file(alloc_path),
-        "provenance": alloc.get("provenance", {}),
-        "budget": plan.budget,
-        "weights_bytes": plan.file_bytes,
-        "header_bytes": len(plan.header),
-        "parameters": plan.parameters,
-        "avg_bits_per_weight": 8 * plan.data_bytes / max(plan.parameters, 1),
-        "objective": totals.get("objective"),
-        "objective_kind": totals.get("objective_kind"),
-        "quantizer": QUANTIZER_VERSION,
-        "rounding": rounding.record(),
-        "files": {
-            p.name: {"bytes": p.stat().st_size, "sha256": known.get(p.name) or sha256_file(p)}
-            for p in sorted(folder.iterdir())
-            if p.is_file() and p.name != MANIFEST_FILE
-        },
-    }
 
 
 def run(

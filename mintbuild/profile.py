@@ -6,6 +6,9 @@ SQNR), measured with the same quantizer the packer uses. Large tensors are measu
 with the widest ranges whole, a uniform random sample of the rest) whose standard error is recorded; sizes
 are always exact. The artifact is a safetensors file (arrays [tensors, options] + JSON metadata) that loads in
 milliseconds, plus summary.md.
+
+One job: the profile measurement (per-tensor statistics, the sampling estimator, the streaming pass); the
+artifact's format lives in artifacts/profile.py.
 """
 
 from __future__ import annotations
@@ -16,111 +19,42 @@ import math
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import xxhash
-from safetensors.numpy import load_file, save
 
 from . import __version__
+from .artifacts.model import resolve_weights_dir
+from .artifacts.profile import Profile
 from .checkpoint import (
     PASSTHROUGH_ROLES,
     Checkpoint,
     TensorInfo,
     compile_rules,
+    content_hash,
     fingerprint,
     layer_index,
     open_checkpoint,
     tensor_role,
+    tied_lm_head,
 )
 from .config import ProfileConfig, as_dict, load_params
 from .errors import MintError
 from .formats import PASSTHROUGH, Option, option_set
 from .io import atomic_dir, canonical_json
-from .quant import QUANTIZER_VERSION
+from .quant.reference import QUANTIZER_VERSION
 
 HELP = "measure bytes and quantization error of every tensor x storage option (one CPU pass, no data)"
-SCHEMA_VERSION = 1
-PROFILE_FILE = "profile.safetensors"
-SUMMARY_FILE = "summary.md"
 #: Rows of a large tensor converted to float32 at a time (bounds peak memory to ~64 MB per chunk).
 CHUNK_ELEMENTS = 1 << 24
 #: Sampling stops growing once three standard errors of every option's NRMSE are below this relative bound.
 NRMSE_REL_BOUND = 0.005
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Profile:
-    """The profile artifact: per-tensor metadata and per-(tensor, option) arrays."""
-
-    tensors: list[dict[str, Any]]
-    options: list[Option]
-    arrays: dict[str, np.ndarray]
-    provenance: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self.arrays[key]
-
-    @property
-    def names(self) -> list[str]:
-        return [t["name"] for t in self.tensors]
-
-    @property
-    def hash(self) -> str:
-        return self.provenance["profile_hash"]
-
-    def save(self, folder: Path) -> None:
-        doc = {
-            "schema_version": SCHEMA_VERSION,
-            "options": [o.name for o in self.options],
-            "tensors": self.tensors,
-            "provenance": self.provenance,
-            "summary": self.summary,
-        }
-        # One metadata key: safetensors stores metadata in a hash map whose order varies between runs.
-        meta = {"mintbuild_profile": canonical_json(doc)}
-        data = save({k: np.ascontiguousarray(v) for k, v in sorted(self.arrays.items())}, metadata=meta)
-        (folder / PROFILE_FILE).write_bytes(data)
-        (folder / SUMMARY_FILE).write_text(render_summary(self))
-
-
-def load_profile(path: str | Path) -> Profile:
-    """Load a profile artifact (the folder or its profile.safetensors); refuses other schema versions."""
-    import json
-
-    from safetensors import safe_open
-
-    path = Path(path)
-    file = path / PROFILE_FILE if path.is_dir() else path
-    if not file.exists():
-        raise MintError(f"{file}: no profile here (run `mintbuild profile` / `dvc repro profile` first)")
-    try:
-        with safe_open(str(file), framework="numpy") as f:
-            meta = f.metadata() or {}
-        arrays = load_file(str(file))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise MintError(f"{file}: not a readable profile ({e})") from None
-    doc = json.loads(meta.get("mintbuild_profile", "{}"))
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise MintError(
-            f"{file}: profile schema version {doc.get('schema_version')!r}, this mintbuild reads "
-            f"{SCHEMA_VERSION}; re-run `mintbuild profile`"
-        )
-    from .formats import parse_option
-
-    return Profile(
-        tensors=doc["tensors"],
-        options=[parse_option(n) for n in doc["options"]],
-        arrays=arrays,
-        provenance=doc["provenance"],
-        summary=doc["summary"],
-    )
 
 
 # --- measurement ------------------------------------------------------------------------------------------
@@ -138,15 +72,6 @@ class TensorStats:
 def _storage_values(x: torch.Tensor) -> torch.Tensor:
     """The values the packer quantizes: the weight rounded to bf16 (exact for a bf16 checkpoint)."""
     return x.to(torch.bfloat16).float() if x.dtype != torch.bfloat16 else x.float()
-
-
-def content_hash(info: TensorInfo, t: torch.Tensor) -> str:
-    """xxh3-128 of the tensor's name, dtype, shape and raw stored bytes."""
-    h = xxhash.xxh3_128()
-    h.update(f"{info.name}|{info.dtype}|{list(info.shape)}|".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def norms(info: TensorInfo, x: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
@@ -173,7 +98,7 @@ def norms(info: TensorInfo, x: torch.Tensor, dtype: torch.dtype) -> tuple[float,
 
 def bf16_norms(info: TensorInfo, t: torch.Tensor) -> float:
     """Sum of squares (float64) of a bf16 tensor, read as bits in one parallel pass; refuses NaN/Inf."""
-    from .kernels import sum_squares
+    from .quant.error_kernels import sum_squares
 
     flat = t.reshape(-1)
     norm_sq, bad = sum_squares(flat.view(torch.int16).numpy()) if flat.numel() else (0.0, -1)
@@ -287,7 +212,7 @@ def range_aux(units: torch.Tensor, group_sizes: list[int]) -> np.ndarray:
     """Per unit and group size, the sum over the unit's groups of (max - min)^2: the quantization step is
     range / (2^b - 1), so a group's error is nearly proportional to its squared range. float64
     [n_units, n_sizes], one parallel pass (kernels.range_sq)."""
-    from .kernels import range_sq
+    from .quant.error_kernels import range_sq
 
     return range_sq(_kernel_input(units), np.array(group_sizes, dtype=np.int64))
 
@@ -295,7 +220,7 @@ def range_aux(units: torch.Tensor, group_sizes: list[int]) -> np.ndarray:
 def _unit_sse(units: torch.Tensor, idx: np.ndarray | None, opts: list[Option]) -> np.ndarray:
     """Per unit (all, or the rows `idx`) and option, the squared error of MLX quantization of the values the
     packer stores (the weight rounded to bf16) against the weight itself."""
-    from .kernels import row_sse
+    from .quant.error_kernels import row_sse
 
     rows = units if idx is None else units[torch.from_numpy(idx)]
     bits = np.array([o.bits for o in opts], dtype=np.int64)
@@ -376,12 +301,6 @@ def _sqnr(sse: np.ndarray, norm_sq: float) -> np.ndarray:
 
 
 # --- the pass ---------------------------------------------------------------------------------------------
-
-
-def tied_lm_head(ckpt: Checkpoint) -> str | None:
-    """The lm_head name that the runtime ties to the embedding (and that we therefore never store)."""
-    tie = ckpt.config.get("tie_word_embeddings", False)
-    return "lm_head.weight" if tie and "lm_head.weight" in ckpt.tensors else None
 
 
 def tensor_meta(info: TensorInfo, role: str, opts: tuple[Option, ...]) -> tuple[dict[str, Any], list[Option]]:
@@ -554,30 +473,6 @@ _CONFIG_KEYS = (
 )
 
 
-def render_summary(p: Profile) -> str:
-    roles: dict[str, list[int]] = {}
-    for m in p.tensors:
-        r = roles.setdefault(m["role"], [0, 0])
-        r[0] += 1
-        r[1] += m["elements"]
-    s = p.summary
-    lines = [
-        "# Profile summary",
-        "",
-        f"- checkpoint hash: `{p.provenance['checkpoint_hash']}`",
-        f"- tensors: {s['tensors']}, parameters: {s['parameters']:,}, 16-bit bytes: {s['bytes_16bit']:,}",
-        f"- options ({len(p.options)}): {', '.join(o.name for o in p.options)}",
-        f"- tensors measured on a sample: {s['sampled_tensors']} (largest relative standard error of NRMSE: "
-        f"{s['max_nrmse_rse']:.2e})",
-        "",
-        "| role | tensors | parameters |",
-        "|---|---:|---:|",
-        *[f"| {r} | {c} | {n:,} |" for r, (c, n) in sorted(roles.items())],
-        "",
-    ]
-    return "\n".join(lines)
-
-
 # --- stage ------------------------------------------------------------------------------------------------
 
 
@@ -602,11 +497,5 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
-    model_dir = Path(args.model) if args.model else _model_weights_dir(Path(params.equalize.out))
+    model_dir = Path(args.model) if args.model else resolve_weights_dir(Path(params.equalize.out))
     run(model_dir, params.profile, Path(args.out or params.profile.out), progress=not args.no_progress)
-
-
-def _model_weights_dir(model_out: Path) -> Path:
-    from .model import resolve_weights_dir
-
-    return resolve_weights_dir(model_out)

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from mintbuild.config import PUBLISHED_PRIORS, SolverConfig
+
 
 def llama_tensors(
     layers: int = 2,
@@ -76,11 +78,45 @@ def write_checkpoint(
     return folder
 
 
-def tiny_llama(out: Path, text: str, vocab: int = 512) -> Path:
-    """A 2-layer random-init Llama (tied embeddings) that transformers and mlx-lm load, with a small BPE
-    tokenizer trained on `text`: a real model folder for pipeline tests that must run every stage."""
+def tiny_llama(
+    out: Path,
+    text: str | None = None,
+    vocab: int = 512,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    shard: bool = False,
+    tie: bool = True,
+) -> Path:
+    """A 2-layer random-init Llama (hidden 64) that transformers and mlx-lm load: a real model folder for tests
+    that run stages. With `text`, a small byte-level BPE tokenizer of `vocab` tokens trained on it (the model's
+    vocabulary is the tokenizer's); without, no tokenizer and a vocabulary of `vocab`. `shard` saves it as
+    several safetensors files with an index."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if text is not None:
+        vocab = _train_tokenizer(out, text, vocab)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokenizer_config.json").write_text("{}\n")
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(dtype).save_pretrained(out, max_shard_size="60KB" if shard else "1GB")
+    return out
+
+
+def _train_tokenizer(out: Path, text: str, vocab: int) -> int:
+    """Save a byte-level BPE tokenizer trained on `text` into `out`; returns its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -91,16 +127,59 @@ def tiny_llama(out: Path, text: str, vocab: int = 512) -> Path:
     tok.train_from_iterator(text.splitlines(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(out)
-    cfg = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
+    return tok.get_vocab_size()
+
+
+def published_solver(**kw: object) -> SolverConfig:
+    """The published objective and priors (nrmse, role table): data-free, so a test needs no importance stage."""
+    return SolverConfig(objective="nrmse", priors=dict(PUBLISHED_PRIORS), **kw)  # type: ignore[arg-type]
+
+
+#: Tiny configs of the families mintbuild supports (transformers config classes, random weights, no hub).
+FAMILIES: dict[str, dict[str, object]] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32},
+    "phi3": {"tie_word_embeddings": False},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+}
+
+
+def tiny_family(out: Path, family: str, text: str, vocab: int = 512, seed: int = 0) -> Path:
+    """A 2-layer random-init model of `family` (hidden 64, GQA 4/2 heads) with a byte-level BPE tokenizer
+    trained on `text`, saved as a bf16 Hugging Face folder that transformers and mlx-lm load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    n_vocab = _train_tokenizer(out, text, vocab)
+    base = {
+        "vocab_size": n_vocab,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    cfg = AutoConfig.for_model(family, **{**base, **FAMILIES[family]})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # norms away from their init, so that a wrong norm fold would show in the logits
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.add_(0.1 * torch.randn(p.shape))
+    model.to(torch.bfloat16).save_pretrained(out)
     return out

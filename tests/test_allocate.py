@@ -1,4 +1,4 @@
-"""Allocate stage: budgets, priors, veto, tie groups, the floor, determinism, on tiny synthetic profiles."""
+"""Allocate stage: budgets, priors, veto, expert groups, the floor, determinism, on tiny synthetic profiles."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mintbuild.allocate import build_problem, floor_bytes, run
+from mintbuild.allocate import run
+from mintbuild.artifacts.profile import load_profile
 from mintbuild.budget import ModelFacts, kv_cache_bytes, parse_size, resolve_budget
-from mintbuild.config import Params, PriorRule, ProfileConfig, SolverConfig, TargetConfig
+from mintbuild.config import Params, PriorRule, ProfileConfig, TargetConfig
 from mintbuild.errors import InfeasibleBudget, MintError
 from mintbuild.formats import PASSTHROUGH
-from mintbuild.profile import load_profile
+from mintbuild.knapsack import build_problem, floor_bytes
 from mintbuild.profile import run as profile_run
 from mintbuild.solve import solve_mckp
 
-from .synth import llama_tensors, write_checkpoint
+from .synth import llama_tensors, published_solver, write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _params(**targets: TargetConfig) -> Params:
-    return Params(targets=dict(targets), solver=SolverConfig())
+    return Params(targets=dict(targets), solver=published_solver())
 
 
 @pytest.mark.parametrize(
@@ -78,10 +79,10 @@ def test_budget_ways_and_kv_cache() -> None:
         resolve_budget(TargetConfig(memory="1MB", kv_context=4096), facts, "t")
 
 
-def test_problem_priors_veto_and_tie_groups(setup) -> None:
+def test_problem_priors_veto_and_expert_groups(setup) -> None:
     _, prof_dir = setup
     prof = load_profile(prof_dir)
-    pb = build_problem(prof, SolverConfig())
+    pb = build_problem(prof, published_solver())
     by = {d["name"]: (i, d) for i, d in enumerate(pb.decisions)}
     # The three per-expert tensors are one decision of their summed bytes.
     i, d = by["model.layers.1.mlp.experts.*.w1.weight"]
@@ -100,7 +101,9 @@ def test_problem_priors_veto_and_tie_groups(setup) -> None:
     assert np.all(pb.sqnr[finite] >= 9.0)
     assert not finite[:, [k for k, o in enumerate(pb.options) if o.bits == 2]].any()
     # Prior rules come first; an infinite prior keeps the tensor 16-bit.
-    cfg = SolverConfig(prior_rules=[PriorRule(pattern=r"layers\.1\.self_attn\.q_proj", prior=float("inf"))])
+    cfg = published_solver(
+        prior_rules=[PriorRule(pattern=r"layers\.1\.self_attn\.q_proj", prior=float("inf"))]
+    )
     pb2 = build_problem(prof, cfg)
     j = [d["name"] for d in pb2.decisions].index("model.layers.1.self_attn.q_proj.weight")
     assert np.isfinite(pb2.costs[j]).sum() == 1 and np.isfinite(pb2.costs[j, pb2.k16])
@@ -135,7 +138,7 @@ def test_allocation_is_byte_identical(setup, tmp_path) -> None:
 
 def test_below_floor_refuses_before_work_or_builds_at_floor(setup, tmp_path) -> None:
     _, prof_dir = setup
-    pb = build_problem(load_profile(prof_dir), SolverConfig())
+    pb = build_problem(load_profile(prof_dir), published_solver())
     floor = floor_bytes(pb) + pb.header_bytes
     assert floor > floor_bytes(pb, with_veto=False) + pb.header_bytes
     with pytest.raises(InfeasibleBudget) as e:
@@ -177,7 +180,7 @@ def test_sweep_reuses_one_problem_and_reports_infeasible_rows(setup) -> None:
     _, prof_dir = setup
     bpws = parse_range("1:8:1")
     assert bpws == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
-    rows = sweep(prof_dir, SolverConfig(), [(f"b{b}", TargetConfig(bits_per_weight=b)) for b in bpws])
+    rows = sweep(prof_dir, published_solver(), [(f"b{b}", TargetConfig(bits_per_weight=b)) for b in bpws])
     assert "error" in rows[0] and "below the smallest feasible size" in rows[0]["error"]
     ok = [r for r in rows if "error" not in r]
     assert len(ok) >= 4 and all(r["bytes"] <= r["budget"] and r["optimal"] for r in ok)

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from mintbuild.artifacts.model import resolve_weights_dir
+from mintbuild.calibration import load_model
 from mintbuild.checkpoint import open_checkpoint
 from mintbuild.config import EqualizeConfig
 from mintbuild.equalize import RECORD, WEIGHTS_FILE, Metric, layer_groups, pow2_scales, run
 from mintbuild.errors import MintError
 from mintbuild.formats import Option
-from mintbuild.importance import load_model
-from mintbuild.model import resolve_weights_dir
-from mintbuild.quant import quantize_dequantize
+from mintbuild.quant.reference import quantize_dequantize
 from tests.synth import tiny_llama
 from tests.test_importance import assert_train_only
 
@@ -75,7 +75,7 @@ def test_equalized_weights_quantize_better(outlier_model: Path, corpus_dir: Path
     logits on text of the *test* split (never seen by the calibration). On a random-init model the gain is
     modest (the real model: `test_real_smollm2`)."""
     run(outlier_model, corpus_dir, TINY, tmp_path / "eq", progress=False)
-    from mintbuild.importance import load_tokenizer
+    from mintbuild.calibration import load_tokenizer
 
     text = (corpus_dir / "test.txt").read_text(encoding="utf-8")[:20_000]
     ids = load_tokenizer(outlier_model)(text, add_special_tokens=False)["input_ids"][:200]
@@ -129,8 +129,8 @@ def test_method_none_and_refusals(outlier_model: Path, corpus_dir: Path, tmp_pat
 
 def test_real_smollm2(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:
     """The real model, a small calibration: exact at 16 bits, and uniform 4-bit g64 loses less."""
+    from mintbuild.calibration import load_tokenizer
     from mintbuild.evaluate import Windows, load_baseline, perplexity
-    from mintbuild.importance import load_tokenizer
 
     cfg = EqualizeConfig(n_windows=2, window=256, samples=512, rank=64, grid=6, threads=1)
     rec = run(smollm2_dir, corpus_dir, cfg, tmp_path / "eq", progress=False)

@@ -17,14 +17,13 @@ from mintbuild.config import EvalConfig
 from mintbuild.errors import MintError
 from mintbuild.evaluate import (
     choose_windows,
-    dequantized_state,
     load_baseline,
     load_packed,
-    read_config,
     run_baseline,
     run_target,
     window_logits,
 )
+from mintbuild.mlx_folder import dequantized_state, read_config
 
 from .test_pack import real_build
 

@@ -15,14 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mintbuild.artifacts.importance import HALF, HESSIAN_FILE, load_hessians
+from mintbuild.calibration import load_model
 from mintbuild.config import ImportanceConfig
 from mintbuild.errors import MintError
-from mintbuild.evaluate import dequantized_state, read_config
 from mintbuild.formats import Option
 from mintbuild.gptq import gptq_codes, output_error, rounding_gain
-from mintbuild.importance import HALF, HESSIAN_FILE, compute_hessian, load_hessians, load_model, run
-from mintbuild.pack import MANIFEST_FILE, WEIGHTS_FILE, Rounding, gptq_pack, pack_target
-from mintbuild.quant import dequantize_codes, quantize_codes, quantize_dequantize
+from mintbuild.importance import compute_hessian, run
+from mintbuild.mlx_folder import MANIFEST_FILE, WEIGHTS_FILE, dequantized_state, read_config
+from mintbuild.pack import Rounding, gptq_pack, pack_target
+from mintbuild.quant.reference import dequantize_codes, quantize_codes, quantize_dequantize
 from tests.test_importance import assert_train_only
 from tests.test_pack import real_build
 
@@ -117,7 +119,7 @@ TINY = ImportanceConfig(n_windows=1, window=64, seed=0, threads=1, hessian_windo
 
 
 def test_head_hessian_is_xtx_of_the_head_inputs(tmp_path: Path, corpus_dir: Path) -> None:
-    from mintbuild.importance import load_tokenizer
+    from mintbuild.calibration import load_tokenizer
     from tests.synth import tiny_llama
 
     text = (corpus_dir / "train.txt").read_text(encoding="utf-8")[:200_000]
@@ -200,7 +202,7 @@ def test_pack_rounds_only_the_head_by_gptq(gptq_build: dict[str, Any]) -> None:
 @pytest.mark.slow
 def test_gptq_head_has_less_output_error_on_test_tokens(gptq_build: dict[str, Any], corpus_dir: Path) -> None:
     """The head's output error on hidden states of the *test* split (never calibrated on), GPTQ vs RTN."""
-    from mintbuild.evaluate import load_tokenizer
+    from mintbuild.calibration import load_tokenizer
 
     model_dir = Path(gptq_build["params"].equalize.out)
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
@@ -257,9 +259,9 @@ def test_fisher_allocation_prices_the_head_as_packed(gptq_build: dict[str, Any],
     gain of each option; every other cost is unchanged, and the allocation stays within budget and optimal."""
     from dataclasses import replace
 
-    from mintbuild.allocate import build_problem, load_importance, rounding_gains
     from mintbuild.allocate import run as allocate_run
-    from mintbuild.profile import load_profile
+    from mintbuild.artifacts.profile import load_profile
+    from mintbuild.knapsack import build_problem, load_importance, rounding_gains
     from mintbuild.solve import solve_mckp
 
     base = gptq_build["params"]
@@ -267,7 +269,7 @@ def test_fisher_allocation_prices_the_head_as_packed(gptq_build: dict[str, Any],
     params = replace(base, pack=replace(base.pack, rounding="gptq"),
                      solver=replace(base.solver, objective="fisher", importance=str(importance)))  # fmt: skip
     profile = load_profile(gptq_build["root"] / "profile")
-    gains = rounding_gains(params, profile, Path(base.equalize.out))
+    gains = rounding_gains(params, profile)
     head = "model.embed_tokens.weight"
     # Measured: 0.45-0.62 per option (fitted on 4 windows of 256 tokens, measured on the other 4).
     assert list(gains) == [head] and all(0.2 < r < 0.8 for r in gains[head].values()), gains

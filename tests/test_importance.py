@@ -12,18 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from mintbuild.artifacts.importance import FILENAME, load_importance
+from mintbuild.calibration import choose_windows, load_tokenizer
 from mintbuild.checkpoint import PASSTHROUGH_ROLES, compile_rules, open_checkpoint, tensor_role
 from mintbuild.cli import main as cli_main
 from mintbuild.config import ImportanceConfig
 from mintbuild.errors import MintError
-from mintbuild.importance import (
-    FILENAME,
-    choose_windows,
-    compute_importance,
-    load_importance,
-    load_tokenizer,
-    run,
-)
+from mintbuild.importance import compute_importance, run
 from mintbuild.io import canonical_json
 from tests.synth import tiny_llama
 
@@ -98,7 +93,7 @@ def test_alpha_tracks_loss_sensitivity(tiny_model: Path, corpus_dir: Path) -> No
     from scipy.stats import spearmanr
     from transformers import AutoModelForCausalLM
 
-    from mintbuild.importance import read_train_text
+    from mintbuild.calibration import read_train_text
 
     res = compute_importance(tiny_model, corpus_dir, TINY, progress=False)
     text, _ = read_train_text(corpus_dir)
@@ -174,7 +169,7 @@ def test_bad_inputs(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
 
 
 def test_windows_of_the_real_corpus_avoid_the_test_split(smollm2_dir: Path, corpus_dir: Path) -> None:
-    from mintbuild.importance import read_train_text
+    from mintbuild.calibration import read_train_text
 
     text, _ = read_train_text(corpus_dir)
     tok = load_tokenizer(smollm2_dir)

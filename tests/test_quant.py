@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mintbuild.formats import OPTION_SETS, Option
-from mintbuild.kernels import row_sse
-from mintbuild.quant import dequantize_codes, pack_codes, quantize_codes, unpack_codes
+from mintbuild.quant.error_kernels import row_sse
+from mintbuild.quant.reference import dequantize_codes, pack_codes, quantize_codes, unpack_codes
 
 QUANT_OPTIONS = [o for o in OPTION_SETS["default"] if not o.passthrough]
 DTYPES = [(torch.bfloat16, mx.bfloat16), (torch.float16, mx.float16)]

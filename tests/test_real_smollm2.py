@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from mintbuild.allocate import run as allocate
-from mintbuild.config import Params, SolverConfig, TargetConfig
+from mintbuild.artifacts.profile import load_profile
+from mintbuild.config import Params, TargetConfig
 from mintbuild.formats import OPTION_SETS, PASSTHROUGH, Option
-from mintbuild.profile import load_profile
+
+from .synth import published_solver
 
 OPTS = OPTION_SETS["default"]
 
@@ -76,10 +78,17 @@ def test_sampled_profile_of_the_real_model_is_within_the_stated_bound(
 def test_allocations_of_the_real_model(smollm2_profile: Path, smollm2_dir: Path, tmp_path: Path) -> None:
     targets = {f"t{b}": TargetConfig(bits_per_weight=b) for b in (3.5, 4.5, 6.0)}
     exact = allocate(
-        Params(targets=targets), None, smollm2_profile, tmp_path / "exact", model_dir=smollm2_dir
+        Params(targets=targets, solver=published_solver()),
+        None,
+        smollm2_profile,
+        tmp_path / "exact",
+        model_dir=smollm2_dir,
     )
     cvx = allocate(
-        Params(targets=targets, solver=SolverConfig(method="cvxpy")), None, smollm2_profile, tmp_path / "cvx"
+        Params(targets=targets, solver=published_solver(method="cvxpy")),
+        None,
+        smollm2_profile,
+        tmp_path / "cvx",
     )
     objectives = []
     for name in targets:

@@ -14,7 +14,8 @@ from mintbuild.errors import InfeasibleBudget, MintError
 from mintbuild.solve import METHODS, CvxpyMCKP, MCKPResult, solve_mckp
 from mintbuild.solve.local import repair
 from mintbuild.solve.problem import Instance
-from mintbuild.solve.synthetic import synthetic_profile
+
+from .mckp_instances import synthetic_profile
 
 INF = math.inf
 #: (method, options) pairs that must all reach the optimum.

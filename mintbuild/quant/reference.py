@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .formats import Option
+from ..formats import Option
 
 EPS = 1e-7
 #: Bumped whenever the quantizer's numbers change; recorded in every profile's provenance.

@@ -1,0 +1,118 @@
+"""The importance stage's artifact: importance.json (alpha per tensor, provenance), the output head's input
+Hessians (hessian.safetensors) and the GPTQ rounding gains; the writer and the readers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import MintError
+from ..io import atomic_dir, atomic_write_json, sha256_file
+
+SCHEMA_VERSION = 1
+
+
+FILENAME = "importance.json"
+
+
+#: The output head's input Hessian (float64 [K, K] per head weight, by checkpoint name) for GPTQ rounding, and
+#: the same sum over the even-numbered windows only (key `<name>` + HALF), so that the allocator can measure
+#: GPTQ's gain on tokens it was not fitted to.
+HESSIAN_FILE = "hessian.safetensors"
+
+
+HALF = "#even_windows"
+
+
+@dataclass(frozen=True)
+class Hessians:
+    """The importance stage's head Hessians: over all windows, over the even-numbered ones, the file's sha256
+    and importance.json."""
+
+    full: dict[str, Any]
+    even: dict[str, Any]
+    sha256: str
+    doc: dict[str, Any]
+
+
+def load_hessians(folder: Path, model_fingerprint: str) -> Hessians:
+    """The head Hessians of an importance folder, measured on the model with `model_fingerprint`; the file is
+    checked against the sha256 importance.json recorded."""
+    from safetensors.torch import load_file
+
+    doc = load_importance(folder)
+    record = doc.get("hessian")
+    path = Path(folder) / HESSIAN_FILE
+    if not record:
+        raise MintError(
+            f"{Path(folder) / FILENAME}: no output-head Hessian (importance.hessian_windows is 0); set it, rerun "
+            "`mintbuild importance`, or set pack.rounding: rtn"
+        )
+    if not path.is_file() or sha256_file(path) != record["sha256"]:
+        raise MintError(
+            f"{path}: missing or not the file importance.json recorded (sha256 {record['sha256'][:12]})"
+        )
+    measured_on = doc.get("provenance", {}).get("model_fingerprint")
+    if measured_on != model_fingerprint:
+        raise MintError(
+            f"{folder}: the Hessian was measured on another model (fingerprint {measured_on} != "
+            f"{model_fingerprint}); re-run `mintbuild importance`"
+        )
+    tensors = load_file(str(path))
+    full = {k: v for k, v in tensors.items() if not k.endswith(HALF)}
+    even = {k.removesuffix(HALF): v for k, v in tensors.items() if k.endswith(HALF)}
+    return Hessians(full, even, record["sha256"], doc)
+
+
+def load_importance(path: Path) -> dict[str, Any]:
+    """Read an importance artifact (folder or file)."""
+    path = Path(path)
+    path = path / FILENAME if path.is_dir() else path
+    if not path.is_file():
+        raise MintError(f"{path}: no importance artifact; run `mintbuild importance` first")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise MintError(f"{path}: schema_version {data.get('schema_version')} (expected {SCHEMA_VERSION})")
+    return data
+
+
+def write_importance(
+    out: Path,
+    doc: dict[str, Any],
+    record: dict[str, Any],
+    hessians: dict[str, Any],
+    gains: dict[str, dict[str, float]],
+    gain_settings: dict[str, Any],
+) -> dict[str, Any]:
+    """Write `out`/importance.json (+ hessian.safetensors when there are Hessians) atomically: the folder is
+    replaced whole. The Hessian file's sha256 and the GPTQ rounding gains (with the damping and block they were
+    measured with) are recorded in importance.json."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(out) as tmp:
+        if hessians:
+            save_file(hessians, str(tmp / HESSIAN_FILE), metadata={"schema_version": str(SCHEMA_VERSION)})
+            doc["hessian"] = {**record, "sha256": sha256_file(tmp / HESSIAN_FILE)}
+            doc["rounding_gain"] = {**gain_settings, "tensors": gains}
+        atomic_write_json(tmp / FILENAME, doc)
+    return doc
+
+
+def load_rounding_gains(folder: Path, damp: float, block: int) -> dict[str, dict[str, float]]:
+    """{tensor: {option: r}} the importance stage measured for GPTQ at this damping and block size."""
+    doc = load_importance(folder)
+    rec = doc.get("rounding_gain")
+    path = Path(folder) / FILENAME
+    if not rec:
+        raise MintError(
+            f"{path}: no GPTQ rounding gains (importance.hessian_windows is 0); set it, rerun "
+            "`mintbuild importance`, or set pack.rounding: rtn"
+        )
+    if (rec.get("damp"), rec.get("block")) != (damp, block):
+        raise MintError(
+            f"{path}: GPTQ gains measured at damp {rec.get('damp')} block {rec.get('block')}, but pack asks for "
+            f"damp {damp} block {block}; rerun `mintbuild importance`"
+        )
+    return {str(t): {str(o): float(r) for o, r in g.items()} for t, g in rec["tensors"].items()}

@@ -1,0 +1,50 @@
+"""The evaluate stage's artifact per target (and for the 16-bit baseline): metrics.json (perplexity, bytes,
+deltas) and settings.json (what must match between a target's run and the baseline's); writer and readers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import MintError
+from ..io import atomic_dir, canonical_json
+
+log = logging.getLogger(__name__)
+
+
+METRICS_FILE = "metrics.json"
+
+
+BASELINE = "baseline"
+
+
+SCHEMA_VERSION = 1
+
+
+def read_baseline(folder: Path) -> dict[str, Any]:
+    path = folder / METRICS_FILE
+    if not path.is_file():
+        raise MintError(f"{path}: no baseline metrics; run `mintbuild evaluate --baseline` first")
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    settings = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
+    return {"metrics": metrics, "settings": settings}
+
+
+def write_metrics(out: Path, metrics: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    with atomic_dir(out) as tmp:
+        (tmp / METRICS_FILE).write_text(canonical_json(metrics), encoding="utf-8")
+        (tmp / "settings.json").write_text(canonical_json(settings), encoding="utf-8")
+    log.info(
+        "%s: PPL mean %.4f, median %.4f over %d tokens (%d windows of %d), %.0f tokens/s%s",
+        metrics["target"],
+        metrics["ppl_mean"],
+        metrics["ppl_median"],
+        metrics["tokens"],
+        metrics["windows"],
+        metrics["window"],
+        metrics["tokens_per_s"],
+        f", {metrics['delta_ppl_mean_pct']:+.2f}% vs 16-bit" if "delta_ppl_mean_pct" in metrics else "",
+    )
+    return metrics

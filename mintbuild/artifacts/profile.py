@@ -1,0 +1,115 @@
+"""The profile artifact: profile.safetensors (arrays [tensors, options] + one JSON metadata entry) and
+summary.md; the writer (`Profile.save`) and the reader (`load_profile`). Reading needs numpy only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import MintError
+from ..formats import Option, parse_option
+from ..io import canonical_json
+
+SCHEMA_VERSION = 1
+
+
+PROFILE_FILE = "profile.safetensors"
+
+
+SUMMARY_FILE = "summary.md"
+
+
+@dataclass
+class Profile:
+    """The profile artifact: per-tensor metadata and per-(tensor, option) arrays."""
+
+    tensors: list[dict[str, Any]]
+    options: list[Option]
+    arrays: dict[str, np.ndarray]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+    @property
+    def names(self) -> list[str]:
+        return [t["name"] for t in self.tensors]
+
+    @property
+    def hash(self) -> str:
+        return self.provenance["profile_hash"]
+
+    def save(self, folder: Path) -> None:
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "options": [o.name for o in self.options],
+            "tensors": self.tensors,
+            "provenance": self.provenance,
+            "summary": self.summary,
+        }
+        # One metadata key: safetensors stores metadata in a hash map whose order varies between runs.
+        meta = {"mintbuild_profile": canonical_json(doc)}
+        from safetensors.numpy import save
+
+        data = save({k: np.ascontiguousarray(v) for k, v in sorted(self.arrays.items())}, metadata=meta)
+        (folder / PROFILE_FILE).write_bytes(data)
+        (folder / SUMMARY_FILE).write_text(render_summary(self))
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Load a profile artifact (the folder or its profile.safetensors); refuses other schema versions."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    file = path / PROFILE_FILE if path.is_dir() else path
+    if not file.exists():
+        raise MintError(f"{file}: no profile here (run `mintbuild profile` / `dvc repro profile` first)")
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            meta = f.metadata() or {}
+        arrays = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise MintError(f"{file}: not a readable profile ({e})") from None
+    doc = json.loads(meta.get("mintbuild_profile", "{}"))
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise MintError(
+            f"{file}: profile schema version {doc.get('schema_version')!r}, this mintbuild reads "
+            f"{SCHEMA_VERSION}; re-run `mintbuild profile`"
+        )
+    return Profile(
+        tensors=doc["tensors"],
+        options=[parse_option(n) for n in doc["options"]],
+        arrays=arrays,
+        provenance=doc["provenance"],
+        summary=doc["summary"],
+    )
+
+
+def render_summary(p: Profile) -> str:
+    roles: dict[str, list[int]] = {}
+    for m in p.tensors:
+        r = roles.setdefault(m["role"], [0, 0])
+        r[0] += 1
+        r[1] += m["elements"]
+    s = p.summary
+    lines = [
+        "# Profile summary",
+        "",
+        f"- checkpoint hash: `{p.provenance['checkpoint_hash']}`",
+        f"- tensors: {s['tensors']}, parameters: {s['parameters']:,}, 16-bit bytes: {s['bytes_16bit']:,}",
+        f"- options ({len(p.options)}): {', '.join(o.name for o in p.options)}",
+        f"- tensors measured on a sample: {s['sampled_tensors']} (largest relative standard error of NRMSE: "
+        f"{s['max_nrmse_rse']:.2e})",
+        "",
+        "| role | tensors | parameters |",
+        "|---|---:|---:|",
+        *[f"| {r} | {c} | {n:,} |" for r, (c, n) in sorted(roles.items())],
+        "",
+    ]
+    return "\n".join(lines)
