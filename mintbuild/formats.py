@@ -131,3 +131,104 @@ def stored_entry_names(name: str, option: Option) -> list[str]:
         return [name]
     stem = name[: -len(".weight")] if name.endswith(".weight") else name
     return [name, f"{stem}.scales", f"{stem}.biases"]
+
+
+# --- GGUF (llama.cpp) ------------------------------------------------------------------------------------------
+#: GGUF aligns every tensor's data to this many bytes (general.alignment's default); the file writer pads with it.
+GGUF_ALIGNMENT = 32
+
+
+@dataclass(frozen=True)
+class GGUFOption:
+    """A ggml storage type: each row of `k` values (the last dimension, ggml's ne[0]) is cut into blocks of
+    `block` values, each stored in `type_size` bytes; `passthrough` types (F32, F16, BF16) store values one by
+    one and take any shape. Same interface as `Option`."""
+
+    name: str
+    ggml_type: int
+    block: int
+    type_size: int
+    passthrough: bool = False
+    requires_imatrix: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.type_size / self.block
+
+    def unavailable_reason(self, shape: tuple[int, ...]) -> str | None:
+        """Why llama.cpp cannot store a tensor of `shape` with this type, or None if it can."""
+        if self.passthrough:
+            return None
+        if len(shape) < 2:
+            return f"{len(shape)}-D tensors are never quantized"
+        k = shape[-1]
+        if k % self.block:
+            return f"row length {k} is not a multiple of block {self.block}"
+        return None
+
+    def available(self, shape: tuple[int, ...]) -> bool:
+        return self.unavailable_reason(shape) is None
+
+    def row_bytes(self, k: int) -> int:
+        """Bytes of one row of `k` values (ggml_row_size); `k` must be a multiple of the block."""
+        if k % self.block:
+            raise MintError(f"type {self.name}: row length {k} is not a multiple of block {self.block}")
+        return (k // self.block) * self.type_size
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Exact bytes of the tensor's data in a GGUF file (before the file's alignment padding)."""
+        reason = self.unavailable_reason(shape)
+        if reason:
+            raise MintError(f"option {self.name} cannot store shape {list(shape)}: {reason}")
+        n = math.prod(shape)
+        if self.passthrough:
+            return n * self.type_size
+        return (n // shape[-1]) * self.row_bytes(shape[-1])
+
+
+#: The ggml types a user would pick, with their block layouts (ggml-common.h): name -> option. `ggml_type` is
+#: the enum value stored in the GGUF tensor info. IQ2_XXS, IQ2_XS and IQ1_S cannot be made without an imatrix.
+GGUF_OPTIONS: dict[str, GGUFOption] = {
+    o.name: o
+    for o in (
+        GGUFOption("F32", 0, 1, 4, passthrough=True),
+        GGUFOption("F16", 1, 1, 2, passthrough=True),
+        GGUFOption("BF16", 30, 1, 2, passthrough=True),
+        GGUFOption("Q8_0", 8, 32, 34),
+        GGUFOption("Q5_0", 6, 32, 22),
+        GGUFOption("Q5_1", 7, 32, 24),
+        GGUFOption("Q4_0", 2, 32, 18),
+        GGUFOption("Q4_1", 3, 32, 20),
+        GGUFOption("Q6_K", 14, 256, 210),
+        GGUFOption("Q5_K", 13, 256, 176),
+        GGUFOption("Q4_K", 12, 256, 144),
+        GGUFOption("Q3_K", 11, 256, 110),
+        GGUFOption("Q2_K", 10, 256, 84),
+        GGUFOption("IQ4_NL", 20, 32, 18),
+        GGUFOption("IQ4_XS", 23, 256, 136),
+        GGUFOption("IQ3_S", 21, 256, 110),
+        GGUFOption("IQ3_XXS", 18, 256, 98),
+        GGUFOption("IQ2_S", 22, 256, 82),
+        GGUFOption("IQ2_XS", 17, 256, 74, requires_imatrix=True),
+        GGUFOption("IQ2_XXS", 16, 256, 66, requires_imatrix=True),
+        GGUFOption("IQ1_M", 29, 256, 56),
+        GGUFOption("IQ1_S", 19, 256, 50, requires_imatrix=True),
+    )
+}
+
+
+def parse_gguf_option(name: str) -> GGUFOption:
+    """Parse a ggml type name (`Q4_K`, `q4_k`, `f16`) into a GGUFOption; refuse mixes and unknown types."""
+    key = str(name).strip().upper()
+    if key in GGUF_OPTIONS:
+        return GGUF_OPTIONS[key]
+    hint = " (a llama.cpp mix, not a tensor type)" if re.fullmatch(r"(I?Q\d_\w+)_(XS|S|M|L)", key) else ""
+    raise MintError(f"unknown GGUF type {name!r}{hint}: known types are {', '.join(GGUF_OPTIONS)}")
+
+
+def gguf_padded(nbytes: int, alignment: int = GGUF_ALIGNMENT) -> int:
+    """`nbytes` rounded up to the GGUF data alignment (what a tensor occupies in the file's data section)."""
+    return -(-nbytes // alignment) * alignment
