@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -172,33 +171,3 @@ def test_bad_configs(setup, tmp_path) -> None:
     with pytest.raises(MintError, match="another model"):
         run(_params(a=TargetConfig(size="10MB")), None, prof_dir, tmp_path, model_dir=other)
     run(_params(a=TargetConfig(size="10MB")), None, prof_dir, tmp_path, model_dir=ck)
-
-
-def test_sweep_reuses_one_problem_and_reports_infeasible_rows(setup) -> None:
-    from mintbuild.sweep import markdown, parse_range, sweep
-
-    _, prof_dir = setup
-    bpws = parse_range("1:8:1")
-    assert bpws == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
-    rows = sweep(prof_dir, published_solver(), [(f"b{b}", TargetConfig(bits_per_weight=b)) for b in bpws])
-    assert "error" in rows[0] and "below the smallest feasible size" in rows[0]["error"]
-    ok = [r for r in rows if "error" not in r]
-    assert len(ok) >= 4 and all(r["bytes"] <= r["budget"] and r["optimal"] for r in ok)
-    objs = [r["objective"] for r in ok]
-    assert all(a >= b for a, b in itertools.pairwise(objs))
-    table = markdown(rows)
-    assert table.count("\n") == len(rows) + 1 and "infeasible" in table
-    # A curve whose pole lies between the feasible budgets: the rows below it keep their allocation and say
-    # why they have no prediction; the others are predicted.
-    from mintbuild.curve import fit_curve
-
-    budgets = np.array([r["budget"] for r in ok], dtype=float)
-    pole = float(np.median(budgets))
-    b = np.linspace(pole * 1.1, pole * 3, 6)
-    curve = fit_curve(b, 20 + 1e3 / ((b - pole) / 1e3))
-    lines = markdown(rows, curve).splitlines()[2:]
-    below = [r["budget"] <= curve.params["B0"] for r in ok]
-    assert 0 < sum(below) < len(ok)  # both kinds of row are exercised
-    for r, line in zip(rows, lines, strict=True):
-        if "error" not in r:
-            assert ("at or below the curve's pole" in line) == (r["budget"] <= curve.params["B0"]), line

@@ -130,7 +130,7 @@ def test_full_build_then_only_the_edited_target_reruns(repo) -> None:
     _write(repo_dir, params)
     assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@c", "pack@c", "evaluate@c", "report"}
     predicted = _sh(repo_dir, "mintbuild", "predict", "--budget", "70KB")
-    assert re.search(r"70KB\t[0-9.]+", predicted)
+    assert re.search(r"\| 70\.00 KB \|.*\| [0-9.]+ \|", predicted), predicted
 
     params["solver"]["veto_sqnr_db"] = 12.0  # shared solver config: every allocation reruns, nothing upstream
     _write(repo_dir, params)
@@ -190,35 +190,49 @@ def test_quality_benchmark_runs_on_the_built_artifacts(repo) -> None:
     assert "| uniform 4/g32 |" in (repo_dir / "artifacts/quality/quality.md").read_text()
 
 
+def _write_conf(repo_dir: Path, params: dict) -> None:
+    """conf/ (the shipped groups plus this repo's model, text and targets as the root config) composing into
+    this repo's params.yaml, for `dvc exp run` with Hydra enabled and for `mintbuild sweep`."""
+    shutil.copytree(ROOT / "conf", repo_dir / "conf", dirs_exist_ok=True)
+    groups = [{"model": "local"}, {"corpus": "text_file"}, {"profile": "default"}, {"solver": "exact"},
+              {"eval": "default"}, {"importance": "default"}, {"equalize": "awq"}, {"pack": "gptq"}, "_self_"]  # fmt: skip
+    (repo_dir / "conf/config.yaml").write_text(yaml.safe_dump({"defaults": groups, **params}, sort_keys=True))
+
+
 def test_sweep_measures_points_and_fits_a_curve(repo) -> None:
-    """`mintbuild sweep --measure` on the built artifacts: every budget allocated (fisher objective, from the
-    importance stage), packed and scored against the 16-bit baseline; the curve is fitted to those points and
-    `predict --curve` answers from it. The build's own targets are untouched."""
+    """`mintbuild sweep --multirun` (the Hydra app over conf/) on the built artifacts: every budget allocated
+    (fisher objective, from the importance stage) and predicted from the build's report; with measure=true
+    packed and scored against the 16-bit baseline, the predictors fitted to those points, and `predict
+    --report` answers from them. The build's own targets are untouched."""
     import json
 
-    repo_dir, _ = repo
+    repo_dir, params = repo
+    _write_conf(repo_dir, params)
     before = (repo_dir / "artifacts/report/report.md").read_text()
-    quick = _sh(repo_dir, "mintbuild", "sweep", "--bpw", "4:8:0.5")
-    assert quick.count("| bpw-") == 9
+    quick = repo_dir / "artifacts/sweep/quick"
     _sh(
         repo_dir,
         "mintbuild",
         "sweep",
-        "--bpw",
-        "5,6,8",
-        "--measure",
-        "--out",
-        "artifacts/sweep",
-        "--no-progress",
+        "-m",
+        "target.bits_per_weight=range(4,8.5,0.5)",
+        f"hydra.sweep.dir={quick}",
     )
-    rows = json.loads((repo_dir / "artifacts/sweep/rows.json").read_text())
-    assert [r["target"] for r in rows] == ["bpw-5", "bpw-6", "bpw-8"]
+    rows = json.loads((quick / "sweep.json").read_text())
+    assert len(rows) == 9 and all(r["scope"]["objective_kind"] == "fisher" for r in rows)
+    assert any(r["predicted"] for r in rows)  # from the build report (none at or below the curve's pole)
+    out = repo_dir / "artifacts/sweep/measured"
+    _sh(repo_dir, "mintbuild", "sweep", "-m", "target.bits_per_weight=5,6,8", "measure=true",
+        f"hydra.sweep.dir={out}")  # fmt: skip
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["target"] for r in rows] == ["5bpw", "6bpw", "8bpw"]
     assert all(r["bytes_on_disk"] <= r["budget"] and r["ppl_mean"] > 1 for r in rows)
-    md = (repo_dir / "artifacts/sweep/sweep.md").read_text()
-    assert "| bpw-6 |" in md and "Fit:" in md
-    assert not (repo_dir / "artifacts/sweep/pack/bpw-6").exists()  # packs are dropped once scored
-    out = _sh(repo_dir, "mintbuild", "predict", "--curve", "artifacts/sweep/curve.json", "--budget", "55KB")
-    assert re.search(r"55KB\t[0-9.]+", out)
+    md = (out / "sweep.md").read_text()
+    assert "| 6bpw |" in md and "Budget curve:" in md and "objective (LOO)" in md
+    assert not (out / "1/pack").exists()  # packs are dropped once scored
+    assert (out / "1/evaluate/6bpw/metrics.json").is_file() and (out / "budget_curve.json").is_file()
+    predicted = _sh(repo_dir, "mintbuild", "predict", "--report", str(out), "--budget", "55KB")
+    assert re.search(r"\| 55\.00 KB \|.*\| [0-9.]+ \|", predicted), predicted
     assert (repo_dir / "artifacts/report/report.md").read_text() == before
 
 
@@ -227,10 +241,7 @@ def test_dvc_exp_run_composes_conf_and_reruns_only_the_overridden_target(repo) -
     as conf/ groups (the shipped ones plus this repo's model, text and targets) reruns nothing, then one
     target's override reruns only that target."""
     repo_dir, params = repo
-    shutil.copytree(ROOT / "conf", repo_dir / "conf", dirs_exist_ok=True)
-    groups = [{"model": "local"}, {"corpus": "text_file"}, {"profile": "default"}, {"solver": "exact"},
-              {"eval": "default"}, {"importance": "default"}, {"equalize": "awq"}, {"pack": "gptq"}, "_self_"]  # fmt: skip
-    (repo_dir / "conf/config.yaml").write_text(yaml.safe_dump({"defaults": groups, **params}, sort_keys=True))
+    _write_conf(repo_dir, params)
     _sh(repo_dir, "dvc", "config", "hydra.enabled", "True")
     _sh(repo_dir, "git", "add", "-A")
     _sh(repo_dir, "git", "commit", "-qm", "conf")

@@ -183,3 +183,23 @@ def test_dvc_queue_runs_a_budget_sweep_as_experiments(profile, tmp_path) -> None
     objs = [got[b]["objective"] for b in (3.5, 4.5, 5.5)]
     assert objs[0] > objs[1] > objs[2]
     assert all(m["bytes"] <= m["budget"] for m in got.values())
+
+
+def test_a_budget_at_or_below_the_curves_pole_keeps_its_row_without_a_prediction(tmp_path) -> None:
+    """With only a budget curve in the report (no objective fit for this scope), budgets above its pole are
+    predicted from the curve and those at or below it are listed without a prediction (moved here from
+    test_allocate)."""
+    import numpy as np
+
+    from mintbuild.artifacts.curve import write_curve
+    from mintbuild.curve import fit_curve
+    from mintbuild.sweep import predicted_ppl
+
+    pole = 1e6
+    b = np.linspace(pole * 1.1, pole * 3, 6)
+    write_curve(tmp_path, fit_curve(b, 20 + 1e3 / ((b - pole) / 1e3)))
+    scope = {"objective_kind": "nrmse", "solver_config_hash": "x", "profile_hash": "y"}
+    below = predicted_ppl({"bytes": int(pole * 0.9), "objective": 1.0, "scope": scope}, tmp_path)
+    above = predicted_ppl({"bytes": int(pole * 2), "objective": 1.0, "scope": scope}, tmp_path)
+    assert below == {"predicted": None, "predictor": None}
+    assert above["predictor"] == "curve" and above["predicted"] > 20
