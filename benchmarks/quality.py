@@ -43,7 +43,7 @@ from mintbuild.artifacts.allocation import write_allocation
 from mintbuild.artifacts.model import resolve_weights_dir
 from mintbuild.artifacts.profile import Profile, load_profile
 from mintbuild.budget import format_size
-from mintbuild.calibration import load_tokenizer
+from mintbuild.calibration import load_tokenizer, sequence_prefix
 from mintbuild.config import PUBLISHED_PRIORS, Params, SolverConfig, TargetConfig, load_params
 from mintbuild.errors import InfeasibleBudget, MintError
 from mintbuild.evaluate import (
@@ -215,7 +215,8 @@ def setup(params: Params, work: Path, n_windows: int | None) -> tuple[Bench, Pat
     tokenizer = load_tokenizer(model_dir)
     tokens, _ = corpus_tokens(Path(params.corpus.out), params.eval.split, tokenizer)
     config = read_config(model_dir)
-    windows = choose_windows(len(tokens), params.eval, config.get("max_position_embeddings"))
+    prefix = tuple(sequence_prefix(tokenizer))  # the BOS, for tokenizers that add one
+    windows = choose_windows(len(tokens), params.eval, config.get("max_position_embeddings"), prefix)
     profile = load_profile(Path(params.profile.out))
     parameters = int(sum(t["elements"] for t in profile.tensors))
     return Bench(params, work, tokens, windows, profile, parameters), model_dir

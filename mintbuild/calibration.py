@@ -2,9 +2,10 @@
 the train-split text, the one tokenizer loader, seeded token windows, fp32 model loading, torch settings
 and the stages' shared command-line arguments.
 
-Windows: start at a line beginning of train.txt, chosen with a seeded permutation, non-overlapping; each is the
-first ``window`` tokens of the text from there. Their character ranges in train.txt are recorded so anyone can
-check that calibration never touched the evaluation text.
+Windows: start at a line beginning of train.txt, chosen with a seeded permutation, non-overlapping; each starts
+the way the model's tokenizer starts a sequence (its BOS when it adds one: `sequence_prefix`), followed by the
+text's tokens from there, ``window`` tokens in all. Their character ranges in train.txt are recorded so anyone
+can check that calibration never touched the evaluation text.
 """
 
 from __future__ import annotations
@@ -39,10 +40,24 @@ _CHARS_PER_TOKEN = 6
 
 @dataclass(frozen=True)
 class Window:
-    #: Character range [char_start, char_end) of train.txt that the window's tokens cover.
+    #: Character range [char_start, char_end) of train.txt that the window's text tokens cover.
     char_start: int
     char_end: int
+    #: The sequence prefix (BOS, when the tokenizer adds one), then the text tokens.
     ids: list[int]
+
+
+def sequence_prefix(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before a text when asked for special tokens (its BOS, for tokenizers that add
+    one), read from the tokenizer's own behaviour rather than guessed from the model family. Windows start with
+    it, as the runtimes' perplexity tools and generation start a sequence; its positions are never scored."""
+    probe = "The quick brown fox."
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i]
+    return []
 
 
 def read_train_text(corpus_dir: Path) -> tuple[str, str]:
@@ -68,18 +83,22 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 
 def choose_windows(text: str, tokenizer: Any, n_windows: int, length: int, seed: int) -> list[Window]:
-    """`n_windows` non-overlapping windows of exactly `length` tokens, each starting at a line of `text`.
+    """`n_windows` non-overlapping windows of exactly `length` tokens (the tokenizer's sequence prefix, then text
+    from a line start of `text`).
 
     Only the chosen spans are tokenised (the whole 2.4 MB split would cost seconds): a seeded permutation of
     the line starts is walked until enough windows fit. Returned in text order.
     """
-    if n_windows < 1 or length < 2:
-        raise MintError(f"importance: need n_windows >= 1 and window >= 2 (got {n_windows}, {length})")
+    prefix = sequence_prefix(tokenizer)
+    if n_windows < 1 or length < len(prefix) + 2:
+        raise MintError(
+            f"calibration: need n_windows >= 1 and window >= {len(prefix) + 2} (got {n_windows}, {length})"
+        )
     starts = [0] + [m.end() for m in re.finditer(r"\n(?=[^\n])", text)]
     order = np.random.default_rng(seed).permutation(len(starts))
     chosen: list[Window] = []
     for k in order[: max(50 * n_windows, 1000)]:
-        w = _window_at(text, tokenizer, starts[int(k)], length)
+        w = _window_at(text, tokenizer, starts[int(k)], length - len(prefix), prefix)
         if w and not any(w.char_start < c.char_end and c.char_start < w.char_end for c in chosen):
             chosen.append(w)
             if len(chosen) == n_windows:
@@ -92,7 +111,7 @@ def choose_windows(text: str, tokenizer: Any, n_windows: int, length: int, seed:
     return sorted(chosen, key=lambda w: w.char_start)
 
 
-def _window_at(text: str, tokenizer: Any, start: int, length: int) -> Window | None:
+def _window_at(text: str, tokenizer: Any, start: int, length: int, prefix: list[int]) -> Window | None:
     span = length * _CHARS_PER_TOKEN
     while True:
         end = min(len(text), start + span)
@@ -101,7 +120,8 @@ def _window_at(text: str, tokenizer: Any, start: int, length: int) -> Window | N
         # The last token must not be cut by the span end (drop it unless the span reaches the end of text).
         usable = len(ids) if end == len(text) else len(ids) - 1
         if usable >= length:
-            return Window(start, start + int(enc["offset_mapping"][length - 1][1]), list(ids[:length]))
+            end_char = start + int(enc["offset_mapping"][length - 1][1])
+            return Window(start, end_char, [*prefix, *ids[:length]])
         if end == len(text):
             return None
         span *= 2

@@ -25,7 +25,7 @@ import torch
 
 from .artifacts.metrics import BASELINE, SCHEMA_VERSION, read_baseline, write_metrics
 from .artifacts.model import resolve_weights_dir
-from .calibration import load_tokenizer
+from .calibration import load_tokenizer, sequence_prefix
 from .checkpoint import open_checkpoint, tied_lm_head
 from .config import EvalConfig, Params, as_dict, load_params
 from .errors import MintError
@@ -96,20 +96,41 @@ def corpus_tokens(corpus_dir: Path, split: str, tokenizer: Any) -> tuple[np.ndar
 
 @dataclass(frozen=True)
 class Windows:
+    """Token windows of the split: each is `prefix` (the tokenizer's BOS, when it adds one) followed by the text
+    tokens from `start`, `length` tokens in all."""
+
     starts: list[int]
     length: int
+    prefix: tuple[int, ...] = ()
 
+    @property
+    def text_length(self) -> int:
+        return self.length - len(self.prefix)
 
-def choose_windows(n_tokens: int, cfg: EvalConfig, max_positions: int | None) -> Windows:
-    length = min(cfg.window, max_positions) if max_positions else cfg.window
-    if length < 2:
-        raise MintError(f"eval.window {cfg.window} is too short (need at least 2 tokens)")
-    if n_tokens < length:
-        raise MintError(
-            f"the corpus {cfg.split} split has {n_tokens:,} tokens, fewer than one window of {length}"
+    def ids(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        return np.concatenate(
+            [np.asarray(self.prefix, dtype=np.int64), tokens[start : start + self.text_length]]
         )
-    stride = cfg.stride or length
-    candidates = list(range(0, n_tokens - length + 1, stride))
+
+    @property
+    def first_scored(self) -> int:
+        """Position of the first scored token: after the prefix; with no prefix the first token is context."""
+        return max(len(self.prefix), 1)
+
+
+def choose_windows(
+    n_tokens: int, cfg: EvalConfig, max_positions: int | None, prefix: tuple[int, ...] = ()
+) -> Windows:
+    length = min(cfg.window, max_positions) if max_positions else cfg.window
+    text_length = length - len(prefix)
+    if text_length < 2:
+        raise MintError(f"eval.window {cfg.window} is too short (need at least {len(prefix) + 2} tokens)")
+    if n_tokens < text_length:
+        raise MintError(
+            f"the corpus {cfg.split} split has {n_tokens:,} tokens, fewer than one window of {text_length}"
+        )
+    stride = cfg.stride or text_length
+    candidates = list(range(0, n_tokens - text_length + 1, stride))
     n = cfg.n_windows
     if n < 1:
         raise MintError(f"eval.n_windows {n} must be at least 1")
@@ -120,7 +141,7 @@ def choose_windows(n_tokens: int, cfg: EvalConfig, max_positions: int | None) ->
         n = len(candidates)
     rng = np.random.default_rng(cfg.seed)
     picked = sorted(int(candidates[i]) for i in rng.choice(len(candidates), size=n, replace=False))
-    return Windows(picked, length)
+    return Windows(picked, length, tuple(prefix))
 
 
 # ---------------------------------------------------------------- scoring
@@ -133,11 +154,12 @@ def window_logits(model: torch.nn.Module, ids: np.ndarray | list[int]) -> torch.
         return model(input_ids=x, use_cache=False).logits[0].float()
 
 
-def window_nll(model: torch.nn.Module, ids: np.ndarray) -> tuple[float, int]:
-    """(sum of token NLL, tokens scored) of one window; its first token is context only."""
+def window_nll(model: torch.nn.Module, ids: np.ndarray, first: int = 1) -> tuple[float, int]:
+    """(sum of token NLL, tokens scored) of one window, scoring positions `first`.. (each from the ones before:
+    the prefix, or the first token when there is none, is context only)."""
     logits = window_logits(model, ids)
-    target = torch.as_tensor(ids[1:], dtype=torch.long)
-    nll = torch.nn.functional.cross_entropy(logits[:-1], target, reduction="sum")
+    target = torch.as_tensor(ids[first:], dtype=torch.long)
+    nll = torch.nn.functional.cross_entropy(logits[first - 1 : -1], target, reduction="sum")
     return float(nll), len(target)
 
 
@@ -150,7 +172,7 @@ def perplexity(
     t0 = time.perf_counter()
     bar = tqdm(total=len(windows.starts) * windows.length, unit="tok", unit_scale=True, disable=not progress)
     for s in windows.starts:
-        nll, n = window_nll(model, tokens[s : s + windows.length])
+        nll, n = window_nll(model, windows.ids(tokens, s), windows.first_scored)
         total_nll += nll
         total_tokens += n
         per_window.append(math.exp(nll / n))
@@ -182,7 +204,15 @@ def setup_torch(cfg: EvalConfig) -> torch.dtype:
 
 def eval_settings(cfg: EvalConfig, corpus_sha: str, windows: Windows) -> dict[str, Any]:
     """What must match between a target's run and the baseline's for the delta to mean anything."""
-    return {**as_dict(cfg), "corpus_sha256": corpus_sha, "window": windows.length, "starts": windows.starts}
+    settings = {
+        **as_dict(cfg),
+        "corpus_sha256": corpus_sha,
+        "window": windows.length,
+        "starts": windows.starts,
+    }
+    if windows.prefix:  # absent for tokenizers without a BOS, so their settings files are as before
+        settings["prefix"] = list(windows.prefix)
+    return settings
 
 
 # ---------------------------------------------------------------- the stage
@@ -194,7 +224,7 @@ def evaluate_folder(
     tokenizer = load_tokenizer(tok_folder)
     tokens, corpus_sha = corpus_tokens(corpus_dir, params.eval.split, tokenizer)
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    windows = choose_windows(len(tokens), params.eval, max_pos)
+    windows = choose_windows(len(tokens), params.eval, max_pos, tuple(sequence_prefix(tokenizer)))
     return perplexity(model, tokens, windows, progress), eval_settings(params.eval, corpus_sha, windows)
 
 

@@ -86,15 +86,17 @@ def tiny_llama(
     dtype: torch.dtype = torch.bfloat16,
     shard: bool = False,
     tie: bool = True,
+    bos: bool = False,
 ) -> Path:
     """A 2-layer random-init Llama (hidden 64) that transformers and mlx-lm load: a real model folder for tests
     that run stages. With `text`, a small byte-level BPE tokenizer of `vocab` tokens trained on it (the model's
     vocabulary is the tokenizer's); without, no tokenizer and a vocabulary of `vocab`. `shard` saves it as
-    several safetensors files with an index."""
+    several safetensors files with an index. `bos`: the tokenizer adds <s> in front of every text, as Llama's,
+    Gemma's and Mistral's do when asked for special tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if text is not None:
-        vocab = _train_tokenizer(out, text, vocab)
+        vocab = _train_tokenizer(out, text, vocab, bos)
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / "tokenizer_config.json").write_text("{}\n")
@@ -113,9 +115,10 @@ def tiny_llama(
     return out
 
 
-def _train_tokenizer(out: Path, text: str, vocab: int) -> int:
-    """Save a byte-level BPE tokenizer trained on `text` into `out`; returns its vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _train_tokenizer(out: Path, text: str, vocab: int, bos: bool = False) -> int:
+    """Save a byte-level BPE tokenizer trained on `text` into `out` (adding <s> in front of every text when
+    `bos`); returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -125,6 +128,10 @@ def _train_tokenizer(out: Path, text: str, vocab: int) -> int:
         vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
     )
     tok.train_from_iterator(text.splitlines(), trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(out)
     return tok.get_vocab_size()
@@ -155,12 +162,14 @@ FAMILIES: dict[str, dict[str, object]] = {
 }
 
 
-def tiny_family(out: Path, family: str, text: str, vocab: int = 512, seed: int = 0) -> Path:
+def tiny_family(
+    out: Path, family: str, text: str, vocab: int = 512, seed: int = 0, bos: bool = False
+) -> Path:
     """A 2-layer random-init model of `family` (hidden 64, GQA 4/2 heads) with a byte-level BPE tokenizer
     trained on `text`, saved as a bf16 Hugging Face folder that transformers and mlx-lm load."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    n_vocab = _train_tokenizer(out, text, vocab)
+    n_vocab = _train_tokenizer(out, text, vocab, bos)
     base = {
         "vocab_size": n_vocab,
         "hidden_size": 64,
