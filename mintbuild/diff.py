@@ -95,7 +95,7 @@ def target_section(name: str, a: dict | None, b: dict | None, curve_a, curve_b, 
     tot_a, tot_b = ta.get("totals", {}), tb.get("totals", {})
     status = "added" if a is None else "removed" if b is None else "changed"
     lines = [f"### `{name}` ({status})", "", "| | before | after |", "|---|---:|---:|"]
-    lines.append(f"| budget | {_size(tot_a.get('budget'))} | {_size(tot_b.get('budget'))} |")
+    lines.append(f"| budget | {_size(_budget(tot_a))} | {_size(_budget(tot_b))} |")
     lines.append(f"| bytes | {_size(tot_a.get('bytes'))} | {_size(tot_b.get('bytes'))} |")
     lines.append(
         f"| bits/weight | {_num(tot_a.get('avg_bits_per_weight'))} | {_num(tot_b.get('avg_bits_per_weight'))} |"
@@ -105,9 +105,11 @@ def target_section(name: str, a: dict | None, b: dict | None, curve_a, curve_b, 
         lines.append(
             f"| measured PPL | {_num((ma or {}).get('ppl_mean'))} | {_num((mb or {}).get('ppl_mean'))} |"
         )
-    pa, pb = _predict(curve_a, tot_a.get("budget")), _predict(curve_b or curve_a, tot_b.get("budget"))
+    pa, pb = _predict(curve_a, _budget(tot_a)), _predict(curve_b or curve_a, _budget(tot_b))
     if pa is not None or pb is not None:
         lines.append(f"| predicted PPL | {_num(pa)} | {_num(pb)} |")
+    notes = tb.get("notes") or ta.get("notes") or []
+    lines += ["", *[f"_Note: {n}._" for n in notes]] if notes else []
     changed = changed_tensors(ta or None, tb or None)
     if changed:
         lines += ["", f"{len(changed)} tensor choices changed; largest:", ""]
@@ -117,6 +119,11 @@ def target_section(name: str, a: dict | None, b: dict | None, curve_a, curve_b, 
     elif not tb and b is not None:
         lines += ["", "_Not built at this revision (run `dvc repro`)._"]
     return [*lines, ""]
+
+
+def _budget(totals: dict[str, Any]) -> int | None:
+    """The budget the build was held to: the minimum safe size for a min_safe target below its floor."""
+    return totals.get("effective_budget", totals.get("budget"))
 
 
 def _size(v: int | None) -> str:

@@ -17,9 +17,11 @@ checkpoint the rewritten weights are exact and the 16-bit model computes exactly
 The output is a model folder (config, tokenizer, model.safetensors, equalize.json with the chosen exponents,
 the calibration error ratios and provenance) that profile, importance, allocate and pack read in place of the
 model stage's folder. `equalize.method: none` writes a manifest that points at the original weights instead.
-Supported: Llama-style decoders (llama, mistral, qwen2, qwen3 and the like: self_attn.{q,k,v,o}_proj,
-mlp.{gate,up,down}_proj, RMSNorm weights that multiply); anything else is refused with `method: none` as the
-way out.
+Every producer/consumer pair that can be rewritten exactly is equalized, whatever the family: norms whose weight
+multiplies (x * w) and Gemma's (1 + w) norms (a channel whose rescaled 1 + w is not exactly storable keeps s = 1),
+separate or fused projections (Phi-3's qkv_proj and gate_up_proj by their row ranges); MoE MLP blocks are
+skipped. equalize.json lists what was skipped and why; a model with nothing to equalize builds unequalized, with
+one warning.
 """
 
 from __future__ import annotations
@@ -43,8 +45,6 @@ SCHEMA_VERSION = 1
 RECORD = "equalize.json"
 WEIGHTS_FILE = "model.safetensors"
 METHODS = ("awq", "none")
-#: RMSNorm classes whose weight multiplies (x * w): a division folds into them. Gemma's (1 + w) does not.
-_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 log = logging.getLogger(__name__)
 
@@ -60,50 +60,118 @@ class Group:
     #: For o_proj under grouped-query attention: heads per kv head (they share scales) and the head size.
     share: int = 1
     head_dim: int = 0
+    #: How the fold module makes the input: "scale" (a norm, x_hat * w), "offset" (a norm, x_hat * (1 + w):
+    #: Gemma's), "linear" (rows of a linear layer).
+    fold_kind: str = "linear"
+    #: Rows [start, stop) of a fused fold linear (Phi-3's qkv_proj and gate_up_proj) that make this input.
+    rows: tuple[int, int] | None = None
 
 
-def layer_groups(model: Any) -> list[Group]:
-    """The equalization groups of a Llama-style decoder, or a MintError naming what does not fit."""
+def layer_groups(model: Any) -> tuple[list[Group], list[dict[str, Any]]]:
+    """(the equalization groups of a decoder, the pairs skipped with the reason). Every producer/consumer pair
+    whose rewrite is exact is a group: the attention and MLP input norms (a norm that multiplies, or Gemma's
+    (1 + w), checked by probing the module, not by its name) into the projections that read them, the value
+    rows into o_proj, the up rows into down_proj; fused projections (Phi-3) by their row ranges. MoE MLP blocks
+    (the router and every expert read one input) are skipped."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
-        raise MintError(f"equalize: {type(model).__name__} has no model.layers; set equalize.method: none")
+        return [], [{"layer": None, "pair": "all", "reason": f"{type(model).__name__} has no model.layers"}]
     cfg = model.config
-    heads, kv_heads = (
-        cfg.num_attention_heads,
-        getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-    )
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    groups = []
+    groups: list[Group] = []
+    skipped: list[dict[str, Any]] = []
     for i, layer in enumerate(layers):
-        _check_layer(i, layer, type(model).__name__)
-        p = f"model.layers.{i}"
-        a, m = f"{p}.self_attn", f"{p}.mlp"
-        groups += [
-            Group(i, "qkv", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], f"{p}.input_layernorm"),
-            Group(i, "gate_up", [f"{m}.gate_proj", f"{m}.up_proj"], f"{p}.post_attention_layernorm"),
-            Group(i, "down", [f"{m}.down_proj"], f"{m}.up_proj"),
-            Group(i, "o", [f"{a}.o_proj"], f"{a}.v_proj", heads // kv_heads, head_dim),
-        ]
-    return groups
+        mods = dict(layer.named_modules())
+        g, s = _layer_pairs(i, mods, heads, kv_heads, head_dim)
+        groups += g
+        skipped += s
+    return groups, skipped
 
 
-def _check_layer(i: int, layer: Any, arch: str) -> None:
-    need = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]  # fmt: skip
-    modules = dict(layer.named_modules())
-    missing = [n for n in need if n not in modules]
-    if missing:
-        raise MintError(
-            f"equalize: layer {i} of {arch} has no {missing[0]} (not a Llama-style decoder); "
-            "set equalize.method: none"
-        )
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        name = type(modules[norm]).__name__
-        if name not in _NORMS:
-            raise MintError(
-                f"equalize: layer {i} {norm} is a {name}, not a norm whose weight multiplies "
-                f"({', '.join(_NORMS)}); set equalize.method: none"
-            )
+def _layer_pairs(
+    i: int, mods: dict[str, Any], heads: int, kv_heads: int, head_dim: int
+) -> tuple[list[Group], list[dict[str, Any]]]:
+    p = f"model.layers.{i}"
+    groups, skipped = [], []
+
+    def skip(pair: str, reason: str) -> None:
+        skipped.append({"layer": i, "pair": pair, "reason": reason})
+
+    q, kv = heads * head_dim, kv_heads * head_dim
+    attn = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    if all(_linear(mods, n) for n in attn):
+        readers, v_fold, v_rows = attn, "self_attn.v_proj", None
+    elif _linear(mods, "self_attn.qkv_proj"):
+        readers, v_fold, v_rows = ["self_attn.qkv_proj"], "self_attn.qkv_proj", (q + kv, q + 2 * kv)
+    else:
+        readers = v_fold = v_rows = None
+    mlp_norm = "pre_feedforward_layernorm" if "pre_feedforward_layernorm" in mods else "post_attention_layernorm"
+    moe = any(n.startswith("mlp.experts") for n in mods)
+    if moe:
+        mlp_readers = up_fold = up_rows = None
+    elif _linear(mods, "mlp.gate_proj") and _linear(mods, "mlp.up_proj"):
+        mlp_readers, up_fold, up_rows = ["mlp.gate_proj", "mlp.up_proj"], "mlp.up_proj", None
+    elif _linear(mods, "mlp.gate_up_proj"):
+        inter = mods["mlp.gate_up_proj"].weight.shape[0] // 2  # Phi-3: gate rows, then up rows
+        mlp_readers, up_fold, up_rows = ["mlp.gate_up_proj"], "mlp.gate_up_proj", (inter, 2 * inter)
+    else:
+        mlp_readers = up_fold = up_rows = None
+    for kind, norm, reader in (("qkv", "input_layernorm", readers), ("gate_up", mlp_norm, mlp_readers)):
+        if reader is None:
+            skip(kind, "MoE block: the router and every expert read this input" if moe and kind == "gate_up"
+                 else "no separate or fused projections of a known layout")  # fmt: skip
+            continue
+        how = norm_kind(mods.get(norm))
+        if how is None:
+            skip(kind, f"{norm} is not a norm whose weight multiplies (x * w or x * (1 + w))")
+            continue
+        groups.append(Group(i, kind, [f"{p}.{n}" for n in reader], f"{p}.{norm}", fold_kind=how))
+    if up_fold and _linear(mods, "mlp.down_proj"):
+        groups.append(Group(i, "down", [f"{p}.mlp.down_proj"], f"{p}.{up_fold}", rows=up_rows))
+    else:
+        skip("down", "MoE block: one scale would have to fold into every expert" if moe else "no up/down pair")
+    if v_fold and _linear(mods, "self_attn.o_proj"):
+        fold = f"{p}.{v_fold}"
+        groups.append(Group(i, "o", [f"{p}.self_attn.o_proj"], fold, heads // kv_heads, head_dim, rows=v_rows))
+    else:
+        skip("o", "no v_proj/o_proj pair")
+    return groups, skipped
+
+
+def _linear(mods: dict[str, Any], name: str) -> bool:
+    import torch
+
+    return isinstance(mods.get(name), torch.nn.Linear)
+
+
+def norm_kind(module: Any) -> str | None:
+    """How a norm applies its weight, found by probing it: "scale" (x_hat * w: output 0 when w = 0), "offset"
+    (x_hat * (1 + w): Gemma's; output x_hat when w = 0), or None (no weight vector, or neither)."""
+    import torch
+
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.ndim != 1:
+        return None
+    x = torch.linspace(-2.0, 3.0, 2 * w.shape[0]).reshape(2, -1).to(w.dtype)
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.zero_()
+            y0 = module(x).float()
+            w.fill_(1.0)
+            y1 = module(x).float()
+    except Exception:  # a module that is not a plain norm over the last dimension
+        return None
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    if bool((y0 == 0).all()) and bool(y1.abs().gt(0).any()):
+        return "scale"
+    if bool(y0.abs().gt(0).any()) and torch.allclose(y1, 2 * y0, rtol=1e-5, atol=1e-6):
+        return "offset"
+    return None
 
 
 # ---------------------------------------------------------------- calibration statistics
@@ -210,9 +278,17 @@ def output_error(weights: list[Any], metric: Metric, s: Any, option: Any) -> flo
 
 
 def search(
-    weights: list[Any], stats: Stats, group: Group, option: Any, grid: int, rank: int, seed: int = 0
+    weights: list[Any],
+    stats: Stats,
+    group: Group,
+    option: Any,
+    grid: int,
+    rank: int,
+    seed: int = 0,
+    restrict: Any = None,
 ) -> tuple[float, Any, float]:
-    """(exponent, scales, error ratio vs plain RTN) minimising the output error on the sample."""
+    """(exponent, scales, error ratio vs plain RTN) minimising the output error on the sample. `restrict` maps
+    candidate scales to the ones the fold can take exactly (Gemma's (1 + w) norms: `offset_restriction`)."""
     import torch
 
     metric = Metric.of(stats.sample, rank, seed)
@@ -220,6 +296,8 @@ def search(
     base = None
     for a in [k / (grid - 1) for k in range(grid)] if grid > 1 else [0.0]:
         s = pow2_scales(stats.mean_abs, a, group.share, group.head_dim)
+        if restrict is not None:
+            s = restrict(s)
         err = output_error(weights, metric, s, option)
         base = err if base is None else base
         if err < best[2]:
@@ -227,10 +305,32 @@ def search(
     return best[0], best[1], best[2] / base if base else 1.0
 
 
+def offset_weight(w: Any, s: Any, dtype: Any) -> tuple[Any, Any]:
+    """For a (1 + w) norm divided by s: (w' in `dtype`, as float32, where 1 + w' = (1 + w) / s exactly in the
+    float32 the norm computes in; mask of the channels where such a w' exists). Channels with s = 1 keep w."""
+    import torch
+
+    target = (1.0 + w.float()) / s  # exact: s is a power of two
+    new = (target.double() - 1.0).to(dtype).float()
+    ok = (s == 1) | ((1.0 + new) == target)
+    return torch.where(s == 1, w.float(), new), ok
+
+
+def offset_restriction(w: Any, dtype: Any) -> Any:
+    """The scales a (1 + w) norm can fold exactly: s where `offset_weight` finds a storable w', else 1."""
+    import torch
+
+    def restrict(s: Any) -> Any:
+        return torch.where(offset_weight(w, s, dtype)[1], s, torch.ones_like(s))
+
+    return restrict
+
+
 def equalize_model(
-    model: Any, groups: list[Group], stats: dict, cfg: EqualizeConfig, progress: bool
+    model: Any, groups: list[Group], stats: dict, cfg: EqualizeConfig, progress: bool, dtypes: dict[str, Any]
 ) -> list[dict]:
-    """Search and apply every group's scales in place (layer order); one record per group."""
+    """Search and apply every group's scales in place (layer order); one record per group. `dtypes`: the
+    storage dtype of each checkpoint tensor (a (1 + w) norm's rewrite must be exact in it)."""
     import torch
     from tqdm import tqdm
 
@@ -242,6 +342,10 @@ def equalize_model(
     with torch.no_grad():
         for g in tqdm(groups, unit="group", desc="equalize: search", disable=not progress):
             weights = [modules[n].weight for n in g.linears]
+            norm_w = modules[g.fold].weight
+            restrict = None
+            if g.fold_kind == "offset":
+                restrict = offset_restriction(norm_w.detach(), dtypes[f"{g.fold}.weight"])
             a, s, ratio = search(
                 [w.float() for w in weights],
                 stats[(g.layer, g.kind)],
@@ -250,25 +354,38 @@ def equalize_model(
                 cfg.grid,
                 cfg.rank,
                 cfg.seed,
+                restrict,
             )
             for w in weights:
                 w.mul_(s)
-            _fold(modules[g.fold], s, g)
-            records.append({"layer": g.layer, "group": g.kind, "exponent": round(a, 4),
-                            "error_ratio": float(f"{ratio:.6g}"), "fold": g.fold})  # fmt: skip
+            _fold(modules[g.fold], s, g, dtypes.get(f"{g.fold}.weight"))
+            record = {"layer": g.layer, "group": g.kind, "exponent": round(a, 4),
+                      "error_ratio": float(f"{ratio:.6g}"), "fold": g.fold}  # fmt: skip
+            if g.fold_kind == "offset":  # channels a (1 + w) norm could not take exactly stay unscaled
+                record["fold_kind"] = "offset"
+                record["unscaled_channels"] = int((s == 1).sum())
+            records.append(record)
     return records
 
 
-def _fold(module: Any, s: Any, g: Group) -> None:
-    """Divide the producer of the group's input by s: a norm's weight, or a linear's rows (and bias)."""
+def _fold(module: Any, s: Any, g: Group, dtype: Any = None) -> None:
+    """Divide the producer of the group's input by s: a norm's weight ((1 + w) norms through `offset_weight`),
+    or a linear's rows (its row range for a fused projection, and the bias)."""
     if g.share > 1:  # one scale per kv-head channel: the first head of each share-group carries it
         s = s.reshape(-1, g.share, g.head_dim)[:, 0, :].reshape(-1)
+    if g.fold_kind == "offset":
+        new, ok = offset_weight(module.weight.detach(), s, dtype)
+        if not bool(ok.all()):
+            raise MintError(f"equalize: {g.fold} cannot take these scales exactly")  # restrict() prevents it
+        module.weight.copy_(new)
+        return
     if module.weight.ndim == 1:
         module.weight.div_(s)
         return
-    module.weight.div_(s[:, None])
+    start, stop = g.rows or (0, module.weight.shape[0])
+    module.weight[start:stop].div_(s[:, None])
     if getattr(module, "bias", None) is not None:
-        module.bias.div_(s)
+        module.bias[start:stop].div_(s)
 
 
 # ---------------------------------------------------------------- the stage
@@ -282,6 +399,11 @@ def run(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, out: Path, progr
     if cfg.method == "none":
         return _passthrough(model_dir, out)
     record, tensors = compute(model_dir, Path(corpus_dir), cfg, progress)
+    if not tensors:
+        reasons = sorted({r["reason"] for r in record["skipped"]})
+        log.warning("equalize: nothing in %s can be equalized exactly (%s); building it unequalized",
+                    model_dir, "; ".join(reasons))  # fmt: skip
+        return _passthrough(model_dir, out)
     with atomic_dir(out) as tmp:
         copy_small_files(model_dir, tmp)
         _save(tensors, tmp / WEIGHTS_FILE)
@@ -300,16 +422,22 @@ def compute(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, progress: bo
     import numpy as np
     import torch
 
-    from .checkpoint import fingerprint
+    from .checkpoint import FLOAT_DTYPES, fingerprint
 
     ckpt, windows, train_sha = calibration_windows(model_dir, corpus_dir, cfg.n_windows, cfg.window, cfg.seed)
     with torch_settings(cfg.threads):
         t0 = time.perf_counter()
         model = load_model(model_dir)
-        groups = layer_groups(model)
+        groups, skipped = layer_groups(model)
+        if skipped:
+            log.info("equalize: %d pair(s) not equalized, e.g. layer %s %s: %s", len(skipped),
+                     skipped[0]["layer"], skipped[0]["pair"], skipped[0]["reason"])  # fmt: skip
+        if not groups:
+            return {"skipped": skipped}, {}
         stats = collect_stats(model, groups, windows, cfg.samples, progress)
         t1 = time.perf_counter()
-        records = equalize_model(model, groups, stats, cfg, progress)
+        dtypes = {n: getattr(torch, FLOAT_DTYPES[t.dtype][2]) for n, t in ckpt.tensors.items()}
+        records = equalize_model(model, groups, stats, cfg, progress, dtypes)
         t2 = time.perf_counter()
     log.info(
         "calibration %.1f s, search %.1f s (%d groups x %d exponents)",
@@ -346,6 +474,8 @@ def compute(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, progress: bo
         },
         "groups": records,
     }
+    if skipped:  # absent when every pair was equalized, so a Llama's record is as before
+        record["skipped"] = skipped
     return record, tensors
 
 

@@ -3,7 +3,9 @@
 The packed folder itself is evaluated (not the allocation): its manifest is checked (every file's size and
 sha256, so a folder edited by hand is refused), each MLX affine module is unpacked and dequantized with
 mintbuild.quant.reference (the same values mlx-lm computes) into the model's transformers architecture, and the model
-runs on the CPU. Windows are fixed: the tokenized split is cut into candidate windows of `window` tokens every
+runs on the CPU layer-streamed (mintbuild.streaming): every window passes decoder block l before block l+1 is
+dequantized, so peak memory is one block in `eval.dtype` plus the windows' hidden states plus the embedding and
+head, whatever the model's size. A block that cannot fit the memory available is refused before work. Windows are fixed: the tokenized split is cut into candidate windows of `window` tokens every
 `stride` tokens, `n_windows` of them are drawn with `seed` and scored in corpus order; each window's first
 token has no context and is not scored. Reported: mean PPL = exp(mean token NLL over all scored tokens) and
 the median of per-window PPL (as the published method reports), tokens scored and tokens/s.
@@ -31,6 +33,7 @@ from .config import EvalConfig, Params, as_dict, load_params
 from .errors import MintError
 from .io import sha256_text
 from .mlx_folder import dequantized_state, read_config, verify_manifest
+from .streaming import CheckpointSource, PackedSource, StreamedModel, check_fits, forward_hidden
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -43,7 +46,8 @@ log = logging.getLogger(__name__)
 def build_model(
     config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> torch.nn.Module:
-    """The transformers architecture of `config` holding `state` (tied lm_head from the embedding)."""
+    """The transformers architecture of `config` holding `state` (tied lm_head from the embedding): the whole
+    model in memory, for small models and as the streamed evaluator's oracle (the stage itself streams)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -157,27 +161,55 @@ def window_logits(model: torch.nn.Module, ids: np.ndarray | list[int]) -> torch.
 def window_nll(model: torch.nn.Module, ids: np.ndarray, first: int = 1) -> tuple[float, int]:
     """(sum of token NLL, tokens scored) of one window, scoring positions `first`.. (each from the ones before:
     the prefix, or the first token when there is none, is context only)."""
-    logits = window_logits(model, ids)
+    return logits_nll(window_logits(model, ids), np.asarray(ids), first)
+
+
+def logits_nll(logits: torch.Tensor, ids: np.ndarray, first: int) -> tuple[float, int]:
+    """(sum of token NLL, tokens scored) from one window's logits [T, vocab], scoring positions `first`.."""
     target = torch.as_tensor(ids[first:], dtype=torch.long)
-    nll = torch.nn.functional.cross_entropy(logits[first - 1 : -1], target, reduction="sum")
+    nll = torch.nn.functional.cross_entropy(logits[first - 1 : -1].float(), target, reduction="sum")
     return float(nll), len(target)
 
 
+def streamed_nll(
+    model: StreamedModel, tokens: np.ndarray, windows: Windows, progress: bool
+) -> list[tuple[float, int]]:
+    """(NLL sum, tokens scored) per window, every window through block l before block l+1 is read."""
+    ids = [windows.ids(tokens, s) for s in windows.starts]
+    size = torch.empty((), dtype=model.dtype).element_size()
+    # the windows' hidden states in and out of a block, and one window's logits in float32
+    acts = 2 * len(ids) * windows.length * model.config.hidden_size * size
+    check_fits(model, acts + windows.length * model.config.vocab_size * 4, "evaluate")
+    hidden, _ = forward_hidden(model, ids, progress, desc="evaluate: blocks")
+    out = []
+    with torch.inference_mode():
+        for i, h in zip(ids, hidden, strict=True):
+            logits = model.head(torch.as_tensor(i)[None], h).logits[0]
+            out.append(logits_nll(logits, i, windows.first_scored))
+    return out
+
+
 def perplexity(
-    model: torch.nn.Module, tokens: np.ndarray, windows: Windows, progress: bool
+    model: torch.nn.Module | StreamedModel, tokens: np.ndarray, windows: Windows, progress: bool
 ) -> dict[str, Any]:
+    """PPL of the windows: layer-streamed for a StreamedModel, window by window for a whole model."""
     from tqdm import tqdm
 
     total_nll, total_tokens, per_window = 0.0, 0, []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(windows.starts) * windows.length, unit="tok", unit_scale=True, disable=not progress)
-    for s in windows.starts:
-        nll, n = window_nll(model, windows.ids(tokens, s), windows.first_scored)
+    if isinstance(model, StreamedModel):
+        scored = streamed_nll(model, tokens, windows, progress)
+    else:
+        bar = tqdm(total=len(windows.starts), unit="window", disable=not progress)
+        scored = []
+        for s in windows.starts:
+            scored.append(window_nll(model, windows.ids(tokens, s), windows.first_scored))
+            bar.update(1)
+        bar.close()
+    for nll, n in scored:
         total_nll += nll
         total_tokens += n
         per_window.append(math.exp(nll / n))
-        bar.update(windows.length)
-    bar.close()
     seconds = time.perf_counter() - t0
     return {
         "ppl_mean": math.exp(total_nll / total_tokens),
@@ -219,7 +251,7 @@ def eval_settings(cfg: EvalConfig, corpus_sha: str, windows: Windows) -> dict[st
 
 
 def evaluate_folder(
-    model: torch.nn.Module, tok_folder: Path, params: Params, corpus_dir: Path, progress: bool
+    model: torch.nn.Module | StreamedModel, tok_folder: Path, params: Params, corpus_dir: Path, progress: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     tokenizer = load_tokenizer(tok_folder)
     tokens, corpus_sha = corpus_tokens(corpus_dir, params.eval.split, tokenizer)
@@ -234,7 +266,7 @@ def run_baseline(
     dtype = setup_torch(params.eval)
     model_dir = Path(kw.get("model_out") or params.model.out)
     weights = resolve_weights_dir(model_dir)
-    model = load_baseline(weights, dtype)
+    model = StreamedModel(CheckpointSource(weights), dtype)
     corpus_dir = Path(kw.get("corpus_out") or params.corpus.out)
     scores, settings = evaluate_folder(model, model_dir, params, corpus_dir, progress)
     bytes_16 = sum(p.stat().st_size for p in sorted(weights.glob("*.safetensors")))
@@ -252,7 +284,8 @@ def run_target(
         raise MintError(f"{folder}: no packed model; run `mintbuild pack --target {target}` first")
     baseline_dir = Path(kw.get("baseline_dir") or out_root / BASELINE)
     baseline = read_baseline(baseline_dir)
-    model, manifest = load_packed(folder, dtype)
+    manifest = verify_manifest(folder)
+    model = StreamedModel(PackedSource(folder), dtype)
     corpus_dir = Path(kw.get("corpus_out") or params.corpus.out)
     scores, settings = evaluate_folder(model, folder, params, corpus_dir, progress)
     if baseline["settings"] != settings:
@@ -265,6 +298,8 @@ def run_target(
         "schema_version": SCHEMA_VERSION,
         "target": target,
         "budget": manifest["budget"],
+        "requested_budget": manifest.get("requested_budget", manifest["budget"]),
+        "notes": manifest.get("notes", []),
         "bytes_on_disk": manifest["weights_bytes"],
         "avg_bits_per_weight": manifest["avg_bits_per_weight"],
         "objective": manifest["objective"],

@@ -154,6 +154,8 @@ def manifest(
         "allocation_sha256": sha256_file(alloc_path),
         "provenance": alloc.get("provenance", {}),
         "budget": plan.budget,
+        "requested_budget": totals["budget"],
+        "notes": alloc.get("notes", []),
         "weights_bytes": plan.file_bytes,
         "header_bytes": len(plan.header),
         "parameters": plan.parameters,

