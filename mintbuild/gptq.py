@@ -5,32 +5,448 @@ Round-to-nearest minimises each weight's own error. What the model feels is the 
 al., 2023) rounds the K input columns of W one at a time and moves each column's rounding error onto the columns
 not rounded yet, along the upper Cholesky factor U of H^-1, so the output error shrinks. The stored format is
 unchanged, exactly MLX's: codes, and a bf16 scale and bias per group of g consecutive inputs, derived as
-`mx.quantize` derives them (quant/reference.py) from the group's current values when its first column is reached. With a
-diagonal H nothing moves and the result is bit-identical to `quant.reference.quantize_codes` (tests/test_gptq.py).
+`mx.quantize` derives them (quant/reference.py) from the group's current values when its first column is
+reached. With a diagonal H nothing moves and the result is bit-identical to `quant.reference.quantize_codes`
+(tests/test_gptq.py).
+
+The arithmetic, per row (rows are independent: they share only U), in float32:
+
+    for each block of `block` columns [b0, b1) (a multiple of g), for j = b0 .. b1 - 1:
+      at a group's first column: scale, bias from the group's current min and max (reference._group_params)
+      q = clip(rint((w_j - bias) / scale), 0, 2^b - 1);  deq = bf16(bf16(q * bf16(scale)) + bf16(bias))
+      e_j = (w_j - deq) / U[j, j];  w_c -= fl(e_j * U[j, c]) for c in (j, b1)     (product, then difference)
+    after the block: w_c -= fl(sum over j in [b0, b1) of e_j * U[j, c]) for c >= b1, the sum taken in order of j
+    with one rounding per term (a chain of fused multiply-adds from 0)
+
+which is, operation for operation, the torch column loop this module ran before (kept as the reference in
+benchmarks/bench_gptq.py; the block product there is MKL's sgemm, which, measured, sums in exactly that order).
+
+How the kernel (`_gptq_rows`) is fast: rows are taken 64 at a time (a row block: its working set stays in the
+core's cache), as 8-row panels transposed so that a column of 8 rows is one 8-lane vector and every step above
+is lane-wise vector math. Within a column block each panel runs the column loop on its own (the rank-1 updates
+stay in L1); the block's error is then carried to the later columns by a register-tiled product (16 rows x 4
+columns of accumulators). Row blocks are shared among numba's threads (prange). A row's result is the same
+sequence of IEEE float32 operations whatever block, lane or thread computes it, and U is factored on one thread,
+so the output depends neither on the thread count nor on how rows are split; the kernel calls no BLAS.
 
 Which tensors get it is decided by the importance stage, which measures H only for the output head (the tied
-embedding of the embedded SmolLM2): measured on it at uniform q4g64, GPTQ of the head took the equalized
-model from PPL 23.55 to 22.58 (4 test windows; 30.44 -> 28.61 on 16), while GPTQ of every linear layer as well
-gained only 0.02 more for ~1 min per target (see the README's "Rounding").
+embedding of the embedded SmolLM2); the README's "Rounding" has what it gains and what it costs.
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
 import torch
+from llvmlite import ir
+from numba import get_num_threads, njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic, models, overload, register_model
 
 from .errors import MintError
 from .formats import Option
-from .quant.reference import _group_params, dequantize_codes, quantize_dequantize
+from .quant.reference import EPS, dequantize_codes, quantize_dequantize
 
 #: Recorded in the packer's cache key and manifest; bump whenever the numbers below change.
 GPTQ_VERSION = "gptq-mlx-affine/1"
+
+# ---------------------------------------------------------------- an 8 x float32 vector type for numba
+# Numba has no vector type; these few intrinsics emit LLVM vector instructions directly (the subset of
+# quant/simd.py's layer this kernel needs, as a type of its own, so that the stages running GPTQ do not depend
+# on the quantizer kernel modules). Every instruction carries the `nsz` flag only: numba's fastmath pass adds its
+# flags to instructions that have none, so no caller can let LLVM reassociate these operations or contract a
+# product and a difference into an FMA.
+
+_L = 8  # lanes
+_F32, _I32 = ir.FloatType(), ir.IntType(32)
+_V, _VI = ir.VectorType(_F32, _L), ir.VectorType(_I32, _L)
+_FLAGS = ("nsz",)
+_EPS = np.float32(EPS)  # as torch.clamp_min applies it to a float32 tensor
+
+
+class _F32x8(types.Type):
+    """Eight float32 lanes in one LLVM vector register; only the intrinsics below operate on it."""
+
+    def __init__(self) -> None:
+        super().__init__(name="gptq_f32x8")
+
+
+_vec = _F32x8()
+
+
+@register_model(_F32x8)
+class _F32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type) -> None:
+        super().__init__(dmm, fe_type, _V)
+
+
+def _is_f32_vector_array(a) -> bool:
+    return isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C"
+
+
+def _lane_ptr(context, builder, arr_ty, arr, idx_ty, idx) -> ir.Value:
+    a = context.make_array(arr_ty)(context, builder, arr)
+    ptr = builder.gep(a.data, [context.cast(builder, idx, idx_ty, types.intp)])
+    return builder.bitcast(ptr, _V.as_pointer())
+
+
+@intrinsic
+def _vload(typingctx, arr, i):
+    """Eight consecutive float32 of the C-contiguous `arr` from flat index `i`."""
+    if not (_is_f32_vector_array(arr) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1]), align=4)
+
+    return _vec(arr, i), codegen
+
+
+@intrinsic
+def _vstore(typingctx, arr, i, v):
+    """Store the lanes of `v` at flat index `i` of the C-contiguous `arr`."""
+    if not (_is_f32_vector_array(arr) and isinstance(i, types.Integer) and v is _vec):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        builder.store(args[2], ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, i, v), codegen
+
+
+@intrinsic
+def _vsplat(typingctx, s):
+    """Every lane set to the scalar `s` (converted to float32)."""
+    if not isinstance(s, (types.Float, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x = context.cast(builder, args[0], sig.args[0], types.float32)
+        v = builder.insert_element(ir.Constant(_V, ir.Undefined), x, ir.Constant(_I32, 0))
+        return builder.shuffle_vector(v, ir.Constant(_V, ir.Undefined), ir.Constant(_VI, [0] * _L))
+
+    return _vec(s), codegen
+
+
+def _binop(name: str):
+    @intrinsic
+    def impl(typingctx, a, b):
+        if not (a is _vec and b is _vec):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, name)(args[0], args[1], flags=_FLAGS)
+
+        return _vec(a, b), codegen
+
+    return impl
+
+
+def _register_operator(op, impl) -> None:
+    def typer(a, b):
+        if a is _vec and b is _vec:
+            return lambda a, b: impl(a, b)
+        return None
+
+    overload(op)(typer)
+
+
+for _op, _name in (
+    (operator.add, "fadd"),
+    (operator.sub, "fsub"),
+    (operator.mul, "fmul"),
+    (operator.truediv, "fdiv"),
+):
+    _register_operator(_op, _binop(_name))
+
+
+def _select(cmp: str):
+    @intrinsic
+    def impl(typingctx, a, b, x, y):
+        if not all(t is _vec for t in (a, b, x, y)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.select(builder.fcmp_ordered(cmp, args[0], args[1], flags=_FLAGS), args[2], args[3])
+
+        return _vec(a, b, x, y), codegen
+
+    return impl
+
+
+#: _where_gt(a, b, x, y) = a > b ? x : y, lane by lane (and likewise for !=).
+_where_gt = _select(">")
+_where_ne = _select("!=")
+
+
+def _unary(name: str):
+    @intrinsic
+    def impl(typingctx, a):
+        if a is not _vec:
+            return None
+
+        def codegen(context, builder, sig, args):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V, [_V]), name)
+            return builder.call(fn, [args[0]])
+
+        return _vec(a), codegen
+
+    return impl
+
+
+#: Round to the nearest integer, ties to even (torch.round), and absolute value.
+_vrint = _unary("llvm.rint.v8f32")
+_vabs = _unary("llvm.fabs.v8f32")
+
+
+@intrinsic
+def _vfma(typingctx, a, b, c):
+    """a * b + c rounded once."""
+    if not all(t is _vec for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V, [_V] * 3), "llvm.fma.v8f32")
+        return builder.call(fn, list(args))
+
+    return _vec(a, b, c), codegen
+
+
+@intrinsic
+def _vbf16(typingctx, a):
+    """Every lane rounded to bf16, ties to even, as torch's float32 -> bf16 cast (u + 0x7FFF + bit 16 of u,
+    low half cleared: exact for every finite value)."""
+    if a is not _vec:
+        return None
+
+    def codegen(context, builder, sig, args):
+        def const(k: int) -> ir.Constant:
+            return ir.Constant(_VI, [k] * _L)
+
+        u = builder.bitcast(args[0], _VI)
+        lsb = builder.and_(builder.lshr(u, const(16)), const(1))
+        u = builder.and_(builder.add(builder.add(u, const(0x7FFF)), lsb), const(0xFFFF0000 - (1 << 32)))
+        return builder.bitcast(u, _V)
+
+    return _vec(a), codegen
+
+
+@njit(inline="always")
+def _vmin(a: _F32x8, b: _F32x8) -> _F32x8:
+    return _where_gt(a, b, b, a)
+
+
+@njit(inline="always")
+def _vmax(a: _F32x8, b: _F32x8) -> _F32x8:
+    return _where_gt(a, b, a, b)
+
+
+# ---------------------------------------------------------------- the kernel
+
+#: Rows per row block: a multiple of 16, the product's row tile (two 8-row panels).
+_ROWS = 64
+
+
+@njit(inline="always")
+def _group_params(lo: _F32x8, hi: _F32x8, n_bins: _F32x8) -> tuple[_F32x8, _F32x8]:
+    """reference._params_from_minmax lane by lane: MLX's fp32 (scale, bias) of a group from its min and max."""
+    zero = _vsplat(0.0)
+    big_lo = _vabs(lo)
+    big_hi = _vabs(hi)
+    scale = _vmax((hi - lo) / n_bins, _vsplat(_EPS))
+    scale = _where_gt(big_lo, big_hi, scale, zero - scale)
+    edge = _where_gt(big_lo, big_hi, lo, hi)
+    q0 = _vrint(edge / scale)
+    return _where_ne(q0, zero, edge / q0, scale), _where_ne(q0, zero, edge, zero)
+
+
+@njit
+def _load_rows(x16: np.ndarray, r0: int, n: int, n_pan: int, wt: np.ndarray) -> None:
+    """Rows r0 .. r0 + n of the bf16 bit patterns `x16` as float32 panels wt [n_pan][K][8]; lanes past the
+    last row are zero (they are computed on and never stored)."""
+    k = x16.shape[1]
+    wi = wt.view(np.int32)
+    for i in range(n_pan * _L):
+        p, lane = i // _L, i % _L
+        base = p * k * _L + lane
+        if i < n:
+            for c in range(k):
+                wi[base + c * _L] = np.int32(x16[r0 + i, c]) << 16  # a bf16 is a float32's upper half
+        else:
+            for c in range(k):
+                wi[base + c * _L] = 0
+
+
+@njit
+def _round_columns(
+    wt: np.ndarray,
+    et: np.ndarray,
+    st: np.ndarray,
+    bt: np.ndarray,
+    p: int,
+    k: int,
+    b0: int,
+    b1: int,
+    u: np.ndarray,
+    group: int,
+    n_bins: np.float32,
+) -> None:
+    """The column loop over [b0, b1) for panel p: codes (as float32) over wt's columns, each column's scaled
+    error into et [.][b1 - b0][8], group scales and biases into st, bt [.][K/g][8]; the error of each column is
+    moved onto the block's later columns at once."""
+    o, oe, og = p * k * _L, p * (b1 - b0) * _L, p * (k // group) * _L
+    zero, top = _vsplat(0.0), _vsplat(n_bins)
+    scale = bias = s16 = b16 = zero
+    for j in range(b0, b1):
+        if j % group == 0:
+            lo = _vload(wt, o + j * _L)
+            hi = lo
+            for c in range(j + 1, j + group):
+                x = _vload(wt, o + c * _L)
+                lo = _vmin(lo, x)
+                hi = _vmax(hi, x)
+            scale, bias = _group_params(lo, hi, top)
+            s16, b16 = _vbf16(scale), _vbf16(bias)
+            _vstore(st, og + (j // group) * _L, scale)
+            _vstore(bt, og + (j // group) * _L, bias)
+        x = _vload(wt, o + j * _L)
+        q = _vmin(_vmax(_vrint((x - bias) / scale), zero), top)
+        deq = _vbf16(_vbf16(q * s16) + b16)
+        e = (x - deq) / _vsplat(u[j, j])
+        _vstore(et, oe + (j - b0) * _L, e)
+        _vstore(wt, o + j * _L, q)
+        for c in range(j + 1, b1):
+            _vstore(wt, o + c * _L, _vload(wt, o + c * _L) - e * _vsplat(u[j, c]))
+
+
+@njit
+def _carry(wt: np.ndarray, et: np.ndarray, ut: np.ndarray, n_pan: int, k: int, b0: int, b1: int) -> None:
+    """w[:, c] -= sum over j in [b0, b1) of e_j * U[j, c] for every column c >= b1 of the row block's panels,
+    each sum a chain of FMAs in order of j from 0; tiles of 2 panels x 4 columns keep 8 sums in registers."""
+    bw = b1 - b0
+    c4 = b1 + (k - b1) // 4 * 4
+    for p in range(0, n_pan, 2):
+        o0, o1 = p * k * _L, (p + 1) * k * _L
+        e0, e1 = p * bw * _L, (p + 1) * bw * _L
+        for c in range(b1, c4, 4):
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _vsplat(0.0)
+            for j in range(bw):
+                x0 = _vload(et, e0 + j * _L)
+                x1 = _vload(et, e1 + j * _L)
+                s = _vsplat(ut[c, b0 + j])
+                a00 = _vfma(x0, s, a00)
+                a10 = _vfma(x1, s, a10)
+                s = _vsplat(ut[c + 1, b0 + j])
+                a01 = _vfma(x0, s, a01)
+                a11 = _vfma(x1, s, a11)
+                s = _vsplat(ut[c + 2, b0 + j])
+                a02 = _vfma(x0, s, a02)
+                a12 = _vfma(x1, s, a12)
+                s = _vsplat(ut[c + 3, b0 + j])
+                a03 = _vfma(x0, s, a03)
+                a13 = _vfma(x1, s, a13)
+            _vstore(wt, o0 + c * _L, _vload(wt, o0 + c * _L) - a00)
+            _vstore(wt, o0 + (c + 1) * _L, _vload(wt, o0 + (c + 1) * _L) - a01)
+            _vstore(wt, o0 + (c + 2) * _L, _vload(wt, o0 + (c + 2) * _L) - a02)
+            _vstore(wt, o0 + (c + 3) * _L, _vload(wt, o0 + (c + 3) * _L) - a03)
+            _vstore(wt, o1 + c * _L, _vload(wt, o1 + c * _L) - a10)
+            _vstore(wt, o1 + (c + 1) * _L, _vload(wt, o1 + (c + 1) * _L) - a11)
+            _vstore(wt, o1 + (c + 2) * _L, _vload(wt, o1 + (c + 2) * _L) - a12)
+            _vstore(wt, o1 + (c + 3) * _L, _vload(wt, o1 + (c + 3) * _L) - a13)
+        for c in range(c4, k):  # columns left over when K - b1 is not a multiple of 4
+            for o, oe in ((o0, e0), (o1, e1)):
+                acc = _vsplat(0.0)
+                for j in range(bw):
+                    acc = _vfma(_vload(et, oe + j * _L), _vsplat(ut[c, b0 + j]), acc)
+                _vstore(wt, o + c * _L, _vload(wt, o + c * _L) - acc)
+
+
+@njit
+def _store_rows(
+    wt: np.ndarray,
+    st: np.ndarray,
+    bt: np.ndarray,
+    r0: int,
+    n: int,
+    k: int,
+    n_grp: int,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+) -> None:
+    """The codes (held as float32 in wt), scales and biases of the block's n rows back in row order."""
+    for i in range(n):
+        p, lane = i // _L, i % _L
+        for c in range(k):
+            codes[r0 + i, c] = np.uint8(wt[(p * k + c) * _L + lane])
+        for g in range(n_grp):
+            scales[r0 + i, g] = st[(p * n_grp + g) * _L + lane]
+            biases[r0 + i, g] = bt[(p * n_grp + g) * _L + lane]
+
+
+@njit(cache=True, parallel=True)
+def _gptq_rows(
+    x16: np.ndarray,
+    u: np.ndarray,
+    ut: np.ndarray,
+    bits: int,
+    group: int,
+    block: int,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    n_part: int,
+) -> None:
+    """GPTQ of every row of the bf16 bit patterns x16 [R, K] into codes [R, K], fp32 scales and biases
+    [R, K/g]: row blocks of _ROWS rows, split into n_part contiguous runs of blocks for the threads."""
+    n_rows, k = x16.shape
+    n_blk = (n_rows + _ROWS - 1) // _ROWS
+    n_grp = k // group
+    n_bins = np.float32((1 << bits) - 1)
+    for part in prange(n_part):
+        wt = np.empty(_ROWS * k, dtype=np.float32)
+        et = np.empty(_ROWS * block, dtype=np.float32)
+        st = np.empty(_ROWS * n_grp, dtype=np.float32)
+        bt = np.empty(_ROWS * n_grp, dtype=np.float32)
+        for blk in range(part * n_blk // n_part, (part + 1) * n_blk // n_part):
+            r0 = blk * _ROWS
+            n = min(_ROWS, n_rows - r0)
+            n_pan = (n + 2 * _L - 1) // (2 * _L) * 2  # whole tiles of two panels
+            _load_rows(x16, r0, n, n_pan, wt)
+            for b0 in range(0, k, block):
+                b1 = min(b0 + block, k)
+                for p in range(n_pan):
+                    _round_columns(wt, et, st, bt, p, k, b0, b1, u, group, n_bins)
+                if b1 < k:
+                    _carry(wt, et, ut, n_pan, k, b0, b1)
+            _store_rows(wt, st, bt, r0, n, k, n_grp, codes, scales, biases)
+
+
+# ---------------------------------------------------------------- the public functions
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread: LAPACK's Cholesky factors differ in their last bits between thread counts."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32 (computed in float64).
 
     The damping keeps H invertible when calibration tokens are fewer than inputs or an input is always zero;
-    larger values move the result toward round-to-nearest.
+    larger values move the result toward round-to-nearest. Computed on one thread, so that U, and with it every
+    code, is the same whatever the thread count.
     """
     h = hessian.to(torch.float64).clone()
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
@@ -40,8 +456,9 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     diag[dead] = 1.0  # an input that never fired: nothing to compensate through it
     diag += damp * float(diag.mean())
     try:
-        lower = torch.linalg.cholesky(h)
-        return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+        with _one_torch_thread():
+            lower = torch.linalg.cholesky(h)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
     except RuntimeError as e:  # torch raises _LinAlgError (a RuntimeError) for a non-positive-definite H
         raise MintError(f"Hessian is not positive definite even with damp {damp}: {e}") from None
 
@@ -52,7 +469,8 @@ def gptq_codes(
     """(uint8 codes [R, K], bf16 scales [R, K/g], bf16 biases [R, K/g]) of a 2-D `w` rounded by GPTQ.
 
     `w` is first rounded to bf16, as the packer stores it; the arithmetic of one group (scale, bias, codes, the
-    dequantized value in bf16) is quant/reference.py's. `block` columns are updated at a time (rounded to a multiple of g).
+    dequantized value in bf16) is quant/reference.py's. `block` columns are updated at a time (rounded to a multiple of
+    g). The arithmetic is the module docstring's; the result does not depend on the thread count.
     """
     bits, g = option.bits, option.group
     if w.ndim != 2:
@@ -60,29 +478,22 @@ def gptq_codes(
     rows, k = w.shape
     if tuple(hessian.shape) != (k, k):
         raise MintError(f"Hessian of shape {list(hessian.shape)} does not match {k} input columns")
-    u = inverse_cholesky(hessian, damp)
-    work = w.to(torch.bfloat16).float()
-    max_q = (1 << bits) - 1
-    codes = torch.empty((rows, k), dtype=torch.uint8)
-    scales = torch.empty((rows, k // g), dtype=torch.float32)
-    biases = torch.empty((rows, k // g), dtype=torch.float32)
+    if k % g or not 1 <= bits <= 8:
+        raise MintError(f"GPTQ needs whole groups of {g} in {k} columns and 1-8 bits, got {option.name}")
+    u = inverse_cholesky(hessian, damp).contiguous()
+    x16 = w.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    codes = np.empty((rows, k), dtype=np.uint8)
+    scales = np.empty((rows, k // g), dtype=np.float32)
+    biases = np.empty((rows, k // g), dtype=np.float32)
     block = max(block // g, 1) * g  # groups never straddle blocks
-    for b0 in range(0, k, block):
-        b1 = min(b0 + block, k)
-        wb, ub = work[:, b0:b1].clone(), u[b0:b1, b0:b1]
-        err = torch.empty_like(wb)
-        for j in range(b1 - b0):
-            if j % g == 0:
-                scale, bias = _group_params(wb[:, j : j + g], bits)
-                scales[:, (b0 + j) // g], biases[:, (b0 + j) // g] = scale, bias
-                s16, b16 = scale.to(torch.bfloat16).float(), bias.to(torch.bfloat16).float()
-            q = torch.round((wb[:, j] - bias) / scale).clamp_(0, max_q)
-            deq = ((q * s16).to(torch.bfloat16).float() + b16).to(torch.bfloat16).float()
-            codes[:, b0 + j] = q.to(torch.uint8)
-            err[:, j] = (wb[:, j] - deq) / ub[j, j]
-            wb[:, j + 1 :] -= err[:, j : j + 1] * ub[j, j + 1 :]
-        work[:, b1:] -= err @ u[b0:b1, b1:]
-    return codes, scales.to(torch.bfloat16), biases.to(torch.bfloat16)
+    n_part = max(1, min(-(-rows // _ROWS), 8 * get_num_threads()))
+    u_np = u.numpy()
+    _gptq_rows(x16, u_np, np.ascontiguousarray(u_np.T), bits, g, block, codes, scales, biases, n_part)
+    return (
+        torch.from_numpy(codes),
+        torch.from_numpy(scales).to(torch.bfloat16),
+        torch.from_numpy(biases).to(torch.bfloat16),
+    )
 
 
 def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -105,8 +516,8 @@ def rounding_gain(
     on `held_out` (the Hessian of other tokens): below 1 when GPTQ helps on text it did not see.
 
     GPTQ rounds each row against the same H independently of the other rows, so the ratio is estimated on a
-    seeded sample of `rows` rows (1,024 of the 49,152 of SmolLM2's head: ~0.1 s per option). The allocator
-    multiplies the tensor's fisher cost by it, so that it prices the tensor as the packer will store it.
+    seeded sample of `rows` rows. The allocator multiplies the tensor's fisher cost by it, so that it prices the
+    tensor as the packer will store it.
     """
     if w.shape[0] > rows:
         pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]

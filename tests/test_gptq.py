@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numba
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmarks.bench_gptq import reference_gptq_codes
+from mintbuild import gptq
 from mintbuild.artifacts.importance import HALF, HESSIAN_FILE, load_hessians
 from mintbuild.calibration import load_model
 from mintbuild.config import ImportanceConfig
@@ -111,6 +114,105 @@ def test_gptq_refuses_bad_input() -> None:
     bad[1, 3] = float("inf")
     with pytest.raises(MintError, match="NaN or Inf"):
         gptq_pack(bad, Option(4, 32), torch.eye(64), Rounding("gptq"))
+
+
+# ---------------------------------------------------------------- the numba kernel against the torch column loop
+
+#: The reference's block product is MKL's sgemm, which sums each dot product as the kernel does (a chain of
+#: FMAs in order of the column): with MKL every byte must match. Another BLAS may sum in another order, and a
+#: last-bit difference can flip a code that sits on a rounding boundary; there only rare codes may differ.
+EXACT = torch.backends.mkl.is_available()
+
+
+def edge_weights(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """weights() with the rows that take MLX's special branches: all-zero rows and groups, a constant row (the
+    scale clamped to EPS, then re-derived from the edge), a range far below EPS, huge values and an outlier."""
+    w = weights(rows, cols, seed).float()
+    w[3] = 0.0
+    w[5] = 0.5
+    w[7] *= 1e-9
+    w[9, :64] = 0.0
+    w[11] *= 1e4
+    w[13, 100] = -3.0
+    return w.to(torch.bfloat16)
+
+
+def assert_same_rounding(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...], group: int) -> None:
+    """Codes, scales and biases byte for byte (EXACT), else fewer than 0.1% of codes differ and the dequantized
+    weights stay as close to each other as two block sizes' results do."""
+    if EXACT:
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        return
+    assert (got[0] != want[0]).float().mean() < 1e-3
+    deq, ref = dequantize_codes(*got, group).float(), dequantize_codes(*want, group).float()
+    assert (deq - ref).norm() < 0.05 * ref.norm()
+
+
+@pytest.mark.parametrize("block", [128, 64])
+@pytest.mark.parametrize("data", ["random", "edge"])
+@pytest.mark.parametrize(
+    "opt",
+    [Option(2, 64), Option(3, 32), Option(4, 64), Option(4, 128), Option(8, 32), Option(8, 128)],
+    ids=str,
+)
+def test_kernel_equals_the_torch_column_loop(opt: Option, data: str, block: int) -> None:
+    # 75 rows: a partial row block, a partial tile of panels and a partial panel (lanes past the last row).
+    w = (weights if data == "random" else edge_weights)(75, 384, opt.bits + opt.group)
+    h = tokens(1024, 384, 6).double()
+    h = h.T @ h
+    if data == "edge":
+        h[7], h[:, 7] = 0.0, 0.0  # an input that never fired
+    got = gptq_codes(w, h, opt, damp=0.1, block=block)
+    assert_same_rounding(got, reference_gptq_codes(w, h, opt, damp=0.1, block=block), opt.group)
+
+
+def test_kernel_carries_column_counts_that_are_not_whole_tiles() -> None:
+    """The product takes 4 columns at a time; a group of 10 leaves 2 over after each block (not an MLX group,
+    but the kernel must not depend on one)."""
+    opt, w = Option(3, 10), weights(20, 60, 2)
+    h = tokens(512, 60, 1).double()
+    h = h.T @ h
+    for block in (10, 20):
+        got = gptq_codes(w, h, opt, damp=0.1, block=block)
+        assert_same_rounding(got, reference_gptq_codes(w, h, opt, damp=0.1, block=block), opt.group)
+
+
+def test_result_does_not_depend_on_threads_or_row_split() -> None:
+    """Byte-identical builds whatever the thread count: rows go through the kernel in blocks split between the
+    threads, and each row's arithmetic is the same in any block, lane or thread."""
+    opt, w = Option(4, 64), weights(1000, 256, 11)
+    h = tokens(2048, 256, 5).double()
+    h = h.T @ h
+    saved = numba.get_num_threads(), torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            torch.set_num_threads(threads)
+            runs.append(gptq_codes(w, h, opt, damp=0.1))
+    finally:
+        numba.set_num_threads(saved[0])
+        torch.set_num_threads(saved[1])
+    parts = [gptq_codes(w[a:b], h, opt, damp=0.1) for a, b in ((0, 333), (333, 340), (340, 1000))]
+    joined = tuple(torch.cat(p) for p in zip(*parts, strict=True))
+    for other in (runs[1], joined):
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_rounding_gain_is_unchanged_by_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    opts, w = [Option(4, 64), Option(2, 32), Option(8, 64)], weights(300, 256, 8)
+    fit, held = (x.double().T @ x.double() for x in (tokens(1024, 256, 3), tokens(1024, 256, 4)))
+    gains = rounding_gain(w, fit, held, opts, damp=0.1, block=128, rows=200)
+    monkeypatch.setattr(gptq, "gptq_codes", reference_gptq_codes)
+    want = rounding_gain(w, fit, held, opts, damp=0.1, block=128, rows=200)
+    assert gains == (want if EXACT else pytest.approx(want, rel=1e-2))
+
+
+def test_gptq_refuses_partial_groups() -> None:
+    with pytest.raises(MintError, match="whole groups of 128 in 192 columns"):
+        gptq_codes(weights(8, 192, 0), torch.eye(192), Option(4, 128), 0.1)
 
 
 # ---------------------------------------------------------------- the importance stage's head Hessian

@@ -1,0 +1,138 @@
+"""GPTQ of a large-vocabulary output head: the numba kernel of mintbuild/gptq.py against the torch column loop it
+replaced (kept below as the reference) and against one dense float32 matmul W @ H of the same shape, all timed
+in one process, with the outputs compared.
+
+The head is random bf16 weights [rows, cols] with a few outliers; H = X^T X of `tokens` correlated inputs with a
+few loud channels, as a transformer's last hidden states have. Times are wall-clock seconds, best of `--repeat`
+(the reference runs once); nothing is asserted on them.
+
+Usage: .venv/bin/python benchmarks/bench_gptq.py [--rows 262144] [--cols 640] [--option 4,64] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import torch
+
+from mintbuild.formats import Option
+from mintbuild.gptq import gptq_codes, output_error
+from mintbuild.quant.reference import _group_params, dequantize_codes, quantize_dequantize
+
+
+def reference_gptq_codes(
+    w: torch.Tensor, hessian: torch.Tensor, option: Option, damp: float, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gptq.gptq_codes` as it was before the numba kernel (commit 5cd3f65): the column loop in torch over all
+    rows at once, the block's error carried to the later columns by one float32 matmul (MKL's sgemm), and U
+    factored on torch's threads."""
+    bits, g = option.bits, option.group
+    rows, k = w.shape
+    h = hessian.to(torch.float64).clone()
+    diag = torch.diagonal(h)
+    diag[diag <= 0] = 1.0
+    diag += damp * float(diag.mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    work = w.to(torch.bfloat16).float()
+    max_q = (1 << bits) - 1
+    codes = torch.empty((rows, k), dtype=torch.uint8)
+    scales = torch.empty((rows, k // g), dtype=torch.float32)
+    biases = torch.empty((rows, k // g), dtype=torch.float32)
+    block = max(block // g, 1) * g
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        wb, ub = work[:, b0:b1].clone(), u[b0:b1, b0:b1]
+        err = torch.empty_like(wb)
+        for j in range(b1 - b0):
+            if j % g == 0:
+                scale, bias = _group_params(wb[:, j : j + g], bits)
+                scales[:, (b0 + j) // g], biases[:, (b0 + j) // g] = scale, bias
+                s16, b16 = scale.to(torch.bfloat16).float(), bias.to(torch.bfloat16).float()
+            q = torch.round((wb[:, j] - bias) / scale).clamp_(0, max_q)
+            deq = ((q * s16).to(torch.bfloat16).float() + b16).to(torch.bfloat16).float()
+            codes[:, b0 + j] = q.to(torch.uint8)
+            err[:, j] = (wb[:, j] - deq) / ub[j, j]
+            wb[:, j + 1 :] -= err[:, j : j + 1] * ub[j, j + 1 :]
+        work[:, b1:] -= err @ u[b0:b1, b1:]
+    return codes, scales.to(torch.bfloat16), biases.to(torch.bfloat16)
+
+
+def head(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Random bf16 weights with 0.2% outliers ten times larger."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w += (torch.rand(rows, cols, generator=g) < 2e-3) * torch.randn(rows, cols, generator=g) * 0.2
+    return w.to(torch.bfloat16)
+
+
+def hessian(tokens: int, cols: int, seed: int = 1) -> torch.Tensor:
+    """X^T X (float64) of correlated inputs with four loud channels."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    x = torch.randn(tokens, cols, generator=g) @ mix
+    x[:, :4] *= 20
+    return x.double().T @ x.double()
+
+
+def best_of(n: int, fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(fastest wall-clock seconds of n calls, the last call's result)."""
+    best, out = float("inf"), None
+    for _ in range(n):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=262_144)
+    ap.add_argument("--cols", type=int, default=640)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--option", default="4,64", help="bits,group")
+    ap.add_argument("--damp", type=float, default=0.1)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="numba and torch threads (default: all)")
+    ap.add_argument("--no-reference", action="store_true", help="skip the (slow) torch column loop")
+    args = ap.parse_args()
+    if args.threads:
+        numba.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    bits, group = (int(v) for v in args.option.split(","))
+    opt = Option(bits, group)
+    w, h = head(args.rows, args.cols), hessian(args.tokens, args.cols)
+    print(
+        f"head {args.rows} x {args.cols} bf16, H = X^T X of {args.tokens} tokens, {opt.name}, damp {args.damp}, "
+        f"block {args.block}; numba threads {numba.get_num_threads()}, torch threads {torch.get_num_threads()}"
+    )
+    gptq_codes(w[:64], h, opt, args.damp, args.block)  # JIT (or load from numba's cache)
+    w32, h32 = w.float(), h.float()
+    t_mm, _ = best_of(args.repeat, lambda: w32 @ h32)
+    t_new, new = best_of(args.repeat, lambda: gptq_codes(w, h, opt, args.damp, args.block))
+    print(f"dense fp32 matmul W @ H : {t_mm:8.3f} s")
+    print(f"gptq_codes (numba)      : {t_new:8.3f} s = {t_new / t_mm:.2f} x the matmul")
+    deq = dequantize_codes(*new, group)
+    rtn = output_error(w, quantize_dequantize(w, opt), h)
+    print(f"output error on H: GPTQ / round-to-nearest = {output_error(w, deq, h) / rtn:.4f}")
+    if args.no_reference:
+        return
+    t_ref, ref = best_of(1, lambda: reference_gptq_codes(w, h, opt, args.damp, args.block))
+    print(f"reference column loop   : {t_ref:8.3f} s = {t_ref / t_mm:.2f} x the matmul")
+    print(f"speed-up reference / new: {t_ref / t_new:.1f} x")
+    same = [torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(new, ref, strict=True)]
+    print(f"outputs identical (codes, scales, biases): {same}")
+    if not all(same):
+        diff = float((new[0] != ref[0]).double().mean())
+        ref_err = output_error(w, dequantize_codes(*ref, group), h)
+        print(
+            f"codes that differ: {diff:.2e}; output error new / reference = {output_error(w, deq, h) / ref_err}"
+        )
+
+
+if __name__ == "__main__":
+    main()
