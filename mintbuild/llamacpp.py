@@ -172,6 +172,8 @@ def ensure_llamacpp() -> Paths:
     final = build_dir()
     paths = _paths(final)
     if _complete(paths):
+        if any(final.parent.glob(".build-*.tmp")):
+            _sweep_stale(final.parent)
         return paths
     final.parent.mkdir(parents=True, exist_ok=True)
     with _lock(final.parent / ".lock"):
@@ -190,6 +192,21 @@ def _lock(path: Path) -> Iterator[None]:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _sweep_stale(folder: Path) -> None:
+    """Remove temporary folders of killed builds, unless a build is running now (then its lock is held)."""
+    with open(folder / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        try:
+            for stale in folder.glob(".build-*.tmp"):
+                log.info("removing stale temporary build %s", stale)
+                shutil.rmtree(stale, ignore_errors=True)
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
