@@ -2,7 +2,10 @@
 
 For each calibration window w (``window`` tokens of the corpus *train* split, never the test split that
 `mintbuild evaluate` scores) we compute the mean next-token cross-entropy L_w of the fp32 model, backpropagate,
-and take per weight tensor i the mean over its elements of grad^2. Then
+and take per weight tensor i the mean over its elements of grad^2. The model is never whole in memory: the
+forward and backward passes stream one decoder block at a time (mintbuild.streaming; `fisher_pass`), so peak
+memory is one fp32 block with its gradients, the non-block parameters, and every block boundary's hidden
+states of the windows. Then
 
     alpha_i = (1/n_windows) * sum_w mean_elements(dL_w/dW_i ^ 2)
 
@@ -51,7 +54,6 @@ from .calibration import (
     calibration_args,
     calibration_parser,
     calibration_windows,
-    load_model,
     round_sig,
     torch_settings,
 )
@@ -59,68 +61,111 @@ from .checkpoint import tied_lm_head
 from .config import ImportanceConfig, PackConfig
 from .errors import MintError
 from .formats import OPTION_SETS
+from .streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden, run_block
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------- the Fisher pass
+# ---------------------------------------------------------------- the Fisher pass, layer-streamed
+
+
+def _g2(p: Any) -> float:
+    """mean(grad^2) of a parameter in float64 (the mean of ~10^7 squares in fp32 would lose digits)."""
+
+    return float(p.grad.double().square().mean()) if p.grad is not None else 0.0
 
 
 def fisher_pass(
-    model: Any, windows: list[Window], progress: bool
+    model: StreamedModel, windows: list[Window], progress: bool
 ) -> tuple[dict[str, list[float]], list[float]]:
-    """Per parameter, the per-window mean of grad^2 (float64); and the per-window loss."""
+    """Per parameter, the per-window mean of grad^2 (float64); and the per-window loss.
+
+    Layer-streamed: the windows go forward block by block, keeping each block's input; the head gives
+    dLoss/dhidden at the top; then the blocks are walked from the top down, each block's forward recomputed from
+    its saved input and backpropagated with the gradient carried from above (activation checkpointing with
+    offloaded blocks); the embedding's gradient (with the head's, when they are tied) is taken last. Each
+    window's gradient of every parameter is exactly the whole model's (up to float summation order).
+    """
     import torch
     from tqdm import tqdm
 
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    per_window: dict[str, list[float]] = {n: [] for n, _ in params}
-    losses, seconds = [], []
-    for w in tqdm(windows, unit="window", disable=not progress, desc="importance"):
-        t0 = time.perf_counter()
-        x = torch.tensor(w.ids, dtype=torch.long)[None]
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
-        loss.backward()
-        losses.append(float(loss.detach()))
-        for n, p in params:
-            # float64 accumulation: the mean of ~10^7 squares in fp32 would lose digits to the summation.
-            g2 = (
-                p.grad.double().square().mean()
-                if p.grad is not None
-                else torch.zeros((), dtype=torch.float64)
-            )
-            per_window[n].append(float(g2))
-        seconds.append(time.perf_counter() - t0)
-    model.zero_grad(set_to_none=True)
-    n_tokens = sum(len(w.ids) for w in windows)
-    # The fastest window's rate is the one to compare across runs: other processes on the machine slow the rest.
-    log.info(
-        "calibration: %d windows x %d tokens in %.1f s (%.0f tokens/s; fastest window %.0f tokens/s), "
-        "mean loss %.4f",
-        len(windows), len(windows[0].ids), sum(seconds), n_tokens / max(sum(seconds), 1e-9),
-        len(windows[0].ids) / max(min(seconds), 1e-9), float(np.mean(losses)),
+    t0 = time.perf_counter()
+    ids = [torch.tensor(w.ids, dtype=torch.long)[None] for w in windows]
+    length, hidden_size = max(len(w.ids) for w in windows), model.config.hidden_size
+    # every block boundary's hidden states of every window (fp32), and one window's logits and their gradient
+    acts = (model.n_blocks + 2) * len(
+        ids
+    ) * length * hidden_size * 4 + 3 * length * model.config.vocab_size * 4
+    check_fits(model, acts, "importance", grad_factor=2)
+    saved: list[list[Any]] = []
+    top, calls = forward_hidden(
+        model, [w.ids for w in windows], progress, "importance: forward",
+        keep=lambda _i, h: saved.append(h),
     )  # fmt: skip
-    return per_window, losses
+    outer = model.outer_parameters()
+
+    def head_loss(i: int, h: Any) -> Any:
+        return model.head(ids[i], h, labels=ids[i]).loss
+
+    # dLoss/dhidden at the top (the head's own parameters' gradients are taken with the embedding's, below)
+    for _, p in outer:
+        p.requires_grad_(False)
+    grads, losses = [], []
+    for i, h in enumerate(top):
+        x = h.detach().requires_grad_(True)
+        loss = head_loss(i, x)
+        loss.backward()
+        grads.append(x.grad)
+        losses.append(float(loss.detach()))
+    per_window: dict[str, list[float]] = defaultdict(list)
+    for b in tqdm(reversed(range(model.n_blocks)), total=model.n_blocks, unit="block",
+                  desc="importance: backward", disable=not progress):  # fmt: skip
+        inputs = saved.pop()
+        with model.block(b) as blk:
+            named = list(blk.named_parameters())
+            for i, h in enumerate(inputs):
+                blk.zero_grad(set_to_none=True)
+                x = h.detach().requires_grad_(True)
+                out = run_block(blk, x, calls[i][b])
+                out.backward(grads[i])
+                grads[i] = x.grad
+                for n, p in named:
+                    per_window[f"{model.prefix}.{b}.{n}"].append(_g2(p))
+        del inputs
+    # The parameters outside the blocks: the head's gradient and the embedding's through the first block's
+    # input, accumulated into one .grad as one backward pass would.
+    for _, p in outer:
+        p.requires_grad_(True)
+    for i, h in enumerate(top):
+        model.model.zero_grad(set_to_none=True)
+        head_loss(i, h.detach()).backward()
+        h0, _ = model.enter(ids[i])
+        if h0.requires_grad:
+            h0.backward(grads[i])
+        for n, p in outer:
+            per_window[n].append(_g2(p))
+    model.model.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(len(w.ids) for w in windows)
+    log.info(
+        "calibration: %d windows x %d tokens, %d blocks streamed, in %.1f s (%.0f tokens/s), mean loss %.4f",
+        len(windows), length, model.n_blocks, seconds, n_tokens / max(seconds, 1e-9), float(np.mean(losses)),
+    )  # fmt: skip
+    return dict(per_window), losses
 
 
 def calibrate(
     model_dir: Path, windows: list[Window], cfg: ImportanceConfig, progress: bool
 ) -> tuple[dict[str, list[float]], list[float]]:
-    """Load the fp32 model and run the Fisher pass; torch's global settings are restored afterwards."""
+    """Run the layer-streamed Fisher pass in fp32; torch's global settings are restored afterwards."""
     import torch
 
     with torch_settings(cfg.threads, cfg.seed):
-        t0 = time.perf_counter()
-        model = load_model(model_dir)
-        log.info(
-            "loaded %s in fp32 in %.1f s (%d threads)",
-            model_dir,
-            time.perf_counter() - t0,
-            torch.get_num_threads(),
-        )
+        model = StreamedModel(CheckpointSource(model_dir), torch.float32, grad=True)
+        log.info("streaming %s in fp32 (%d blocks, %d threads)", model_dir, model.n_blocks,
+                 torch.get_num_threads())  # fmt: skip
         return fisher_pass(model, windows, progress)
 
 
@@ -189,18 +234,20 @@ def fill_missing(
 # ---------------------------------------------------------------- the output head's input Hessian
 
 
-def head_hessian(model: Any, windows: list[Window], progress: bool) -> tuple[str, Any, Any]:
+def head_hessian(model: StreamedModel, windows: list[Window], progress: bool) -> tuple[str, Any, Any]:
     """(parameter name of the output head's weight, H = sum over the windows' tokens of x x^T of the head's
     input x, float64, and the same sum over the even-numbered windows). The tied head's weight is the
-    embedding parameter, so its name is the embedding's."""
+    embedding parameter, so its name is the embedding's. Layer-streamed forward; the head runs once per
+    window."""
     import torch
-    from tqdm import tqdm
 
-    head = model.get_output_embeddings()
+    head = model.model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
-        raise MintError(f"{type(model).__name__}: no linear output head to measure a Hessian for")
-    name = next(n for n, p in model.named_parameters(remove_duplicate=True) if p is head.weight)
+        raise MintError(f"{type(model.model).__name__}: no linear output head to measure a Hessian for")
+    name = next(n for n, p in model.model.named_parameters(remove_duplicate=True) if p is head.weight)
     k = head.weight.shape[1]
+    length = max(len(w.ids) for w in windows)
+    check_fits(model, 2 * len(windows) * length * model.config.hidden_size * 4, "head hessian")
     acc = [torch.zeros((k, k), dtype=torch.float64) for _ in range(2)]
     parity = [0]
 
@@ -208,12 +255,13 @@ def head_hessian(model: Any, windows: list[Window], progress: bool) -> tuple[str
         x = inputs[0].detach().reshape(-1, k).double()
         acc[parity[0]].add_(x.T @ x)
 
+    top, _ = forward_hidden(model, [w.ids for w in windows], progress, "head hessian: blocks")
     handle = head.register_forward_pre_hook(hook)
     try:
         with torch.inference_mode():
-            for i, w in enumerate(tqdm(windows, unit="window", disable=not progress, desc="head hessian")):
+            for i, (w, h) in enumerate(zip(windows, top, strict=True)):
                 parity[0] = i % 2
-                model(input_ids=torch.tensor(w.ids, dtype=torch.long)[None], use_cache=False)
+                model.head(torch.tensor(w.ids, dtype=torch.long)[None], h)
     finally:
         handle.remove()
     return name, acc[0] + acc[1], acc[0]
@@ -224,10 +272,13 @@ def compute_hessian(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(record for importance.json, {checkpoint name of the head weight: H}) from `hessian_windows`
     forward-only windows of the train split (seeded like the Fisher windows, possibly overlapping them)."""
+    import torch
+
     ckpt, windows, _ = calibration_windows(model_dir, corpus_dir, cfg.hessian_windows, cfg.window, cfg.seed)
     with torch_settings(cfg.threads, cfg.seed):
         t0 = time.perf_counter()
-        name, h, even = head_hessian(load_model(model_dir), windows, progress)
+        model = StreamedModel(CheckpointSource(model_dir), torch.float32)
+        name, h, even = head_hessian(model, windows, progress)
     if name not in ckpt.names or name == tied_lm_head(ckpt):
         raise MintError(f"{model_dir}: the output head's weight {name!r} is not a checkpoint tensor")
     tokens = sum(len(w.ids) for w in windows)
