@@ -18,6 +18,7 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ from .checkpoint import open_checkpoint, tied_lm_head
 from .config import EvalConfig, Params, as_dict, load_params
 from .errors import MintError
 from .io import sha256_text
-from .mlx_folder import dequantized_state, read_config, verify_manifest
-from .streaming import CheckpointSource, PackedSource, StreamedModel, check_fits, forward_hidden
+from .mlx_folder import dequantize_module, dequantized_state, read_config, verify_manifest
+from .streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -69,6 +70,40 @@ def build_model(
     if tied:
         model.tie_weights()
     return model.eval()
+
+
+class PackedSource:
+    """A packed MLX folder: quantized modules dequantized to bf16 as MLX does (mlx_folder.dequantize_module),
+    16-bit tensors as stored."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        self.config = read_config(self.folder)
+        self.quant = self.config.get("quantization") or {}
+        files = sorted(self.folder.glob("model*.safetensors"))
+        if not files:
+            raise MintError(f"{self.folder}: no model*.safetensors")
+        self._files = {f: safe_open(str(f), framework="pt") for f in files}
+        self._where = {k: f for f, sf in self._files.items() for k in sf.keys()}  # noqa: SIM118
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def _raw(self, name: str) -> torch.Tensor:
+        return self._files[self._where[name]].get_tensor(name)
+
+    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in names:
+            stem = name.removesuffix(".weight")
+            if f"{stem}.scales" in self._where:
+                raw = {f"{stem}.{k}": self._raw(f"{stem}.{k}") for k in ("weight", "scales", "biases")}
+                out[name] = dequantize_module(stem, raw, self.quant)
+            else:
+                out[name] = self._raw(name).to(torch.bfloat16)
+        return out
 
 
 def load_packed(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:

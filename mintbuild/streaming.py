@@ -10,9 +10,8 @@ through; the model's own head (final norm, lm_head, logit soft-capping) runs on 
 way, with the last block replaced by a replay of the streamed hidden state. Nothing of a family's forward is
 re-implemented here.
 
-Weights come from a `WeightSource`: a safetensors checkpoint (mintbuild.checkpoint, memory-mapped), or a packed
-MLX folder whose quantized modules are dequantized one block at a time exactly as mintbuild.mlx_folder
-dequantizes the whole folder.
+Weights come from a `WeightSource`: a safetensors checkpoint (`CheckpointSource`, mintbuild.checkpoint,
+memory-mapped), or the evaluator's packed MLX folder (evaluate.PackedSource, dequantized one block at a time).
 
 Memory bound (stated, not measured here): the non-block parameters in the compute dtype, plus one block in the
 compute dtype (plus its gradients in the backward pass), plus the hidden states of the windows (one set for
@@ -66,44 +65,6 @@ class CheckpointSource:
 
     def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return {n: self.ckpt.read(n) for n in names}
-
-
-class PackedSource:
-    """A packed MLX folder: quantized modules dequantized to bf16 as MLX does (mlx_folder.dequantize_module),
-    16-bit tensors as stored."""
-
-    def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
-        from .mlx_folder import read_config
-
-        self.folder = Path(folder)
-        self.config = read_config(self.folder)
-        self.quant = self.config.get("quantization") or {}
-        files = sorted(self.folder.glob("model*.safetensors"))
-        if not files:
-            raise MintError(f"{self.folder}: no model*.safetensors")
-        self._files = {f: safe_open(str(f), framework="pt") for f in files}
-        self._where = {k: f for f, sf in self._files.items() for k in sf.keys()}  # noqa: SIM118
-
-    def has(self, name: str) -> bool:
-        return name in self._where
-
-    def _raw(self, name: str) -> torch.Tensor:
-        return self._files[self._where[name]].get_tensor(name)
-
-    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        from .mlx_folder import dequantize_module
-
-        out = {}
-        for name in names:
-            stem = name.removesuffix(".weight")
-            if f"{stem}.scales" in self._where:
-                raw = {f"{stem}.{k}": self._raw(f"{stem}.{k}") for k in ("weight", "scales", "biases")}
-                out[name] = dequantize_module(stem, raw, self.quant)
-            else:
-                out[name] = self._raw(name).to(torch.bfloat16)
-        return out
 
 
 # ---------------------------------------------------------------- the streamed model
