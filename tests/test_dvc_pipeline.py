@@ -246,8 +246,11 @@ def test_sweep_measures_points_and_fits_a_curve(repo) -> None:
         f"hydra.sweep.dir={quick}",
     )
     rows = json.loads((quick / "sweep.json").read_text())
-    assert len(rows) == 9 and all(r["scope"]["objective_kind"] == "fisher" for r in rows)
-    assert any(r["predicted"] for r in rows)  # from the build report (none at or below the curve's pole)
+    ok = [
+        r for r in rows if "error" not in r
+    ]  # the 12 dB veto set above may put 4 bits/weight below the floor
+    assert len(rows) == 9 and len(ok) >= 5 and all(r["scope"]["objective_kind"] == "fisher" for r in ok)
+    assert any(r["predicted"] for r in ok)  # from the build report (none at or below the curve's pole)
     out = repo_dir / "artifacts/sweep/measured"
     _sh(repo_dir, "mintbuild", "sweep", "-m", "target.bits_per_weight=5,6,8", "measure=true",
         f"hydra.sweep.dir={out}")  # fmt: skip
