@@ -35,215 +35,37 @@ embedding of the embedded SmolLM2); the README's "Rounding" has what it gains an
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
-from llvmlite import ir
 from numba import get_num_threads, njit, prange
-from numba.core import cgutils, types
-from numba.extending import intrinsic, models, overload, register_model
 
 from .errors import MintError
 from .formats import Option
 from .quant.reference import EPS, dequantize_codes, quantize_dequantize
+from .quant.simd import F32x8 as _F32x8
+from .quant.simd import W
+from .quant.simd import vabs as _vabs
+from .quant.simd import vbf16 as _vbf16
+from .quant.simd import vfma as _vfma
+from .quant.simd import vload as _vload
+from .quant.simd import vmax as _vmax
+from .quant.simd import vmin as _vmin
+from .quant.simd import vrint as _vrint
+from .quant.simd import vsplat as _vsplat
+from .quant.simd import vstore as _vstore
+from .quant.simd import where_gt as _where_gt
+from .quant.simd import where_ne as _where_ne
 
 #: Recorded in the packer's cache key and manifest; bump whenever the numbers below change.
 GPTQ_VERSION = "gptq-mlx-affine/1"
 
-# ---------------------------------------------------------------- an 8 x float32 vector type for numba
-# Numba has no vector type; these few intrinsics emit LLVM vector instructions directly (the subset of
-# quant/simd.py's layer this kernel needs, as a type of its own, so that the stages running GPTQ do not depend
-# on the quantizer kernel modules). Every instruction carries the `nsz` flag only: numba's fastmath pass adds its
-# flags to instructions that have none, so no caller can let LLVM reassociate these operations or contract a
-# product and a difference into an FMA.
-
-_L = 8  # lanes
-_F32, _I32 = ir.FloatType(), ir.IntType(32)
-_V, _VI = ir.VectorType(_F32, _L), ir.VectorType(_I32, _L)
-_FLAGS = ("nsz",)
+# The 8 x float32 vector type and its intrinsics are quant/simd.py's (every instruction carries `nsz` only, so no
+# caller can let LLVM reassociate these operations or contract a product and a difference into an FMA).
+_L = W  # lanes
 _EPS = np.float32(EPS)  # as torch.clamp_min applies it to a float32 tensor
-
-
-class _F32x8(types.Type):
-    """Eight float32 lanes in one LLVM vector register; only the intrinsics below operate on it."""
-
-    def __init__(self) -> None:
-        super().__init__(name="gptq_f32x8")
-
-
-_vec = _F32x8()
-
-
-@register_model(_F32x8)
-class _F32x8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type) -> None:
-        super().__init__(dmm, fe_type, _V)
-
-
-def _is_f32_vector_array(a) -> bool:
-    return isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C"
-
-
-def _lane_ptr(context, builder, arr_ty, arr, idx_ty, idx) -> ir.Value:
-    a = context.make_array(arr_ty)(context, builder, arr)
-    ptr = builder.gep(a.data, [context.cast(builder, idx, idx_ty, types.intp)])
-    return builder.bitcast(ptr, _V.as_pointer())
-
-
-@intrinsic
-def _vload(typingctx, arr, i):
-    """Eight consecutive float32 of the C-contiguous `arr` from flat index `i`."""
-    if not (_is_f32_vector_array(arr) and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.load(_lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1]), align=4)
-
-    return _vec(arr, i), codegen
-
-
-@intrinsic
-def _vstore(typingctx, arr, i, v):
-    """Store the lanes of `v` at flat index `i` of the C-contiguous `arr`."""
-    if not (_is_f32_vector_array(arr) and isinstance(i, types.Integer) and v is _vec):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = _lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        builder.store(args[2], ptr, align=4)
-        return context.get_dummy_value()
-
-    return types.none(arr, i, v), codegen
-
-
-@intrinsic
-def _vsplat(typingctx, s):
-    """Every lane set to the scalar `s` (converted to float32)."""
-    if not isinstance(s, (types.Float, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        x = context.cast(builder, args[0], sig.args[0], types.float32)
-        v = builder.insert_element(ir.Constant(_V, ir.Undefined), x, ir.Constant(_I32, 0))
-        return builder.shuffle_vector(v, ir.Constant(_V, ir.Undefined), ir.Constant(_VI, [0] * _L))
-
-    return _vec(s), codegen
-
-
-def _binop(name: str):
-    @intrinsic
-    def impl(typingctx, a, b):
-        if not (a is _vec and b is _vec):
-            return None
-
-        def codegen(context, builder, sig, args):
-            return getattr(builder, name)(args[0], args[1], flags=_FLAGS)
-
-        return _vec(a, b), codegen
-
-    return impl
-
-
-def _register_operator(op, impl) -> None:
-    def typer(a, b):
-        if a is _vec and b is _vec:
-            return lambda a, b: impl(a, b)
-        return None
-
-    overload(op)(typer)
-
-
-for _op, _name in (
-    (operator.add, "fadd"),
-    (operator.sub, "fsub"),
-    (operator.mul, "fmul"),
-    (operator.truediv, "fdiv"),
-):
-    _register_operator(_op, _binop(_name))
-
-
-def _select(cmp: str):
-    @intrinsic
-    def impl(typingctx, a, b, x, y):
-        if not all(t is _vec for t in (a, b, x, y)):
-            return None
-
-        def codegen(context, builder, sig, args):
-            return builder.select(builder.fcmp_ordered(cmp, args[0], args[1], flags=_FLAGS), args[2], args[3])
-
-        return _vec(a, b, x, y), codegen
-
-    return impl
-
-
-#: _where_gt(a, b, x, y) = a > b ? x : y, lane by lane (and likewise for !=).
-_where_gt = _select(">")
-_where_ne = _select("!=")
-
-
-def _unary(name: str):
-    @intrinsic
-    def impl(typingctx, a):
-        if a is not _vec:
-            return None
-
-        def codegen(context, builder, sig, args):
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V, [_V]), name)
-            return builder.call(fn, [args[0]])
-
-        return _vec(a), codegen
-
-    return impl
-
-
-#: Round to the nearest integer, ties to even (torch.round), and absolute value.
-_vrint = _unary("llvm.rint.v8f32")
-_vabs = _unary("llvm.fabs.v8f32")
-
-
-@intrinsic
-def _vfma(typingctx, a, b, c):
-    """a * b + c rounded once."""
-    if not all(t is _vec for t in (a, b, c)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V, [_V] * 3), "llvm.fma.v8f32")
-        return builder.call(fn, list(args))
-
-    return _vec(a, b, c), codegen
-
-
-@intrinsic
-def _vbf16(typingctx, a):
-    """Every lane rounded to bf16, ties to even, as torch's float32 -> bf16 cast (u + 0x7FFF + bit 16 of u,
-    low half cleared: exact for every finite value)."""
-    if a is not _vec:
-        return None
-
-    def codegen(context, builder, sig, args):
-        def const(k: int) -> ir.Constant:
-            return ir.Constant(_VI, [k] * _L)
-
-        u = builder.bitcast(args[0], _VI)
-        lsb = builder.and_(builder.lshr(u, const(16)), const(1))
-        u = builder.and_(builder.add(builder.add(u, const(0x7FFF)), lsb), const(0xFFFF0000 - (1 << 32)))
-        return builder.bitcast(u, _V)
-
-    return _vec(a), codegen
-
-
-@njit(inline="always")
-def _vmin(a: _F32x8, b: _F32x8) -> _F32x8:
-    return _where_gt(a, b, b, a)
-
-
-@njit(inline="always")
-def _vmax(a: _F32x8, b: _F32x8) -> _F32x8:
-    return _where_gt(a, b, a, b)
 
 
 # ---------------------------------------------------------------- the kernel
