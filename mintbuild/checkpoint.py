@@ -15,10 +15,10 @@ import mmap
 import re
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -329,3 +329,29 @@ def tied_lm_head(ckpt: Checkpoint) -> str | None:
     """The lm_head name that the runtime ties to the embedding (and that we therefore never store)."""
     tie = ckpt.config.get("tie_word_embeddings", False)
     return "lm_head.weight" if tie and "lm_head.weight" in ckpt.tensors else None
+
+
+#: A stacked MoE expert parameter of transformers' model classes; checkpoints store it one tensor per expert
+#: (`...experts.<e>.gate_proj.weight`, `up_proj`, `down_proj`), which transformers and mlx-lm stack on load.
+_STACKED = re.compile(r"^(?P<stem>.+\.experts)\.(?P<what>gate_up_proj|down_proj)$")
+
+
+def expert_parts(name: str, has: Callable[[str], bool]) -> list[list[str]] | None:
+    """For a stacked expert parameter (`...experts.gate_up_proj` [E, 2I, H], `...experts.down_proj` [E, H, I])
+    that the checkpoint stores per expert: per expert, the checkpoint tensors concatenated along dim 0 to make
+    its slice (gate then up, as the model chunks them; down alone). None when `name` is not one."""
+    m = _STACKED.match(name)
+    if not m:
+        return None
+    parts = ("gate_proj", "up_proj") if m["what"] == "gate_up_proj" else ("down_proj",)
+    groups = []
+    while has(f"{m['stem']}.{len(groups)}.{parts[0]}.weight"):
+        groups.append([f"{m['stem']}.{len(groups)}.{p}.weight" for p in parts])
+    return groups or None
+
+
+def stack_experts(groups: list[list[str]], read: Callable[[str], Any]) -> Any:
+    """The stacked parameter from its per-expert checkpoint tensors (`expert_parts`)."""
+    import torch
+
+    return torch.stack([torch.cat([read(n) for n in group], dim=0) for group in groups])

@@ -22,6 +22,9 @@ multiplies (x * w) and Gemma's (1 + w) norms (a channel whose rescaled 1 + w is 
 separate or fused projections (Phi-3's qkv_proj and gate_up_proj by their row ranges); MoE MLP blocks are
 skipped. equalize.json lists what was skipped and why; a model with nothing to equalize builds unequalized, with
 one warning.
+
+One job: the equalization, from finding the pairs of a family to the exact rewrite (pairs, calibration
+statistics, the exponent search, the folds); nothing here is used by another stage.
 """
 
 from __future__ import annotations

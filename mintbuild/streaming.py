@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .checkpoint import expert_parts, stack_experts
 from .errors import MintError
 
 log = logging.getLogger(__name__)
@@ -169,12 +170,20 @@ class StreamedModel:
         return [f"{self.prefix}.{i}.{n}" for n, _ in self.blocks[i].named_parameters()]
 
     def _load(self, module: torch.nn.Module, module_prefix: str, names: list[str]) -> None:
-        missing = [n for n in names if not self.source.has(n)]
+        stacked = {n: expert_parts(n, self.source.has) for n in names if not self.source.has(n)}
+        missing = [n for n, parts in stacked.items() if parts is None]
         if missing:
             raise MintError(
                 f"weights do not match the {self.hf_config.model_type} architecture: missing {missing[:3]}"
             )
-        state = {n.removeprefix(module_prefix): t.to(self.dtype) for n, t in self.source.read(names).items()}
+        plain = [n for n in names if n not in stacked]
+        tensors = self.source.read(plain)
+        # MoE experts stored one tensor per expert: stacked as transformers stacks them on load.
+        for n, groups in stacked.items():
+            flat = [m for g in groups for m in g]
+            parts = self.source.read(flat)
+            tensors[n] = stack_experts(groups, parts.__getitem__)
+        state = {n.removeprefix(module_prefix): t.to(self.dtype) for n, t in tensors.items()}
         module.load_state_dict(state, strict=False, assign=True)
         for p in module.parameters():
             p.requires_grad_(self.grad)

@@ -148,10 +148,18 @@ FAMILIES: dict[str, dict[str, object]] = {
     "mistral": {"sliding_window": None},
     "qwen2": {},
     "qwen3": {"head_dim": 16},
-    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32},
-    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32},
+    # A sliding window no shorter than the tests' sequences: mlx-lm's gemma2 does not apply one at all, and its
+    # gemma3_text needs a full sliding_window_pattern (6 layers) of blocks.
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64},
+    "gemma3_text": {
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 64,
+        "num_hidden_layers": 6,
+    },
     "phi3": {"tie_word_embeddings": False},
     "qwen2_moe": {
+        "tie_word_embeddings": False,  # as the real ones; mlx-lm's qwen2_moe always has its own lm_head
         "num_experts": 4,
         "num_experts_per_tok": 2,
         "moe_intermediate_size": 32,
