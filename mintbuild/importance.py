@@ -71,10 +71,15 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the Fisher pass, layer-streamed
 
 
-def _g2(p: Any) -> float:
-    """mean(grad^2) of a parameter in float64 (the mean of ~10^7 squares in fp32 would lose digits)."""
-
-    return float(p.grad.double().square().mean()) if p.grad is not None else 0.0
+def _g2(p: Any, chunk: int = 1 << 22) -> float:
+    """mean(grad^2) of a parameter, accumulated in float64 (the mean of ~10^8 squares in fp32 would lose
+    digits) a chunk of elements at a time: a float64 copy of a whole embedding's gradient would be 2x its
+    float32 size, twice over."""
+    if p.grad is None:
+        return 0.0
+    flat = p.grad.reshape(-1)
+    total = sum(float(c.double().square().sum()) for c in flat.split(chunk))
+    return total / max(flat.numel(), 1)
 
 
 def fisher_pass(

@@ -1,0 +1,271 @@
+"""Benchmark the default pipeline at scale: every stage's wall time and peak RSS on a random Llama-shaped bf16
+checkpoint (1.24B, Llama-3.2-3B or Llama-3-8B shapes), against the stated memory bound.
+
+    .venv/bin/python benchmarks/bench_scale.py --size 1b                 # cached in /work/.cache_scale
+    .venv/bin/python benchmarks/bench_scale.py --size 3b --stages model,corpus,profile,importance
+
+The checkpoint is written once (shard by shard, in a child process) outside the repository: random weights at a
+realistic scale, the config of the chosen shape, and the embedded SmolLM2's tokenizer (its 49,152 ids fit the
+128,256-row embedding, so nothing needs padding; the vocabulary is the model's). A params.yaml for the run is
+derived from the repository's (two targets, 4.5 and 6 bits per weight; window counts reduced: see
+`--windows` / `--window`) and every stage runs as its own `mintbuild` subprocess; its peak RSS is read from
+the OS (wait4's ru_maxrss of that child). Printed per stage: wall seconds, peak RSS, and the bound
+
+    two largest tensors (fp32) + one decoder block (fp32) + the windows' activations + 1.5 GB
+
+where the activations are those of the stage's windows (every block boundary of the importance windows for the
+Fisher backward; in and out of one block for the others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 1 << 30
+
+#: name -> (hidden, intermediate, layers, heads, kv heads, vocab, tied)
+SHAPES: dict[str, tuple[int, int, int, int, int, int, bool]] = {
+    "1b": (2048, 8192, 16, 32, 8, 128256, True),
+    "3b": (3072, 8192, 28, 24, 8, 128256, True),  # Llama-3.2-3B
+    "8b": (4096, 14336, 32, 32, 8, 128256, False),  # Llama-3-8B
+}
+STAGES = ("model", "corpus", "equalize", "profile", "importance", "allocate", "pack", "baseline", "evaluate")
+TARGETS = {"bpw4p5": 4.5, "bpw6": 6.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SHAPES), default="1b")
+    p.add_argument(
+        "--dir", type=Path, default=Path("/work/.cache_scale"), help="cache folder (outside the repo)"
+    )
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--windows", type=int, default=1, help="windows per calibration / evaluation stage")
+    p.add_argument("--window", type=int, default=128, help="tokens per window")
+    p.add_argument("--hessian-windows", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- the checkpoint
+
+
+def shapes_of(size: str) -> dict[str, tuple[int, ...]]:
+    h, inter, layers, heads, kv_heads, vocab, tied = SHAPES[size]
+    kv = kv_heads * (h // heads)
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (inter, h),
+            p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        }
+    out["model.norm.weight"] = (h,)
+    if not tied:
+        out["lm_head.weight"] = (vocab, h)
+    return out
+
+
+def config_of(size: str) -> dict:
+    h, inter, layers, heads, kv_heads, vocab, tied = SHAPES[size]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": h,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": h // heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": tied,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def checkpoint_folder(a: argparse.Namespace) -> Path:
+    return a.dir / f"llama-{a.size}"
+
+
+def tokenizer_source(a: argparse.Namespace) -> Path:
+    """The embedded SmolLM2 imported once (its tokenizer files are copied next to the random weights)."""
+    folder = a.dir / "smollm2"
+    if not (folder / "tokenizer.json").is_file():
+        from mintbuild.config import ModelConfig
+        from mintbuild.model import import_model
+
+        import_model(ModelConfig(), folder)
+    return folder
+
+
+def generate(a: argparse.Namespace) -> None:
+    """Write the shards (about 2 GB each, one in memory at a time), the index, the tokenizer, config.json last."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = checkpoint_folder(a)
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = shapes_of(a.size)
+    gen = torch.Generator().manual_seed(0)
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, shape in shapes.items():
+        if filled > 1e9:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += math.prod(shape)
+    weight_map = {}
+    for s, names in enumerate(shards):
+        fname = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for n in names:
+            shape = shapes[n]
+            if len(shape) == 1:
+                tensors[n] = (1.0 + 0.1 * torch.randn(shape, generator=gen)).bfloat16()
+            else:
+                tensors[n] = torch.randn(shape, generator=gen).mul_(0.02).bfloat16()
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, fname))
+        print(f"wrote {fname} ({len(names)} tensors)", flush=True)
+    total = 2 * sum(math.prod(s) for s in shapes.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
+    src = tokenizer_source(a)
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
+            shutil.copy2(f, folder / f.name)
+    (folder / "config.json").write_text(json.dumps(config_of(a.size), indent=1))
+
+
+def ensure_checkpoint(a: argparse.Namespace) -> Path:
+    folder = checkpoint_folder(a)
+    if not (folder / "config.json").is_file():
+        print(f"generating {folder} (once) ...", flush=True)
+        argv = ["--size", a.size, "--dir", str(a.dir), "--generate-only"]
+        subprocess.run([sys.executable, __file__, *argv], check=True, cwd=ROOT)
+    return folder
+
+
+# ---------------------------------------------------------------- the run
+
+
+def write_params(a: argparse.Namespace, model: Path, work: Path) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"] |= {"source": "local", "path": str(model), "name": f"random-llama-{a.size}",
+                        "out": str(work / "model")}  # fmt: skip
+    params["corpus"]["out"] = str(a.dir / "corpus")
+    for stage in ("equalize", "importance"):
+        params[stage] |= {"n_windows": a.windows, "window": a.window, "threads": a.threads,
+                          "out": str(work / stage)}  # fmt: skip
+    params["importance"]["hessian_windows"] = a.hessian_windows
+    params["eval"] |= {"n_windows": a.windows, "window": a.window, "threads": a.threads}
+    params["profile"]["out"] = str(work / "profile")
+    params["solver"]["importance"] = str(work / "importance" / "importance.json")
+    for key in ("allocate_out", "pack_out", "eval_out"):
+        params[key] = str(work / key.removesuffix("_out"))
+    params["targets"] = {
+        k: {"bits_per_weight": v, "description": f"{v} bits per weight"} for k, v in TARGETS.items()
+    }
+    path = work / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=True))
+    return path
+
+
+def commands(stage: str, params: Path) -> list[list[str]]:
+    base = [sys.executable, "-m", "mintbuild.cli"]
+    p = ["--params", str(params)]
+    if stage in ("allocate", "pack", "evaluate"):
+        return [[*base, stage, *p, "--target", t, *(["--no-progress"] if stage != "allocate" else [])]
+                for t in TARGETS]  # fmt: skip
+    if stage == "baseline":
+        return [[*base, "evaluate", *p, "--baseline", "--no-progress"]]
+    extra = ["--no-progress"] if stage in ("equalize", "profile", "importance") else []
+    return [[*base, stage, *p, *extra]]
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS bytes from the OS, exit code) of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, usage.ru_maxrss * 1024, proc.returncode
+
+
+def bound(a: argparse.Namespace, stage: str) -> int:
+    """The stated bound of a stage's peak RSS, bytes."""
+    h, _, layers, _, _, _, _ = SHAPES[a.size]
+    shapes = shapes_of(a.size)
+    sizes = sorted((math.prod(s) for s in shapes.values()), reverse=True)
+    block = sum(math.prod(s) for n, s in shapes.items() if n.startswith("model.layers.0."))
+    tokens = a.windows * a.window
+    boundaries = layers + 2 if stage == "importance" else 2
+    acts = boundaries * tokens * h * 4
+    if stage == "importance":
+        acts = max(acts, 2 * a.hessian_windows * a.window * h * 4)
+    return 4 * (sizes[0] + sizes[1]) + 4 * block + acts + int(1.5 * GB)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    if a.generate_only:
+        generate(a)
+        return
+    env_note = {k: os.environ.get(k) for k in ("MINTBUILD_CACHE", "NUMBA_CACHE_DIR")}
+    a.dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = ensure_checkpoint(a)
+    gen_s = time.perf_counter() - t0
+    n_params = sum(math.prod(s) for s in shapes_of(a.size).values())
+    work = a.dir / f"run-{a.size}"
+    work.mkdir(exist_ok=True)
+    params = write_params(a, model, work)
+    print(f"# {a.size}: {n_params / 1e9:.2f}B parameters, {model} (ready in {gen_s:.0f} s); params {params}")
+    print(f"# windows: {a.windows} x {a.window} tokens per calibration/eval stage, {a.hessian_windows} Hessian "
+          f"windows; targets {TARGETS}; threads {a.threads}; env {env_note}")  # fmt: skip
+    rows = []
+    for stage in [s for s in a.stages.split(",") if s]:
+        if stage not in STAGES:
+            raise SystemExit(f"unknown stage {stage!r}; choose from {STAGES}")
+        for cmd in commands(stage, params):
+            label = stage + (f" {cmd[cmd.index('--target') + 1]}" if "--target" in cmd else "")
+            wall, rss, rc = run_measured(cmd)
+            b = bound(a, stage)
+            rows.append((label, wall, rss, b, rc))
+            print(f"{label:20s} wall {wall:8.1f} s  peak RSS {rss / GB:6.2f} GB  bound {b / GB:6.2f} GB  "
+                  f"{'OK' if rss <= b else 'OVER'}{'' if rc == 0 else f'  FAILED (exit {rc})'}", flush=True)  # fmt: skip
+            if rc:
+                break
+    print("\n| stage | wall (s) | peak RSS (GB) | bound (GB) |\n|---|---|---|---|")
+    for label, wall, rss, b, rc in rows:
+        print(f"| {label} | {wall:.0f} | {rss / GB:.2f} | {b / GB:.2f} |" + ("" if rc == 0 else " failed |"))
+
+
+if __name__ == "__main__":
+    main()
