@@ -77,9 +77,10 @@ def _g2(p: Any, chunk: int = 1 << 22) -> float:
     float32 size, twice over."""
     if p.grad is None:
         return 0.0
-    flat = p.grad.reshape(-1)
+    # a sparse gradient (an untied embedding's, through the input): its rows, summed once each
+    flat = (p.grad.coalesce().values() if p.grad.is_sparse else p.grad).reshape(-1)
     total = sum(float(c.double().square().sum()) for c in flat.split(chunk))
-    return total / max(flat.numel(), 1)
+    return total / max(p.numel(), 1)
 
 
 def fisher_pass(
@@ -143,14 +144,24 @@ def fisher_pass(
     # input, accumulated into one .grad as one backward pass would.
     for _, p in outer:
         p.requires_grad_(True)
-    for i, h in enumerate(top):
-        model.model.zero_grad(set_to_none=True)
-        head_loss(i, h.detach()).backward()
-        h0, _ = model.enter(ids[i])
-        if h0.requires_grad:
-            h0.backward(grads[i])
-        for n, p in outer:
-            per_window[n].append(_g2(p))
+    # The embedding's gradient through the input is a few rows: taken sparse, it is added into the head's dense
+    # gradient in place instead of as a second dense vocab x hidden tensor.
+    emb = model.model.get_input_embeddings()
+    sparse = getattr(emb, "sparse", None)
+    if isinstance(emb, torch.nn.Embedding):
+        emb.sparse = True
+    try:
+        for i, h in enumerate(top):
+            model.model.zero_grad(set_to_none=True)
+            head_loss(i, h.detach()).backward()
+            h0, _ = model.enter(ids[i])
+            if h0.requires_grad:
+                h0.backward(grads[i])
+            for n, p in outer:
+                per_window[n].append(_g2(p))
+    finally:
+        if sparse is not None:
+            emb.sparse = sparse
     model.model.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(w.ids) for w in windows)
