@@ -130,7 +130,7 @@ def allocate_job(
     write_allocation(job_dir / "allocate" / name, doc, metrics)
     t = doc["totals"]
     row = {
-        "target": name, "budget": t["budget"], "bytes": t["bytes"], "bytes_on_disk": None,
+        "target": name, "budget": t.get("effective_budget", t["budget"]), "bytes": t["bytes"], "bytes_on_disk": None,
         "bpw": t["avg_bits_per_weight"], "objective": t["objective"], "gap": t["gap"], "optimal": t["optimal"],
         "scope": objective_scope(t, doc["provenance"]), "seconds": round(time.perf_counter() - t0, 4),
         "ppl_mean": None, "ppl_median": None, "note": "; ".join(doc["notes"]),
