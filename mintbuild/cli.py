@@ -27,8 +27,8 @@ VERBS: dict[str, str] = {
     "pack": "write each target's MLX model folder (mixed-precision affine, GPTQ-rounded head, loads in mlx-lm as is)",
     "evaluate": "perplexity of each packed model (and the 16-bit baseline) on the corpus test split",
     "report": "budget table, fitted PPL(B) curve and its plot for every built target",
-    "predict": "perplexity the fitted curve predicts at a budget, before anything is packed",
-    "sweep": "allocate many budgets from the cached profile and print the table (no artifacts per budget)",
+    "predict": "allocate a budget (milliseconds) and predict its perplexity before anything is packed",
+    "sweep": "a Hydra multirun over budgets: allocate each from the cached profile (measure=true packs and scores)",
     "diff": "Markdown for a pull request: per target, budget, bytes, bits/weight, PPL and changed tensors",
 }
 

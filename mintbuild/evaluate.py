@@ -29,7 +29,7 @@ import torch
 from .artifacts.metrics import BASELINE, SCHEMA_VERSION, read_baseline, write_metrics
 from .artifacts.model import resolve_weights_dir
 from .calibration import load_tokenizer, sequence_prefix
-from .checkpoint import open_checkpoint, tied_lm_head
+from .checkpoint import expert_parts, open_checkpoint, stack_experts, tied_lm_head
 from .config import EvalConfig, Params, as_dict, load_params
 from .errors import MintError
 from .io import sha256_text
@@ -61,6 +61,11 @@ def build_model(
     # ~3 s per model, as much as scoring a window.
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    state = dict(state)
+    for name, _ in model.named_parameters():  # MoE experts stored one tensor per expert: stacked, as on load
+        groups = None if name in state else expert_parts(name, state.__contains__)
+        if groups:
+            state[name] = stack_experts(groups, state.pop)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     missing = [m for m in missing if not (tied and m == "lm_head.weight")]

@@ -41,7 +41,7 @@ def test_overrides_and_typos(tmp_path) -> None:
     text = compose_text(ROOT / "conf", ["solver=mse", "+target@targets.rtx4090=rtx4090"])
     assert "objective: mse" in text and "rtx4090:" in text and "24GiB" in text
     with pytest.raises(MintError, match="sise"):
-        compose_text(ROOT / "conf", ["+targets.smollm2-4bpw.sise=3MB"])
+        compose_text(ROOT / "conf", ["+targets.bpw4.sise=3MB"])
     with pytest.raises(MintError, match="nope"):
         compose_text(ROOT / "conf", ["solver=nope"])
 
@@ -49,8 +49,8 @@ def test_overrides_and_typos(tmp_path) -> None:
 def test_unknown_preset_and_duplicate_target_names() -> None:
     with pytest.raises(MintError, match=r"target/nope.*available in target/: .*phone_8gb.*rtx4090"):
         compose_text(ROOT / "conf", ["+target@targets.x=nope"])
-    with pytest.raises(MintError, match=r"Multiple values for target@targets\.smollm2-4bpw"):
-        compose_text(ROOT / "conf", ["+target@targets.smollm2-4bpw=rtx4090"])
+    with pytest.raises(MintError, match=r"Multiple values for target@targets\.bpw4"):
+        compose_text(ROOT / "conf", ["+target@targets.bpw4=rtx4090"])
 
 
 def test_experiments_override_several_groups_at_once(tmp_path) -> None:
@@ -61,5 +61,5 @@ def test_experiments_override_several_groups_at_once(tmp_path) -> None:
     assert p.solver.priors["embedding"] == 10.0  # the published priors come with the published objective
     out.write_text(compose_text(ROOT / "conf", ["+experiment=devices"]))
     p = load_params(out)
-    assert {"rtx4090", "laptop-16gb", "phone-8gb", "workstation-64gb", "smollm2-4bpw"} <= set(p.targets)
+    assert {"rtx4090", "laptop-16gb", "phone-8gb", "workstation-64gb", "bpw4"} <= set(p.targets)
     assert p.targets["rtx4090"].memory == "24GiB" and p.solver.objective == "fisher"
