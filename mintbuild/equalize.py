@@ -110,7 +110,9 @@ def _layer_pairs(
         readers, v_fold, v_rows = ["self_attn.qkv_proj"], "self_attn.qkv_proj", (q + kv, q + 2 * kv)
     else:
         readers = v_fold = v_rows = None
-    mlp_norm = "pre_feedforward_layernorm" if "pre_feedforward_layernorm" in mods else "post_attention_layernorm"
+    mlp_norm = (
+        "pre_feedforward_layernorm" if "pre_feedforward_layernorm" in mods else "post_attention_layernorm"
+    )
     moe = any(n.startswith("mlp.experts") for n in mods)
     if moe:
         mlp_readers = up_fold = up_rows = None
@@ -134,10 +136,14 @@ def _layer_pairs(
     if up_fold and _linear(mods, "mlp.down_proj"):
         groups.append(Group(i, "down", [f"{p}.mlp.down_proj"], f"{p}.{up_fold}", rows=up_rows))
     else:
-        skip("down", "MoE block: one scale would have to fold into every expert" if moe else "no up/down pair")
+        skip(
+            "down", "MoE block: one scale would have to fold into every expert" if moe else "no up/down pair"
+        )
     if v_fold and _linear(mods, "self_attn.o_proj"):
         fold = f"{p}.{v_fold}"
-        groups.append(Group(i, "o", [f"{p}.self_attn.o_proj"], fold, heads // kv_heads, head_dim, rows=v_rows))
+        groups.append(
+            Group(i, "o", [f"{p}.self_attn.o_proj"], fold, heads // kv_heads, head_dim, rows=v_rows)
+        )
     else:
         skip("o", "no v_proj/o_proj pair")
     return groups, skipped
