@@ -1,4 +1,5 @@
-"""Learned importance (alpha) per tensor: a short calibration pass, diagonal empirical Fisher.
+"""Learned importance (alpha) per tensor: a short calibration pass, diagonal empirical Fisher. One job: the
+importance stage's measurements (alphas, the head Hessian, its GPTQ gains) and their artifact.
 
 For each calibration window w (``window`` tokens of the corpus *train* split, never the test split that
 `mintbuild evaluate` scores) we compute the mean next-token cross-entropy L_w of the fp32 model, backpropagate,
