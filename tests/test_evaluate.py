@@ -17,6 +17,7 @@ from mintbuild.config import EvalConfig
 from mintbuild.errors import MintError
 from mintbuild.evaluate import (
     choose_windows,
+    evaluate_folder,
     load_baseline,
     load_packed,
     run_baseline,
@@ -93,6 +94,21 @@ def test_ppl_finite_and_rises_as_budget_shrinks(build: dict[str, Any]) -> None:
         assert math.isfinite(t["ppl_mean"]) and t["tokens"] == 2 * 127 and t["bytes_on_disk"] <= t["budget"]
     assert m["lo"]["budget"] < m["hi"]["budget"]
     assert m["lo"]["ppl_mean"] > m["hi"]["ppl_mean"] >= 0.98 * m["hi"]["baseline_ppl_mean"]
+
+
+def test_streamed_ppl_equals_whole_model(build: dict[str, Any]) -> None:
+    """The stage streams the packed folder block by block; the whole dequantized model (the previous
+    evaluator) scores the same windows to float rounding."""
+    params = build["params"]
+    for target, streamed in build["metrics"].items():
+        folder = build["results"][target].out
+        whole, _ = evaluate_folder(load_packed(folder)[0], folder, params, Path(params.corpus.out), False)
+        assert whole["tokens"] == streamed["tokens"]
+        assert abs(streamed["ppl_mean"] / whole["ppl_mean"] - 1) < 1e-5, (
+            streamed["ppl_mean"],
+            whole["ppl_mean"],
+        )
+        np.testing.assert_allclose(streamed["ppl_windows"], whole["ppl_windows"], rtol=1e-5)
 
 
 def test_mlx_lm_loads_both_budgets(build: dict[str, Any]) -> None:
