@@ -33,6 +33,8 @@ under the head weight's checkpoint name: the embedding's when tied; its sha256 i
 Values are rounded to `sig_digits` significant digits: on one machine and thread count the gradients are
 bitwise reproducible, but the matmul split (threads, CPU) changes the last bits, and 6 digits is far below
 the sampling noise of a 2k-token Fisher estimate.
+
+One job: what the calibration text says about each tensor (alpha, the head Hessian, GPTQ's gain on it).
 """
 
 from __future__ import annotations
