@@ -26,12 +26,7 @@ def text(corpus_dir: Path) -> str:
     return (corpus_dir / "train.txt").read_text(encoding="utf-8")[:100_000]
 
 
-#: qwen2_moe checkpoints store one tensor per expert, which transformers fuses at load time (its conversion
-#: mapping); the streamed reader does not apply that conversion yet (nor did the whole-model evaluator).
-STREAMED = sorted(set(FAMILIES) - {"qwen2_moe"})
-
-
-@pytest.mark.parametrize("family", STREAMED)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_streamed_logits_equal_whole_model(family: str, text: str, tmp_path: Path) -> None:
     """Every family: rotary embeddings, sliding-window masks (gemma, window 32 < 64 tokens), MoE blocks, untied
     heads and logit soft-capping all come from the model's own forward."""
