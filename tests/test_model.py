@@ -268,10 +268,10 @@ def test_an_unsupported_architecture_is_one_line_exit_2(
     tiny_sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = json.loads((tiny_sharded / "config.json").read_text())
-    (tiny_sharded / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    (tiny_sharded / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
     params = tmp_path / "params.yaml"
     params.write_text(f"model:\n  source: local\n  path: {tiny_sharded}\n  out: {tmp_path / 'out'}\n")
     assert cli.main(["model", "--params", str(params)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "model_type 'bert' is not a causal LM" in err[-1] and "llama" in err[-1]
+    assert "model_type 't5' is not a causal LM" in err[-1] and "llama" in err[-1]
     assert not (tmp_path / "out").exists()
