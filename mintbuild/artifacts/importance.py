@@ -42,14 +42,8 @@ def load_hessians(folder: Path, model_fingerprint: str) -> Hessians:
     checked against the sha256 importance.json recorded."""
     from safetensors.torch import load_file
 
-    doc = load_importance(folder)
-    record = doc.get("hessian")
+    doc, record = _gptq_record(folder, "hessian", "output-head Hessian")
     path = Path(folder) / HESSIAN_FILE
-    if not record:
-        raise MintError(
-            f"{Path(folder) / FILENAME}: no output-head Hessian (importance.hessian_windows is 0); set it, rerun "
-            "`mintbuild importance`, or set pack.rounding: rtn"
-        )
     if not path.is_file() or sha256_file(path) != record["sha256"]:
         raise MintError(
             f"{path}: missing or not the file importance.json recorded (sha256 {record['sha256'][:12]})"
@@ -102,17 +96,22 @@ def write_importance(
 
 def load_rounding_gains(folder: Path, damp: float, block: int) -> dict[str, dict[str, float]]:
     """{tensor: {option: r}} the importance stage measured for GPTQ at this damping and block size."""
-    doc = load_importance(folder)
-    rec = doc.get("rounding_gain")
+    _, rec = _gptq_record(folder, "rounding_gain", "GPTQ rounding gains")
     path = Path(folder) / FILENAME
-    if not rec:
-        raise MintError(
-            f"{path}: no GPTQ rounding gains (importance.hessian_windows is 0); set it, rerun "
-            "`mintbuild importance`, or set pack.rounding: rtn"
-        )
     if (rec.get("damp"), rec.get("block")) != (damp, block):
         raise MintError(
             f"{path}: GPTQ gains measured at damp {rec.get('damp')} block {rec.get('block')}, but pack asks for "
             f"damp {damp} block {block}; rerun `mintbuild importance`"
         )
     return {str(t): {str(o): float(r) for o, r in g.items()} for t, g in rec["tensors"].items()}
+
+
+def _gptq_record(folder: Path, key: str, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(importance.json, its `key` record), refusing a folder measured without a Hessian."""
+    doc = load_importance(folder)
+    if not doc.get(key):
+        raise MintError(
+            f"{Path(folder) / FILENAME}: no {what} (importance.hessian_windows is 0); set it, rerun "
+            "`mintbuild importance`, or set pack.rounding: rtn"
+        )
+    return doc, doc[key]
