@@ -44,7 +44,7 @@ bench: setup
 
 ## quality: mintbuild vs uniform MLX, mlx-lm recipes and the published greedy at equal bytes (~12 min)
 quality: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro importance
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro profile importance
 	$(BIN)/python benchmarks/quality.py
 
 clean:

@@ -106,7 +106,7 @@ class Bench:
             return (*self.scored[digest], True)
         config = read_config(folder)
         model = build_model(config, dequantized_state(folder, config), torch.float32)
-        s = perplexity(model, self.tokens, self.windows, progress=False)
+        s, _ = perplexity(model, self.tokens, self.windows, progress=False)
         self.scored[digest] = (s["ppl_mean"], s["ppl_median"])
         return s["ppl_mean"], s["ppl_median"], False
 
@@ -182,7 +182,7 @@ def mintbuild_row(bench: Bench, problem, cfg: SolverConfig, series: str, ref: Ro
     target = TargetConfig(size=f"{ref.bytes}B")
     t0 = time.perf_counter()
     try:
-        doc, _ = allocate_target(problem, name, target, cfg, bench.profile)
+        doc, _, _ = allocate_target(problem, name, target, cfg, bench.profile)
     except InfeasibleBudget as e:
         return Row(series, name, ref.label, 0, math.nan, note=f"infeasible: {e}".split(";")[0])
     write_allocation(alloc_root / name, doc)
@@ -244,7 +244,7 @@ def baseline_row(bench: Bench, model_dir: Path) -> Row:
     t0 = time.perf_counter()
     weights = resolve_weights_dir(model_dir)
     model = load_baseline(weights, torch.float32)
-    s = perplexity(model, bench.tokens, bench.windows, progress=False)
+    s, _ = perplexity(model, bench.tokens, bench.windows, progress=False)
     row = Row("16-bit", "16-bit", "", weights_bytes(weights), 16.0, s["ppl_mean"], s["ppl_median"])
     row.seconds = time.perf_counter() - t0
     log.info("16-bit: %s, PPL %.3f", format_size(row.bytes), row.ppl_mean)

@@ -43,6 +43,7 @@ from .calibration import calibration_args, calibration_parser, calibration_windo
 from .config import EqualizeConfig
 from .errors import MintError
 from .io import atomic_dir, atomic_write_json, sha256_file
+from .reproducible import one_torch_thread, sum64, sum_squares64
 
 SCHEMA_VERSION = 1
 RECORD = "equalize.json"
@@ -208,7 +209,7 @@ def collect_stats(model: Any, groups: list[Group], windows: list[Any], samples: 
     def hook(key: tuple[int, str]) -> Any:
         def record(_m: Any, inputs: tuple[Any, ...], _out: Any) -> None:
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            sums[key] = sums.get(key, 0) + x.abs().sum(0, dtype=torch.float64)
+            sums[key] = sums.get(key, 0) + sum64(x.abs(), axis=0)
             picked.setdefault(key, []).append(x[::step].clone())
 
         return record
@@ -262,21 +263,22 @@ class Metric:
         import torch
 
         k = min(rank, *sample.shape)
-        # Randomized SVD (Halko et al.): ~10x a full SVD at C = 1536; seeded, so the result is deterministic.
+        # Randomized SVD (Halko et al.): ~10x a full SVD at C = 1536; seeded, and on one thread (its LAPACK
+        # calls round differently with more), so the result is the same whatever the thread count.
         torch.manual_seed(seed)
-        _, sigma, v = torch.svd_lowrank(sample, q=min(k + 32, *sample.shape), niter=2)
+        with one_torch_thread():
+            _, sigma, v = torch.svd_lowrank(sample, q=min(k + 32, *sample.shape), niter=2)
         energy = sigma[:k].double().square()
         left = sample.shape[1] - k
-        total = float(sample.square().sum(dtype=torch.float64))
+        total = sum_squares64(sample)
         rest = max(total - float(energy.sum()), 0.0) / left if left > 0 else 0.0
         return cls(v[:, :k].T.contiguous(), energy, rest)
 
     def __call__(self, d: Any) -> float:
-        import torch
 
-        proj = (d @ self.directions.T).square().sum(0, dtype=torch.float64)  # [rank]
-        total = float(d.square().sum(dtype=torch.float64))
-        return float((proj * self.energy).sum()) + self.rest * (total - float(proj.sum()))
+        proj = sum_squares64(d @ self.directions.T, axis=0)  # [rank]
+        total = sum_squares64(d)
+        return sum64(proj * self.energy) + self.rest * (total - sum64(proj))
 
 
 def output_error(weights: list[Any], metric: Metric, s: Any, option: Any) -> float:

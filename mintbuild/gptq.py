@@ -35,9 +35,6 @@ embedding of the embedded SmolLM2); the README's "Rounding" has what it gains an
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 from numba import get_num_threads, njit, prange
@@ -58,6 +55,7 @@ from .quant.simd import vsplat as _vsplat
 from .quant.simd import vstore as _vstore
 from .quant.simd import where_gt as _where_gt
 from .quant.simd import where_ne as _where_ne
+from .reproducible import one_torch_thread, sum64
 
 #: Recorded in the packer's cache key and manifest; bump whenever the numbers below change.
 GPTQ_VERSION = "gptq-mlx-affine/1"
@@ -252,17 +250,6 @@ def _gptq_rows(
 # ---------------------------------------------------------------- the public functions
 
 
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run torch on one thread: LAPACK's Cholesky factors differ in their last bits between thread counts."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32 (computed in float64).
 
@@ -278,7 +265,7 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     diag[dead] = 1.0  # an input that never fired: nothing to compensate through it
     diag += damp * float(diag.mean())
     try:
-        with _one_torch_thread():
+        with one_torch_thread():
             lower = torch.linalg.cholesky(h)
             return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
     except RuntimeError as e:  # torch raises _LinAlgError (a RuntimeError) for a non-positive-definite H
@@ -321,7 +308,7 @@ def gptq_codes(
 def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> float:
     """tr((W - Q) H (W - Q)^T): the squared output error over the tokens H was summed from."""
     e = w.double() - deq.double()
-    return float(((e @ hessian.double()) * e).sum())
+    return sum64((e @ hessian.double()) * e)
 
 
 def rounding_gain(

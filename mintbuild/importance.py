@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import time
 from collections import defaultdict
@@ -64,6 +65,7 @@ from .checkpoint import tied_lm_head
 from .config import ImportanceConfig, PackConfig
 from .errors import MintError
 from .formats import OPTION_SETS
+from .reproducible import sum_squares64
 from .streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden, run_block
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
@@ -82,7 +84,7 @@ def _g2(p: Any, chunk: int = 1 << 22) -> float:
         return 0.0
     # a sparse gradient (an untied embedding's, through the input): its rows, summed once each
     flat = (p.grad.coalesce().values() if p.grad.is_sparse else p.grad).reshape(-1)
-    total = sum(float(c.double().square().sum()) for c in flat.split(chunk))
+    total = math.fsum(sum_squares64(c) for c in flat.split(chunk))
     return total / max(p.numel(), 1)
 
 

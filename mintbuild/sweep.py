@@ -124,10 +124,10 @@ def allocate_job(
     profile, prob = problem(params)
     t0 = time.perf_counter()
     try:
-        doc, metrics = allocate_target(prob, name, target, params.solver, profile)
+        doc, metrics, timings = allocate_target(prob, name, target, params.solver, profile)
     except InfeasibleBudget as e:
         return {"target": name, "error": str(e)}
-    write_allocation(job_dir / "allocate" / name, doc, metrics)
+    write_allocation(job_dir / "allocate" / name, doc, metrics, timings)
     t = doc["totals"]
     row = {
         "target": name, "budget": t.get("effective_budget", t["budget"]), "bytes": t["bytes"], "bytes_on_disk": None,

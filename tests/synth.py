@@ -87,8 +87,10 @@ def tiny_llama(
     shard: bool = False,
     tie: bool = True,
     bos: bool = False,
+    hidden: int = 64,
+    layers: int = 2,
 ) -> Path:
-    """A 2-layer random-init Llama (hidden 64) that transformers and mlx-lm load: a real model folder for tests
+    """A 2-layer random-init Llama (hidden 64; `hidden`, `layers` to change) that transformers and mlx-lm load: a real model folder for tests
     that run stages. With `text`, a small byte-level BPE tokenizer of `vocab` tokens trained on it (the model's
     vocabulary is the tokenizer's); without, no tokenizer and a vocabulary of `vocab`. `shard` saves it as
     several safetensors files with an index. `bos`: the tokenizer adds <s> in front of every text, as Llama's,
@@ -102,9 +104,9 @@ def tiny_llama(
         (out / "tokenizer_config.json").write_text("{}\n")
     cfg = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,

@@ -7,6 +7,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -248,3 +249,30 @@ def test_no_file_holds_two_jobs() -> None:
         lines = f.read_text().count("\n")
         doc = ast.get_docstring(ast.parse(f.read_text())) or ""
         assert lines <= 450 or "one job" in doc.lower(), f"{f.relative_to(ROOT)}: {lines} lines"
+
+
+def rewrite_dvc_deps() -> list[str]:
+    """Rewrite each dvc.yaml stage's `mintbuild/...` deps to the modules it imports (comments and every other
+    line kept); the stages changed. `python -m tests.test_architecture` runs it after an import changes."""
+    lines = (ROOT / "dvc.yaml").read_text().splitlines(keepends=True)
+    stages, out, changed, stage = dvc_stages(), [], [], None
+    for line in lines:
+        m = re.match(r"^  (\w+):\s*$", line)
+        if m and m.group(1) in stages:
+            stage = m.group(1)
+        dep = re.match(r"^(\s+)- (mintbuild/\S+)\s*$", line)
+        if not dep or stage is None:
+            out.append(line)
+            continue
+        want = sorted(files_of(closure(f"mintbuild.{stage_verb(stages[stage])}")))
+        if out[-1].strip() != "deps:" and re.match(r"^\s+- mintbuild/", out[-1]):
+            continue  # the stage's module block was already written
+        out.extend(f"{dep.group(1)}- {f}\n" for f in want)
+        if set(want) != stage_code_deps(stages[stage]):
+            changed.append(stage)
+    (ROOT / "dvc.yaml").write_text("".join(out))
+    return changed
+
+
+if __name__ == "__main__":
+    print("rewrote the deps of:", ", ".join(rewrite_dvc_deps()) or "nothing")

@@ -55,7 +55,7 @@ def test_perplexity_equals_transformers_on_the_same_windows(
 
     folder, bos = model
     params = dataclasses.replace(Params(), eval=EvalConfig(window=64, n_windows=3, seed=1))
-    ours, settings = evaluate_folder(load_baseline(folder), folder, params, corpus_dir, progress=False)
+    ours, settings, _ = evaluate_folder(load_baseline(folder), folder, params, corpus_dir, progress=False)
     tok = load_tokenizer(folder)
     tokens, _ = corpus_tokens(corpus_dir, "test", tok)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -3,7 +3,6 @@ target changes, and a new target builds only itself."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -13,93 +12,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .dvcrepo import ENV, ROOT, make_repo, ran, sh, tiny_params, write_params, write_text
 from .synth import tiny_llama
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "DVC_NO_ANALYTICS": "1",
-    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    "GIT_AUTHOR_NAME": "t",
-    "GIT_AUTHOR_EMAIL": "t@example.com",
-    "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@example.com",
-}
-
-
-def _sh(repo: Path, *cmd: str) -> str:
-    r = subprocess.run(cmd, cwd=repo, env=ENV, capture_output=True, text=True)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
-    return r.stdout + r.stderr
-
-
-def _ran(log: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", log))
-
-
-def _params(model: Path, text: Path, targets: dict) -> dict:
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["model"] = {"source": "local", "path": str(model), "out": "artifacts/model", "name": "tiny"}
-    p["corpus"] = {
-        "source": "text_file",
-        "path": str(text),
-        "out": "artifacts/corpus",
-        "test_fraction": 0.5,
-        "seed": 0,
-    }
-    p["targets"] = targets
-    # A tiny model: short windows, few of them.
-    p["eval"].update({"window": 64, "n_windows": 2})
-    p["importance"].update({"window": 64, "n_windows": 2, "hessian_windows": 4})
-    p["equalize"].update({"window": 64, "n_windows": 2, "samples": 64, "rank": 16, "grid": 6})
-    return p
-
-
-def _write(repo: Path, params: dict) -> None:
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=True))
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("dvcrepo")
-    text = root / "text.txt"
-    words = [
-        "the",
-        "model",
-        "fits",
-        "the",
-        "budget",
-        "of",
-        "every",
-        "device",
-        "and",
-        "the",
-        "build",
-        "is",
-        "one",
-        "command",
-    ]
-    text.write_text(
-        "\n\n".join(
-            f"Document {i}. " + " ".join(words[(i + j) % len(words)] for j in range(600)) for i in range(8)
-        )
-    )
+    text = write_text(root / "text.txt")
     model = tiny_llama(root / "tiny-model", text.read_text())
-    repo = root / "repo"
-    repo.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
-    shutil.copytree(ROOT / "mintbuild", repo / "mintbuild", ignore=shutil.ignore_patterns("__pycache__"))
-    _sh(repo, "git", "init", "-q")
-    _sh(repo, "dvc", "init", "-q")
-    params = _params(model, text, {"a": {"bits_per_weight": 4.5}, "b": {"bits_per_weight": 6.0}})
-    _write(repo, params)
-    return repo, params
+    params = tiny_params(model, text, {"a": {"bits_per_weight": 4.5}, "b": {"bits_per_weight": 6.0}})
+    return make_repo(root / "repo", params), params
 
 
 def test_full_build_then_only_the_edited_target_reruns(repo) -> None:
     repo_dir, params = repo
-    first = _ran(_sh(repo_dir, "dvc", "repro"))
+    first = ran(sh(repo_dir, "dvc", "repro"))
     per_target = {f"{s}@{t}" for s in ("allocate", "pack", "evaluate") for t in "ab"}
     assert {
         "model",
@@ -116,40 +44,40 @@ def test_full_build_then_only_the_edited_target_reruns(repo) -> None:
         "| a |" in report and "| b |" in report and (repo_dir / "artifacts/report/budget_curve.png").exists()
     )
     assert "a+b/B" in report  # two measured points: the simplest form
-    assert _ran(_sh(repo_dir, "dvc", "repro")) == set()  # nothing changed: nothing runs
+    assert ran(sh(repo_dir, "dvc", "repro")) == set()  # nothing changed: nothing runs
 
     params["targets"]["a"]["description"] = "a note for reviewers"  # allocation unchanged: pack skipped
-    _write(repo_dir, params)
-    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@a", "report"}
+    write_params(repo_dir, params)
+    assert ran(sh(repo_dir, "dvc", "repro")) == {"allocate@a", "report"}
 
     params["targets"]["a"]["bits_per_weight"] = 5.0
-    _write(repo_dir, params)
-    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@a", "pack@a", "evaluate@a", "report"}
+    write_params(repo_dir, params)
+    assert ran(sh(repo_dir, "dvc", "repro")) == {"allocate@a", "pack@a", "evaluate@a", "report"}
 
     params["targets"]["c"] = {"bits_per_weight": 8.0}
-    _write(repo_dir, params)
-    assert _ran(_sh(repo_dir, "dvc", "repro")) == {"allocate@c", "pack@c", "evaluate@c", "report"}
-    predicted = _sh(repo_dir, "mintbuild", "predict", "--budget", "70KB")
+    write_params(repo_dir, params)
+    assert ran(sh(repo_dir, "dvc", "repro")) == {"allocate@c", "pack@c", "evaluate@c", "report"}
+    predicted = sh(repo_dir, "mintbuild", "predict", "--budget", "70KB")
     assert re.search(r"\| 70\.00 KB \|.*\| [0-9.]+ \|", predicted), predicted
 
     params["solver"]["veto_sqnr_db"] = 12.0  # shared solver config: every allocation reruns, nothing upstream
-    _write(repo_dir, params)
-    ran = _ran(_sh(repo_dir, "dvc", "repro"))
-    assert {"allocate@a", "allocate@b", "allocate@c"} <= ran
-    assert not ran & {"model", "corpus", "equalize", "profile", "importance", "evaluate_baseline"}
-    shown = _sh(repo_dir, "dvc", "metrics", "show")
+    write_params(repo_dir, params)
+    rerun = ran(sh(repo_dir, "dvc", "repro"))
+    assert {"allocate@a", "allocate@b", "allocate@c"} <= rerun
+    assert not rerun & {"model", "corpus", "equalize", "profile", "importance", "evaluate_baseline"}
+    shown = sh(repo_dir, "dvc", "metrics", "show")
     assert "avg_bits_per_weight" in shown and "ppl_mean" in shown
 
 
 def test_diff_renders_a_pull_request_comment(repo) -> None:
     repo_dir, params = repo
-    _sh(repo_dir, "dvc", "repro")
-    _sh(repo_dir, "git", "add", "-A")
-    _sh(repo_dir, "git", "commit", "-qm", "base")
+    sh(repo_dir, "dvc", "repro")
+    sh(repo_dir, "git", "add", "-A")
+    sh(repo_dir, "git", "commit", "-qm", "base")
     params["targets"]["b"]["bits_per_weight"] = 5.0
-    _write(repo_dir, params)
-    _sh(repo_dir, "dvc", "repro")
-    md = _sh(repo_dir, "mintbuild", "diff", "HEAD")
+    write_params(repo_dir, params)
+    sh(repo_dir, "dvc", "repro")
+    md = sh(repo_dir, "mintbuild", "diff", "HEAD")
     assert "### `b` (changed)" in md and "`a`" not in md
     assert "tensor choices changed" in md and "-> q" in md
     before, after = re.search(r"\| bits/weight \| ([0-9.]+) \| ([0-9.]+) \|", md).groups()
@@ -159,10 +87,10 @@ def test_diff_renders_a_pull_request_comment(repo) -> None:
 def test_infeasible_budget_surfaces_readably_through_dvc(repo) -> None:
     repo_dir, params = repo
     params["targets"]["d"] = {"size": "10KB"}
-    _write(repo_dir, params)
+    write_params(repo_dir, params)
     r = subprocess.run(["dvc", "repro", "allocate@d"], cwd=repo_dir, env=ENV, capture_output=True, text=True)
     params["targets"].pop("d")
-    _write(repo_dir, params)
+    write_params(repo_dir, params)
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "below the smallest feasible size" in out and "Traceback" not in out
@@ -175,12 +103,12 @@ def test_min_safe_builds_at_the_floor_end_to_end(repo) -> None:
     import json
 
     repo_dir, params = repo
-    _sh(repo_dir, "dvc", "repro")
-    _sh(repo_dir, "git", "add", "-A")
-    _sh(repo_dir, "git", "commit", "-qm", "before the min-safe target")
+    sh(repo_dir, "dvc", "repro")
+    sh(repo_dir, "git", "add", "-A")
+    sh(repo_dir, "git", "commit", "-qm", "before the min-safe target")
     params["targets"]["m"] = {"fraction_of_16bit": 0.1, "on_infeasible": "min_safe"}
-    _write(repo_dir, params)
-    assert {"allocate@m", "pack@m", "evaluate@m"} <= _ran(_sh(repo_dir, "dvc", "repro"))
+    write_params(repo_dir, params)
+    assert {"allocate@m", "pack@m", "evaluate@m"} <= ran(sh(repo_dir, "dvc", "repro"))
     totals = json.loads((repo_dir / "artifacts/allocate/m/allocation.json").read_text())["totals"]
     assert totals["effective_budget"] > totals["budget"] and totals["bytes"] <= totals["effective_budget"]
     on_disk = (repo_dir / "artifacts/pack/m/model.safetensors").stat().st_size
@@ -189,13 +117,13 @@ def test_min_safe_builds_at_the_floor_end_to_end(repo) -> None:
     assert metrics["budget"] == totals["effective_budget"] and metrics["requested_budget"] == totals["budget"]
     assert any("minimum safe size" in n for n in metrics["notes"])
     assert "minimum safe size" in (repo_dir / "artifacts/report/report.md").read_text()
-    md = _sh(repo_dir, "mintbuild", "diff", "HEAD")
+    md = sh(repo_dir, "mintbuild", "diff", "HEAD")
     assert "### `m` (added)" in md and "minimum safe size" in md
     params["targets"].pop("m")  # leave the repo as the later tests expect it: built, without `m`
-    _write(repo_dir, params)
+    write_params(repo_dir, params)
     for stage in ("allocate", "pack", "evaluate"):
         shutil.rmtree(repo_dir / "artifacts" / stage / "m")
-    _sh(repo_dir, "dvc", "repro")
+    sh(repo_dir, "dvc", "repro")
 
 
 def test_quality_benchmark_runs_on_the_built_artifacts(repo) -> None:
@@ -204,9 +132,9 @@ def test_quality_benchmark_runs_on_the_built_artifacts(repo) -> None:
     import json
 
     repo_dir, _ = repo
-    _sh(repo_dir, "dvc", "repro", "importance")
+    sh(repo_dir, "dvc", "repro", "importance")
     script = ROOT / "benchmarks" / "quality.py"
-    _sh(repo_dir, sys.executable, str(script), "--refs", "4/32,mixed_3_6", "--methods", "greedy,fisher",
+    sh(repo_dir, sys.executable, str(script), "--refs", "4/32,mixed_3_6", "--methods", "greedy,fisher",
         "--windows", "1", "--out", "artifacts/quality")  # fmt: skip
     doc = json.loads((repo_dir / "artifacts/quality/quality.json").read_text())
     rows = {(r["series"], r["ref"]): r for r in doc["rows"]}
@@ -240,7 +168,7 @@ def test_sweep_measures_points_and_fits_a_curve(repo) -> None:
     _write_conf(repo_dir, params)
     before = (repo_dir / "artifacts/report/report.md").read_text()
     quick = repo_dir / "artifacts/sweep/quick"
-    _sh(
+    sh(
         repo_dir,
         "mintbuild",
         "sweep",
@@ -255,7 +183,7 @@ def test_sweep_measures_points_and_fits_a_curve(repo) -> None:
     assert len(rows) == 9 and len(ok) >= 5 and all(r["scope"]["objective_kind"] == "fisher" for r in ok)
     assert any(r["predicted"] for r in ok)  # from the build report (none at or below the curve's pole)
     out = repo_dir / "artifacts/sweep/measured"
-    _sh(repo_dir, "mintbuild", "sweep", "-m", "target.bits_per_weight=5,6,8", "measure=true",
+    sh(repo_dir, "mintbuild", "sweep", "-m", "target.bits_per_weight=5,6,8", "measure=true",
         f"hydra.sweep.dir={out}")  # fmt: skip
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["target"] for r in rows] == ["5bpw", "6bpw", "8bpw"]
@@ -264,7 +192,7 @@ def test_sweep_measures_points_and_fits_a_curve(repo) -> None:
     assert "| 6bpw |" in md and "Budget curve:" in md and "objective (LOO)" in md
     assert not (out / "1/pack").exists()  # packs are dropped once scored
     assert (out / "1/evaluate/6bpw/metrics.json").is_file() and (out / "budget_curve.json").is_file()
-    predicted = _sh(repo_dir, "mintbuild", "predict", "--report", str(out), "--budget", "55KB")
+    predicted = sh(repo_dir, "mintbuild", "predict", "--report", str(out), "--budget", "55KB")
     assert re.search(r"\| 55\.00 KB \|.*\| [0-9.]+ \|", predicted), predicted
     assert (repo_dir / "artifacts/report/report.md").read_text() == before
 
@@ -275,11 +203,11 @@ def test_dvc_exp_run_composes_conf_and_reruns_only_the_overridden_target(repo) -
     target's override reruns only that target."""
     repo_dir, params = repo
     _write_conf(repo_dir, params)
-    _sh(repo_dir, "dvc", "config", "hydra.enabled", "True")
-    _sh(repo_dir, "git", "add", "-A")
-    _sh(repo_dir, "git", "commit", "-qm", "conf")
-    assert _ran(_sh(repo_dir, "dvc", "exp", "run")) == set()
-    ran = _ran(_sh(repo_dir, "dvc", "exp", "run", "-S", "targets.a.bits_per_weight=4.75"))
-    assert ran == {"allocate@a", "pack@a", "evaluate@a", "report"}
+    sh(repo_dir, "dvc", "config", "hydra.enabled", "True")
+    sh(repo_dir, "git", "add", "-A")
+    sh(repo_dir, "git", "commit", "-qm", "conf")
+    assert ran(sh(repo_dir, "dvc", "exp", "run")) == set()
+    rerun = ran(sh(repo_dir, "dvc", "exp", "run", "-S", "targets.a.bits_per_weight=4.75"))
+    assert rerun == {"allocate@a", "pack@a", "evaluate@a", "report"}
     assert yaml.safe_load((repo_dir / "params.yaml").read_text())["targets"]["a"]["bits_per_weight"] == 4.75
-    assert "targets.a.bits_per_weight" in _sh(repo_dir, "dvc", "exp", "show", "--csv")
+    assert "targets.a.bits_per_weight" in sh(repo_dir, "dvc", "exp", "show", "--csv")

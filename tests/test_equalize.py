@@ -149,7 +149,7 @@ def test_real_smollm2(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> No
                 for p in model.parameters():
                     if p.ndim == 2:  # every linear and the tied embedding, as uniform mlx-lm quantizes
                         p.copy_(quantize_dequantize(p, Option(4, 64)).float())
-        return perplexity(model, tokens, windows, progress=False)["ppl_mean"]
+        return perplexity(model, tokens, windows, progress=False)[0]["ppl_mean"]
 
     full = ppl(smollm2_dir, False)
     assert ppl(tmp_path / "eq", False) == full  # bit-identical at 16 bits

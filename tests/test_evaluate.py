@@ -102,7 +102,7 @@ def test_streamed_ppl_equals_whole_model(build: dict[str, Any]) -> None:
     params = build["params"]
     for target, streamed in build["metrics"].items():
         folder = build["results"][target].out
-        whole, _ = evaluate_folder(load_packed(folder)[0], folder, params, Path(params.corpus.out), False)
+        whole, _, _ = evaluate_folder(load_packed(folder)[0], folder, params, Path(params.corpus.out), False)
         assert whole["tokens"] == streamed["tokens"]
         assert abs(streamed["ppl_mean"] / whole["ppl_mean"] - 1) < 1e-5, (
             streamed["ppl_mean"],

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_dir, canonical_json, read_json
+from . import TIMINGS_FILE
 
 SCHEMA_VERSION = 1
 ALLOCATION_FILE = "allocation.json"
@@ -21,9 +22,17 @@ def load_allocation(root: Path, target: str) -> dict[str, Any]:
     )
 
 
-def write_allocation(folder: Path, doc: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
-    """Write `folder`/allocation.json (and metrics.json) atomically: the folder is replaced whole."""
+def write_allocation(
+    folder: Path,
+    doc: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    timings: dict[str, Any] | None = None,
+) -> None:
+    """Write `folder`/allocation.json (and metrics.json, and the solve time to timings.json, which DVC does not
+    hash) atomically: the folder is replaced whole."""
     with atomic_dir(folder) as tmp:
         (tmp / ALLOCATION_FILE).write_text(canonical_json(doc))
         if metrics is not None:
             (tmp / METRICS_FILE).write_text(canonical_json(metrics))
+        if timings is not None:
+            (tmp / TIMINGS_FILE).write_text(canonical_json(timings))

@@ -1,5 +1,6 @@
 """The evaluate stage's artifact per target (and for the 16-bit baseline): metrics.json (perplexity, bytes,
-deltas) and settings.json (what must match between a target's run and the baseline's); writer and readers."""
+deltas) and settings.json (what must match between a target's run and the baseline's), with the run's wall clock
+beside them in timings.json (not a DVC out); writer and readers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from ..errors import MintError
 from ..io import atomic_dir, canonical_json
+from . import TIMINGS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,14 @@ def read_baseline(folder: Path) -> dict[str, Any]:
     return {"metrics": metrics, "settings": settings}
 
 
-def write_metrics(out: Path, metrics: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+def write_metrics(
+    out: Path, metrics: dict[str, Any], settings: dict[str, Any], timings: dict[str, Any]
+) -> dict[str, Any]:
+    """Replace `out` whole with metrics.json, settings.json and timings.json; returns the metrics."""
     with atomic_dir(out) as tmp:
         (tmp / METRICS_FILE).write_text(canonical_json(metrics), encoding="utf-8")
         (tmp / "settings.json").write_text(canonical_json(settings), encoding="utf-8")
+        (tmp / TIMINGS_FILE).write_text(canonical_json(timings), encoding="utf-8")
     log.info(
         "%s: PPL mean %.4f, median %.4f over %d tokens (%d windows of %d), %.0f tokens/s%s",
         metrics["target"],
@@ -44,7 +50,7 @@ def write_metrics(out: Path, metrics: dict[str, Any], settings: dict[str, Any]) 
         metrics["tokens"],
         metrics["windows"],
         metrics["window"],
-        metrics["tokens_per_s"],
+        timings["tokens_per_s"],
         f", {metrics['delta_ppl_mean_pct']:+.2f}% vs 16-bit" if "delta_ppl_mean_pct" in metrics else "",
     )
     return metrics
