@@ -11,11 +11,18 @@ bytes. References quantize the model stage's weights; mintbuild rows those of th
 16-bit function, rewritten so that round-to-nearest loses less; `equalize=none` compares like for like) and are
 rounded as `pack.rounding` says (gptq: the output head by GPTQ; `pack=rtn`: round-to-nearest like mlx-lm).
 
+Peer rows are mlx-lm's own calibrated quantizers (`--peers`: AWQ 4/g64, GPTQ 4/g64, dynamic_quant at each
+reference's bits/weight or at `dynamic_quant@BPW`), run by benchmarks/peers.py in a child process (MLX on a
+preloaded OpenBLAS) on the importance stage's calibration windows: the same train-split tokens, as many as
+mintbuild's Fisher pass sees. Each peer folder is scored like a reference and mintbuild rows are allocated at
+its exact bytes; the row's seconds are the peer's calibration time.
+
 Writes artifacts/quality/: quality.md (tables), quality.png (bytes vs PPL, one series per method, 16-bit line),
 quality.json (every row). Needs the model, corpus, equalize, profile and importance stages (`make quality` runs them).
 
 Usage: .venv/bin/python benchmarks/quality.py [--params params.yaml] [--refs 4/64,mixed_4_6,...]
        [--methods greedy,nrmse,mse,fisher] [--importance extra.json:label ...] [--windows N] [--out DIR]
+       [--peers awq,gptq,dynamic_quant[@BPW],... | none]
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ import argparse
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import math
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +82,14 @@ METHODS = {
     "fisher": ("exact, fisher (default)", "exact", "fisher"),
 }
 RECIPE_GROUP = 64  # mlx-lm's default group size for its recipes
+#: mlx-lm's calibrated quantizers (benchmarks/peers.py); dynamic_quant runs at every reference's bits/weight.
+DEFAULT_PEERS = ["awq", "gptq", "dynamic_quant"]
+PEER_BITS, PEER_GROUP = 4, 64  # AWQ and GPTQ: mlx-lm's command-line defaults
+PEERS_SCRIPT = Path(__file__).resolve().parent / "peers.py"
+REFERENCE_SERIES = ("uniform (mlx-lm)", "mlx-lm recipe")
+PEER_SERIES = "mlx-lm calibrated"
+#: Rows that mintbuild rows are allocated against.
+MATCHED_SERIES = (*REFERENCE_SERIES, PEER_SERIES)
 
 
 @dataclass
@@ -164,6 +181,86 @@ def convert_reference(model_dir: Path, out: Path, kwargs: dict[str, Any]) -> flo
     return time.perf_counter() - t0
 
 
+# ---------------------------------------------------------------- peer rows (mlx-lm's calibrated quantizers)
+
+
+def parse_peers(spec: str, refs: list[Row]) -> list[tuple[str, float | None]]:
+    """'awq,gptq,dynamic_quant,dynamic_quant@5' -> [(method, target bits/weight or None)]; a bare dynamic_quant
+    runs at each reference's bits/weight (as mlx-lm counts it: bytes of every array over parameters)."""
+    if spec.strip().lower() in ("", "none"):
+        return []
+    out: list[tuple[str, float | None]] = []
+    for item in spec.split(","):
+        method, _, bpw = item.strip().partition("@")
+        if method not in ("awq", "gptq", "dynamic_quant"):
+            raise MintError(f"unknown peer {method!r}; choose from awq, gptq, dynamic_quant[@bits/weight]")
+        if method != "dynamic_quant":
+            out.append((method, None))
+        elif bpw:
+            out.append((method, float(bpw)))
+        else:
+            out += [(method, ref.extra["mlx_bpw"]) for ref in refs if "mlx_bpw" in ref.extra]
+    return out
+
+
+def peer_label(method: str, doc: dict[str, Any]) -> str:
+    if method == "dynamic_quant":
+        (lb, lg), (hb, hg) = doc["low"], doc["high"]
+        return f"dynamic_quant {doc['target_bpw']:.2f} bpw ({lb}/g{lg} + {hb}/g{hg})"
+    return f"{method.upper()} {doc['bits']}/g{doc['group']}"
+
+
+def peer_rows(bench: Bench, model_dir: Path, peers: list[tuple[str, float | None]]) -> list[Row]:
+    """Each peer made by benchmarks/peers.py in a child process (it re-executes itself with OpenBLAS preloaded,
+    which this process, scoring with torch, should not carry), scored like the references."""
+    cal = bench.params.importance
+    rows = []
+    for method, bpw in peers:
+        out = bench.work / "peer" / f"{method}{'' if bpw is None else f'@{bpw:.4f}'}"
+        cmd = [sys.executable, str(PEERS_SCRIPT), method, "--model", str(model_dir),
+               "--corpus", str(bench.params.corpus.out), "--out", str(out), "--bits", str(PEER_BITS),
+               "--group", str(PEER_GROUP), "--n-windows", str(cal.n_windows), "--window", str(cal.window),
+               "--seed", str(cal.seed)]  # fmt: skip
+        if bpw is not None:
+            cmd += ["--target-bpw", f"{bpw:.6f}"]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise MintError(f"peer {method} failed:\n{r.stderr[-3000:]}")
+        doc = json.loads((out / "peer.json").read_text(encoding="utf-8"))
+        size = weights_bytes(out)
+        mean, median, _ = bench.score(out)
+        label = peer_label(method, doc)
+        row = Row(PEER_SERIES, label, label, size, 8 * size / bench.parameters, mean, median,
+                  doc["calibration_seconds"], extra={**doc, "wall_seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        log.info("%s: %s, PPL %.3f, %d calibration tokens in %.1f s", label, format_size(size), mean,
+                 doc["calibration_tokens"], doc["calibration_seconds"])  # fmt: skip
+        rows.append(row)
+        shutil.rmtree(out)
+    return rows
+
+
+def blas_speed() -> dict[str, Any]:
+    """MLX matmul GFLOP/s on its own BLAS and on the OpenBLAS the peers preload (benchmarks/peers.py blas)."""
+    r = subprocess.run([sys.executable, str(PEERS_SCRIPT), "blas"], capture_output=True, text=True)
+    if r.returncode != 0:
+        log.warning("BLAS measurement failed: %s", r.stderr[-500:])
+        return {}
+    doc = json.loads(r.stdout)
+    log.info("MLX fp32 matmul: %.1f GFLOP/s on its own BLAS, %.1f with OpenBLAS preloaded (x%.1f)",
+             doc["reference_gflops"], doc["openblas_gflops"], doc["speedup"])  # fmt: skip
+    return doc
+
+
+def mlx_bits_per_weight(folder: Path) -> float:
+    """Bits/weight as mlx-lm counts them (mlx_lm.utils.compute_bits_per_weight: bytes of every array over the
+    parameters): the unit of dynamic_quant's --target-bpw, so that its peer matches this reference's size."""
+    from mlx_lm.utils import compute_bits_per_weight, load_model
+
+    model, _ = load_model(folder, lazy=True)
+    return round(float(compute_bits_per_weight(model)), 6)
+
+
 # ---------------------------------------------------------------- mintbuild rows
 
 
@@ -230,14 +327,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = [baseline_row(bench, model_dir)]
         refs = reference_rows(bench, model_dir, args.refs.split(","), rows)
         rows += refs
+        peers = parse_peers(args.peers, refs)
+        blas = blas_speed() if peers else {}
+        matched = refs + peer_rows(bench, model_dir, peers)
+        rows += matched[len(refs) :]
         series = method_series(bench, args)
-        for ref in refs:
+        for ref in matched:
             for label, (problem, cfg) in series.items():
                 row = mintbuild_row(bench, problem, cfg, label, ref)
                 rows.append(row)
                 log.info("  %-40s %s  PPL %.3f  %s", label, format_size(row.bytes), row.ppl_mean, row.note)
     seconds = time.perf_counter() - t_start
-    return {"rows": rows, "seconds": seconds, "settings": settings(bench, args)}
+    return {"rows": rows, "seconds": seconds, "settings": {**settings(bench, args), "blas": blas}}
 
 
 def baseline_row(bench: Bench, model_dir: Path) -> Row:
@@ -267,7 +368,7 @@ def reference_rows(bench: Bench, model_dir: Path, specs: list[str], rows: list[R
         mean, median, _ = bench.score(out)
         series = "mlx-lm recipe" if spec.startswith("mixed_") else "uniform (mlx-lm)"
         row = Row(series, label, label, size, 8 * size / bench.parameters, mean, median,
-                  time.perf_counter() - t0)  # fmt: skip
+                  time.perf_counter() - t0, extra={"mlx_bpw": mlx_bits_per_weight(out)})  # fmt: skip
         log.info("%s: %s, PPL %.3f", label, format_size(size), mean)
         refs.append(row)
         shutil.rmtree(out)
@@ -321,12 +422,14 @@ def settings(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def comparison_table(rows: list[Row]) -> list[str]:
-    """One line per reference: its PPL and each mintbuild series' PPL at <= its bytes."""
-    refs = [r for r in rows if r.series in ("uniform (mlx-lm)", "mlx-lm recipe") and r.bytes]
-    ours = sorted({r.series for r in rows if r.ref and r.series not in ("uniform (mlx-lm)", "mlx-lm recipe")},
+    """One line per reference or peer: its PPL, its calibration (peers: tokens and seconds) and each mintbuild
+    series' PPL at <= its bytes."""
+    refs = [r for r in rows if r.series in MATCHED_SERIES and r.bytes]
+    ours = sorted({r.series for r in rows if r.ref and r.series not in MATCHED_SERIES},
                   key=list(rows_series_order(rows)).index)  # fmt: skip
-    head = "| reference | bytes | reference PPL | " + " | ".join(ours) + " | best of ours vs reference |"
-    lines = [head, "|" + "---|" * (4 + len(ours))]
+    head = ("| reference | bytes | calibration (tokens, seconds) | reference PPL | " + " | ".join(ours)
+            + " | best of ours vs reference |")  # fmt: skip
+    lines = [head, "|" + "---|" * (5 + len(ours))]
     for ref in sorted(refs, key=lambda r: r.bytes):
         cells, best = [], math.inf
         for s in ours:
@@ -337,8 +440,10 @@ def comparison_table(rows: list[Row]) -> list[str]:
             best = min(best, match[0].ppl_mean)
             cells.append(f"{match[0].ppl_mean:.2f} ({100 * (match[0].ppl_mean / ref.ppl_mean - 1):+.1f}%)")
         delta = f"{100 * (best / ref.ppl_mean - 1):+.1f}%" if math.isfinite(best) else "-"
-        lines.append(f"| {ref.label} | {format_size(ref.bytes)} | {ref.ppl_mean:.2f} | " + " | ".join(cells)
-                     + f" | {delta} |")  # fmt: skip
+        cal = (f"{ref.extra['calibration_tokens']:,}, {ref.seconds:.1f} s" if ref.series == PEER_SERIES
+               else "none (round-to-nearest)")  # fmt: skip
+        lines.append(f"| {ref.label} | {format_size(ref.bytes)} | {cal} | {ref.ppl_mean:.2f} | "
+                     + " | ".join(cells) + f" | {delta} |")  # fmt: skip
     return lines
 
 
@@ -362,6 +467,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"16-bit: {format_size(base.bytes)}, mean PPL {base.ppl_mean:.3f}.",
         "",
+        *peer_note(rows, st),
         "Mean PPL; in brackets, the change against the reference row at the same bytes.",
         "",
         *comparison_table(rows),
@@ -379,6 +485,29 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += ["", f"Whole benchmark: {result['seconds']:.0f} s ({result['seconds'] / 60:.1f} min).", ""]
     return "\n".join(lines)
+
+
+def peer_note(rows: list[Row], st: dict[str, Any]) -> list[str]:
+    """The peers' calibration budget and the BLAS they ran on, when there are peer rows."""
+    peers = [r for r in rows if r.series == PEER_SERIES]
+    if not peers:
+        return []
+    e = peers[0].extra
+    text = (
+        f"Peer rows ({PEER_SERIES}) are mlx-lm's own quantizers (`mlx_lm.quant`: awq_quantize, gptq_quantize, "
+        "dynamic_quant's estimate_sensitivities/estimate_threshold + quantize_model) with their command-line "
+        f"defaults, calibrated on {e['windows'][0]} x {e['windows'][1]} = {e['calibration_tokens']:,} tokens of "
+        "the corpus train split: the importance stage's windows, as many tokens as mintbuild's Fisher pass. "
+        "Their seconds are calibration time (quantization, without load and save)."
+    )
+    blas = st.get("blas") or {}
+    if blas:
+        text += (
+            f" MLX ran on OpenBLAS preloaded ({Path(blas['openblas']).name}): fp32 matmul "
+            f"{blas['openblas_gflops']:.1f} GFLOP/s against {blas['reference_gflops']:.1f} on MLX's own BLAS "
+            f"(x{blas['speedup']:.1f})."
+        )
+    return [text, ""]
 
 
 def _f(v: float, digits: int = 3) -> str:
@@ -431,6 +560,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--importance", action="append", help="extra fisher series from another importance "
                     "artifact: PATH[:label] (repeatable)")  # fmt: skip
     ap.add_argument("--windows", type=int, help="evaluation windows (default: eval.n_windows)")
+    ap.add_argument("--peers", default=",".join(DEFAULT_PEERS), help="mlx-lm's calibrated quantizers as rows: "
+                    "awq,gptq,dynamic_quant[@bits/weight] (bare: at each reference's), or none")  # fmt: skip
     ap.add_argument("--out", default="artifacts/quality", help="output folder (default: artifacts/quality)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
