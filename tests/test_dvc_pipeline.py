@@ -132,10 +132,10 @@ def test_quality_benchmark_runs_on_the_built_artifacts(repo) -> None:
     import json
 
     repo_dir, _ = repo
-    sh(repo_dir, "dvc", "repro", "importance")
+    sh(repo_dir, "dvc", "repro", "profile", "importance")  # the benchmark's inputs, when run on its own
     script = ROOT / "benchmarks" / "quality.py"
     sh(repo_dir, sys.executable, str(script), "--refs", "4/32,mixed_3_6", "--methods", "greedy,fisher",
-        "--windows", "1", "--out", "artifacts/quality")  # fmt: skip
+        "--windows", "1", "--peers", "none", "--out", "artifacts/quality")  # fmt: skip
     doc = json.loads((repo_dir / "artifacts/quality/quality.json").read_text())
     rows = {(r["series"], r["ref"]): r for r in doc["rows"]}
     refs = [r for r in doc["rows"] if r["series"] in ("uniform (mlx-lm)", "mlx-lm recipe")]
@@ -146,6 +146,35 @@ def test_quality_benchmark_runs_on_the_built_artifacts(repo) -> None:
             assert 0 < ours["bytes"] <= ref["bytes"] and ours["ppl_mean"] > 1
     assert (repo_dir / "artifacts/quality/quality.png").stat().st_size > 1000
     assert "| uniform 4/g32 |" in (repo_dir / "artifacts/quality/quality.md").read_text()
+
+
+def test_quality_benchmark_peer_rows(repo) -> None:
+    """`--peers awq,dynamic_quant@5`: mlx-lm's own AWQ and dynamic_quant run (benchmarks/peers.py, MLX on the
+    preloaded OpenBLAS) on the importance stage's calibration windows, each folder is scored, and mintbuild's
+    fisher row allocated at a peer's bytes is no larger than it."""
+    import json
+
+    repo_dir, params = repo
+    sh(repo_dir, "dvc", "repro", "profile", "importance")
+    script = ROOT / "benchmarks" / "quality.py"
+    sh(repo_dir, sys.executable, str(script), "--refs", "4/64", "--methods", "fisher", "--windows", "1",
+       "--peers", "awq,dynamic_quant@5", "--out", "artifacts/quality_peers")  # fmt: skip
+    doc = json.loads((repo_dir / "artifacts/quality_peers/quality.json").read_text())
+    peers = {r["label"]: r for r in doc["rows"] if r["series"] == "mlx-lm calibrated"}
+    assert set(peers) == {"AWQ 4/g64", "dynamic_quant 5.00 bpw (4/g64 + 5/g64)"}
+    cal = params["importance"]
+    blas = doc["settings"]["blas"]
+    # The preload must interpose MLX's sgemm_: the reference BLAS is ~15x slower here; 2x leaves room for load.
+    assert blas["speedup"] > 2, blas
+    for label, peer in peers.items():
+        assert peer["bytes"] > 0 and peer["ppl_mean"] > 1 and peer["seconds"] > 0
+        assert peer["extra"]["calibration_tokens"] == cal["n_windows"] * cal["window"]
+        assert peer["extra"]["blas"] == blas["openblas"]
+        ours = [r for r in doc["rows"] if r["series"] == "exact, fisher (default)" and r["ref"] == label]
+        assert len(ours) == 1 and 0 < ours[0]["bytes"] <= peer["bytes"] and ours[0]["ppl_mean"] > 1
+    dynamic = peers["dynamic_quant 5.00 bpw (4/g64 + 5/g64)"]["extra"]
+    assert 0 < dynamic["high_layers"] < dynamic["layers"]  # a real mix, not uniform 4 or 5 bits
+    assert "| AWQ 4/g64 |" in (repo_dir / "artifacts/quality_peers/quality.md").read_text()
 
 
 def _write_conf(repo_dir: Path, params: dict) -> None:
