@@ -23,6 +23,12 @@ separate or fused projections (Phi-3's qkv_proj and gate_up_proj by their row ra
 skipped. equalize.json lists what was skipped and why; a model with nothing to equalize builds unequalized, with
 one warning.
 
+The model is never whole in memory: it streams one decoder block at a time (mintbuild.streaming). Every
+calibration window passes block l, whose hooks collect that block's statistics, before block l is searched,
+folded in fp32 and its rewritten tensors written into model.safetensors (mintbuild.safetensors_out: the bytes
+`safetensors.save_file` would write for the whole dict); then block l + 1 is read. Peak memory: one block in
+fp32, the embedding and head, and the windows' hidden states.
+
 One job: the equalization, from finding the pairs of a family to the exact rewrite (pairs, calibration
 statistics, the exponent search, the folds); nothing here is used by another stage.
 """
@@ -39,11 +45,12 @@ from typing import Any
 
 from . import __version__
 from .artifacts.model import copy_small_files, write_local_manifest
-from .calibration import calibration_args, calibration_parser, calibration_windows, load_model, torch_settings
+from .calibration import calibration_args, calibration_parser, calibration_windows, torch_settings
 from .config import EqualizeConfig
 from .errors import MintError
 from .io import atomic_dir, atomic_write_json, sha256_file
 from .reproducible import one_torch_thread, sum64, sum_squares64
+from .safetensors_out import StreamedSafetensors
 
 SCHEMA_VERSION = 1
 RECORD = "equalize.json"
@@ -80,18 +87,22 @@ def layer_groups(model: Any) -> tuple[list[Group], list[dict[str, Any]]]:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         return [], [{"layer": None, "pair": "all", "reason": f"{type(model).__name__} has no model.layers"}]
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     groups: list[Group] = []
     skipped: list[dict[str, Any]] = []
     for i, layer in enumerate(layers):
-        mods = dict(layer.named_modules())
-        g, s = _layer_pairs(i, mods, heads, kv_heads, head_dim)
+        g, s = block_groups(i, layer, model.config)
         groups += g
         skipped += s
     return groups, skipped
+
+
+def block_groups(i: int, block: Any, cfg: Any) -> tuple[list[Group], list[dict[str, Any]]]:
+    """`layer_groups` of decoder block `i` alone (its weights materialized: norms are probed), `cfg` the
+    transformers config."""
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return _layer_pairs(i, dict(block.named_modules()), heads, kv_heads, head_dim)
 
 
 def _layer_pairs(
@@ -195,14 +206,21 @@ class Stats:
     sample: Any  # torch float32 [S, C]
 
 
-def collect_stats(model: Any, groups: list[Group], windows: list[Any], samples: int, progress: bool) -> dict:
-    """Forward the calibration windows once, hooking the first linear of every group."""
+def block_stats(
+    block: Any,
+    modules: dict[str, Any],
+    groups: list[Group],
+    hidden: list[Any],
+    calls: list[Any],
+    step: int,
+    n_tokens: int,
+) -> tuple[dict, list[Any]]:
+    """(this block's statistics, the block's outputs): every window's hidden state through the block, in
+    window order, hooking the first linear of every group. Every step-th token goes to the search sample."""
     import torch
-    from tqdm import tqdm
 
-    modules = dict(model.named_modules())
-    n_tokens = sum(len(w.ids) for w in windows)
-    step = max(1, math.ceil(n_tokens / samples))  # every step-th token goes to the search sample
+    from .streaming import run_block
+
     sums: dict[tuple[int, str], Any] = {}
     picked: dict[tuple[int, str], list[Any]] = {}
 
@@ -217,12 +235,11 @@ def collect_stats(model: Any, groups: list[Group], windows: list[Any], samples: 
     handles = [modules[g.linears[0]].register_forward_hook(hook((g.layer, g.kind))) for g in groups]
     try:
         with torch.inference_mode():
-            for w in tqdm(windows, unit="window", desc="equalize: calibration", disable=not progress):
-                model(input_ids=torch.tensor(w.ids, dtype=torch.long)[None], use_cache=False)
+            out = [run_block(block, h, c) for h, c in zip(hidden, calls, strict=True)]
     finally:
         for h in handles:
             h.remove()
-    return {k: Stats((sums[k] / n_tokens).float(), torch.cat(picked[k])) for k in sums}
+    return {k: Stats((sums[k] / n_tokens).float(), torch.cat(picked[k])) for k in sums}, out
 
 
 # ---------------------------------------------------------------- the search
@@ -337,21 +354,21 @@ def offset_restriction(w: Any, dtype: Any) -> Any:
     return restrict
 
 
-def equalize_model(
-    model: Any, groups: list[Group], stats: dict, cfg: EqualizeConfig, progress: bool, dtypes: dict[str, Any]
+def equalize_groups(
+    modules: dict[str, Any], groups: list[Group], stats: dict, cfg: EqualizeConfig, dtypes: dict[str, Any]
 ) -> list[dict]:
-    """Search and apply every group's scales in place (layer order); one record per group. `dtypes`: the
-    storage dtype of each checkpoint tensor (a (1 + w) norm's rewrite must be exact in it)."""
+    """Search and apply every group's scales in place, in the order given (within a layer, a group's search
+    sees the folds of the groups before it); one record per group. `modules`: module path -> module, for
+    every path the groups name; `dtypes`: the storage dtype of each checkpoint tensor (a (1 + w) norm's
+    rewrite must be exact in it)."""
     import torch
-    from tqdm import tqdm
 
     from .formats import Option
 
     option = Option(cfg.bits, cfg.group)
-    modules = dict(model.named_modules())
     records = []
     with torch.no_grad():
-        for g in tqdm(groups, unit="group", desc="equalize: search", disable=not progress):
+        for g in groups:
             weights = [modules[n].weight for n in g.linears]
             norm_w = modules[g.fold].weight
             restrict = None
@@ -402,6 +419,14 @@ def _fold(module: Any, s: Any, g: Group, dtype: Any = None) -> None:
 # ---------------------------------------------------------------- the stage
 
 
+class _NothingToEqualize(Exception):
+    """No pair of the model can be equalized exactly: the stage builds it unequalized."""
+
+    def __init__(self, skipped: list[dict[str, Any]]) -> None:
+        super().__init__("nothing to equalize")
+        self.skipped = skipped
+
+
 def run(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, out: Path, progress: bool = True) -> dict:
     """Write the equalized model folder `out` (or, for method none, a manifest naming `model_dir`)."""
     if cfg.method not in METHODS:
@@ -409,55 +434,46 @@ def run(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, out: Path, progr
     model_dir, out = Path(model_dir), Path(out)
     if cfg.method == "none":
         return _passthrough(model_dir, out)
-    record, tensors = compute(model_dir, Path(corpus_dir), cfg, progress)
-    if not tensors:
-        reasons = sorted({r["reason"] for r in record["skipped"]})
+    try:
+        with atomic_dir(out) as tmp:
+            copy_small_files(model_dir, tmp)
+            record = compute(model_dir, Path(corpus_dir), cfg, tmp / WEIGHTS_FILE, progress)
+            atomic_write_json(tmp / RECORD, record)
+            manifest = {"schema_version": 1, "source": "equalize", "method": cfg.method,
+                        "files": {WEIGHTS_FILE: {"sha256": sha256_file(tmp / WEIGHTS_FILE)}}}  # fmt: skip
+            atomic_write_json(tmp / "manifest.json", manifest)
+    except _NothingToEqualize as e:  # the temporary folder is gone with the exception
+        reasons = sorted({r["reason"] for r in e.skipped})
         log.warning("equalize: nothing in %s can be equalized exactly (%s); building it unequalized",
                     model_dir, "; ".join(reasons))  # fmt: skip
         return _passthrough(model_dir, out)
-    with atomic_dir(out) as tmp:
-        copy_small_files(model_dir, tmp)
-        _save(tensors, tmp / WEIGHTS_FILE)
-        atomic_write_json(tmp / RECORD, record)
-        manifest = {"schema_version": 1, "source": "equalize", "method": cfg.method,
-                    "files": {WEIGHTS_FILE: {"sha256": sha256_file(tmp / WEIGHTS_FILE)}}}  # fmt: skip
-        atomic_write_json(tmp / "manifest.json", manifest)
     s = record["summary"]
     log.info("equalized %d groups: output error %.3f of plain RTN on the calibration sample (median %.3f); %s",
              s["groups"], s["error_ratio_mean"], s["error_ratio_median"], out)  # fmt: skip
     return record
 
 
-def compute(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, progress: bool) -> tuple[dict, dict]:
-    """(equalize.json record, every checkpoint tensor in its stored dtype with the rewritten ones replaced)."""
+def compute(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, weights: Path, progress: bool) -> dict:
+    """Write `weights` (every checkpoint tensor in its stored dtype, the rewritten ones replaced) one decoder
+    block at a time; return the equalize.json record. Raises _NothingToEqualize when no pair can be equalized.
+
+    Block l: every window's hidden state goes through the block as read (the statistics are the original
+    model's, as a whole-model pass would see them; the outputs carry on to block l + 1), then the block's
+    groups are searched and folded in fp32, and its rewritten tensors are written. Memory: one block in fp32,
+    the embedding and head, the windows' hidden states and one block's statistics."""
     import numpy as np
     import torch
 
-    from .checkpoint import FLOAT_DTYPES, fingerprint
+    from .checkpoint import fingerprint
 
     ckpt, windows, train_sha = calibration_windows(model_dir, corpus_dir, cfg.n_windows, cfg.window, cfg.seed)
     with torch_settings(cfg.threads):
-        t0 = time.perf_counter()
-        model = load_model(model_dir)
-        groups, skipped = layer_groups(model)
-        if skipped:
-            log.info("equalize: %d pair(s) not equalized, e.g. layer %s %s: %s", len(skipped),
-                     skipped[0]["layer"], skipped[0]["pair"], skipped[0]["reason"])  # fmt: skip
-        if not groups:
-            return {"skipped": skipped}, {}
-        stats = collect_stats(model, groups, windows, cfg.samples, progress)
-        t1 = time.perf_counter()
-        dtypes = {n: getattr(torch, FLOAT_DTYPES[t.dtype][2]) for n, t in ckpt.tensors.items()}
-        records = equalize_model(model, groups, stats, cfg, progress, dtypes)
-        t2 = time.perf_counter()
-    log.info(
-        "calibration %.1f s, search %.1f s (%d groups x %d exponents)",
-        t1 - t0,
-        t2 - t1,
-        len(groups),
-        cfg.grid,
-    )
-    tensors = rewritten_tensors(model, groups, ckpt)
+        model = _streamed(model_dir)
+        with StreamedSafetensors(weights, _specs(ckpt), {"format": "pt"}) as out:
+            records, skipped = _stream_blocks(model, ckpt, windows, cfg, out, progress)
+            for name in ckpt.names:  # everything no group rewrote, as stored
+                if name not in out.written:
+                    out.write(name, ckpt.read(name))
     ratios = [r["error_ratio"] for r in records]
     record = {
         "schema_version": SCHEMA_VERSION,
@@ -487,38 +503,97 @@ def compute(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, progress: bo
     }
     if skipped:  # absent when every pair was equalized, so a Llama's record is as before
         record["skipped"] = skipped
-    return record, tensors
+    return record
 
 
-def rewritten_tensors(model: Any, groups: list[Group], ckpt: Any) -> dict[str, Any]:
-    """Every checkpoint tensor in its stored dtype; the rewritten ones from the model, checked exact."""
+def _streamed(model_dir: Path) -> Any:
+    """The layer-streamed fp32 model; a model whose blocks are not `model.layers` has nothing to equalize."""
+    import torch
+
+    from .streaming import CheckpointSource, StreamedModel
+
+    try:
+        model = StreamedModel(CheckpointSource(model_dir), torch.float32)
+    except MintError as e:
+        raise _NothingToEqualize([{"layer": None, "pair": "all", "reason": str(e)}]) from None
+    if model.prefix != "model.layers":
+        reason = f"{type(model.model).__name__} has no model.layers"
+        raise _NothingToEqualize([{"layer": None, "pair": "all", "reason": reason}])
+    return model
+
+
+def _stream_blocks(
+    model: Any, ckpt: Any, windows: list[Any], cfg: EqualizeConfig, out: StreamedSafetensors, progress: bool
+) -> tuple[list[dict], list[dict]]:
+    """(group records, skipped pairs) of every block, in block order; writes each block's rewritten tensors."""
+    import torch
+    from tqdm import tqdm
+
+    dtypes = {n: dtype_of(ckpt, n) for n in ckpt.tensors}
+    n_tokens = sum(len(w.ids) for w in windows)
+    step = max(1, math.ceil(n_tokens / cfg.samples))  # every step-th token goes to the search sample
+    with torch.no_grad():
+        entered = [model.enter(torch.tensor(w.ids, dtype=torch.long)[None]) for w in windows]
+    hidden, calls = [h for h, _ in entered], [c for _, c in entered]
+    records: list[dict] = []
+    skipped: list[dict] = []
+    seconds = [0.0, 0.0]
+    for i in tqdm(range(model.n_blocks), unit="block", desc="equalize: blocks", disable=not progress):
+        with model.block(i) as blk:
+            modules = {f"{model.prefix}.{i}.{n}".rstrip("."): m for n, m in blk.named_modules()}
+            groups, skip = block_groups(i, blk, model.config)
+            skipped += skip
+            t0 = time.perf_counter()
+            stats, hidden = block_stats(blk, modules, groups, hidden, [c[i] for c in calls], step, n_tokens)
+            t1 = time.perf_counter()
+            records += equalize_groups(modules, groups, stats, cfg, dtypes)
+            seconds[0], seconds[1] = seconds[0] + t1 - t0, seconds[1] + time.perf_counter() - t1
+            for name, t in rewritten_tensors(dict(blk.named_parameters(prefix=f"{model.prefix}.{i}")),
+                                             groups, ckpt).items():  # fmt: skip
+                out.write(name, t)
+    if skipped:
+        log.info("equalize: %d pair(s) not equalized, e.g. layer %s %s: %s", len(skipped),
+                 skipped[0]["layer"], skipped[0]["pair"], skipped[0]["reason"])  # fmt: skip
+    if not records:
+        raise _NothingToEqualize(skipped)
+    log.info("calibration %.1f s, search %.1f s (%d groups x %d exponents, %d blocks streamed)", seconds[0],
+             seconds[1], len(records), cfg.grid, model.n_blocks)  # fmt: skip
+    return records, skipped
+
+
+def rewritten_tensors(params: dict[str, Any], groups: list[Group], ckpt: Any) -> dict[str, Any]:
+    """The checkpoint tensors the groups rewrote, from `params` (name -> parameter) in their stored dtype,
+    checked exact."""
     touched = set()
     for g in groups:
         touched.update(f"{n}.weight" for n in g.linears)
         touched.update({f"{g.fold}.weight", f"{g.fold}.bias"})
-    params = dict(model.named_parameters())
-    out = {}
-    for name in ckpt.names:
-        stored = ckpt.read(name)
-        if name not in touched or name not in params:
-            out[name] = stored
-            continue
-        new = params[name].detach()
-        cast = new.to(stored.dtype)
-        # Power-of-two scales are exact unless a value leaves the dtype's range: refuse rather than round.
-        if not bool((cast.float() == new.float()).all()) or not bool(cast.isfinite().all()):
-            raise MintError(f"equalize: {name} is not exactly representable in {stored.dtype} after scaling")
-        out[name] = cast.contiguous()
     missing = sorted(n for n in touched if n.endswith(".weight") and n not in ckpt.tensors)
     if missing:
         raise MintError(f"equalize: the checkpoint has no tensor {missing[0]} (the model names it)")
+    out = {}
+    for name in sorted(touched & set(params) & set(ckpt.tensors)):
+        new = params[name].detach()
+        cast = new.to(dtype_of(ckpt, name))
+        # Power-of-two scales are exact unless a value leaves the dtype's range: refuse rather than round.
+        if not bool((cast.float() == new.float()).all()) or not bool(cast.isfinite().all()):
+            raise MintError(f"equalize: {name} is not exactly representable in {cast.dtype} after scaling")
+        out[name] = cast.contiguous()
     return out
 
 
-def _save(tensors: dict[str, Any], path: Path) -> None:
-    from safetensors.torch import save_file
+def dtype_of(ckpt: Any, name: str) -> Any:
+    """The torch dtype a checkpoint tensor is stored in."""
+    import torch
 
-    save_file(dict(sorted(tensors.items())), str(path), metadata={"format": "pt"})
+    from .checkpoint import FLOAT_DTYPES
+
+    return getattr(torch, FLOAT_DTYPES[ckpt.tensors[name].dtype][2])
+
+
+def _specs(ckpt: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (safetensors dtype, shape)} of every checkpoint tensor: the output holds the same tensors."""
+    return {n: (t.dtype, tuple(t.shape)) for n, t in ckpt.tensors.items()}
 
 
 def _passthrough(model_dir: Path, out: Path) -> dict:

@@ -1,25 +1,40 @@
 """The equalize stage: an exact rewrite (bit-identical 16-bit logits), deterministic, calibration on the train
-split only, an output-error metric checked against the exact product, and on the real SmolLM2 a uniform 4-bit
-model that loses clearly less than round-to-nearest of the original weights."""
+split only, an output-error metric checked against the exact product, the layer-streamed stage byte for byte
+equal to a whole-model pass on every family, and on the real SmolLM2 a uniform 4-bit model that loses clearly
+less than round-to-nearest of the original weights."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from mintbuild.artifacts.model import resolve_weights_dir
-from mintbuild.calibration import load_model
+from mintbuild.calibration import calibration_windows, load_model, torch_settings
 from mintbuild.checkpoint import open_checkpoint
 from mintbuild.config import EqualizeConfig
-from mintbuild.equalize import RECORD, WEIGHTS_FILE, Metric, layer_groups, pow2_scales, run
+from mintbuild.equalize import (
+    RECORD,
+    WEIGHTS_FILE,
+    Metric,
+    Stats,
+    dtype_of,
+    equalize_groups,
+    layer_groups,
+    pow2_scales,
+    rewritten_tensors,
+    run,
+)
 from mintbuild.errors import MintError
 from mintbuild.formats import Option
 from mintbuild.quant.reference import quantize_dequantize
-from tests.synth import tiny_llama
+from mintbuild.reproducible import sum64
+from mintbuild.safetensors_out import StreamedSafetensors
+from tests.synth import FAMILIES, tiny_family, tiny_llama
 from tests.test_importance import assert_train_only
 
 TINY = EqualizeConfig(n_windows=3, window=64, samples=96, rank=16, grid=11, threads=1)
@@ -68,6 +83,103 @@ def test_rewrite_is_exact_and_deterministic(outlier_model: Path, corpus_dir: Pat
     assert "model.embed_tokens.weight" not in changed
     assert resolve_weights_dir(tmp_path / "a") == tmp_path / "a"
     assert_train_only(rec, corpus_dir)
+
+
+def whole_model_equalize(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig) -> tuple[list[dict], bytes]:
+    """The stage as it was before it streamed (the oracle): the whole fp32 model, every layer's statistics
+    from one forward pass per window, then every group searched and folded in layer order, and the whole
+    state saved by safetensors itself. (group records, bytes of model.safetensors)."""
+    from safetensors.torch import save
+
+    ckpt, windows, _ = calibration_windows(model_dir, corpus_dir, cfg.n_windows, cfg.window, cfg.seed)
+    with torch_settings(cfg.threads):
+        model = load_model(model_dir)
+        groups, _ = layer_groups(model)
+        modules = dict(model.named_modules())
+        n_tokens = sum(len(w.ids) for w in windows)
+        step = max(1, math.ceil(n_tokens / cfg.samples))
+        sums: dict = {}
+        picked: dict = {}
+
+        def hook(key: tuple[int, str]) -> Any:
+            def record(_m: Any, inputs: tuple[Any, ...], _out: Any) -> None:
+                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+                sums[key] = sums.get(key, 0) + sum64(x.abs(), axis=0)
+                picked.setdefault(key, []).append(x[::step].clone())
+
+            return record
+
+        handles = [modules[g.linears[0]].register_forward_hook(hook((g.layer, g.kind))) for g in groups]
+        with torch.inference_mode():
+            for w in windows:
+                model(input_ids=torch.tensor(w.ids)[None], use_cache=False)
+        for h in handles:
+            h.remove()
+        stats = {k: Stats((sums[k] / n_tokens).float(), torch.cat(picked[k])) for k in sums}
+        dtypes = {n: dtype_of(ckpt, n) for n in ckpt.tensors}
+        records = equalize_groups(modules, groups, stats, cfg, dtypes)
+    tensors = {n: ckpt.read(n) for n in ckpt.names}
+    tensors.update(rewritten_tensors(dict(model.named_parameters()), groups, ckpt))
+    return records, save(dict(sorted(tensors.items())), metadata={"format": "pt"})
+
+
+def with_outliers(folder: Path) -> Path:
+    """A few large input channels, as trained LLMs have (a random init has nothing to equalize): layer norm
+    weights x30 on three channels, the last four rows of every up/value projection (fused ones end with them)
+    x30. Edited in place."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    state = load_file(str(path))
+    for name, t in state.items():
+        if name.startswith("model.layers.") and name.endswith("layernorm.weight"):
+            t[[3, 17, 40]] *= 30
+        if t.ndim == 2 and any(k in name for k in ("up_proj", "v_proj", "qkv_proj")):
+            t[-4:] *= 30
+    save_file(state, str(path), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_streamed_equals_whole_model(family: str, corpus_dir: Path, tmp_path: Path) -> None:
+    """Block by block (statistics of block l from every window, then its search, folds and tensors) gives
+    the same bytes as the whole-model pass: fused projections (phi3), (1 + w) norms (gemma), MoE blocks."""
+    text = (corpus_dir / "train.txt").read_text(encoding="utf-8")[:60_000]
+    src = with_outliers(tiny_family(tmp_path / "src", family, text, bos=True))
+    cfg = EqualizeConfig(n_windows=2, window=64, samples=128, rank=16, grid=4, threads=1)
+    rec = run(src, corpus_dir, cfg, tmp_path / "eq", progress=False)
+    records, weights = whole_model_equalize(src, corpus_dir, cfg)
+    assert rec["groups"] == records
+    assert any(r["exponent"] > 0 for r in records)  # something was rewritten, so the bytes can differ
+    assert (tmp_path / "eq" / WEIGHTS_FILE).read_bytes() == weights
+
+
+def test_streamed_safetensors_writes_save_files_bytes(tmp_path: Path) -> None:
+    """Mixed dtypes, written in reverse order, one tensor at a time: the bytes of safetensors' own save."""
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.w": torch.randn(3, 5, generator=g).bfloat16(),
+        "a.norm": torch.randn(5, generator=g),
+        "c.h": torch.randn(2, 2, generator=g).half(),
+        "a.z": torch.randn(4, generator=g).double(),
+        "empty": torch.zeros(0, 3).bfloat16(),
+    }
+    path = tmp_path / "m.safetensors"
+    specs = {n: ({"bfloat16": "BF16", "float32": "F32", "float16": "F16", "float64": "F64"}[str(t.dtype)[6:]],
+                 tuple(t.shape)) for n, t in tensors.items()}  # fmt: skip
+    with StreamedSafetensors(path, specs, {"format": "pt"}) as out:
+        for name in sorted(tensors, reverse=True):
+            out.write(name, tensors[name])
+    assert path.read_bytes() == save(tensors, metadata={"format": "pt"})
+    with pytest.raises(MintError, match="never written"), StreamedSafetensors(path, specs, {}) as out:
+        out.write("b.w", tensors["b.w"])
+    with (
+        pytest.raises(MintError, match=r"b\.w is torch\.float32"),
+        StreamedSafetensors(path, specs, {}) as out,
+    ):
+        out.write("b.w", tensors["b.w"].float())
 
 
 def test_equalized_weights_quantize_better(outlier_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
