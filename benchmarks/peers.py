@@ -15,6 +15,11 @@ OpenBLAS is the one the `scs` wheel bundles (scs.libs/libopenblas-*.so: unprefix
 beside it on an $ORIGIN rpath; scs comes with cvxpy and is pinned in the test extra). Set
 MINTBUILD_PEERS_BLAS=reference to run on MLX's own BLAS.
 
+DWQ (mlx_lm.quant.dwq) is not run. At this calibration budget (4 windows) it would take one Adam step at its
+default learning rate 1e-6 from round-to-nearest 4/g64 (so: the uniform reference again), and at its own default
+budget (2,048 samples of up to 1,025 tokens, forward and backward through teacher and student) it is hours of
+CPU time per model here, not a benchmark row.
+
 Usage: python benchmarks/peers.py {awq,gptq,dynamic_quant} --model DIR --corpus DIR --out DIR
            [--bits 4 --group 64] [--target-bpw X] --n-windows N --window L [--seed S]
        python benchmarks/peers.py blas   # MLX fp32 matmul GFLOP/s on its own BLAS and on the preloaded OpenBLAS

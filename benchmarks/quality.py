@@ -12,10 +12,10 @@ bytes. References quantize the model stage's weights; mintbuild rows those of th
 rounded as `pack.rounding` says (gptq: the output head by GPTQ; `pack=rtn`: round-to-nearest like mlx-lm).
 
 Peer rows are mlx-lm's own calibrated quantizers (`--peers`: AWQ 4/g64, GPTQ 4/g64, dynamic_quant at each
-reference's bits/weight or at `dynamic_quant@BPW`), run by benchmarks/peers.py in a child process (MLX on a
-preloaded OpenBLAS) on the importance stage's calibration windows: the same train-split tokens, as many as
-mintbuild's Fisher pass sees. Each peer folder is scored like a reference and mintbuild rows are allocated at
-its exact bytes; the row's seconds are the peer's calibration time.
+uniform 4-bit reference's bits/weight or at `dynamic_quant@BPW`), run by benchmarks/peers.py in a child process
+(MLX on a preloaded OpenBLAS) on the importance stage's calibration windows: the same train-split tokens, as
+many as mintbuild's Fisher pass sees. Each peer folder is scored like a reference and mintbuild rows are
+allocated at its exact bytes; the row's seconds are the peer's calibration time. DWQ is not a peer: see peers.py.
 
 Writes artifacts/quality/: quality.md (tables), quality.png (bytes vs PPL, one series per method, 16-bit line),
 quality.json (every row). Needs the model, corpus, equalize, profile and importance stages (`make quality` runs them).
@@ -82,7 +82,7 @@ METHODS = {
     "fisher": ("exact, fisher (default)", "exact", "fisher"),
 }
 RECIPE_GROUP = 64  # mlx-lm's default group size for its recipes
-#: mlx-lm's calibrated quantizers (benchmarks/peers.py); dynamic_quant runs at every reference's bits/weight.
+#: mlx-lm's calibrated quantizers (benchmarks/peers.py); dynamic_quant at each uniform 4-bit reference's size.
 DEFAULT_PEERS = ["awq", "gptq", "dynamic_quant"]
 PEER_BITS, PEER_GROUP = 4, 64  # AWQ and GPTQ: mlx-lm's command-line defaults
 PEERS_SCRIPT = Path(__file__).resolve().parent / "peers.py"
@@ -185,8 +185,10 @@ def convert_reference(model_dir: Path, out: Path, kwargs: dict[str, Any]) -> flo
 
 
 def parse_peers(spec: str, refs: list[Row]) -> list[tuple[str, float | None]]:
-    """'awq,gptq,dynamic_quant,dynamic_quant@5' -> [(method, target bits/weight or None)]; a bare dynamic_quant
-    runs at each reference's bits/weight (as mlx-lm counts it: bytes of every array over parameters)."""
+    """'awq,gptq,dynamic_quant,dynamic_quant@5' -> [(method, target bits/weight or None)]. A bare dynamic_quant
+    runs at the bits/weight (as mlx-lm counts them: bytes of every array over parameters) of each uniform 4-bit
+    reference (4/g64: ~4.5, 4/g32: ~5): the sizes its 4-bit base layer and one-step upgrades are made for, and
+    not one run per reference of the default list."""
     if spec.strip().lower() in ("", "none"):
         return []
     out: list[tuple[str, float | None]] = []
@@ -199,7 +201,7 @@ def parse_peers(spec: str, refs: list[Row]) -> list[tuple[str, float | None]]:
         elif bpw:
             out.append((method, float(bpw)))
         else:
-            out += [(method, ref.extra["mlx_bpw"]) for ref in refs if "mlx_bpw" in ref.extra]
+            out += [(method, r.extra["mlx_bpw"]) for r in refs if r.label.startswith("uniform 4/")]
     return out
 
 
