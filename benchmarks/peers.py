@@ -6,7 +6,8 @@ Each method calls mlx-lm's library functions (`mlx_lm.quant.awq.awq_quantize`, `
 with the settings of its command-line defaults. Only the data differs: their loaders download a calibration set
 from the hub (unreachable here), so the batch is the importance stage's own windows of the corpus train split
 (`importance.n_windows` x `importance.window` tokens, same seed: the very windows mintbuild's Fisher pass sees).
-The folder is written with `mlx_lm.utils.save` and a peer.json beside it (calibration seconds and tokens, the
+They compute in float32 and store in the checkpoint's dtype (see `run`). The folder is written with
+`mlx_lm.utils.save` and a peer.json beside it (calibration seconds and tokens, the
 BLAS the process ran on).
 
 MLX's Linux CPU wheel (mlx_cpu) links a reference netlib BLAS: an fp32 matmul runs at a few GFLOP/s. This
@@ -185,6 +186,18 @@ def quantize(
     raise SystemExit(f"peers: unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+def stored_dtype(model: Any) -> Any:
+    """The checkpoint's floating dtype (the most common one among the model's floating arrays)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    counts: dict[Any, int] = {}
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            counts[v.dtype] = counts.get(v.dtype, 0) + v.size
+    return max(counts, key=counts.__getitem__)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import mlx.core as mx
     from mlx_lm.utils import compute_bits_per_weight, load, save
@@ -195,8 +208,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     weights = resolve_weights_dir(args.model)
     tokens = calibration_tokens(weights, args.corpus, args.n_windows, args.window, args.seed)
     model, tokenizer, config = load(str(weights), return_config=True)
+    stored = stored_dtype(model)
+    # MLX's CPU matmul goes to BLAS (sgemm_) in float32 only; bfloat16 runs its own ~2 GFLOP/s loop, preloaded
+    # OpenBLAS or not. So the methods compute in float32, and every floating array (scales, biases, norms,
+    # unquantized tensors) is cast back to the checkpoint's dtype before saving: the stored layout and bytes
+    # are what mlx-lm writes from bfloat16 weights, only the arithmetic is wider.
+    compute = getattr(mx, args.compute_dtype) if args.compute_dtype != "model" else stored
+    model.set_dtype(compute)
     t0 = time.perf_counter()
     config, record = quantize(args.method, model, config, tokens, args)
+    model.set_dtype(stored)
     mx.eval(model.parameters())
     seconds = time.perf_counter() - t0
     bpw = compute_bits_per_weight(model)
@@ -204,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     doc = {
         "method": args.method, "bits": args.bits, "group": args.group, "calibration_seconds": round(seconds, 2),
         "calibration_tokens": int(tokens.size), "windows": list(tokens.shape), "mlx_bpw": round(bpw, 4),
-        "blas": os.environ.get(BLAS_ENV), "blas_mapped": loaded_blas(), **record,
+        "blas": os.environ.get(BLAS_ENV), "compute_dtype": str(compute), "stored_dtype": str(stored), "blas_mapped": loaded_blas(), **record,
     }  # fmt: skip
     (args.out / "peer.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     log.info(
@@ -222,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--target-bpw", type=float, default=5.0, help="dynamic_quant's target bits/weight")
+    ap.add_argument("--compute-dtype", default="float32", choices=["float32", "model"],
+                    help="arithmetic of the calibration (model: the checkpoint's dtype, as mlx-lm's CLIs)")  # fmt: skip
     ap.add_argument("--n-windows", type=int, default=4)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)

@@ -500,7 +500,8 @@ def peer_note(rows: list[Row], st: dict[str, Any]) -> list[str]:
         "dynamic_quant's estimate_sensitivities/estimate_threshold + quantize_model) with their command-line "
         f"defaults, calibrated on {e['windows'][0]} x {e['windows'][1]} = {e['calibration_tokens']:,} tokens of "
         "the corpus train split: the importance stage's windows, as many tokens as mintbuild's Fisher pass. "
-        "Their seconds are calibration time (quantization, without load and save)."
+        "They compute in float32 (MLX's CPU matmul uses BLAS in float32 only) and store in the checkpoint's "
+        "dtype, as mlx-lm writes them. Their seconds are calibration time (quantization, without load and save)."
     )
     blas = st.get("blas") or {}
     if blas:

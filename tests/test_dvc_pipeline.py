@@ -170,6 +170,11 @@ def test_quality_benchmark_peer_rows(repo) -> None:
         assert peer["bytes"] > 0 and peer["ppl_mean"] > 1 and peer["seconds"] > 0
         assert peer["extra"]["calibration_tokens"] == cal["n_windows"] * cal["window"]
         assert peer["extra"]["blas"] == blas["openblas"]
+        # float32 arithmetic (MLX's BLAS path), stored back in the checkpoint's bfloat16 as mlx-lm writes it
+        assert (peer["extra"]["compute_dtype"], peer["extra"]["stored_dtype"]) == (
+            "mlx.core.float32",
+            "mlx.core.bfloat16",
+        )
         ours = [r for r in doc["rows"] if r["series"] == "exact, fisher (default)" and r["ref"] == label]
         assert len(ours) == 1 and 0 < ours[0]["bytes"] <= peer["bytes"] and ours[0]["ppl_mean"] > 1
     dynamic = peers["dynamic_quant 5.00 bpw (4/g64 + 5/g64)"]["extra"]
