@@ -145,29 +145,7 @@ def fisher_pass(
                 for n, p in named:
                     per_window[f"{model.prefix}.{b}.{n}"].append(_g2(p))
         del inputs
-    # The parameters outside the blocks: the head's gradient and the embedding's through the first block's
-    # input, accumulated into one .grad as one backward pass would.
-    for _, p in outer:
-        p.requires_grad_(True)
-    # The embedding's gradient through the input is a few rows: taken sparse, it is added into the head's dense
-    # gradient in place instead of as a second dense vocab x hidden tensor.
-    emb = model.model.get_input_embeddings()
-    sparse = getattr(emb, "sparse", None)
-    if isinstance(emb, torch.nn.Embedding):
-        emb.sparse = True
-    try:
-        for i, h in enumerate(top):
-            model.model.zero_grad(set_to_none=True)
-            head_loss(i, h.detach()).backward()
-            h0, _ = model.enter(ids[i])
-            if h0.requires_grad:
-                h0.backward(grads[i])
-            for n, p in outer:
-                per_window[n].append(_g2(p))
-    finally:
-        if sparse is not None:
-            emb.sparse = sparse
-    model.model.zero_grad(set_to_none=True)
+    _outer_pass(model, ids, top, grads, per_window)
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(w.ids) for w in windows)
     log.info(
@@ -175,6 +153,97 @@ def fisher_pass(
         len(windows), length, model.n_blocks, seconds, n_tokens / max(seconds, 1e-9), float(np.mean(losses)),
     )  # fmt: skip
     return dict(per_window), losses
+
+
+def _outer_pass(
+    model: StreamedModel, ids: list[Any], top: list[Any], grads: list[Any], per_window: dict[str, list[float]]
+) -> None:
+    """Per window, mean(grad^2) of the parameters outside the blocks: the head's and the final norm's through
+    the loss, the embedding's through the first block's input (`grads`: dLoss/d that input), summed as one
+    backward pass would. The head's weight gradient (vocab x hidden, an embedding's size) is never whole in
+    memory: `_head_g2` forms it a row block at a time; the embedding's gradient through the input is a few
+    rows, taken sparse."""
+    import torch
+
+    head = model.model.get_output_embeddings()
+    emb = model.model.get_input_embeddings()
+    outer = model.outer_parameters()
+    for _, p in outer:
+        p.requires_grad_(True)
+    sparse = getattr(emb, "sparse", None)
+    if isinstance(emb, torch.nn.Embedding):
+        emb.sparse = True
+    try:
+        for i, h in enumerate(top):
+            model.model.zero_grad(set_to_none=True)
+            x, dy = _head_backward(model, head, ids[i], h)
+            h0, _ = model.enter(ids[i])
+            if h0.requires_grad:
+                h0.backward(grads[i])
+            for n, p in outer:
+                if p is head.weight:  # its .grad holds only the embedding's sparse rows (tied), if any
+                    per_window[n].append(_head_g2(x, dy, p.grad))
+                else:
+                    per_window[n].append(_g2(p))
+    finally:
+        if sparse is not None:
+            emb.sparse = sparse
+    model.model.zero_grad(set_to_none=True)
+
+
+def _head_backward(model: StreamedModel, head: Any, ids: Any, hidden: Any) -> tuple[Any, Any]:
+    """Backward through the model's own head (final norm, head, soft-capping, loss) with the head's output cut
+    from its weight: every parameter before the head gets its gradient, the head's weight none. Returns the
+    head's input x [T, hidden] and dLoss/d(its output) dy [T, vocab], from which its weight's gradient is
+    dy^T x."""
+    seen: dict[str, Any] = {}
+
+    def cut(_m: Any, inputs: tuple[Any, ...], out: Any) -> Any:
+        seen["x"], seen["y"] = inputs[0], out.detach().requires_grad_(True)
+        return seen["y"]
+
+    handle = head.register_forward_hook(cut)
+    try:
+        loss = model.head(ids, hidden.detach(), labels=ids).loss
+    finally:
+        handle.remove()
+    loss.backward()
+    x, dy = seen["x"], seen["y"].grad
+    if x.requires_grad:  # the final norm's gradient: dLoss/dx as the head's own backward would pass it down
+        x.backward(dy @ head.weight.detach())
+    if getattr(head, "bias", None) is not None:
+        head.bias.grad = dy.reshape(-1, dy.shape[-1]).sum(0)
+    return x.detach().reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+
+
+def _head_g2(x: Any, dy: Any, extra: Any, chunk: int = 1 << 22) -> float:
+    """mean(grad^2) of the head's weight, whose gradient is dy^T x (+ `extra`, the tied embedding's sparse
+    gradient, added as autograd accumulates it), formed a block of vocabulary rows at a time. The blocks hold a
+    whole number of `_g2`'s chunks (when that costs at most 16 chunks), so the chunk sums, and the result, are
+    the ones `_g2` takes of the whole gradient."""
+    import torch
+
+    vocab, hidden = dy.shape[1], x.shape[1]
+    rows = math.lcm(chunk, hidden) // hidden
+    if rows * hidden > 16 * chunk:  # few factors of two in `hidden`: equal to float rounding instead
+        rows = max(1, chunk // hidden)
+    if extra is not None:
+        extra = extra if extra.is_sparse else extra.to_sparse()
+        index, values = extra._indices()[0], extra._values()
+    sums = []
+    for r0 in range(0, vocab, rows):
+        r1 = min(vocab, r0 + rows)
+        # as autograd's mm backward: (x^T dy) then transposed, made contiguous like a .grad
+        g = x.T.mm(dy[:, r0:r1]).T.contiguous()
+        if extra is not None:
+            keep = (index >= r0) & (index < r1)
+            g.add_(
+                torch.sparse_coo_tensor(
+                    (index[keep] - r0)[None], values[keep], g.shape, check_invariants=True
+                )
+            )
+        sums += [sum_squares64(c) for c in g.reshape(-1).split(chunk)]
+    return math.fsum(sums) / max(vocab * hidden, 1)
 
 
 def calibrate(

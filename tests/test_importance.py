@@ -18,7 +18,7 @@ from mintbuild.checkpoint import PASSTHROUGH_ROLES, compile_rules, open_checkpoi
 from mintbuild.cli import main as cli_main
 from mintbuild.config import ImportanceConfig
 from mintbuild.errors import MintError
-from mintbuild.importance import compute_importance, fisher_pass, head_hessian, run
+from mintbuild.importance import _g2, _head_g2, compute_importance, fisher_pass, head_hessian, run
 from mintbuild.io import canonical_json
 from mintbuild.streaming import CheckpointSource, StreamedModel
 from tests.synth import tiny_llama
@@ -226,6 +226,33 @@ def test_streamed_fisher_equals_whole_model_untied_bos(corpus_dir: Path, tmp_pat
     assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(streamed)
     for k in whole:
         np.testing.assert_allclose(streamed[k], whole[k], rtol=STREAM_RTOL, err_msg=k)
+
+
+@pytest.mark.parametrize("hidden", [96, 100])
+def test_head_gradient_by_row_blocks_equals_the_whole_gradient(hidden: int) -> None:
+    """The head's weight gradient formed a block of vocabulary rows at a time (with the tied embedding's sparse
+    rows, a repeated token among them) gives autograd's whole-gradient mean(grad^2): bit for bit when the
+    blocks align with the sum's chunks (hidden 96: 8 blocks of 128 rows), to float rounding otherwise."""
+    g = torch.Generator().manual_seed(0)
+    vocab, tokens, chunk = 1000, 37, 4096
+    x = torch.randn(1, tokens, hidden, generator=g)
+    dy = torch.randn(1, tokens, vocab, generator=g)
+    w = torch.nn.Parameter(torch.randn(vocab, hidden, generator=g))
+    rows = torch.tensor([[5, 999, 5, 130, 0]])
+    d_emb = torch.randn(1, 5, hidden, generator=g)
+    # the whole model's .grad: the dense head gradient, then the embedding's sparse one accumulated into it
+    torch.nn.functional.linear(x, w).backward(dy)
+    torch.nn.functional.embedding(rows, w, sparse=True).backward(d_emb)
+    # the embedding's sparse gradient alone, as the streamed pass has it
+    emb_only = torch.nn.Parameter(w.detach().clone())
+    torch.nn.functional.embedding(rows, emb_only, sparse=True).backward(d_emb)
+    whole = _g2(w, chunk)
+    blocked = _head_g2(x[0], dy[0], emb_only.grad, chunk)
+    if math.lcm(chunk, hidden) // hidden * hidden <= 16 * chunk:
+        assert blocked == whole
+    else:
+        assert blocked == pytest.approx(whole, rel=1e-12)
+    assert blocked != _head_g2(x[0], dy[0], None, chunk)  # the embedding's rows count
 
 
 @pytest.mark.slow
