@@ -1,7 +1,10 @@
 """Atomic writes and content hashing shared by every stage.
 
 Every artifact is written to a temporary sibling and renamed into place, so a crash never leaves a
-half-written file or folder where a later stage (or DVC) would take it for a finished one.
+half-written file or folder where a later stage (or DVC) would take it for a finished one. The temporary
+sibling's name carries the writer's PID (`.<name>.<pid>.<random>.tmp`); a process killed outright (SIGKILL,
+out of memory) cannot remove it, so the next atomic write to the same destination removes the temporary
+siblings whose writer is no longer running (and those of the earlier naming, which carried no PID).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -22,10 +26,54 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of `path` left by killed writers: `.<name>.<pid>.<random>.tmp` whose PID
+    is not running, the PID-less `.<name>.<random>.tmp` of earlier versions, and `.<name>.old-<pid>` (the
+    previous output, moved aside just before the rename) of dead writers. Returns what was removed."""
+    path = Path(path)
+    name = re.escape(path.name)
+    with_pid = re.compile(rf"\.{name}\.(\d+)\.[A-Za-z0-9_]+\.tmp|\.{name}\.old-(\d+)")
+    legacy = re.compile(rf"\.{name}\.[A-Za-z0-9_]{{8}}\.tmp")  # mkstemp/mkdtemp's 8 random characters
+    removed = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except FileNotFoundError:
+        return removed
+    for p in siblings:
+        m = with_pid.fullmatch(p.name)
+        stale = (m is not None and not _pid_alive(int(m.group(1) or m.group(2)))) or bool(
+            legacy.fullmatch(p.name)
+        )
+        if not stale:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        removed.append(p)
+    return removed
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -52,7 +100,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `path` as a whole, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         _make_readable(tmp)
