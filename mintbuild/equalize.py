@@ -510,11 +510,11 @@ def _streamed(model_dir: Path) -> Any:
     """The layer-streamed fp32 model; a model whose blocks are not `model.layers` has nothing to equalize."""
     import torch
 
-    from .streaming import CheckpointSource, StreamedModel
+    from .streaming import CheckpointSource, NoDecoderBlocks, StreamedModel
 
     try:
         model = StreamedModel(CheckpointSource(model_dir), torch.float32)
-    except MintError as e:
+    except NoDecoderBlocks as e:  # other errors (weights that do not fit the architecture) stay errors
         raise _NothingToEqualize([{"layer": None, "pair": "all", "reason": str(e)}]) from None
     if model.prefix != "model.layers":
         reason = f"{type(model.model).__name__} has no model.layers"

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 GB = 1 << 30
 
 
+class NoDecoderBlocks(MintError):
+    """The model has no list of decoder blocks to stream (an architecture this module does not know)."""
+
+
 # ---------------------------------------------------------------- weight sources
 
 
@@ -150,7 +154,7 @@ class StreamedModel:
         self.decoder = model.get_decoder()
         layers = getattr(self.decoder, "layers", None)
         if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
-            raise MintError(f"{type(model).__name__}: no decoder block list (model.layers) to stream")
+            raise NoDecoderBlocks(f"{type(model).__name__}: no decoder block list (model.layers) to stream")
         self.blocks: torch.nn.ModuleList = layers
         self.prefix = next(n for n, m in model.named_modules() if m is layers)
         self._materialize_outer()

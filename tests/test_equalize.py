@@ -239,6 +239,33 @@ def test_method_none_and_refusals(outlier_model: Path, corpus_dir: Path, tmp_pat
     assert groups == [] and "no model.layers" in skipped[0]["reason"]
 
 
+def test_a_model_without_decoder_blocks_builds_unequalized(
+    outlier_model: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """GPT-2 (no model.layers to stream): a manifest naming the original weights, with a warning, and no
+    temporary folder left; a checkpoint that does not fit its architecture stays an error."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=512, n_positions=128)
+    ).save_pretrained(src)
+    for f in outlier_model.glob("tokenizer*"):
+        shutil.copy(f, src / f.name)
+    run(src, corpus_dir, EqualizeConfig(n_windows=1, window=32), tmp_path / "eq", progress=False)
+    assert resolve_weights_dir(tmp_path / "eq") == src.resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eq", "gpt2"]
+    broken = tmp_path / "broken"
+    shutil.copytree(outlier_model, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**cfg, "hidden_size": 2 * cfg["hidden_size"]}))
+    with pytest.raises((MintError, RuntimeError), match=r"size mismatch|do not match"):
+        run(broken, corpus_dir, TINY, tmp_path / "eq2", progress=False)
+    assert not (tmp_path / "eq2").exists()
+
+
 def test_real_smollm2(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:
     """The real model, a small calibration: exact at 16 bits, and uniform 4-bit g64 loses less."""
     from mintbuild.calibration import load_tokenizer
