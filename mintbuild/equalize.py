@@ -465,10 +465,16 @@ def compute(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, weights: Pat
     import torch
 
     from .checkpoint import fingerprint
+    from .streaming import check_fits
 
     ckpt, windows, train_sha = calibration_windows(model_dir, corpus_dir, cfg.n_windows, cfg.window, cfg.seed)
     with torch_settings(cfg.threads):
         model = _streamed(model_dir)
+        # refused before any block is read when one block plus the windows' hidden states (into and out of
+        # a block) and the search sample cannot fit
+        tokens = sum(len(w.ids) for w in windows)
+        acts = (2 * tokens + cfg.samples) * model.config.hidden_size * 4
+        check_fits(model, acts, "equalize")
         with StreamedSafetensors(weights, _specs(ckpt), {"format": "pt"}) as out:
             records, skipped = _stream_blocks(model, ckpt, windows, cfg, out, progress)
             for name in ckpt.names:  # everything no group rewrote, as stored

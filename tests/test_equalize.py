@@ -266,6 +266,17 @@ def test_a_model_without_decoder_blocks_builds_unequalized(
     assert not (tmp_path / "eq2").exists()
 
 
+def test_a_block_larger_than_memory_is_refused_before_work(
+    outlier_model: Path, corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mintbuild.streaming as streaming
+
+    monkeypatch.setattr(streaming, "available_memory", lambda: 1000)
+    with pytest.raises(MintError, match=r"equalize: one decoder block needs .* only 0\.00 GB"):
+        run(outlier_model, corpus_dir, TINY, tmp_path / "eq", progress=False)
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder
+
+
 def test_real_smollm2(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:
     """The real model, a small calibration: exact at 16 bits, and uniform 4-bit g64 loses less."""
     from mintbuild.calibration import load_tokenizer
