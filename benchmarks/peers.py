@@ -146,9 +146,10 @@ def dynamic_bits(target_bpw: float) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def quantize(
-    method: str, model: Any, config: dict[str, Any], tokens: Any, args: argparse.Namespace
+    method: str, model: Any, config: dict[str, Any], tokens: Any, args: argparse.Namespace, stored: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Quantize `model` in place with mlx-lm's `method`; returns config.json's content and a record."""
+    """Quantize `model` in place with mlx-lm's `method`; returns config.json's content and a record. `stored`:
+    the checkpoint's dtype, which the caller casts everything back to afterwards."""
     import mlx.nn as nn
 
     if method == "awq":
@@ -171,6 +172,9 @@ def quantize(
 
         (lb, lg), (hb, hg) = dynamic_bits(args.target_bpw)
         sens = dict(estimate_sensitivities(model, tokens, lb, lg, hb, hg))
+        # The threshold search counts bits/weight from the arrays' bytes: back to the stored dtype first (in
+        # float32 every scale and norm counts double and no upgrade would fit), then quantize as mlx-lm does.
+        model.set_dtype(stored)
         threshold = estimate_threshold(model, sens, args.target_bpw, lb, lg, hb, hg)
 
         # mlx_lm.dynamic_quant.main's own predicate (defined inside main, so restated): sensitive layers high.
@@ -216,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     compute = getattr(mx, args.compute_dtype) if args.compute_dtype != "model" else stored
     model.set_dtype(compute)
     t0 = time.perf_counter()
-    config, record = quantize(args.method, model, config, tokens, args)
+    config, record = quantize(args.method, model, config, tokens, args, stored)
     model.set_dtype(stored)
     mx.eval(model.parameters())
     seconds = time.perf_counter() - t0

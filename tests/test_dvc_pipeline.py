@@ -179,6 +179,7 @@ def test_quality_benchmark_peer_rows(repo) -> None:
         assert len(ours) == 1 and 0 < ours[0]["bytes"] <= peer["bytes"] and ours[0]["ppl_mean"] > 1
     dynamic = peers["dynamic_quant 5.00 bpw (4/g64 + 5/g64)"]["extra"]
     assert 0 < dynamic["high_layers"] < dynamic["layers"]  # a real mix, not uniform 4 or 5 bits
+    assert abs(dynamic["mlx_bpw"] - 5) < 0.1  # at its target (mlx-lm's count), not stuck at the 4-bit floor
     assert "| AWQ 4/g64 |" in (repo_dir / "artifacts/quality_peers/quality.md").read_text()
 
 
