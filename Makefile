@@ -42,7 +42,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_solve.py
 	$(BIN)/python benchmarks/bench_profile.py
 
-## quality: mintbuild vs uniform MLX, mlx-lm recipes and the published greedy at equal bytes (~12 min)
+## quality: mintbuild vs uniform MLX, mlx-lm recipes, mlx-lm's calibrated peers (AWQ, GPTQ, dynamic_quant) and the
+## published greedy at equal bytes (~1 h here, most of it AWQ; `--peers none` for the ~12 min without peers)
 quality: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro profile importance
 	$(BIN)/python benchmarks/quality.py
