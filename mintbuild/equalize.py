@@ -206,6 +206,41 @@ class Stats:
     sample: Any  # torch float32 [S, C]
 
 
+class StatsRecorder:
+    """Forward hooks on the first linear of every group while in a `with`: per input channel, sum |x| over every
+    token (fixed-order float64), and every step-th token for the search sample."""
+
+    def __init__(self, modules: dict[str, Any], groups: list[Group], step: int) -> None:
+        self.modules, self.groups, self.step = modules, groups, step
+        self.sums: dict[tuple[int, str], Any] = {}
+        self.picked: dict[tuple[int, str], list[Any]] = {}
+        self.handles: list[Any] = []
+
+    def _hook(self, key: tuple[int, str]) -> Any:
+        def record(_m: Any, inputs: tuple[Any, ...], _out: Any) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            self.sums[key] = self.sums.get(key, 0) + sum64(x.abs(), axis=0)
+            self.picked.setdefault(key, []).append(x[:: self.step].clone())
+
+        return record
+
+    def __enter__(self) -> StatsRecorder:
+        self.handles = [
+            self.modules[g.linears[0]].register_forward_hook(self._hook((g.layer, g.kind)))
+            for g in self.groups
+        ]
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def stats(self, n_tokens: int) -> dict[tuple[int, str], Stats]:
+        import torch
+
+        return {k: Stats((v / n_tokens).float(), torch.cat(self.picked[k])) for k, v in self.sums.items()}
+
+
 def block_stats(
     block: Any,
     modules: dict[str, Any],
@@ -221,25 +256,9 @@ def block_stats(
 
     from .streaming import run_block
 
-    sums: dict[tuple[int, str], Any] = {}
-    picked: dict[tuple[int, str], list[Any]] = {}
-
-    def hook(key: tuple[int, str]) -> Any:
-        def record(_m: Any, inputs: tuple[Any, ...], _out: Any) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            sums[key] = sums.get(key, 0) + sum64(x.abs(), axis=0)
-            picked.setdefault(key, []).append(x[::step].clone())
-
-        return record
-
-    handles = [modules[g.linears[0]].register_forward_hook(hook((g.layer, g.kind))) for g in groups]
-    try:
-        with torch.inference_mode():
-            out = [run_block(block, h, c) for h, c in zip(hidden, calls, strict=True)]
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: Stats((sums[k] / n_tokens).float(), torch.cat(picked[k])) for k in sums}, out
+    with StatsRecorder(modules, groups, step) as rec, torch.inference_mode():
+        out = [run_block(block, h, c) for h, c in zip(hidden, calls, strict=True)]
+    return rec.stats(n_tokens), out
 
 
 # ---------------------------------------------------------------- the search

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from mintbuild.equalize import (
     RECORD,
     WEIGHTS_FILE,
     Metric,
-    Stats,
+    StatsRecorder,
     dtype_of,
     equalize_groups,
     layer_groups,
@@ -32,7 +31,6 @@ from mintbuild.equalize import (
 from mintbuild.errors import MintError
 from mintbuild.formats import Option
 from mintbuild.quant.reference import quantize_dequantize
-from mintbuild.reproducible import sum64
 from mintbuild.safetensors_out import StreamedSafetensors
 from tests.synth import FAMILIES, tiny_family, tiny_llama
 from tests.test_importance import assert_train_only
@@ -98,24 +96,10 @@ def whole_model_equalize(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig)
         modules = dict(model.named_modules())
         n_tokens = sum(len(w.ids) for w in windows)
         step = max(1, math.ceil(n_tokens / cfg.samples))
-        sums: dict = {}
-        picked: dict = {}
-
-        def hook(key: tuple[int, str]) -> Any:
-            def record(_m: Any, inputs: tuple[Any, ...], _out: Any) -> None:
-                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-                sums[key] = sums.get(key, 0) + sum64(x.abs(), axis=0)
-                picked.setdefault(key, []).append(x[::step].clone())
-
-            return record
-
-        handles = [modules[g.linears[0]].register_forward_hook(hook((g.layer, g.kind))) for g in groups]
-        with torch.inference_mode():
+        with StatsRecorder(modules, groups, step) as rec, torch.inference_mode():
             for w in windows:
                 model(input_ids=torch.tensor(w.ids)[None], use_cache=False)
-        for h in handles:
-            h.remove()
-        stats = {k: Stats((sums[k] / n_tokens).float(), torch.cat(picked[k])) for k in sums}
+        stats = rec.stats(n_tokens)
         dtypes = {n: dtype_of(ckpt, n) for n in ckpt.tensors}
         records = equalize_groups(modules, groups, stats, cfg, dtypes)
     tensors = {n: ckpt.read(n) for n in ckpt.names}

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,19 +17,11 @@ from mintbuild.allocate import run as allocate_run
 from mintbuild.config import Params, ProfileConfig, TargetConfig
 from mintbuild.profile import run as profile_run
 
+from .dvcrepo import ENV as DVC_ENV
+from .dvcrepo import ROOT
 from .synth import llama_tensors, published_solver, write_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "DVC_NO_ANALYTICS": "1",
-    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    "HYDRA_FULL_ERROR": "1",
-    "GIT_AUTHOR_NAME": "t",
-    "GIT_AUTHOR_EMAIL": "t@example.com",
-    "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@example.com",
-}
+ENV = {**DVC_ENV, "HYDRA_FULL_ERROR": "1"}
 
 
 @pytest.fixture(scope="module")
