@@ -211,6 +211,10 @@ class EqualizeConfig:
     rank: int = 128
     #: Exponents a tried per group, evenly spaced on [0, 1] (a = 0 is plain round-to-nearest).
     grid: int = 11
+    #: Output rows per linear the search measures: a seeded sample of a larger linear's rows (every row's output
+    #: error adds to the sum, so a sample ranks the exponents as all rows do, at a fraction of the cost on
+    #: wide models); 0 = every row.
+    search_rows: int = 4096
     #: The quantizer the search measures (MLX affine bits / group).
     bits: int = 4
     group: int = 64

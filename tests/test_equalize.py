@@ -5,6 +5,7 @@ less than round-to-nearest of the original weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -188,6 +189,24 @@ def test_equalized_weights_quantize_better(outlier_model: Path, corpus_dir: Path
 
     plain, equalized = quantized_error(outlier_model), quantized_error(tmp_path / "eq")
     assert equalized < 0.95 * plain, (plain, equalized)  # measured 0.357 vs 0.399; a no-op gives 1.0
+
+
+def test_row_sampled_search_is_exact_and_ranks_like_all_rows(
+    outlier_model: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """`search_rows` measures a seeded sample of a wide linear's output rows: the rewrite stays exact (16-bit
+    logits bit-identical), the sample is deterministic, and it picks the exponents the full search picks on most
+    groups (a sample that ranked exponents at random would agree on about 1 group in `grid`)."""
+    full = run(outlier_model, corpus_dir, TINY, tmp_path / "all", progress=False)
+    cfg = dataclasses.replace(TINY, search_rows=32)
+    part = run(outlier_model, corpus_dir, cfg, tmp_path / "a", progress=False)
+    run(outlier_model, corpus_dir, cfg, tmp_path / "b", progress=False)
+    assert (tmp_path / "a" / WEIGHTS_FILE).read_bytes() == (tmp_path / "b" / WEIGHTS_FILE).read_bytes()
+    ids = list(range(3, 120))
+    assert torch.equal(logits(outlier_model, ids), logits(tmp_path / "a", ids))
+    assert part["provenance"]["search_rows"] == 32
+    same = sum(a["exponent"] == b["exponent"] for a, b in zip(full["groups"], part["groups"], strict=True))
+    assert same >= 0.6 * len(full["groups"]), (same, len(full["groups"]))
 
 
 def test_metric_against_the_exact_product() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mintbuild.formats import OPTION_SETS, Option
+from mintbuild.quant import reference
 from mintbuild.quant.error_kernels import row_sse
 from mintbuild.quant.reference import dequantize_codes, pack_codes, quantize_codes, unpack_codes
 
@@ -43,6 +44,20 @@ def test_matches_mx_quantize_bit_for_bit(opt: Option, tdt: torch.dtype, mdt) -> 
     assert np.array_equal(unpack_codes(words, opt.bits, w.shape[1]), q.numpy())
     deq_mx = np.array(mx.dequantize(qm, sm, bm, group_size=opt.group, bits=opt.bits).astype(mx.float32))
     assert np.array_equal(dequantize_codes(q, s, b, opt.group, tdt).float().numpy(), deq_mx)
+
+
+@pytest.mark.parametrize("opt", [Option(3, 64), Option(4, 32), Option(6, 128)], ids=str)
+def test_sliced_pack_and_dequantize_match_mx(opt: Option, monkeypatch) -> None:
+    """Large tensors are packed and dequantized a slice of rows at a time (bounded memory); forced here onto
+    many uneven slices, the result is still mx.quantize's / mx.dequantize's bit for bit."""
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 5 * 512 + 7)
+    assert len(reference.row_slices(48, 512)) == 10
+    w = _weights(seed=2)
+    qm, sm, bm = mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=opt.group, bits=opt.bits)
+    q, s, b = quantize_codes(torch.from_numpy(w).bfloat16(), opt, torch.bfloat16)
+    assert np.array_equal(pack_codes(q, opt.bits), np.array(qm))
+    deq_mx = np.array(mx.dequantize(qm, sm, bm, group_size=opt.group, bits=opt.bits).astype(mx.float32))
+    assert np.array_equal(dequantize_codes(q, s, b, opt.group).float().numpy(), deq_mx)
 
 
 @pytest.mark.parametrize("opt", QUANT_OPTIONS, ids=str)

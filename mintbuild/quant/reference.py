@@ -22,6 +22,8 @@ from ..formats import Option
 EPS = 1e-7
 #: Bumped whenever the quantizer's numbers change; recorded in every profile's provenance.
 QUANTIZER_VERSION = "mlx-affine-rtn/1"
+#: Values handled per slice by the whole-tensor helpers below (float32 temporaries of 64 MB).
+CHUNK_ELEMENTS = 1 << 24
 
 
 def _group_params(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,23 +71,37 @@ def dequantize_codes(
     dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     shape = q.shape
-    qg = q.float().reshape(*shape[:-1], shape[-1] // group, group)
-    # MLX evaluates scale * q + bias in the storage dtype: each operation rounds to it.
-    out = (qg * scales.float()[..., None]).to(dtype).float() + biases.float()[..., None]
-    return out.reshape(shape).to(dtype)
+    k = shape[-1]
+    q2, s2, b2 = q.reshape(-1, k), scales.reshape(-1, k // group), biases.reshape(-1, k // group)
+    out = torch.empty(q2.shape, dtype=dtype)
+    # Rows a slice at a time: the float32 temporaries stay ~64 MB whatever the tensor (a 128k-row embedding
+    # dequantized whole took four float32 copies of itself).
+    for r0, r1 in row_slices(q2.shape[0], k):
+        qg = q2[r0:r1].float().reshape(r1 - r0, k // group, group)
+        # MLX evaluates scale * q + bias in the storage dtype: each operation rounds to it.
+        o = (qg * s2[r0:r1].float()[..., None]).to(dtype).float() + b2[r0:r1].float()[..., None]
+        out[r0:r1] = o.reshape(r1 - r0, k).to(dtype)
+    return out.reshape(shape)
+
+
+def row_slices(rows: int, row_elements: int) -> list[tuple[int, int]]:
+    """[r0, r1) slices of `rows` rows holding about CHUNK_ELEMENTS values each (at least one row)."""
+    step = max(1, CHUNK_ELEMENTS // max(row_elements, 1))
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
 
 
 def pack_codes(q: torch.Tensor, bits: int) -> np.ndarray:
     """Pack uint8 codes [..., K] into MLX's uint32 words [..., K*bits/32] (little-endian bit stream)."""
-    codes = q.cpu().numpy().astype(np.uint8)
+    codes = q.cpu().numpy().astype(np.uint8, copy=False)
     lead, k = codes.shape[:-1], codes.shape[-1]
     flat = codes.reshape(-1, k)
-    # Each code contributes `bits` bits, least significant first; the stream is then cut into bytes.
-    bitplanes = np.unpackbits(flat[..., None], axis=-1, bitorder="little")[..., :bits]
-    stream = bitplanes.reshape(flat.shape[0], k * bits)
-    packed = np.packbits(stream, axis=-1, bitorder="little")
-    words = packed.view("<u4")
-    return np.ascontiguousarray(words.reshape(*lead, k * bits // 32)).view(np.uint32)
+    packed = np.empty((flat.shape[0], k * bits // 8), dtype=np.uint8)
+    # A slice of rows at a time: the bit planes take 8 bytes per code.
+    for r0, r1 in row_slices(flat.shape[0], 8 * k):
+        # Each code contributes `bits` bits, least significant first; the stream is then cut into bytes.
+        planes = np.unpackbits(flat[r0:r1, :, None], axis=-1, bitorder="little")[..., :bits]
+        packed[r0:r1] = np.packbits(planes.reshape(r1 - r0, k * bits), axis=-1, bitorder="little")
+    return np.ascontiguousarray(packed.view("<u4").reshape(*lead, k * bits // 32)).view(np.uint32)
 
 
 def unpack_codes(words: np.ndarray, bits: int, k: int) -> np.ndarray:
