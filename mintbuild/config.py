@@ -76,6 +76,22 @@ class ProfileConfig:
     #: Extra role rules tried before the built-in ones.
     role_rules: list[RoleRule] = field(default_factory=list)
     out: str = "artifacts/profile"
+    #: `mintbuild profile --format gguf`: the ggml types measured per tensor of the bf16 GGUF (formats.py
+    #: GGUF_OPTION_SETS, or a list of type names), whether their errors (and llama-quantize's rounding) use the
+    #: importance stage's imatrix, and where that profile goes.
+    gguf_options: str = "gguf"
+    gguf_option_list: list[str] = field(default_factory=list)
+    gguf_imatrix: bool = True
+    gguf_out: str = "artifacts/profile_gguf"
+
+
+@dataclass
+class ConvertConfig:
+    """`mintbuild convert`: the equalized HF folder as a GGUF, by llama.cpp's own converter."""
+
+    #: The converter's --outtype: the 16-bit source every GGUF option is quantized from.
+    outtype: str = "bf16"
+    out: str = "artifacts/convert"
 
 
 @dataclass
@@ -95,6 +111,9 @@ class TargetConfig:
     kv_bytes: int = 2
     #: "error" refuses a budget below the smallest feasible size; "min_safe" builds at that floor and says so.
     on_infeasible: str = "error"
+    #: Runtimes to build for: mlx (an MLX folder) and/or gguf (a llama.cpp GGUF). `mintbuild compose` writes
+    #: one params.yaml target per format: `<name>` for the first, `<name>-<format>` for the others.
+    formats: list[str] = field(default_factory=lambda: ["mlx"])
 
 
 @dataclass
@@ -228,6 +247,7 @@ class Params:
     schema_version: int = SCHEMA_VERSION
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     targets: dict[str, TargetConfig] = field(default_factory=dict)
     solver: SolverConfig = field(default_factory=SolverConfig)
@@ -251,6 +271,43 @@ def select_targets(params: Params, targets: list[str] | None) -> list[str]:
     if unknown:
         raise MintError(f"unknown target(s) {unknown}; configured: {sorted(params.targets)}")
     return names
+
+
+#: The runtimes a target can build for.
+FORMATS = ("mlx", "gguf")
+
+
+def target_format(target: TargetConfig, name: str) -> str:
+    """The one format a (composed) target builds; refuses an unknown format and an unexpanded list."""
+    bad = [f for f in target.formats if f not in FORMATS]
+    if bad or not target.formats:
+        raise MintError(f"target {name!r}: formats {list(target.formats)}: choose from {list(FORMATS)}")
+    if len(target.formats) != 1:
+        raise MintError(
+            f"target {name!r} asks for formats {list(target.formats)}: run `mintbuild compose`, which writes "
+            "one target per format"
+        )
+    return target.formats[0]
+
+
+def expand_formats(targets: dict[str, Any]) -> dict[str, Any]:
+    """One target per (target, format): a target asking for [mlx, gguf] becomes `<name>` (mlx) and
+    `<name>-gguf` (gguf); each keeps its budget. Refuses unknown formats and a name collision."""
+    out: dict[str, Any] = {}
+    for name, t in targets.items():
+        if "formats" not in (t or {}):  # the default (mlx) stays implicit: params.yaml unchanged for it
+            out[name] = t
+            continue
+        formats = list(t["formats"] or ["mlx"])
+        bad = [f for f in formats if f not in FORMATS]
+        if bad or len(set(formats)) != len(formats):
+            raise MintError(f"target {name!r}: formats {formats}: choose distinct ones from {list(FORMATS)}")
+        for i, f in enumerate(formats):
+            key = name if i == 0 else f"{name}-{f}"
+            if key in out or (i and key in targets):
+                raise MintError(f"target {name!r}: format {f} would be target {key!r}, which already exists")
+            out[key] = {**t, "formats": [f]}
+    return out
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:

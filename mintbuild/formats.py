@@ -161,6 +161,16 @@ class GGUFOption:
     def bits_per_weight(self) -> float:
         return 8 * self.type_size / self.block
 
+    @property
+    def bits(self) -> float:
+        """Storage bits per value, scales included (Q4_K: 4.5); what the allocation records as `bits`."""
+        return self.bits_per_weight
+
+    @property
+    def group(self) -> int:
+        """Values per block (the allocation's `group`)."""
+        return self.block
+
     def unavailable_reason(self, shape: tuple[int, ...]) -> str | None:
         """Why llama.cpp cannot store a tensor of `shape` with this type, or None if it can."""
         if self.passthrough:
@@ -235,3 +245,41 @@ def parse_gguf_option(name: str) -> GGUFOption:
 def gguf_padded(nbytes: int, alignment: int = GGUF_ALIGNMENT) -> int:
     """`nbytes` rounded up to the GGUF data alignment (what a tensor occupies in the file's data section)."""
     return -(-nbytes // alignment) * alignment
+
+
+#: GGUF option sets (`profile.gguf_options`): "gguf" holds the k-quants, the legacy 32-blocks and BF16, the
+#: 16-bit passthrough (the converter's own output type; 1-D tensors stay F32 as the converter writes them).
+GGUF_OPTION_SETS: dict[str, tuple[str, ...]] = {
+    "gguf": ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "BF16"),
+}
+#: The passthrough type of a GGUF profile: what a 2-D tensor of the bf16 GGUF is when it is not quantized.
+GGUF_PASSTHROUGH = GGUF_OPTIONS["BF16"]
+
+
+def gguf_option_set(spec: str | list[str] | tuple[str, ...]) -> tuple[GGUFOption, ...]:
+    """A GGUF option set by name (`gguf`) or as a list of ggml type names; always includes BF16, last."""
+    if isinstance(spec, str):
+        if spec not in GGUF_OPTION_SETS:
+            raise MintError(f"unknown GGUF option set {spec!r}: known sets are {sorted(GGUF_OPTION_SETS)}")
+        spec = GGUF_OPTION_SETS[spec]
+    opts = [parse_gguf_option(s) for s in spec]
+    bad = [o.name for o in opts if o.passthrough and o is not GGUF_PASSTHROUGH]
+    if bad:
+        raise MintError(f"GGUF option set: {bad} are passthrough types; the 16-bit option is BF16")
+    quant = sorted({o for o in opts if not o.passthrough}, key=lambda o: (o.bits_per_weight, o.name))
+    return (*quant, GGUF_PASSTHROUGH)
+
+
+def any_option(name: str) -> Option | GGUFOption:
+    """An MLX option name (`q4g64`, `f16`) or a ggml type name (`Q4_K`, `BF16`): what a profile lists."""
+    if re.fullmatch(r"[A-Z0-9_]+", str(name)) and str(name) in GGUF_OPTIONS:
+        return GGUF_OPTIONS[str(name)]
+    return parse_option(name)
+
+
+def passthrough_index(options: list[Option | GGUFOption] | tuple[Option | GGUFOption, ...]) -> int:
+    """Index of the 16-bit passthrough option in an option list (f16 for MLX, BF16 for GGUF)."""
+    for i, o in enumerate(options):
+        if o.passthrough:
+            return i
+    raise MintError(f"option list {[o.name for o in options]} has no 16-bit passthrough option")

@@ -22,7 +22,7 @@ from .artifacts.profile import Profile
 from .budget import ModelFacts, format_size, model_facts
 from .config import Params, SolverConfig
 from .errors import MintError
-from .formats import PASSTHROUGH, Option, header_allowance, stored_entry_names
+from .formats import PASSTHROUGH, GGUFOption, Option, header_allowance, passthrough_index, stored_entry_names
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Problem:
     """The MCKP of one profile under one solver config (independent of the budget)."""
 
     decisions: list[dict[str, Any]]
-    options: list[Option]
+    options: list[Option | GGUFOption]
     sizes: np.ndarray  # int64 [D, K]; 0 where unavailable
     costs: np.ndarray  # float64 [D, K]; inf where unavailable or vetoed
     nrmse: np.ndarray  # [D, K]
@@ -48,7 +48,7 @@ class Problem:
 
     @property
     def k16(self) -> int:
-        return self.options.index(PASSTHROUGH)
+        return passthrough_index(self.options)
 
 
 def expert_group(meta: dict[str, Any]) -> str:
@@ -91,7 +91,7 @@ def build_problem(
     alphas = np.array([float(cfg.alpha.get(d["name"], 1.0)) for d in decisions])
     for d, p, a in zip(decisions, priors, alphas, strict=True):
         d["prior"], d["alpha"] = (None if math.isinf(p) else float(p)), float(a)
-    k16 = profile.options.index(PASSTHROUGH)
+    k16 = passthrough_index(profile.options)
     costs = _costs(cfg, nrmse, sqnr, avail, priors, alphas, elements, k16)
     if cfg.objective == "fisher":
         fisher = _fisher_sse(profile, idx, importance or {}, gains or {})
@@ -100,15 +100,18 @@ def build_problem(
                 d["rounding_gain"] = {k: round(v, 4) for k, v in sorted(gains[m].items())}
         costs = np.where(np.isfinite(costs), _weights(priors, alphas)[:, None] * fisher, np.inf)
     sizes = np.where(avail, sizes, 0)
-    entries = [e for d in decisions for m in d["members"] for e in _entries(m, d)]
+    if profile.format == "gguf":
+        # The GGUF's header, KV metadata and tensor infos, padded to the data alignment: a tensor's type is a
+        # fixed-size field, so this does not depend on the choices (the profile measured it on the bf16 GGUF).
+        header = int(profile.summary["header_bytes"])
+    else:
+        header = header_allowance([e for d in decisions for m in d["members"] for e in _entries(m, d)])
     facts = model_facts(
         int(profile["elements"].sum()),
         int(profile["bytes"][:, k16].sum()),
         profile.provenance.get("model_config", {}),
     )
-    return Problem(
-        decisions, list(profile.options), sizes, costs, nrmse, sqnr, avail, header_allowance(entries), facts
-    )
+    return Problem(decisions, list(profile.options), sizes, costs, nrmse, sqnr, avail, header, facts)
 
 
 def _entries(member: str, d: dict[str, Any]) -> list[str]:
@@ -229,9 +232,12 @@ def load_importance(path: Path, profile: Profile) -> dict[str, float]:
     if fp and fp != profile.provenance.get("model_fingerprint"):
         raise MintError(f"{path}: computed on another model than the profile's (fingerprint {fp}); re-run it")
     try:
-        return {str(k): float(v) for k, v in doc["alpha"].items()}
+        alpha = {str(k): float(v) for k, v in doc["alpha"].items()}
     except (KeyError, TypeError, ValueError) as e:
         raise MintError(f"{path}: not a readable importance artifact ({e})") from None
+    if profile.format == "gguf":  # alphas are by checkpoint (HF) name; the profile's tensors by GGUF name
+        return {m["name"]: alpha[m["hf_name"]] for m in profile.tensors if m.get("hf_name") in alpha}
+    return alpha
 
 
 def problem_for(
@@ -255,7 +261,7 @@ def rounding_gains(params: Params, profile: Profile) -> dict[str, dict[str, floa
     importance stage measured a Hessian for), r = GPTQ's output error over round-to-nearest's on held-out
     calibration windows, as the importance stage measured it (`importance.rounding_gains`) for this model.
     Only the fisher objective uses it (the others are the published and the data-free ones)."""
-    if params.pack.rounding != "gptq":
+    if params.pack.rounding != "gptq" or profile.format == "gguf":  # llama-quantize rounds to nearest
         return {}
     folder = Path(params.importance.out)
     fp = read_importance(folder).get("provenance", {}).get("model_fingerprint")

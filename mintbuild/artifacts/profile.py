@@ -1,5 +1,9 @@
 """The profile artifact: profile.safetensors (arrays [tensors, options] + one JSON metadata entry) and
-summary.md; the writer (`Profile.save`) and the reader (`load_profile`). Reading needs numpy only."""
+summary.md; the writer (`Profile.save`) and the reader (`load_profile`). Reading needs numpy only.
+
+A profile is of one format: "mlx" (MLX affine options of the HF checkpoint, artifacts/profile) or "gguf" (ggml
+types of the bf16 GGUF, artifacts/profile_gguf, whose summary also carries `header_bytes`: the GGUF's fixed
+overhead, which does not depend on the chosen types)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MintError
-from ..formats import Option, parse_option
+from ..formats import GGUFOption, Option, any_option
 from ..io import canonical_json
 
 SCHEMA_VERSION = 1
@@ -28,10 +32,12 @@ class Profile:
     """The profile artifact: per-tensor metadata and per-(tensor, option) arrays."""
 
     tensors: list[dict[str, Any]]
-    options: list[Option]
+    options: list[Option | GGUFOption]
     arrays: dict[str, np.ndarray]
     provenance: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    #: "mlx" or "gguf": which runtime's options the profile measured.
+    format: str = "mlx"
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.arrays[key]
@@ -47,6 +53,7 @@ class Profile:
     def save(self, folder: Path) -> None:
         doc = {
             "schema_version": SCHEMA_VERSION,
+            "format": self.format,
             "options": [o.name for o in self.options],
             "tensors": self.tensors,
             "provenance": self.provenance,
@@ -84,10 +91,11 @@ def load_profile(path: str | Path) -> Profile:
         )
     return Profile(
         tensors=doc["tensors"],
-        options=[parse_option(n) for n in doc["options"]],
+        options=[any_option(n) for n in doc["options"]],
         arrays=arrays,
         provenance=doc["provenance"],
         summary=doc["summary"],
+        format=doc.get("format", "mlx"),
     )
 
 

@@ -1,0 +1,30 @@
+"""The convert stage's artifact: model.gguf (the equalized model as llama.cpp's converter writes it, bf16) and
+convert.json (what it was made from, with which converter, and the file's facts); the file names and the
+reader. Reading needs no torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import MintError
+from ..io import read_json
+
+SCHEMA_VERSION = 1
+GGUF_FILE = "model.gguf"
+CONVERT_FILE = "convert.json"
+
+
+def load_convert(folder: Path) -> dict[str, Any]:
+    """`folder`/convert.json, after checking that model.gguf is there with the size it records."""
+    folder = Path(folder)
+    doc = read_json(folder / CONVERT_FILE, "no converted model; run `mintbuild convert` first")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise MintError(
+            f"{folder / CONVERT_FILE}: schema_version {doc.get('schema_version')!r} (expected "
+            f"{SCHEMA_VERSION}); re-run `mintbuild convert`"
+        )
+    gguf = folder / GGUF_FILE
+    if not gguf.is_file() or gguf.stat().st_size != doc["gguf"]["bytes"]:
+        raise MintError(f"{gguf}: missing or not the {doc['gguf']['bytes']:,} B file convert.json records")
+    return doc
