@@ -26,6 +26,10 @@ per expert get an empirical-Bayes estimate: each expert's mean is shrunk toward 
 Checkpoint tensors the loaded model does not expose under the same name get the mean of their role in the same
 layer (else of the role, else of all tensors) and are listed under "estimated".
 
+On the same windows, every linear layer's inputs give llama.cpp's importance matrix (the per-input-channel sum
+of x^2 and the token count; imatrix.safetensors by checkpoint name, its sha256 in importance.json), which
+`mintbuild profile --format gguf` writes as llama.cpp's imatrix file for its errors and llama-quantize.
+
 The stage also measures, for `mintbuild pack`'s GPTQ rounding (gptq.py), the output head's input Hessian
 H = sum x x^T over `hessian_windows` forward-only windows of the train split (hessian.safetensors, float64,
 under the head weight's checkpoint name: the embedding's when tied; its sha256 is in importance.json).
@@ -40,18 +44,20 @@ One job: what the calibration text says about each tensor (alpha, the head Hessi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import re
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__
-from .artifacts.importance import HALF, HESSIAN_FILE, SCHEMA_VERSION, write_importance
+from .artifacts.importance import HALF, HESSIAN_FILE, IMATRIX_FILE, SCHEMA_VERSION, write_importance
 from .calibration import (
     SPLIT,
     Window,
@@ -88,10 +94,49 @@ def _g2(p: Any, chunk: int = 1 << 22) -> float:
     return total / max(p.numel(), 1)
 
 
+class InputSquares:
+    """llama.cpp's importance matrix, measured on the calibration windows: per linear layer (every nn.Linear
+    of the decoder blocks, and the output head) the per-input-channel sum over tokens of x^2 (float64) and the
+    number of tokens it saw, by the checkpoint name of the layer's weight."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, x: Any) -> None:
+        import torch
+
+        x = x.detach().reshape(-1, x.shape[-1])
+        sq = torch.sum(x.double().square(), dim=0)
+        if name in self.sums:
+            self.sums[name] += sq
+        else:
+            self.sums[name] = sq
+        self.counts[name] = self.counts.get(name, 0) + int(x.shape[0])
+
+    @contextlib.contextmanager
+    def hooked(self, block: Any, prefix: str) -> Iterator[None]:
+        """Record the inputs of every nn.Linear inside `block` (named `prefix` + its path + `.weight`)."""
+        import torch
+
+        handles = []
+        for path, mod in block.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                name = f"{prefix}.{path}.weight"
+                handles.append(mod.register_forward_pre_hook(lambda _m, inp, n=name: self.add(n, inp[0])))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
 def fisher_pass(
-    model: StreamedModel, windows: list[Window], progress: bool
+    model: StreamedModel, windows: list[Window], progress: bool, squares: InputSquares | None = None
 ) -> tuple[dict[str, list[float]], list[float]]:
-    """Per parameter, the per-window mean of grad^2 (float64); and the per-window loss.
+    """Per parameter, the per-window mean of grad^2 (float64); and the per-window loss. With `squares`, the
+    inputs of every linear layer are recorded into it on the way (each block's forward is run once per window
+    in the backward walk, the head's once per window in the outer pass).
 
     Layer-streamed: the windows go forward block by block, keeping each block's input; the head gives
     dLoss/dhidden at the top; then the blocks are walked from the top down, each block's forward recomputed from
@@ -134,7 +179,7 @@ def fisher_pass(
     for b in tqdm(reversed(range(model.n_blocks)), total=model.n_blocks, unit="block",
                   desc="importance: backward", disable=not progress):  # fmt: skip
         inputs = saved.pop()
-        with model.block(b) as blk:
+        with model.block(b) as blk, (squares or _NO_SQUARES).hooked(blk, f"{model.prefix}.{b}"):
             named = list(blk.named_parameters())
             for i, h in enumerate(inputs):
                 blk.zero_grad(set_to_none=True)
@@ -145,7 +190,7 @@ def fisher_pass(
                 for n, p in named:
                     per_window[f"{model.prefix}.{b}.{n}"].append(_g2(p))
         del inputs
-    _outer_pass(model, ids, top, grads, per_window)
+    _outer_pass(model, ids, top, grads, per_window, squares)
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(w.ids) for w in windows)
     log.info(
@@ -155,8 +200,22 @@ def fisher_pass(
     return dict(per_window), losses
 
 
+class _NoSquares(InputSquares):
+    @contextlib.contextmanager
+    def hooked(self, block: Any, prefix: str) -> Iterator[None]:
+        yield
+
+
+_NO_SQUARES = _NoSquares()
+
+
 def _outer_pass(
-    model: StreamedModel, ids: list[Any], top: list[Any], grads: list[Any], per_window: dict[str, list[float]]
+    model: StreamedModel,
+    ids: list[Any],
+    top: list[Any],
+    grads: list[Any],
+    per_window: dict[str, list[float]],
+    squares: InputSquares | None = None,
 ) -> None:
     """Per window, mean(grad^2) of the parameters outside the blocks: the head's and the final norm's through
     the loss, the embedding's through the first block's input (`grads`: dLoss/d that input), summed as one
@@ -183,6 +242,8 @@ def _outer_pass(
             for n, p in outer:
                 if p is head.weight:  # its .grad holds only the embedding's sparse rows (tied), if any
                     per_window[n].append(_head_g2(x, dy, p.grad))
+                    if squares is not None and isinstance(head, torch.nn.Linear):
+                        squares.add(n, x)
                 else:
                     per_window[n].append(_g2(p))
     finally:
@@ -247,16 +308,21 @@ def _head_g2(x: Any, dy: Any, extra: Any, chunk: int = 1 << 22) -> float:
 
 
 def calibrate(
-    model_dir: Path, windows: list[Window], cfg: ImportanceConfig, progress: bool
+    model_dir: Path,
+    windows: list[Window],
+    cfg: ImportanceConfig,
+    progress: bool,
+    squares: InputSquares | None = None,
 ) -> tuple[dict[str, list[float]], list[float]]:
-    """Run the layer-streamed Fisher pass in fp32; torch's global settings are restored afterwards."""
+    """Run the layer-streamed Fisher pass in fp32 (recording linear inputs into `squares`); torch's global
+    settings are restored afterwards."""
     import torch
 
     with torch_settings(cfg.threads, cfg.seed):
         model = StreamedModel(CheckpointSource(model_dir), torch.float32, grad=True)
         log.info("streaming %s in fp32 (%d blocks, %d threads)", model_dir, model.n_blocks,
                  torch.get_num_threads())  # fmt: skip
-        return fisher_pass(model, windows, progress)
+        return fisher_pass(model, windows, progress, squares)
 
 
 def shrink_experts(
@@ -390,9 +456,14 @@ def compute_hessian(
 
 
 def compute_importance(
-    model_dir: Path, corpus_dir: Path, cfg: ImportanceConfig, progress: bool = True
+    model_dir: Path,
+    corpus_dir: Path,
+    cfg: ImportanceConfig,
+    progress: bool = True,
+    squares: InputSquares | None = None,
 ) -> dict[str, Any]:
-    """The importance artifact (a JSON-able dict) of the model in `model_dir` on `corpus_dir`/train.txt."""
+    """The importance artifact (a JSON-able dict) of the model in `model_dir` on `corpus_dir`/train.txt;
+    the linear layers' input squares of the same windows go into `squares` when given."""
     import torch
     import transformers
 
@@ -401,7 +472,7 @@ def compute_importance(
     model_dir, corpus_dir = Path(model_dir), Path(corpus_dir)
     ckpt, windows, train_sha = calibration_windows(model_dir, corpus_dir, cfg.n_windows, cfg.window, cfg.seed)
 
-    per_window, losses = calibrate(model_dir, windows, cfg, progress)
+    per_window, losses = calibrate(model_dir, windows, cfg, progress, squares)
 
     skip = tied_lm_head(ckpt)
     names = [n for n in ckpt.names if n != skip]
@@ -496,6 +567,42 @@ def rounding_gains(
     return gains
 
 
+def imatrix_arrays(
+    squares: InputSquares, names: list[str], sig_digits: int, window: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({checkpoint weight name: sum over tokens of x^2 per input channel, float64}, the record for
+    importance.json: tokens per tensor, the chunk size). Only checkpoint tensors are kept; values are rounded
+    to `sig_digits` significant digits like the alphas (the last bits depend on the matmul's thread split)."""
+    import torch
+
+    known = set(names)
+    dropped = sorted(set(squares.sums) - known)
+    if dropped:
+        log.warning(
+            "%d linear layers are not checkpoint tensors (no imatrix entry): %s", len(dropped), dropped[:3]
+        )
+    arrays = {n: _round_array(squares.sums[n], sig_digits) for n in sorted(squares.sums) if n in known}
+    record = {
+        "file": IMATRIX_FILE,
+        "what": "per linear layer: sum over calibration tokens of x^2 per input channel (float64), llama.cpp's "
+        "importance matrix (in_sum2); counts = tokens seen",
+        "counts": {n: squares.counts[n] for n in arrays},
+        "chunk_size": window,
+        "torch_version": torch.__version__,
+    }
+    return arrays, record
+
+
+def _round_array(x: Any, digits: int) -> Any:
+    """float64 `x` rounded to `digits` significant digits (zeros stay zero)."""
+    import torch
+
+    a = x.abs()
+    exp = torch.floor(torch.log10(torch.where(a > 0, a, torch.ones_like(a))))
+    scale = torch.pow(torch.tensor(10.0, dtype=torch.float64), digits - 1 - exp)
+    return torch.where(a > 0, torch.round(x * scale) / scale, torch.zeros_like(x))
+
+
 def run(
     model_dir: Path,
     corpus_dir: Path,
@@ -504,16 +611,20 @@ def run(
     progress: bool = True,
     pack: PackConfig | None = None,
 ) -> dict[str, Any]:
-    """Compute the importance (and the head Hessian and GPTQ gains unless `hessian_windows` is 0) and write
-    `out`/importance.json (+ hessian.safetensors, rounding_gain.json) atomically: the folder is replaced whole."""
-    result = compute_importance(model_dir, corpus_dir, cfg, progress)
+    """Compute the importance (and the head Hessian and GPTQ gains unless `hessian_windows` is 0, and the
+    imatrix) and write `out`/importance.json (+ hessian.safetensors, imatrix.safetensors) atomically: the
+    folder is replaced whole."""
+    squares = InputSquares()
+    result = compute_importance(model_dir, corpus_dir, cfg, progress, squares)
+    names = list(result["alpha"])
+    imatrix, imatrix_record = imatrix_arrays(squares, names, cfg.sig_digits, cfg.window)
     record, hessians = (
         compute_hessian(model_dir, corpus_dir, cfg, progress) if cfg.hessian_windows else ({}, {})
     )
     pack = pack or PackConfig()
     gains = rounding_gains(model_dir, hessians, pack) if hessians else {}
     settings = {"damp": pack.damp, "block": pack.block}
-    return write_importance(out, result, record, hessians, gains, settings)
+    return write_importance(out, result, record, hessians, gains, settings, imatrix, imatrix_record)
 
 
 # ---------------------------------------------------------------- CLI

@@ -7,6 +7,13 @@ with the widest ranges whole, a uniform random sample of the rest) whose standar
 are always exact. The artifact is a safetensors file (arrays [tensors, options] + JSON metadata) that loads in
 milliseconds, plus summary.md.
 
+`--format gguf` (DVC stage profile_gguf) measures the convert stage's bf16 GGUF instead: per GGUF tensor and
+ggml type of the "gguf" option set, the bytes the tensor occupies in the file (padded to the GGUF alignment) and
+the error of ggml's own quantize/dequantize (mintbuild.ggml, the code llama-quantize runs) with llama-quantize's
+imatrix weights for the tensor, so that the profiled error is the packed file's error; the fixed header the
+allocation adds is the one llama-quantize will write (gguf_pack.quantized_header_bytes). It also writes the
+imatrix file (llama.cpp's format) that pack hands to llama-quantize.
+
 One job: the profile measurement (per-tensor statistics, the sampling estimator, the streaming pass); the
 artifact's format lives in artifacts/profile.py.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +53,7 @@ from .checkpoint import (
 from .config import ProfileConfig, as_dict, load_params
 from .errors import MintError
 from .formats import PASSTHROUGH, Option, option_set
-from .io import atomic_dir, canonical_json
+from .io import atomic_dir, canonical_json, sha256_file
 from .quant.reference import QUANTIZER_VERSION
 
 HELP = "measure bytes and quantization error of every tensor x storage option (one CPU pass, no data)"
@@ -473,6 +481,278 @@ _CONFIG_KEYS = (
 )
 
 
+# --- GGUF: the bf16 GGUF of `mintbuild convert`, ggml's own quantizers -----------------------------------------
+
+#: Substrings of GGUF tensor names llama-quantize never quantizes (src/llama-quant.cpp,
+#: tensor_allows_quantization); such tensors keep the converter's type. The pack's read-back catches the rest.
+GGUF_NEVER_QUANTIZED = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "position_embd.weight",
+    "token_types.weight",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "indexer.",
+)
+#: Elements quantized and dequantized at a time (bounds memory: a float32 chunk and its round trip).
+GGUF_CHUNK_ELEMENTS = 1 << 22
+_GGUF_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def gguf_values(t: Any) -> np.ndarray:
+    """A GGUF tensor's values as float32 numpy [..., row] (exact for F32, F16, BF16), from the memory map."""
+    shape = tuple(int(s) for s in reversed(t.shape))
+    kind = t.tensor_type.name
+    if kind == "F32":
+        return np.asarray(t.data, dtype=np.float32).reshape(shape)
+    if kind == "F16":
+        return np.asarray(t.data).view(np.float16).astype(np.float32).reshape(shape)
+    if kind == "BF16":
+        bits = np.asarray(t.data).view(np.uint16).reshape(shape)
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    raise MintError(
+        f"GGUF tensor {t.name} is {kind}: profile a 16-bit GGUF (mintbuild convert), not a quantized one"
+    )
+
+
+def gguf_sse(
+    x: np.ndarray, type_name: str, weights: np.ndarray | None, threads: int = 1
+) -> tuple[float, np.ndarray]:
+    """(sum of squared error, per-matrix SSE) of ggml's round trip of `x` ([rows, k] or [n_mat, rows, k]) in
+    `type_name`, each matrix with its row of importance `weights` ([n_mat, k]) as llama-quantize passes it;
+    a chunk of rows at a time, float64 sums."""
+    from .ggml import roundtrip
+
+    mats = x.reshape(-1, *x.shape[-2:]) if x.ndim >= 2 else x.reshape(1, 1, -1)
+    per = np.zeros(mats.shape[0])
+    k = mats.shape[-1]
+    rows = max(1, GGUF_CHUNK_ELEMENTS // k)
+    for m in range(mats.shape[0]):
+        w = None if weights is None else weights[m if weights.shape[0] > 1 else 0]
+        for r0 in range(0, mats.shape[1], rows):
+            chunk = np.ascontiguousarray(mats[m, r0 : r0 + rows])
+            d = roundtrip(chunk, type_name, w, threads=threads) - chunk
+            per[m] += float(np.sum(np.square(d, dtype=np.float64)))
+    return float(per.sum()), per
+
+
+def _gguf_role(name: str, hf: list[str], ndim: int, rules: list) -> tuple[str, int]:
+    if hf:
+        return tensor_role(hf[0], ndim, rules), layer_index(hf[0])
+    m = _GGUF_LAYER.match(name)
+    return tensor_role(name, ndim, rules), int(m.group(1)) if m else -1
+
+
+def profile_gguf(
+    gguf_path: Path,
+    ckpt: Checkpoint,
+    cfg: ProfileConfig,
+    imatrix: Any = None,
+    progress: bool = True,
+    threads: int = 1,
+) -> Profile:
+    """The GGUF profile of `gguf_path` (a bf16 GGUF of `ckpt`): per tensor, per GGUF option, the bytes the
+    tensor occupies in the file (padded to the alignment) and the error of ggml's quantize/dequantize with the
+    tensor's imatrix weights (`imatrix`: an imatrix.ImatrixFile, or None), one tensor at a time."""
+    import gguf
+    from tqdm import tqdm
+
+    from .formats import GGUF_PASSTHROUGH, gguf_option_set, gguf_padded
+    from .gguf_names import gguf_to_hf, hf_to_gguf
+    from .gguf_pack import quantized_header_bytes
+    from .imatrix import quantize_weights
+
+    opts = gguf_option_set(list(cfg.gguf_option_list) if cfg.gguf_option_list else cfg.gguf_options)
+    reader = gguf.GGUFReader(str(gguf_path))
+    arch = reader.fields["general.architecture"].contents()
+    n_blocks_field = reader.fields.get(f"{arch}.block_count")
+    n_blocks = int(n_blocks_field.contents()) if n_blocks_field is not None else 0
+    tensors = list(reader.tensors)
+    if not tensors:
+        raise MintError(f"{gguf_path}: the GGUF holds no tensors")
+    hf_of = gguf_to_hf(hf_to_gguf(ckpt.names, arch, n_blocks, [t.name for t in tensors]))
+    rules = compile_rules([(r.role, r.pattern) for r in cfg.role_rules])
+    tied = bool(ckpt.config.get("tie_word_embeddings", False)) and "output.weight" not in hf_of
+    k16 = len(opts) - 1
+    cols = _new_columns(len(tensors), len(opts))
+    metas: list[dict[str, Any]] = []
+    total = sum(int(t.n_elements) for t in tensors)
+    n_layers = max((layer_index(n) for n in ckpt.names), default=-1) + 1
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, unit="param", unit_scale=True, disable=not progress, desc="profile gguf")
+    for i, t in enumerate(tensors):
+        shape = tuple(int(s) for s in reversed(t.shape))
+        source = t.tensor_type.name
+        hf = hf_of.get(t.name, [])
+        role, layer = _gguf_role(t.name, hf, len(shape), rules)
+        quantizable = (
+            len(shape) >= 2
+            and source == GGUF_PASSTHROUGH.name
+            and t.name.endswith("weight")
+            and role not in PASSTHROUGH_ROLES
+            and not any(s in t.name for s in GGUF_NEVER_QUANTIZED)
+        )
+        x = gguf_values(t)
+        norm_sq = float(np.sum(np.square(x, dtype=np.float64)))
+        if not math.isfinite(norm_sq):
+            raise MintError(f"{gguf_path}: tensor {t.name!r} has a non-finite value; fix the checkpoint")
+        cols["elements"][i] = int(t.n_elements)
+        cols["norm_sq"][i] = norm_sq
+        cols["sampled_elements"][i] = int(t.n_elements)
+        _fill(cols, i, k16, gguf_padded(int(t.n_bytes)), np.array([0.0]), np.array([0.0]), None, norm_sq)
+        reasons: dict[str, str] = {}
+        weights = quantize_weights(imatrix, t.name) if imatrix is not None and quantizable else None
+        for k, o in enumerate(opts[:-1]):
+            why = o.unavailable_reason(shape)
+            if not quantizable:
+                why = f"{source} {len(shape)}-D tensor, role {role}: llama-quantize keeps it as the converter wrote it"
+            if why:
+                reasons[o.name] = why
+                continue
+            sse, per = gguf_sse(x, o.name, weights, threads)
+            worst = None
+            if len(shape) == 3 and shape[0] > 1:
+                mat_norm = np.sum(np.square(x, dtype=np.float64), axis=(1, 2))
+                worst = np.array(
+                    [
+                        math.sqrt(
+                            float(
+                                np.max(np.where(mat_norm > 0, per / np.where(mat_norm > 0, mat_norm, 1), 0))
+                            )
+                        )
+                    ]
+                )
+            _fill(cols, i, k, gguf_padded(o.nbytes(shape)), np.array([sse]), np.array([0.0]), worst, norm_sq)
+        metas.append({
+            "name": t.name,
+            "shape": list(shape),
+            "dtype": source,
+            "gguf_type": source,
+            "role": role,
+            "layer": layer,
+            "elements": int(t.n_elements),
+            "quantizable": quantizable,
+            "file": gguf_path.name,
+            "hf_name": hf[0] if hf else None,
+            "hf_names": hf,
+            "imatrix": weights is not None,
+            "tied_to": ["output.weight"] if tied and role == "embedding" else [],
+            "last_layer": layer == n_layers - 1 and layer >= 0,
+            "unavailable": reasons,
+        })  # fmt: skip
+        del x
+        bar.update(int(t.n_elements))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    header = quantized_header_bytes(reader, imatrix)
+    data = int(cols["bytes"][:, k16].sum())
+    file_bytes = Path(gguf_path).stat().st_size
+    if gguf_padded(int(reader.data_offset)) + data != file_bytes:
+        raise MintError(
+            f"{gguf_path}: {file_bytes:,} B, but its header {reader.data_offset:,} B + padded tensors {data:,} B "
+            "differ: the profile's bytes would not add up to the file"
+        )
+    provenance = {
+        "checkpoint_hash": sha256_file(gguf_path),
+        "model_fingerprint": fingerprint(ckpt),
+        "model_folder": ckpt.folder.name,
+        "gguf_file": Path(gguf_path).name,
+        "gguf_architecture": arch,
+        "options": [o.name for o in opts],
+        "quantizer": f"ggml {_ggml_version()}",
+        "mintbuild_version": __version__,
+        "profile_config": {
+            k: v for k, v in as_dict(cfg).items() if k in ("gguf_options", "gguf_option_list", "gguf_imatrix")
+        },
+        "imatrix": bool(imatrix is not None),
+        "model_config": {k: ckpt.config.get(k) for k in _CONFIG_KEYS if k in ckpt.config},
+    }
+    provenance["profile_hash"] = xxhash.xxh3_128(canonical_json(provenance).encode()).hexdigest()
+    summary = {
+        "tensors": len(metas),
+        "parameters": int(total),
+        "bytes_16bit": data,
+        "sampled_tensors": 0,
+        "max_nrmse_rse": 0.0,
+        "header_bytes": header,
+        "source_header_bytes": int(reader.data_offset),
+    }
+    log.info(
+        "profiled %d GGUF tensors x %d types, %.3g params in %.1f s (%.3g params/s); header %s B",
+        len(metas), len(opts), total, seconds, total / max(seconds, 1e-9), f"{header:,}",
+    )  # fmt: skip
+    return Profile(metas, list(opts), cols, provenance, summary, format="gguf")
+
+
+def _ggml_version() -> str:
+    from .llamacpp import build_name
+
+    return build_name()
+
+
+def run_gguf(
+    convert_dir: Path,
+    model_dir: Path,
+    importance_dir: Path | None,
+    cfg: ProfileConfig,
+    out: Path,
+    progress: bool = True,
+) -> Profile:
+    """Profile the convert stage's GGUF (with the importance stage's imatrix when `cfg.gguf_imatrix`) into
+    `out`: profile.safetensors, summary.md, and imatrix.gguf (llama.cpp's file, which pack hands to
+    llama-quantize)."""
+    import os
+
+    from .artifacts.convert import GGUF_FILE, load_convert
+    from .artifacts.importance import load_importance, load_input_squares
+    from .imatrix import IMATRIX_GGUF, gguf_entries, read_imatrix, write_imatrix
+
+    doc = load_convert(convert_dir)
+    ckpt = open_checkpoint(model_dir)
+    fp = fingerprint(ckpt)
+    if doc["provenance"]["model_fingerprint"] != fp:
+        raise MintError(
+            f"{convert_dir}: converted from another model than {model_dir} (fingerprint "
+            f"{doc['provenance']['model_fingerprint']} != {fp}); re-run `mintbuild convert`"
+        )
+    gguf_path = Path(convert_dir) / GGUF_FILE
+    threads = max(1, min(4, os.cpu_count() or 1))
+    with atomic_dir(out) as tmp:
+        imatrix = None
+        if cfg.gguf_imatrix:
+            if importance_dir is None:
+                raise MintError("profile.gguf_imatrix is true but no importance folder was given")
+            imp = load_importance(importance_dir)
+            if imp.get("provenance", {}).get("model_fingerprint") != fp:
+                raise MintError(f"{importance_dir}: measured on another model than {model_dir}; re-run it")
+            squares = load_input_squares(importance_dir)
+            import gguf
+
+            reader = gguf.GGUFReader(str(gguf_path))
+            shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
+            arch = doc["gguf"]["architecture"]
+            entries = gguf_entries(squares, arch, int(doc["gguf"]["block_count"]), shapes)
+            prov = imp.get("provenance", {})
+            dataset = (
+                f"mintbuild importance: train split sha256 {str(prov.get('corpus_train_sha256', ''))[:16]}"
+            )
+            chunks = max(1, round(max(squares.counts.values()) / max(squares.chunk_size, 1)))
+            write_imatrix(tmp / IMATRIX_GGUF, entries, chunks, squares.chunk_size, [dataset])
+            del reader
+            imatrix = read_imatrix(tmp / IMATRIX_GGUF)
+            log.info("wrote %s: %d entries from the importance stage's %d tokens", IMATRIX_GGUF, len(entries),
+                     max(squares.counts.values()))  # fmt: skip
+        prof = profile_gguf(gguf_path, ckpt, cfg, imatrix, progress, threads)
+        if imatrix is not None:
+            prof.provenance["imatrix_sha256"] = sha256_file(tmp / IMATRIX_GGUF)
+        prof.save(tmp)
+    return prof
+
+
 # --- stage ------------------------------------------------------------------------------------------------
 
 
@@ -489,13 +769,31 @@ def run(model_dir: Path, cfg: ProfileConfig, out: Path, progress: bool = True) -
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="composed parameters (default: params.yaml)")
     p.add_argument(
+        "--format",
+        choices=("mlx", "gguf"),
+        default="mlx",
+        help="mlx: MLX options of the checkpoint (default); gguf: ggml types of the convert stage's GGUF",
+    )
+    p.add_argument(
         "--model", help="checkpoint folder or .safetensors file (default: the equalize stage's output)"
     )
-    p.add_argument("--out", help="output folder (default: profile.out from params)")
+    p.add_argument(
+        "--out", help="output folder (default: profile.out, or profile.gguf_out with --format gguf)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     model_dir = Path(args.model) if args.model else resolve_weights_dir(Path(params.equalize.out))
+    if args.format == "gguf":
+        run_gguf(
+            Path(params.convert.out),
+            model_dir,
+            Path(params.importance.out),
+            params.profile,
+            Path(args.out or params.profile.gguf_out),
+            progress=not args.no_progress,
+        )
+        return
     run(model_dir, params.profile, Path(args.out or params.profile.out), progress=not args.no_progress)

@@ -26,6 +26,11 @@ HESSIAN_FILE = "hessian.safetensors"
 HALF = "#even_windows"
 
 
+#: llama.cpp's importance matrix by checkpoint name: per linear layer's weight, the sum over the calibration
+#: tokens of x^2 per input channel (float64 [in]); the token counts are in importance.json ("imatrix").
+IMATRIX_FILE = "imatrix.safetensors"
+
+
 @dataclass(frozen=True)
 class Hessians:
     """The importance stage's head Hessians: over all windows, over the even-numbered ones, the file's sha256
@@ -79,9 +84,11 @@ def write_importance(
     hessians: dict[str, Any],
     gains: dict[str, dict[str, float]],
     gain_settings: dict[str, Any],
+    imatrix: dict[str, Any] | None = None,
+    imatrix_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `out`/importance.json (+ hessian.safetensors when there are Hessians) atomically: the folder is
-    replaced whole. The Hessian file's sha256 and the GPTQ rounding gains (with the damping and block they were
+    """Write `out`/importance.json (+ hessian.safetensors when there are Hessians, imatrix.safetensors when
+    there is an imatrix) atomically: the folder is replaced whole. The Hessian file's sha256 and the GPTQ rounding gains (with the damping and block they were
     measured with) are recorded in importance.json."""
     from safetensors.torch import save_file
 
@@ -90,6 +97,9 @@ def write_importance(
             save_file(hessians, str(tmp / HESSIAN_FILE), metadata={"schema_version": str(SCHEMA_VERSION)})
             doc["hessian"] = {**record, "sha256": sha256_file(tmp / HESSIAN_FILE)}
             doc["rounding_gain"] = {**gain_settings, "tensors": gains}
+        if imatrix:
+            save_file(imatrix, str(tmp / IMATRIX_FILE), metadata={"schema_version": str(SCHEMA_VERSION)})
+            doc["imatrix"] = {**(imatrix_record or {}), "sha256": sha256_file(tmp / IMATRIX_FILE)}
         atomic_write_json(tmp / FILENAME, doc)
     return doc
 
@@ -115,3 +125,36 @@ def _gptq_record(folder: Path, key: str, what: str) -> tuple[dict[str, Any], dic
             "`mintbuild importance`, or set pack.rounding: rtn"
         )
     return doc, doc[key]
+
+
+@dataclass(frozen=True)
+class InputSquares:
+    """The importance stage's imatrix: per checkpoint weight name, the sum over calibration tokens of x^2 per
+    input channel (float64 numpy), the tokens it saw, the chunk size (tokens per window) and the file's sha256."""
+
+    sums: dict[str, Any]
+    counts: dict[str, int]
+    chunk_size: int
+    sha256: str
+
+
+def load_input_squares(folder: Path) -> InputSquares:
+    """The imatrix of an importance folder, checked against the sha256 importance.json recorded."""
+    from safetensors.numpy import load_file
+
+    doc = load_importance(folder)
+    rec = doc.get("imatrix")
+    path = Path(folder) / IMATRIX_FILE
+    if not rec:
+        raise MintError(f"{Path(folder) / FILENAME}: no imatrix; rerun `mintbuild importance`")
+    if not path.is_file() or sha256_file(path) != rec["sha256"]:
+        raise MintError(
+            f"{path}: missing or not the file importance.json recorded (sha256 {rec['sha256'][:12]})"
+        )
+    sums = load_file(str(path))
+    missing = sorted(set(sums) - set(rec["counts"]))
+    if missing:
+        raise MintError(f"{path}: no token count for {missing[:3]} in importance.json")
+    return InputSquares(
+        sums, {k: int(v) for k, v in rec["counts"].items()}, int(rec["chunk_size"]), rec["sha256"]
+    )
