@@ -25,7 +25,7 @@ from .artifacts.model import resolve_weights_dir
 from .artifacts.profile import Profile, load_profile
 from .budget import format_size, resolve_budget
 from .checkpoint import fingerprint, open_checkpoint
-from .config import Params, SolverConfig, TargetConfig, as_dict, load_params, select_targets
+from .config import Params, SolverConfig, TargetConfig, as_dict, load_params, select_targets, target_format
 from .errors import InfeasibleBudget, MintError
 from .io import hash_obj
 from .knapsack import Problem, floor_bytes, infeasible_message, problem_for
@@ -111,11 +111,23 @@ def _document(problem, name, target, cfg, profile, budget, why, tensor_budget, r
         "solver": res.method,
         "objective_kind": cfg.objective,
     }
+    gguf = (
+        {"format": "gguf", "imatrix": bool(profile.provenance.get("imatrix"))}
+        if profile.format == "gguf"
+        else {}
+    )
     return {
         "schema_version": SCHEMA_VERSION,
         "target": name,
+        # the runtime: absent for MLX (so MLX allocations stay byte-identical to those before GGUF existed)
+        **gguf,
         # The description is for people: editing it must not change the artifact (nor rebuild pack/evaluate).
-        "target_config": {k: v for k, v in as_dict(target).items() if k != "description"},
+        # (and the default format, mlx, is implicit: MLX allocations stay as they were before GGUF existed)
+        "target_config": {
+            k: v
+            for k, v in as_dict(target).items()
+            if k != "description" and not (k == "formats" and v == ["mlx"])
+        },
         "provenance": {
             "profile_hash": profile.hash,
             "checkpoint_hash": profile.provenance["checkpoint_hash"],
@@ -161,15 +173,25 @@ def run(
     out_root: Path,
     model_dir: Path | None = None,
     importance_file: Path | None = None,
+    gguf_profile_dir: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
+    """Allocate each target from the profile of its format: `profile_dir` (mlx) or `gguf_profile_dir` (gguf,
+    default profile.gguf_out); each profile and its knapsack are built once."""
     names = select_targets(params, targets)
     if params.solver.method not in ("exact", "cvxpy", "dp", "greedy"):
         raise MintError(f"solver.method {params.solver.method!r}: choose exact, cvxpy, dp or greedy")
-    profile = load_profile(profile_dir)
-    check_model(profile, params, model_dir)
-    problem = problem_for(profile, params.solver, importance_file, params)
+    dirs = {"mlx": Path(profile_dir), "gguf": Path(gguf_profile_dir or params.profile.gguf_out)}
+    problems: dict[str, tuple[Profile, Problem]] = {}
     results = {}
     for name in names:
+        fmt = target_format(params.targets[name], name)
+        if fmt not in problems:
+            profile = load_profile(dirs[fmt])
+            if profile.format != fmt:
+                raise MintError(f"{dirs[fmt]}: a {profile.format} profile, but target {name!r} builds {fmt}")
+            check_model(profile, params, model_dir)
+            problems[fmt] = (profile, problem_for(profile, params.solver, importance_file, params))
+        profile, problem = problems[fmt]
         doc, metrics, timings = allocate_target(problem, name, params.targets[name], params.solver, profile)
         write_allocation(out_root / name, doc, metrics, timings)
         t = doc["totals"]

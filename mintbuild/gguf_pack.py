@@ -17,6 +17,7 @@ header_bytes + the sum of every tensor's bytes padded to the alignment (formats.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -29,7 +30,7 @@ from typing import Any
 from .errors import MintError
 from .formats import GGUF_ALIGNMENT, GGUF_OPTIONS, gguf_padded
 from .imatrix import IMATRIX_GGUF, ImatrixFile
-from .io import sha256_file
+from .io import atomic_dir, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -233,3 +234,122 @@ def verify(plan: GGUFPlan, path: Path) -> dict[str, Any]:
         raise MintError(f"{path}: {size:,} B, but the plan is {plan.file_bytes:,} B")
     check_budget(plan)
     return {"file_bytes": size, "header_bytes": int(reader.data_offset), "sha256": sha256_file(path)}
+
+
+# ---------------------------------------------------------------- the pack folder
+
+
+@dataclass
+class GGUFPackResult:
+    target: str
+    out: Path
+    plan: GGUFPlan
+    seconds: float = 0.0
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def check_sources(alloc: dict[str, Any], convert_dir: Path, profile_dir: Path) -> tuple[Path, Path | None]:
+    """(the bf16 GGUF, the imatrix file or None) the allocation was planned on, checked by hash before any work:
+    the GGUF's sha256 (convert.json) is the profile's checkpoint hash, the profile is the allocation's, and the
+    imatrix file is the one the profile measured with."""
+    from .artifacts.convert import GGUF_FILE, load_convert
+    from .artifacts.profile import load_profile
+
+    doc = load_convert(convert_dir)
+    prov = alloc.get("provenance", {})
+    if prov.get("checkpoint_hash") != doc["gguf"]["sha256"]:
+        raise MintError(
+            f"allocation {alloc['target']!r} was planned on another GGUF than {Path(convert_dir) / GGUF_FILE} "
+            "(sha256 differs); re-run `mintbuild profile --format gguf` and `mintbuild allocate`"
+        )
+    profile = load_profile(profile_dir)
+    if profile.hash != prov.get("profile_hash"):
+        raise MintError(
+            f"allocation {alloc['target']!r} was planned on another profile than {profile_dir}; re-run "
+            "`mintbuild allocate`"
+        )
+    imatrix = None
+    if alloc.get("imatrix"):
+        imatrix = Path(profile_dir) / IMATRIX_GGUF
+        want = profile.provenance.get("imatrix_sha256")
+        if not imatrix.is_file() or sha256_file(imatrix) != want:
+            raise MintError(f"{imatrix}: missing or not the imatrix the profile measured with")
+    return Path(convert_dir) / GGUF_FILE, imatrix
+
+
+def pack_gguf(
+    alloc: dict[str, Any],
+    alloc_path: Path,
+    convert_dir: Path,
+    profile_dir: Path,
+    model_dir: Path,
+    out: Path,
+    dry_run: bool = False,
+) -> GGUFPackResult:
+    """Write `out`/ (model.gguf by llama-quantize, tensor-types.txt, config.json and the tokenizer files of
+    `model_dir`, mintbuild-pack.json) for a gguf allocation, or only plan it (`dry_run`). Atomic: on any error
+    (a failed llama-quantize, a type it changed, a byte count off the plan) nothing is left behind."""
+    from .llamacpp import build_name
+    from .mlx_folder import MANIFEST_FILE, MANIFEST_SCHEMA, check_tokenizer, tokenizer_files
+
+    plan = make_plan(alloc)
+    check_budget(plan)
+    source, imatrix = check_sources(alloc, convert_dir, profile_dir)
+    config_path = Path(model_dir) / "config.json"
+    model_config = json.loads(config_path.read_text(encoding="utf-8"))
+    files = tokenizer_files(Path(model_dir))
+    check_tokenizer(Path(model_dir), model_config)
+    result = GGUFPackResult(plan.target, Path(out), plan)
+    if dry_run:
+        return result
+    with atomic_dir(out) as tmp:
+        seconds = quantize(plan, source, imatrix, tmp / OUT_FILE, tmp)
+        (tmp / IMATRIX_GGUF).unlink(
+            missing_ok=True
+        )  # given to llama-quantize; the profile keeps the original
+        facts = verify(plan, tmp / OUT_FILE)
+        shutil.copyfile(config_path, tmp / "config.json")
+        for src in files:
+            if src.name != "config.json":
+                shutil.copyfile(src, tmp / src.name)
+        totals = alloc["totals"]
+        result.manifest = {
+            "schema_version": MANIFEST_SCHEMA,
+            "format": "gguf",
+            "target": plan.target,
+            "allocation_sha256": sha256_file(alloc_path),
+            "provenance": alloc.get("provenance", {}),
+            "budget": plan.budget,
+            "requested_budget": totals["budget"],
+            "notes": alloc.get("notes", []),
+            "weights_file": OUT_FILE,
+            "weights_bytes": facts["file_bytes"],
+            "header_bytes": facts["header_bytes"],
+            "parameters": plan.parameters,
+            "avg_bits_per_weight": 8 * plan.data_bytes / max(plan.parameters, 1),
+            "objective": totals.get("objective"),
+            "objective_kind": totals.get("objective_kind"),
+            "quantizer": f"llama-quantize (llama.cpp {build_name()})",
+            "rounding": {"method": "llama-quantize", "imatrix": plan.imatrix, "base_type": BASE_TYPE},
+            "tensor_types": dict(sorted(Counter(plan.types.values()).items())),
+            "files": {
+                p.name: {
+                    "bytes": p.stat().st_size,
+                    "sha256": facts["sha256"] if p.name == OUT_FILE else sha256_file(p),
+                }
+                for p in sorted(tmp.iterdir())
+                if p.is_file() and p.name != MANIFEST_FILE
+            },
+        }
+        atomic_write_json(tmp / MANIFEST_FILE, result.manifest)
+    result.seconds = seconds
+    log.info(
+        "%s: %s %s B of budget %s B (%.3f bits/weight), llama-quantize %.2f s",
+        plan.target,
+        Path(out) / OUT_FILE,
+        f"{plan.file_bytes:,}",
+        f"{plan.budget:,}",
+        8 * plan.data_bytes / max(plan.parameters, 1),
+        seconds,
+    )
+    return result

@@ -130,6 +130,8 @@ def _decision(profile: Profile, name: str, rows: list[int]) -> dict[str, Any]:
         "elements": int(sum(profile.tensors[r]["elements"] for r in rows)),
         "quantizable": bool(first["quantizable"]),
         "tied_to": first.get("tied_to", []),
+        # a GGUF profile's tensor: the type the converter wrote (what the passthrough option keeps)
+        **({"gguf_type": first["gguf_type"]} if "gguf_type" in first else {}),
     }
 
 

@@ -19,6 +19,11 @@ Quantized tensors are cached by (content hash, option, quantizer version, roundi
 choices cost little more than one. The output is byte-identical for identical inputs (sorted header names,
 data in source name order, fixed metadata; GPTQ's float32 matrix products on one machine and thread count);
 the file is written front to back and its sha256 taken as it is written.
+
+A GGUF target's allocation (format gguf) is packed by gguf_pack instead: llama-quantize writes
+artifacts/pack/<target>/model.gguf from the convert stage's bf16 GGUF with every tensor's planned type (and the
+profile's imatrix), the output is read back and held to the plan's types and bytes, and the folder gets the same
+config.json, tokenizer files and mintbuild-pack.json (with "format": "gguf").
 """
 
 from __future__ import annotations
@@ -349,6 +354,19 @@ def pack_target(
     model_dir = Path(model_out or params.equalize.out)
     alloc_path = Path(alloc_root or params.allocate_out) / target / ALLOCATION_FILE
     alloc = load_allocation(Path(alloc_root or params.allocate_out), target)
+    if alloc.get("format") == "gguf":  # llama-quantize writes the file (gguf_pack); same folder contract
+        from .gguf_pack import pack_gguf
+
+        g = pack_gguf(
+            alloc,
+            alloc_path,
+            Path(params.convert.out),
+            Path(params.profile.gguf_out),
+            resolve_weights_dir(model_dir),
+            out_root / target,
+            dry_run=dry_run,
+        )
+        return PackResult(target, g.out, g.plan, g.seconds, manifest=g.manifest)  # type: ignore[arg-type]
     ckpt = open_checkpoint(resolve_weights_dir(model_dir))
     check_provenance(alloc, ckpt, alloc_path)
     model_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
@@ -427,4 +445,11 @@ def main(args: argparse.Namespace) -> None:
         cache_dir=Path(args.cache) if args.cache else None,
     )
     if args.dry_run:
-        sys.stdout.write("\n".join(render_plan(r.plan, r.out) for r in results) + "\n")
+        sys.stdout.write("\n".join(_render(r) for r in results) + "\n")
+
+
+def _render(r: PackResult) -> str:
+    from .gguf_pack import GGUFPlan
+    from .gguf_pack import render_plan as render_gguf_plan
+
+    return render_gguf_plan(r.plan, r.out) if isinstance(r.plan, GGUFPlan) else render_plan(r.plan, r.out)
