@@ -9,6 +9,13 @@ head, whatever the model's size. A block that cannot fit the memory available is
 `stride` tokens, `n_windows` of them are drawn with `seed` and scored in corpus order; each window's first
 token has no context and is not scored. Reported: mean PPL = exp(mean token NLL over all scored tokens) and
 the median of per-window PPL (as the published method reports), tokens scored and tokens/s.
+
+A GGUF target (manifest format "gguf": model.gguf by llama-quantize) is scored twice. Our streamed evaluator reads
+the GGUF through mintbuild.gguf_source (ggml's own dequantization, one tensor at a time) on the same windows with
+the same BOS rule as every target, so its ppl_mean is comparable with the MLX targets' and the baseline's. And the
+real client, llama-perplexity, scores the split's text with chunks of `window` tokens, `n_windows` of them, on
+`threads` threads; our evaluator scores exactly its chunks at its positions (mintbuild.llama_perplexity), and
+metrics.json carries both numbers and their relative difference under `llama_perplexity`.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from .calibration import load_tokenizer, sequence_prefix
 from .checkpoint import expert_parts, open_checkpoint, stack_experts, tied_lm_head
 from .config import EvalConfig, Params, as_dict, load_params
 from .errors import MintError
+from .gguf_source import GGUFSource
 from .io import sha256_text
+from .llama_perplexity import compare as llama_compare
 from .mlx_folder import dequantize_module, dequantized_state, read_config, verify_manifest
 from .streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden
 
@@ -316,6 +325,39 @@ def run_baseline(
     return write_metrics(Path(out_root or params.eval_out) / BASELINE, metrics, settings, timings)
 
 
+def gguf_file(folder: Path, manifest: dict[str, Any]) -> Path | None:
+    """The GGUF of a packed GGUF target (manifest format "gguf"), None for an MLX folder."""
+    if manifest.get("format", "mlx") != "gguf":
+        return None
+    path = folder / manifest.get("weights_file", "model.gguf")
+    if not path.is_file():
+        raise MintError(f"{path}: the pack manifest says format gguf but the GGUF file is missing")
+    return path
+
+
+def score_llama_perplexity(
+    model: StreamedModel, gguf: Path, tok_folder: Path, params: Params, corpus_dir: Path, window: int,
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """llama-perplexity on the split's text (chunks of `window`, `eval.n_windows` of them) and our evaluator on
+    the same chunks: (metrics, timings)."""
+    from .llama_perplexity import gguf_adds_bos
+
+    tokenizer = load_tokenizer(tok_folder)
+    path = corpus_dir / f"{params.eval.split}.txt"
+    text = path.read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prefix = sequence_prefix(tokenizer)
+    bos = gguf_adds_bos(model.source.reader) if isinstance(model.source, GGUFSource) else None
+    if bos is not None and bos != bool(prefix):
+        raise MintError(
+            f"{gguf}: tokenizer.ggml.add_bos_token is {bos} but the tokenizer in {tok_folder} "
+            f"{'adds' if prefix else 'does not add'} a BOS: llama-perplexity and our windows would start differently"
+        )
+    return llama_compare(model, gguf, text, ids, prefix, window, params.eval.n_windows, params.eval.threads,
+                         progress)  # fmt: skip
+
+
 def run_target(
     params: Params, target: str, out_root: Path | None = None, progress: bool = True, **kw: Any
 ) -> dict[str, Any]:
@@ -327,7 +369,8 @@ def run_target(
     baseline_dir = Path(kw.get("baseline_dir") or out_root / BASELINE)
     baseline = read_baseline(baseline_dir)
     manifest = verify_manifest(folder)
-    model = StreamedModel(PackedSource(folder), dtype)
+    gguf = gguf_file(folder, manifest)
+    model = StreamedModel(GGUFSource(gguf) if gguf else PackedSource(folder), dtype)
     corpus_dir = Path(kw.get("corpus_out") or params.corpus.out)
     scores, settings, timings = evaluate_folder(model, folder, params, corpus_dir, progress)
     if baseline["settings"] != settings:
@@ -335,6 +378,13 @@ def run_target(
             f"{baseline_dir}: the baseline was scored with other eval settings or corpus; "
             "re-run `mintbuild evaluate --baseline`"
         )
+    extra: dict[str, Any] = {}
+    if gguf:
+        lp, lp_timings = score_llama_perplexity(
+            model, gguf, folder, params, corpus_dir, scores["window"], progress
+        )
+        extra = {"format": "gguf", "llama_perplexity": lp}
+        timings = {**timings, **lp_timings}
     base = baseline["metrics"]
     metrics = {
         "schema_version": SCHEMA_VERSION,
@@ -351,6 +401,7 @@ def run_target(
         "delta_ppl_mean": scores["ppl_mean"] - base["ppl_mean"],
         "delta_ppl_median": scores["ppl_median"] - base["ppl_median"],
         "delta_ppl_mean_pct": 100 * (scores["ppl_mean"] / base["ppl_mean"] - 1),
+        **extra,
     }
     return write_metrics(out_root / target, metrics, settings, timings)
 

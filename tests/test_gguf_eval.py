@@ -186,3 +186,157 @@ def test_a_gguf_the_architecture_does_not_fit_is_refused(families: dict[str, dic
     cfg = json.loads((families["llama"]["hf"] / "config.json").read_text())
     with pytest.raises(MintError, match=r"gemma3_text-bf16\.gguf: .*(tensor|architecture)"):
         GGUFSource(f["bf16"], cfg)
+
+
+# ---------------------------------------------------------------- evaluation: ours and llama-perplexity
+
+
+def pack_folder(folder: Path, gguf: Path, hf: Path, target: str = "t") -> Path:
+    """A packed GGUF target as the pack stage writes one: model.gguf, config.json and the tokenizer files, and a
+    manifest with the MLX manifest's keys plus format gguf."""
+    from mintbuild.io import sha256_file
+    from mintbuild.mlx_folder import MANIFEST_FILE, MANIFEST_SCHEMA
+
+    folder.mkdir(parents=True)
+    shutil.copyfile(gguf, folder / "model.gguf")
+    for f in hf.iterdir():
+        if f.name == "config.json" or f.name.startswith("tokenizer") or f.suffix == ".jinja":
+            shutil.copyfile(f, folder / f.name)
+    size = (folder / "model.gguf").stat().st_size
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA,
+        "format": "gguf",
+        "target": target,
+        "budget": size,
+        "requested_budget": size,
+        "notes": [],
+        "weights_file": "model.gguf",
+        "weights_bytes": size,
+        "header_bytes": 0,
+        "parameters": 0,
+        "avg_bits_per_weight": 0.0,
+        "objective": None,
+        "files": {
+            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(folder.iterdir())
+        },
+    }
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    return folder
+
+
+def eval_params(root: Path, hf: Path, corpus_dir: Path, window: int, n_windows: int, threads: int = 2) -> Any:
+    from mintbuild.config import EvalConfig, Params, TargetConfig
+    from mintbuild.model import import_model
+
+    p = Params(targets={"t": TargetConfig(bits_per_weight=5.0)})
+    p.model.source, p.model.path, p.model.out = "local", str(hf), str(root / "model")
+    p.corpus.out = str(corpus_dir)
+    p.eval = EvalConfig(window=window, n_windows=n_windows, threads=threads)
+    p.pack_out, p.eval_out = str(root / "pack"), str(root / "eval")
+    import_model(p.model, Path(p.model.out))
+    return p
+
+
+def llama_tokens(gguf: Path, text: str, ctx: int, chunks: int) -> np.ndarray:
+    """The tokens llama-perplexity scores, as it records them in its --kl-divergence-base file (header:
+    "_logits_", n_ctx, n_vocab, n_chunk, then n_chunk * n_ctx int32 tokens, BOS not yet written in)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "t.txt").write_text(text + "\n")
+        base = Path(tmp) / "base.kld"
+        run_tool("llama-perplexity", ["-m", gguf, "-f", Path(tmp) / "t.txt", "-c", ctx, "--chunks", chunks,
+                                      "-t", 2, "--kl-divergence-base", base])  # fmt: skip
+        with open(base, "rb") as f:
+            head = f.read(20)
+            assert head[:8] == b"_logits_"
+            n_ctx, _, n_chunk = np.frombuffer(head[8:], dtype=np.int32)
+            return np.frombuffer(f.read(4 * n_ctx * n_chunk), dtype=np.int32).reshape(n_chunk, n_ctx)
+
+
+#: |ours / llama-perplexity - 1| on the tiny llama's mixed K-quant GGUF, 2 chunks of 128 (measured 2e-5..1e-4: a
+#: random-init model's logits are near zero, so the kernels' rounding barely moves them).
+TINY_TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def gguf_eval(
+    families: dict[str, dict[str, Path]], corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory
+):
+    from mintbuild.evaluate import run_baseline, run_target
+
+    root = tmp_path_factory.mktemp("gguf_eval")
+    f = families["llama"]
+    p = eval_params(root, f["hf"], corpus_dir, window=128, n_windows=2)
+    pack_folder(root / "pack" / "t", f["q4"], f["hf"])
+    run_baseline(p, progress=False)
+    return {"params": p, "root": root, "metrics": run_target(p, "t", progress=False)}
+
+
+def test_gguf_target_scored_by_us_and_by_llama_perplexity(
+    gguf_eval: dict[str, Any], corpus_dir: Path
+) -> None:
+    m = gguf_eval["metrics"]
+    assert m["format"] == "gguf" and m["windows"] == 2 and m["window"] == 128 and m["tokens"] == 2 * 127
+    lp = m["llama_perplexity"]
+    assert lp["chunks"] == 2 and lp["ctx"] == 128 and lp["scored_tokens"] == 2 * 63 and lp["threads"] == 2
+    assert abs(lp["ours_same_chunks"] / lp["ppl"] - 1) < TINY_TOLERANCE, lp
+    assert abs(lp["rel_diff"]) < TINY_TOLERANCE
+    timings = json.loads((Path(gguf_eval["root"]) / "eval" / "t" / "timings.json").read_text())
+    assert timings["llama_perplexity_seconds"] > 0
+    # the tokens llama-perplexity scored are the HF tokenizer's chunks exactly
+    from mintbuild.calibration import load_tokenizer, sequence_prefix
+    from mintbuild.llama_perplexity import chunks
+
+    folder = Path(gguf_eval["params"].pack_out) / "t"
+    tok = load_tokenizer(folder)
+    text = (corpus_dir / "test.txt").read_text(encoding="utf-8")
+    ours = np.stack(chunks(tok(text, add_special_tokens=False)["input_ids"], sequence_prefix(tok), 128, 2))
+    assert np.array_equal(llama_tokens(folder / "model.gguf", text, 128, 2), ours)
+
+
+def test_gguf_metrics_are_deterministic(gguf_eval: dict[str, Any]) -> None:
+    """A second run writes the same metrics.json bytes (llama-perplexity's printed digits included)."""
+    from mintbuild.evaluate import run_target
+
+    out = Path(gguf_eval["params"].eval_out) / "t" / "metrics.json"
+    first = out.read_bytes()
+    run_target(gguf_eval["params"], "t", progress=False)
+    assert out.read_bytes() == first
+
+
+def test_gguf_target_errors_are_one_line_and_write_nothing(
+    gguf_eval: dict[str, Any], families: dict[str, dict[str, Path]], tmp_path: Path
+) -> None:
+    from mintbuild.evaluate import run_target
+    from mintbuild.llama_perplexity import run_llama_perplexity
+
+    p = gguf_eval["params"]
+    bad = dataclasses_replace(p, pack_out=str(tmp_path / "pack"), eval_out=str(tmp_path / "eval"))
+    # a GGUF our evaluator cannot build: gemma3's file under a llama config
+    pack_folder(tmp_path / "pack" / "t", families["gemma3_text"]["q4"], families["llama"]["hf"])
+    kw = {"baseline_dir": Path(p.eval_out) / "baseline"}
+    with pytest.raises(MintError, match=r"model\.gguf: .*(tensor|architecture)") as e:
+        run_target(bad, "t", progress=False, **kw)
+    assert "\n" not in str(e.value)
+    # a missing model.gguf
+    shutil.rmtree(tmp_path / "pack" / "t")
+    pack_folder(tmp_path / "pack" / "t", families["llama"]["q4"], families["llama"]["hf"])
+    (tmp_path / "pack" / "t" / "model.gguf").unlink()
+    with pytest.raises(MintError, match=r"model\.gguf: listed in .* but missing"):
+        run_target(bad, "t", progress=False, **kw)
+    assert not (tmp_path / "eval").exists()
+    # llama-perplexity failing: a file it cannot load (exit 1), and a text too short for two chunks (exit 0)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(MintError, match=r"llama-perplexity failed \(exit \d+\): .+") as e:
+        run_llama_perplexity(junk, "some text", 128, 2)
+    assert "\n" not in str(e.value)
+    with pytest.raises(MintError, match=r"llama-perplexity printed no final estimate: .*tokens"):
+        run_llama_perplexity(families["llama"]["q4"], "far too short", 128, 2)
+
+
+def dataclasses_replace(obj: Any, **kw: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
