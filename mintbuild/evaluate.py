@@ -42,7 +42,7 @@ from .errors import MintError
 from .gguf_source import GGUFSource
 from .io import sha256_text
 from .llama_perplexity import compare as llama_compare
-from .mlx_folder import dequantize_module, dequantized_state, read_config, verify_manifest
+from .mlx_folder import PackedTensors, dequantize_module, dequantized_state, read_config, verify_manifest
 from .streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -91,28 +91,25 @@ class PackedSource:
     16-bit tensors as stored."""
 
     def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         self.config = read_config(self.folder)
         self.quant = self.config.get("quantization") or {}
         files = sorted(self.folder.glob("model*.safetensors"))
         if not files:
             raise MintError(f"{self.folder}: no model*.safetensors")
-        self._files = {f: safe_open(str(f), framework="pt") for f in files}
-        self._where = {k: f for f, sf in self._files.items() for k in sf.keys()}  # noqa: SIM118
+        self._tensors = PackedTensors(files)
 
     def has(self, name: str) -> bool:
-        return name in self._where
+        return name in self._tensors
 
     def _raw(self, name: str) -> torch.Tensor:
-        return self._files[self._where[name]].get_tensor(name)
+        return self._tensors.read(name)
 
     def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         out = {}
         for name in names:
             stem = name.removesuffix(".weight")
-            if f"{stem}.scales" in self._where:
+            if f"{stem}.scales" in self._tensors:
                 raw = {f"{stem}.{k}": self._raw(f"{stem}.{k}") for k in ("weight", "scales", "biases")}
                 out[name] = dequantize_module(stem, raw, self.quant)
             else:
