@@ -332,25 +332,31 @@ def gguf_file(folder: Path, manifest: dict[str, Any]) -> Path | None:
     return path
 
 
+def check_bos(source: GGUFSource, tok_folder: Path) -> None:
+    """Refuse a GGUF whose tokenizer.ggml.add_bos_token disagrees with the folder's tokenizer: llama-perplexity
+    (which follows the GGUF) and our windows (which follow the tokenizer) would start their sequences differently."""
+    from .llama_perplexity import gguf_adds_bos
+
+    bos = gguf_adds_bos(source.reader)
+    prefix = sequence_prefix(load_tokenizer(tok_folder))
+    if bos is not None and bos != bool(prefix):
+        raise MintError(
+            f"{source.path}: tokenizer.ggml.add_bos_token is {bos} but the tokenizer in {tok_folder} "
+            f"{'adds' if prefix else 'does not add'} a BOS: llama-perplexity and our windows would start differently"
+        )
+
+
 def score_llama_perplexity(
     model: StreamedModel, gguf: Path, tok_folder: Path, params: Params, corpus_dir: Path, window: int,
     progress: bool,
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """llama-perplexity on the split's text (chunks of `window`, `eval.n_windows` of them) and our evaluator on
     the same chunks: (metrics, timings)."""
-    from .llama_perplexity import gguf_adds_bos
-
     tokenizer = load_tokenizer(tok_folder)
     path = corpus_dir / f"{params.eval.split}.txt"
     text = path.read_text(encoding="utf-8")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     prefix = sequence_prefix(tokenizer)
-    bos = gguf_adds_bos(model.source.reader) if isinstance(model.source, GGUFSource) else None
-    if bos is not None and bos != bool(prefix):
-        raise MintError(
-            f"{gguf}: tokenizer.ggml.add_bos_token is {bos} but the tokenizer in {tok_folder} "
-            f"{'adds' if prefix else 'does not add'} a BOS: llama-perplexity and our windows would start differently"
-        )
     return llama_compare(model, gguf, text, ids, prefix, window, params.eval.n_windows, params.eval.threads,
                          progress)  # fmt: skip
 
@@ -367,7 +373,10 @@ def run_target(
     baseline = read_baseline(baseline_dir)
     manifest = verify_manifest(folder)
     gguf = gguf_file(folder, manifest)
-    model = StreamedModel(GGUFSource(gguf) if gguf else PackedSource(folder), dtype)
+    source = GGUFSource(gguf) if gguf else PackedSource(folder)
+    if isinstance(source, GGUFSource):
+        check_bos(source, folder)
+    model = StreamedModel(source, dtype)
     corpus_dir = Path(kw.get("corpus_out") or params.corpus.out)
     scores, settings, timings = evaluate_folder(model, folder, params, corpus_dir, progress)
     if baseline["settings"] != settings:

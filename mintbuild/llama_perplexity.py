@@ -39,9 +39,11 @@ log = logging.getLogger(__name__)
 
 TOOL = "llama-perplexity"
 
-#: |our PPL / llama-perplexity's - 1| expected on the same chunks; measured on the tests' tiny models and on
-#: SmolLM2 (see tests/test_gguf_eval.py). A larger difference is reported with a warning, not refused.
-TOLERANCE = 0.01
+#: |our PPL / llama-perplexity's - 1| beyond which the stage warns. Measured on SmolLM2, 4 chunks of 512, llama.cpp
+#: on 2 threads: F32 GGUF 1.0e-5 (the same model function: only fp32 summation order differs), BF16 GGUF 2.1e-4
+#: (ggml rounds activations to bf16 for bf16 matmuls), Q4_K_M -6.3e-3 (chunks -1.4% .. +0.1%: llama.cpp quantizes
+#: activations to Q8_K / Q8_0 for the quantized matmuls, noise that raises its PPL). 2% is 3x the quantized case.
+TOLERANCE = 0.02
 
 _CHUNK_LINE = re.compile(r"^\s*\d+\s+(\d+\.\d+)\s+(-?\d+\.\d+)\s+(\S+)\s*$")
 _FINAL = re.compile(r"Final estimate: PPL = (\d+\.\d+) \+/- (\d+\.\d+)")
@@ -97,8 +99,8 @@ def parse_output(stdout: str, stderr: str, ctx: int) -> LlamaRun:
         raise MintError(
             f"{TOOL}: {len(running)} per-chunk lines in its output, expected {setup and setup[1]}"
         )
-    # the k-th line holds the mean NLL over chunks 1..k (equal token counts), so chunk k's mean is the difference
-    chunk_nll = [running[0]] + [k * running[k] - (k - 1) * running[k - 1] for k in range(1, len(running))]
+    # line k (from 0) holds the mean NLL over chunks 0..k (equal token counts): chunk k's mean is the difference
+    chunk_nll = [running[0]] + [(k + 1) * running[k] - k * running[k - 1] for k in range(1, len(running))]
     return LlamaRun(float(final.group(1)), float(final.group(2)), ctx, chunk_nll)
 
 

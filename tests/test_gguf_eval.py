@@ -9,6 +9,7 @@ convert_hf_to_gguf.py to bf16 and quantized by llama-quantize.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -254,8 +255,8 @@ def llama_tokens(gguf: Path, text: str, ctx: int, chunks: int) -> np.ndarray:
             return np.frombuffer(f.read(4 * n_ctx * n_chunk), dtype=np.int32).reshape(n_chunk, n_ctx)
 
 
-#: |ours / llama-perplexity - 1| on the tiny llama's mixed K-quant GGUF, 2 chunks of 128 (measured 2e-5..1e-4: a
-#: random-init model's logits are near zero, so the kernels' rounding barely moves them).
+#: |ours / llama-perplexity - 1| on the tiny llama's mixed K-quant GGUF, 2 chunks of 128: measured 1.6e-4 (a
+#: random-init model's logits are near zero, so llama.cpp's Q8 activations barely move its PPL); 6x margin.
 TINY_TOLERANCE = 1e-3
 
 
@@ -282,6 +283,9 @@ def test_gguf_target_scored_by_us_and_by_llama_perplexity(
     assert lp["chunks"] == 2 and lp["ctx"] == 128 and lp["scored_tokens"] == 2 * 63 and lp["threads"] == 2
     assert abs(lp["ours_same_chunks"] / lp["ppl"] - 1) < TINY_TOLERANCE, lp
     assert abs(lp["rel_diff"]) < TINY_TOLERANCE
+    np.testing.assert_allclose(lp["ours_chunk_ppl"], lp["chunk_ppl"], rtol=TINY_TOLERANCE)
+    # the per-chunk values recovered from llama's running means give back its final estimate
+    assert abs(math.exp(np.mean(np.log(lp["chunk_ppl"]))) / lp["ppl"] - 1) < 1e-5
     timings = json.loads((Path(gguf_eval["root"]) / "eval" / "t" / "timings.json").read_text())
     assert timings["llama_perplexity_seconds"] > 0
     # the tokens llama-perplexity scored are the HF tokenizer's chunks exactly
@@ -340,3 +344,56 @@ def dataclasses_replace(obj: Any, **kw: Any) -> Any:
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
+
+
+def add_bos(hf: Path, gguf: Path) -> None:
+    """Make a converted model one whose tokenizer adds BOS, on both sides: the HF tokenizer gets a template that
+    puts <|im_start|> (id 1, the GGUF's BOS) in front, and the GGUF's tokenizer.ggml.add_bos_token is set in
+    place with gguf-py. (The converter cannot be given such a tokenizer: its pre-tokenizer hash would change.)"""
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", pair="<|im_start|> $A <|im_start|> $B", special_tokens=[("<|im_start|>", 1)]
+    )
+    tok.save(str(hf / "tokenizer.json"))
+    field = GGUFReader(str(gguf), "r+").fields["tokenizer.ggml.add_bos_token"]
+    field.parts[field.data[0]][0] = True
+
+
+def test_bos_rule_is_llama_perplexity_s(
+    families: dict[str, dict[str, Path]], smollm_tokenizer: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """A tokenizer that adds BOS: llama-perplexity puts BOS over each chunk's first token, and so do our
+    chunks (its own tokens, read from its logits file, are ours with that BOS written in); both agree. A GGUF
+    whose add_bos_token disagrees with the tokenizer is refused before any scoring."""
+    from mintbuild.calibration import load_tokenizer, sequence_prefix
+    from mintbuild.evaluate import run_baseline, run_target
+    from mintbuild.llama_perplexity import chunks
+
+    hf = tiny_model(tmp_path / "src", "llama", smollm_tokenizer, seed=1)
+    bf16 = to_gguf(hf, tmp_path / "bf16.gguf")
+    add_bos(hf, bf16)
+    q = quantize(bf16, tmp_path / "q4.gguf")
+    p = eval_params(tmp_path, hf, corpus_dir, window=128, n_windows=2)
+    pack_folder(tmp_path / "pack" / "t", q, hf)
+    run_baseline(p, progress=False)
+    m = run_target(p, "t", progress=False)
+    lp = m["llama_perplexity"]
+    assert lp["bos"] and m["tokens"] == 2 * 127 and lp["scored_tokens"] == 2 * 63
+    assert abs(lp["rel_diff"]) < TINY_TOLERANCE, lp
+    tok = load_tokenizer(hf)
+    text = (corpus_dir / "test.txt").read_text(encoding="utf-8")
+    ours = np.stack(chunks(tok(text, add_special_tokens=False)["input_ids"], sequence_prefix(tok), 128, 2))
+    theirs = llama_tokens(q, text, 128, 2)
+    # the file holds the tokens before llama writes BOS over each chunk's first: the text's own BOS opens chunk 0
+    assert theirs[0, 0] == 1 and (ours[:, 0] == 1).all()
+    assert np.array_equal(theirs[0], ours[0]) and np.array_equal(theirs[1, 1:], ours[1, 1:])
+    # the same GGUF under the tokenizer without BOS: refused, nothing written
+    shutil.rmtree(tmp_path / "pack" / "t")
+    pack_folder(tmp_path / "pack" / "t", q, families["llama"]["hf"])
+    shutil.rmtree(tmp_path / "eval" / "t")
+    with pytest.raises(MintError, match=r"add_bos_token is True but the tokenizer .* does not add a BOS"):
+        run_target(p, "t", progress=False, baseline_dir=Path(p.eval_out) / "baseline")
+    assert not (tmp_path / "eval" / "t").exists()
