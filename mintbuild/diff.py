@@ -94,6 +94,8 @@ def target_section(name: str, a: dict | None, b: dict | None, curve_a, curve_b, 
     tb = (b or {}).get("allocation") or {}
     tot_a, tot_b = ta.get("totals", {}), tb.get("totals", {})
     status = "added" if a is None else "removed" if b is None else "changed"
+    if (tb or ta).get("format") == "gguf":  # the runtime, when it is not the default MLX folder
+        status += ", gguf"
     lines = [f"### `{name}` ({status})", "", "| | before | after |", "|---|---:|---:|"]
     lines.append(f"| budget | {_size(_budget(tot_a))} | {_size(_budget(tot_b))} |")
     lines.append(f"| bytes | {_size(tot_a.get('bytes'))} | {_size(tot_b.get('bytes'))} |")

@@ -24,6 +24,8 @@ A GGUF target's allocation (format gguf) is packed by gguf_pack instead: llama-q
 artifacts/pack/<target>/model.gguf from the convert stage's bf16 GGUF with every tensor's planned type (and the
 profile's imatrix), the output is read back and held to the plan's types and bytes, and the folder gets the same
 config.json, tokenizer files and mintbuild-pack.json (with "format": "gguf").
+
+One job: each target's packed folder, held to its allocation.
 """
 
 from __future__ import annotations

@@ -562,8 +562,8 @@ def profile_gguf(
     from tqdm import tqdm
 
     from .formats import GGUF_PASSTHROUGH, gguf_option_set, gguf_padded
+    from .gguf_layout import quantized_header_bytes
     from .gguf_names import gguf_to_hf, hf_to_gguf
-    from .gguf_pack import quantized_header_bytes
     from .imatrix import quantize_weights
 
     opts = gguf_option_set(list(cfg.gguf_option_list) if cfg.gguf_option_list else cfg.gguf_options)

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ def row_of(name: str, alloc: dict[str, Any], metrics: dict[str, Any] | None) -> 
     t = alloc["totals"]
     m = metrics or {}
     return {
-        "target": name, "budget": t.get("effective_budget", t["budget"]), "bytes": t["bytes"], "bytes_on_disk": m.get("bytes_on_disk"),
+        "target": name, "format": alloc.get("format", "mlx"),
+        "budget": t.get("effective_budget", t["budget"]), "bytes": t["bytes"], "bytes_on_disk": m.get("bytes_on_disk"),
         "bpw": t["avg_bits_per_weight"], "objective": t["objective"],
         "scope": objective_scope(t, alloc.get("provenance", {})),
         "ppl_mean": m.get("ppl_mean"), "ppl_median": m.get("ppl_median"),
@@ -90,6 +92,13 @@ def fit_predictors(rows: list[dict[str, Any]], baseline: dict[str, Any] | None) 
     measured = [r for r in rows if r.get("ppl_mean")]
     for r in rows:
         r["loo_curve"] = r["loo_objective"] = None
+    # One runtime's curve: the format with the most measured rows (MLX and GGUF files of equal bytes differ in
+    # quality, so their points are not one rate-distortion curve); the other format's rows are listed, not fitted.
+    formats = Counter(r.get("format", "mlx") for r in measured)
+    if len(formats) > 1:
+        fitted = max(sorted(formats), key=lambda f: formats[f])
+        measured = [r for r in measured if r.get("format", "mlx") == fitted]
+        log.info("predictors fitted to the %s rows only (%s)", fitted, dict(formats))
     if not measured:
         return Predictors(None, None, {}, "curve", {})
     x = np.array([r["bytes"] for r in measured], dtype=float)
@@ -139,13 +148,13 @@ def markdown(rows, baseline, pred: Predictors, title: str = "Budget curve") -> s
         lines.append(f"Objective fit: `{pred.objective.describe()}`.")
     lines += [
         "",
-        "| target | budget | bytes on disk | bits/weight | objective | mean PPL | median PPL | "
+        "| target | format | budget | bytes on disk | bits/weight | objective | mean PPL | median PPL | "
         "curve (LOO) | objective (LOO) | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['target']} | {format_size(r['budget'])} | {format_size(r['bytes_on_disk'] or r['bytes'])} | "
+            f"| {r['target']} | {r.get('format', 'mlx')} | {format_size(r['budget'])} | {format_size(r['bytes_on_disk'] or r['bytes'])} | "
             f"{r['bpw']:.3f} | {_g(r.get('objective'))} | {_f(r.get('ppl_mean'))} | {_f(r.get('ppl_median'))} "
             f"| {_pred(r, 'loo_curve')} | {_pred(r, 'loo_objective')} | {r.get('note', '')} |"
         )
