@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=1, help="windows per calibration / evaluation stage")
     p.add_argument("--window", type=int, default=128, help="tokens per window")
     p.add_argument("--hessian-windows", type=int, default=2)
+    p.add_argument("--grid", type=int, default=None, help="equalize.grid (default: params.yaml's)")
+    p.add_argument(
+        "--search-rows", type=int, default=None, help="equalize.search_rows (default: params.yaml's)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -184,6 +188,9 @@ def write_params(a: argparse.Namespace, model: Path, work: Path) -> Path:
         params[stage] |= {"n_windows": a.windows, "window": a.window, "threads": a.threads,
                           "out": str(work / stage)}  # fmt: skip
     params["importance"]["hessian_windows"] = a.hessian_windows
+    for key, value in (("grid", a.grid), ("search_rows", a.search_rows)):
+        if value is not None:
+            params["equalize"][key] = value
     params["eval"] |= {"n_windows": a.windows, "window": a.window, "threads": a.threads}
     params["profile"]["out"] = str(work / "profile")
     params["solver"]["importance"] = str(work / "importance" / "importance.json")
@@ -247,8 +254,10 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(exist_ok=True)
     params = write_params(a, model, work)
     print(f"# {a.size}: {n_params / 1e9:.2f}B parameters, {model} (ready in {gen_s:.0f} s); params {params}")
+    eq = yaml.safe_load(params.read_text())["equalize"]
     print(f"# windows: {a.windows} x {a.window} tokens per calibration/eval stage, {a.hessian_windows} Hessian "
-          f"windows; targets {TARGETS}; threads {a.threads}; env {env_note}")  # fmt: skip
+          f"windows; equalize grid {eq['grid']}, search_rows {eq['search_rows']}; targets {TARGETS}; "
+          f"threads {a.threads}; env {env_note}")  # fmt: skip
     rows = []
     for stage in [s for s in a.stages.split(",") if s]:
         if stage not in STAGES:
