@@ -32,7 +32,7 @@ build: setup llamacpp
 
 ## test: lint, then the whole test suite
 test: setup lint llamacpp
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q --durations=15
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
 lint: setup
 	$(BIN)/ruff check .
