@@ -89,6 +89,9 @@ class ProfileConfig:
 class ConvertConfig:
     """`mintbuild convert`: the equalized HF folder as a GGUF, by llama.cpp's own converter."""
 
+    #: false: no GGUF is built (the convert and profile_gguf stages write a note instead of running llama.cpp),
+    #: for a build whose targets are all MLX and whose model llama.cpp's converter cannot take.
+    enabled: bool = True
     #: The converter's --outtype: the 16-bit source every GGUF option is quantized from.
     outtype: str = "bf16"
     out: str = "artifacts/convert"

@@ -6,6 +6,7 @@ came out. Every GGUF option of `mintbuild profile --format gguf` and of `mintbui
 file by llama.cpp's own code, so names, shapes, Q/K row order and metadata are the converter's.
 
 A model whose architecture the converter does not know is refused before any work, with its model type named.
+With `convert.enabled: false` (a build with no GGUF target) the stage only writes convert.json saying so.
 The output folder (model.gguf + convert.json: the sha256 of the input weights and config, the converter's
 version, the file's sha256, its data offset and tensor count) replaces the previous one atomically.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 from . import __version__
 from .artifacts import TIMINGS_FILE
-from .artifacts.convert import CONVERT_FILE, GGUF_FILE, SCHEMA_VERSION
+from .artifacts.convert import CONVERT_FILE, DISABLED, GGUF_FILE, SCHEMA_VERSION
 from .artifacts.model import resolve_weights_dir
 from .checkpoint import fingerprint, open_checkpoint
 from .config import ConvertConfig, load_params
@@ -143,6 +144,12 @@ def convert(model_dir: Path, cfg: ConvertConfig, out: Path) -> dict[str, Any]:
     """Convert `model_dir` (an HF folder) into `out`/model.gguf with llama.cpp's converter; returns convert.json."""
     from .llamacpp import build_name, ensure_llamacpp
 
+    if not cfg.enabled:
+        doc = {"schema_version": SCHEMA_VERSION, "enabled": False, "note": DISABLED}
+        with atomic_dir(out) as tmp:
+            (tmp / CONVERT_FILE).write_text(canonical_json(doc), encoding="utf-8")
+        log.info("convert.enabled is false: no GGUF converted (%s)", out / CONVERT_FILE)
+        return doc
     if cfg.outtype not in OUTTYPES:
         raise MintError(f"convert.outtype {cfg.outtype!r}: choose one of {list(OUTTYPES)}")
     model_dir = Path(model_dir)

@@ -37,7 +37,7 @@ import xxhash
 
 from . import __version__
 from .artifacts.model import resolve_weights_dir
-from .artifacts.profile import Profile
+from .artifacts.profile import DISABLED_FILE, Profile
 from .checkpoint import (
     PASSTHROUGH_ROLES,
     Checkpoint,
@@ -701,16 +701,21 @@ def run_gguf(
     cfg: ProfileConfig,
     out: Path,
     progress: bool = True,
-) -> Profile:
+) -> Profile | None:
     """Profile the convert stage's GGUF (with the importance stage's imatrix when `cfg.gguf_imatrix`) into
     `out`: profile.safetensors, summary.md, and imatrix.gguf (llama.cpp's file, which pack hands to
     llama-quantize)."""
     import os
 
-    from .artifacts.convert import GGUF_FILE, load_convert
+    from .artifacts.convert import DISABLED, GGUF_FILE, is_disabled, load_convert
     from .artifacts.importance import load_importance, load_input_squares
     from .imatrix import IMATRIX_GGUF, gguf_entries, read_imatrix, write_imatrix
 
+    if is_disabled(convert_dir):  # no GGUF target: a note for DVC, no profile
+        with atomic_dir(out) as tmp:
+            (tmp / DISABLED_FILE).write_text(canonical_json({"enabled": False, "note": DISABLED}))
+        log.info("convert.enabled is false: no GGUF profile (%s)", out / DISABLED_FILE)
+        return None
     doc = load_convert(convert_dir)
     ckpt = open_checkpoint(model_dir)
     fp = fingerprint(ckpt)

@@ -74,6 +74,8 @@ def tiny_params(model: Path, text: Path, targets: dict) -> dict:
         "seed": 0,
     }
     p["targets"] = targets
+    # MLX targets only: the tiny model's own BPE tokenizer is not one llama.cpp's converter recognises
+    p["convert"]["enabled"] = False
     p["eval"].update({"window": 64, "n_windows": 2})
     p["importance"].update({"window": 64, "n_windows": 2, "hessian_windows": 4})
     p["equalize"].update({"window": 64, "n_windows": 2, "samples": 64, "rank": 16, "grid": 6})

@@ -356,3 +356,16 @@ def test_another_family_converts_and_quantizes_with_its_imatrix(
     run_tool("llama-quantize", ["--imatrix", "im.gguf", src, tmp_path / "q.gguf", "Q4_K"], cwd=tmp_path)
     got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors}
     assert got["blk.0.attn_q.weight"] != "BF16"
+
+
+def test_a_build_without_gguf_targets_converts_nothing(tmp_path: Path) -> None:
+    """convert.enabled false (an MLX-only build, e.g. of a model llama.cpp cannot convert): both GGUF stages
+    write a note, and a GGUF target meeting it is told what to set."""
+    doc = convert(tmp_path / "no-model", ConvertConfig(enabled=False), tmp_path / "convert")
+    assert doc["enabled"] is False and not (tmp_path / "convert" / GGUF_FILE).exists()
+    assert (
+        profile.run_gguf(tmp_path / "convert", tmp_path / "no-model", None, ProfileConfig(), tmp_path / "pg")
+        is None
+    )
+    with pytest.raises(MintError, match=r"convert\.enabled is false"):
+        load_profile(tmp_path / "pg")

@@ -13,12 +13,22 @@ from ..io import read_json
 SCHEMA_VERSION = 1
 GGUF_FILE = "model.gguf"
 CONVERT_FILE = "convert.json"
+#: What a disabled convert stage records (convert.enabled false), and what a GGUF stage says when it meets it.
+DISABLED = "no GGUF was converted (convert.enabled is false); set convert.enabled: true to build GGUF targets"
+
+
+def is_disabled(folder: Path) -> bool:
+    """Whether the convert stage at `folder` ran with convert.enabled false (a note, no GGUF)."""
+    path = Path(folder) / CONVERT_FILE
+    return path.is_file() and read_json(path, "").get("enabled") is False
 
 
 def load_convert(folder: Path) -> dict[str, Any]:
     """`folder`/convert.json, after checking that model.gguf is there with the size it records."""
     folder = Path(folder)
     doc = read_json(folder / CONVERT_FILE, "no converted model; run `mintbuild convert` first")
+    if doc.get("enabled") is False:
+        raise MintError(f"{folder / CONVERT_FILE}: {DISABLED}")
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise MintError(
             f"{folder / CONVERT_FILE}: schema_version {doc.get('schema_version')!r} (expected "

@@ -27,6 +27,10 @@ PROFILE_FILE = "profile.safetensors"
 SUMMARY_FILE = "summary.md"
 
 
+#: What the profile_gguf stage writes instead of a profile when no GGUF was converted (convert.enabled false).
+DISABLED_FILE = "disabled.json"
+
+
 @dataclass
 class Profile:
     """The profile artifact: per-tensor metadata and per-(tensor, option) arrays."""
@@ -75,6 +79,10 @@ def load_profile(path: str | Path) -> Profile:
 
     path = Path(path)
     file = path / PROFILE_FILE if path.is_dir() else path
+    if path.is_dir() and (path / DISABLED_FILE).is_file():
+        raise MintError(
+            f"{path}: no GGUF profile: convert.enabled is false; set it to true to build GGUF targets"
+        )
     if not file.exists():
         raise MintError(f"{file}: no profile here (run `mintbuild profile` / `dvc repro profile` first)")
     try:
