@@ -323,8 +323,10 @@ def run_baseline(
 
 
 def gguf_file(folder: Path, manifest: dict[str, Any]) -> Path | None:
-    """The GGUF of a packed GGUF target (manifest format "gguf"), None for an MLX folder."""
-    if manifest.get("format", "mlx") != "gguf":
+    """The GGUF of a packed GGUF target (manifest format "gguf", or no format and a model.gguf among its files),
+    None for an MLX folder."""
+    fmt = manifest.get("format") or ("gguf" if "model.gguf" in manifest.get("files", {}) else "mlx")
+    if fmt != "gguf":
         return None
     path = folder / manifest.get("weights_file", "model.gguf")
     if not path.is_file():

@@ -1,6 +1,6 @@
 """A GGUF file as a streamed weight source: Hugging Face tensor names in, the values llama.cpp computes with out.
 
-The file is memory-mapped (gguf-py's GGUFReader) and read one tensor at a time: each is dequantized with ggml's
+The file's header is parsed by gguf-py's GGUFReader and the tensors are read one at a time with file I/O: each is dequantized with ggml's
 own to_float (mintbuild.ggml, the function llama.cpp's CPU backend calls), then mapped back to the checkpoint's
 layout the way transformers loads a GGUF (transformers.modeling_gguf_pytorch_utils): the same name map
 (gguf-py's TensorNameMap for the file's architecture, walked over the model's own parameter names) and the same
@@ -160,6 +160,16 @@ class GGUFSource:
     def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return {n: self._read(n) for n in names}
 
+    def _bytes(self, t: Any) -> np.ndarray:
+        """A tensor's bytes, read with file I/O: pages touched through the reader's map would stay resident
+        until the map goes (the whole file, by the end of a pass), a read buffer goes with the tensor."""
+        with open(self.path, "rb") as f:
+            f.seek(int(t.data_offset))
+            buf = np.fromfile(f, dtype=np.uint8, count=int(t.n_bytes))
+        if buf.size != int(t.n_bytes):
+            raise MintError(f"{self.path}: tensor {t.name} is truncated ({buf.size} of {t.n_bytes} bytes)")
+        return buf
+
     def _read(self, name: str) -> torch.Tensor:
         g = self.gguf_name(name)
         t = self._tensors[g]
@@ -168,7 +178,7 @@ class GGUFSource:
         if math.prod(shape) != int(t.n_elements):
             raise MintError(f"{self.path}: tensor {g} has shape {list(shape)} but {t.n_elements} elements")
         try:
-            values = ggml.dequantize(t.data, kind, shape)
+            values = ggml.dequantize(self._bytes(t), kind, shape)
         except MintError as e:
             raise MintError(f"{self.path}: tensor {g} ({kind}): {e}") from None
         # The family's inverse transform, as transformers applies it when it loads this GGUF (a row

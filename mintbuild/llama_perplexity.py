@@ -104,10 +104,14 @@ def parse_output(stdout: str, stderr: str, ctx: int) -> LlamaRun:
     return LlamaRun(float(final.group(1)), float(final.group(2)), ctx, chunk_nll)
 
 
+_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([IWE]) ")
+
+
 def _last_line(text: str) -> str:
+    """The tool's last error line (its log's level E), else its last line, without the log's time stamp."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if " E " in ln or "error" in ln.lower() or "failed" in ln.lower()]
-    return (errors or lines or ["(no output)"])[-1]
+    errors = [ln for ln in lines if (m := _LOG_PREFIX.match(ln)) and m.group(1) == "E"]
+    return _LOG_PREFIX.sub("", (errors or lines or ["(no output)"])[-1])
 
 
 def run_llama_perplexity(gguf: Path, text: str, ctx: int, chunks: int, threads: int = 0) -> LlamaRun:

@@ -300,13 +300,20 @@ def test_gguf_target_scored_by_us_and_by_llama_perplexity(
 
 
 def test_gguf_metrics_are_deterministic(gguf_eval: dict[str, Any]) -> None:
-    """A second run writes the same metrics.json bytes (llama-perplexity's printed digits included)."""
+    """A second run writes the same metrics.json bytes (llama-perplexity's printed digits included), and
+    llama-perplexity prints the same digits on 1 and 2 threads."""
     from mintbuild.evaluate import run_target
+    from mintbuild.llama_perplexity import run_llama_perplexity
 
     out = Path(gguf_eval["params"].eval_out) / "t" / "metrics.json"
     first = out.read_bytes()
     run_target(gguf_eval["params"], "t", progress=False)
     assert out.read_bytes() == first
+    # llama-perplexity's printed digits do not depend on its thread count either
+    gguf = Path(gguf_eval["params"].pack_out) / "t" / "model.gguf"
+    text = (Path(gguf_eval["params"].corpus.out) / "test.txt").read_text(encoding="utf-8")
+    one, two = (run_llama_perplexity(gguf, text, 128, 2, threads=t) for t in (1, 2))
+    assert (one.ppl, one.chunk_nll) == (two.ppl, two.chunk_nll)
 
 
 def test_gguf_target_errors_are_one_line_and_write_nothing(
@@ -397,3 +404,34 @@ def test_bos_rule_is_llama_perplexity_s(
     with pytest.raises(MintError, match=r"add_bos_token is True but the tokenizer .* does not add a BOS"):
         run_target(p, "t", progress=False, baseline_dir=Path(p.eval_out) / "baseline")
     assert not (tmp_path / "eval" / "t").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_q4_k_m_agrees_with_llama_perplexity(
+    smollm2_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """The embedded model as llama.cpp users get it (Q4_K_M of the bf16 conversion), default eval settings (4
+    windows of 512; 2 threads): llama-perplexity and our evaluator on its chunks agree within the stage's
+    tolerance overall and within 2x that per chunk. Measured: -0.63% overall, -1.4% .. +0.1% per chunk; the
+    timings are logged for the README."""
+    import logging
+
+    from mintbuild.evaluate import run_baseline, run_target
+    from mintbuild.llama_perplexity import TOLERANCE
+
+    q = quantize(to_gguf(smollm2_dir, tmp_path / "bf16.gguf"), tmp_path / "q4km.gguf", "Q4_K_M")
+    (tmp_path / "bf16.gguf").unlink()
+    p = eval_params(tmp_path, smollm2_dir, corpus_dir, window=512, n_windows=4, threads=2)
+    pack_folder(tmp_path / "pack" / "t", q, smollm2_dir)
+    run_baseline(p, progress=False)
+    m = run_target(p, "t", progress=False)
+    lp = m["llama_perplexity"]
+    timings = json.loads((tmp_path / "eval" / "t" / "timings.json").read_text())
+    logging.getLogger(__name__).warning("SmolLM2 Q4_K_M: ours %.4f (windows), llama %s, timings %s",
+                                        m["ppl_mean"], lp, timings)  # fmt: skip
+    assert lp["chunks"] == 4 and lp["ctx"] == 512 and lp["scored_tokens"] == 4 * 255 and not lp["bos"]
+    assert abs(lp["rel_diff"]) < TOLERANCE, lp
+    ratios = np.asarray(lp["ours_chunk_ppl"]) / np.asarray(lp["chunk_ppl"]) - 1
+    assert np.abs(ratios).max() < 2 * TOLERANCE, ratios
+    # the quantized model scores worse than the 16-bit one on the stage's own windows
+    assert m["ppl_mean"] > m["baseline_ppl_mean"]
