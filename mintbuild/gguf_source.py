@@ -116,6 +116,7 @@ class GGUFSource:
         self.processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=self.config)
         model = _meta_model(self.config)
         model_type = self.config.get("model_type")
+        self._check_hparams(model.config)
         params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
         to_gguf = hf_to_gguf_names(
             params, self.architecture, int(self.config["num_hidden_layers"]), self.path
@@ -144,6 +145,32 @@ class GGUFSource:
             )
         log.info("%s: %d tensors of a %s GGUF mapped to %s", self.path.name, len(self._tensors),
                  self.architecture, model_type)  # fmt: skip
+
+    def _check_hparams(self, hf_config: Any) -> None:
+        """Refuse a config.json whose shape or numerics differ from the GGUF's (the function llama.cpp runs):
+        blocks, width, heads, norm epsilon, RoPE base, where both give one number."""
+        rope = getattr(hf_config, "rope_parameters", None) or {}
+        pairs = {
+            "block_count": ("num_hidden_layers", getattr(hf_config, "num_hidden_layers", None)),
+            "embedding_length": ("hidden_size", getattr(hf_config, "hidden_size", None)),
+            "attention.head_count": ("num_attention_heads", getattr(hf_config, "num_attention_heads", None)),
+            "attention.head_count_kv": (
+                "num_key_value_heads",
+                getattr(hf_config, "num_key_value_heads", None),
+            ),
+            "attention.layer_norm_rms_epsilon": ("rms_norm_eps", getattr(hf_config, "rms_norm_eps", None)),
+            "rope.freq_base": ("rope_theta", rope.get("rope_theta") if isinstance(rope, dict) else None),
+        }
+        for key, (name, want) in pairs.items():
+            field = self.reader.fields.get(f"{self.architecture}.{key}")
+            if field is None or not isinstance(want, int | float):
+                continue
+            got = field.contents()
+            if isinstance(got, int | float) and not math.isclose(float(got), float(want), rel_tol=1e-6):
+                raise MintError(
+                    f"{self.path}: {self.architecture}.{key} is {got} but config.json's {name} is {want}: "
+                    "the GGUF is not this model"
+                )
 
     def has(self, name: str) -> bool:
         return name in self.names

@@ -150,12 +150,12 @@ def test_bf16_gguf_reads_back_the_checkpoint(families: dict[str, dict[str, Path]
 def test_quantized_gguf_equals_gguf_py_dequantization(families: dict[str, dict[str, Path]]) -> None:
     """Oracle: gguf-py's own dequantizers on the raw tensors (with the llama Q/K un-permutation done by hand:
     the converter's permute, inverted)."""
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
 
     f = families["llama"]
     cfg = json.loads((f["hf"] / "config.json").read_text())
     src = GGUFSource(f["q4"], cfg)
-    raw = {t.name: t for t in GGUFReader(str(f["q4"])).tensors}
+    raw = {t.name: t for t in src.reader.tensors}  # gguf-py's own view of the file
     types = set()
     for hf, g in src.names.items():
         t = raw[g]
@@ -185,8 +185,19 @@ def test_a_gguf_the_architecture_does_not_fit_is_refused(families: dict[str, dic
     """gemma3's GGUF (q/k norms, four norms per block) read as a llama: one line naming the file and tensors."""
     f = families["gemma3_text"]
     cfg = json.loads((families["llama"]["hf"] / "config.json").read_text())
-    with pytest.raises(MintError, match=r"gemma3_text-bf16\.gguf: .*(tensor|architecture)"):
+    with pytest.raises(MintError, match=r"gemma3_text-bf16\.gguf: .*(tensor|architecture|not this model)"):
         GGUFSource(f["bf16"], cfg)
+    # the right numerics, but the model wants tensors the file does not have (attention biases)
+    with pytest.raises(
+        MintError, match=r"llama-bf16\.gguf: the llama architecture needs 8 tensor\(s\) .*bias"
+    ):
+        GGUFSource(families["llama"]["bf16"], {**cfg, "attention_bias": True})
+    # the right architecture with other numerics: the RoPE base differs
+    rope = {**cfg.get("rope_parameters", {}), "rope_theta": 500000.0}
+    with pytest.raises(
+        MintError, match=r"llama\.rope\.freq_base is 10000.0 but config.json's rope_theta is 500000"
+    ):
+        GGUFSource(families["llama"]["bf16"], {**cfg, "rope_parameters": rope, "rope_theta": 500000.0})
 
 
 # ---------------------------------------------------------------- evaluation: ours and llama-perplexity
@@ -327,7 +338,7 @@ def test_gguf_target_errors_are_one_line_and_write_nothing(
     # a GGUF our evaluator cannot build: gemma3's file under a llama config
     pack_folder(tmp_path / "pack" / "t", families["gemma3_text"]["q4"], families["llama"]["hf"])
     kw = {"baseline_dir": Path(p.eval_out) / "baseline"}
-    with pytest.raises(MintError, match=r"model\.gguf: .*(tensor|architecture)") as e:
+    with pytest.raises(MintError, match=r"model\.gguf: .*(tensor|architecture|not this model)") as e:
         run_target(bad, "t", progress=False, **kw)
     assert "\n" not in str(e.value)
     # a missing model.gguf
@@ -335,6 +346,14 @@ def test_gguf_target_errors_are_one_line_and_write_nothing(
     pack_folder(tmp_path / "pack" / "t", families["llama"]["q4"], families["llama"]["hf"])
     (tmp_path / "pack" / "t" / "model.gguf").unlink()
     with pytest.raises(MintError, match=r"model\.gguf: listed in .* but missing"):
+        run_target(bad, "t", progress=False, **kw)
+    assert not (tmp_path / "eval").exists()
+    # a GGUF that adds BOS under a tokenizer that does not: refused before any scoring
+    shutil.rmtree(tmp_path / "pack" / "t")
+    bos = Path(shutil.copyfile(families["llama"]["q4"], tmp_path / "bos.gguf"))
+    set_add_bos(bos)
+    pack_folder(tmp_path / "pack" / "t", bos, families["llama"]["hf"])
+    with pytest.raises(MintError, match=r"add_bos_token is True but the tokenizer .* does not add a BOS"):
         run_target(bad, "t", progress=False, **kw)
     assert not (tmp_path / "eval").exists()
     # llama-perplexity failing: a file it cannot load (exit 1), and a text too short for two chunks (exit 0)
@@ -353,11 +372,9 @@ def dataclasses_replace(obj: Any, **kw: Any) -> Any:
     return dataclasses.replace(obj, **kw)
 
 
-def add_bos(hf: Path, gguf: Path) -> None:
-    """Make a converted model one whose tokenizer adds BOS, on both sides: the HF tokenizer gets a template that
-    puts <|im_start|> (id 1, the GGUF's BOS) in front, and the GGUF's tokenizer.ggml.add_bos_token is set in
-    place with gguf-py. (The converter cannot be given such a tokenizer: its pre-tokenizer hash would change.)"""
-    from gguf import GGUFReader
+def bos_tokenizer(hf: Path) -> None:
+    """Make the HF tokenizer in `hf` add BOS: a template that puts <|im_start|> (id 1, the GGUF's BOS) in front.
+    (The converter cannot be given such a tokenizer: its pre-tokenizer hash would change.)"""
     from tokenizers import Tokenizer, processors
 
     tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
@@ -365,23 +382,30 @@ def add_bos(hf: Path, gguf: Path) -> None:
         single="<|im_start|> $A", pair="<|im_start|> $A <|im_start|> $B", special_tokens=[("<|im_start|>", 1)]
     )
     tok.save(str(hf / "tokenizer.json"))
+
+
+def set_add_bos(gguf: Path) -> None:
+    """Set the GGUF's tokenizer.ggml.add_bos_token in place (gguf-py's reader in r+ mode)."""
+    from gguf import GGUFReader
+
     field = GGUFReader(str(gguf), "r+").fields["tokenizer.ggml.add_bos_token"]
     field.parts[field.data[0]][0] = True
 
 
 def test_bos_rule_is_llama_perplexity_s(
-    families: dict[str, dict[str, Path]], smollm_tokenizer: Path, corpus_dir: Path, tmp_path: Path
+    families: dict[str, dict[str, Path]], corpus_dir: Path, tmp_path: Path
 ) -> None:
-    """A tokenizer that adds BOS: llama-perplexity puts BOS over each chunk's first token, and so do our
-    chunks (its own tokens, read from its logits file, are ours with that BOS written in); both agree. A GGUF
-    whose add_bos_token disagrees with the tokenizer is refused before any scoring."""
+    """A tokenizer that adds BOS (the tiny llama with BOS on both sides): llama-perplexity puts BOS over each
+    chunk's first token, and so do our chunks (its own tokens, read from its logits file, are ours with that BOS
+    written in); both agree."""
     from mintbuild.calibration import load_tokenizer, sequence_prefix
     from mintbuild.evaluate import run_baseline, run_target
     from mintbuild.llama_perplexity import chunks
 
-    hf = tiny_model(tmp_path / "src", "llama", smollm_tokenizer, seed=1)
-    bf16 = to_gguf(hf, tmp_path / "bf16.gguf")
-    add_bos(hf, bf16)
+    hf = Path(shutil.copytree(families["llama"]["hf"], tmp_path / "src"))
+    bos_tokenizer(hf)
+    bf16 = Path(shutil.copyfile(families["llama"]["bf16"], tmp_path / "bf16.gguf"))
+    set_add_bos(bf16)
     q = quantize(bf16, tmp_path / "q4.gguf")
     p = eval_params(tmp_path, hf, corpus_dir, window=128, n_windows=2)
     pack_folder(tmp_path / "pack" / "t", q, hf)
@@ -397,13 +421,6 @@ def test_bos_rule_is_llama_perplexity_s(
     # the file holds the tokens before llama writes BOS over each chunk's first: the text's own BOS opens chunk 0
     assert theirs[0, 0] == 1 and (ours[:, 0] == 1).all()
     assert np.array_equal(theirs[0], ours[0]) and np.array_equal(theirs[1, 1:], ours[1, 1:])
-    # the same GGUF under the tokenizer without BOS: refused, nothing written
-    shutil.rmtree(tmp_path / "pack" / "t")
-    pack_folder(tmp_path / "pack" / "t", q, families["llama"]["hf"])
-    shutil.rmtree(tmp_path / "eval" / "t")
-    with pytest.raises(MintError, match=r"add_bos_token is True but the tokenizer .* does not add a BOS"):
-        run_target(p, "t", progress=False, baseline_dir=Path(p.eval_out) / "baseline")
-    assert not (tmp_path / "eval" / "t").exists()
 
 
 @pytest.mark.slow
