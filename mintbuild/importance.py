@@ -94,7 +94,7 @@ def _g2(p: Any, chunk: int = 1 << 22) -> float:
     return total / max(p.numel(), 1)
 
 
-class InputSquares:
+class SquareSums:
     """llama.cpp's importance matrix, measured on the calibration windows: per linear layer (every nn.Linear
     of the decoder blocks, and the output head) the per-input-channel sum over tokens of x^2 (float64) and the
     number of tokens it saw, by the checkpoint name of the layer's weight."""
@@ -132,7 +132,7 @@ class InputSquares:
 
 
 def fisher_pass(
-    model: StreamedModel, windows: list[Window], progress: bool, squares: InputSquares | None = None
+    model: StreamedModel, windows: list[Window], progress: bool, squares: SquareSums | None = None
 ) -> tuple[dict[str, list[float]], list[float]]:
     """Per parameter, the per-window mean of grad^2 (float64); and the per-window loss. With `squares`, the
     inputs of every linear layer are recorded into it on the way (each block's forward is run once per window
@@ -200,7 +200,7 @@ def fisher_pass(
     return dict(per_window), losses
 
 
-class _NoSquares(InputSquares):
+class _NoSquares(SquareSums):
     @contextlib.contextmanager
     def hooked(self, block: Any, prefix: str) -> Iterator[None]:
         yield
@@ -215,7 +215,7 @@ def _outer_pass(
     top: list[Any],
     grads: list[Any],
     per_window: dict[str, list[float]],
-    squares: InputSquares | None = None,
+    squares: SquareSums | None = None,
 ) -> None:
     """Per window, mean(grad^2) of the parameters outside the blocks: the head's and the final norm's through
     the loss, the embedding's through the first block's input (`grads`: dLoss/d that input), summed as one
@@ -312,7 +312,7 @@ def calibrate(
     windows: list[Window],
     cfg: ImportanceConfig,
     progress: bool,
-    squares: InputSquares | None = None,
+    squares: SquareSums | None = None,
 ) -> tuple[dict[str, list[float]], list[float]]:
     """Run the layer-streamed Fisher pass in fp32 (recording linear inputs into `squares`); torch's global
     settings are restored afterwards."""
@@ -460,7 +460,7 @@ def compute_importance(
     corpus_dir: Path,
     cfg: ImportanceConfig,
     progress: bool = True,
-    squares: InputSquares | None = None,
+    squares: SquareSums | None = None,
 ) -> dict[str, Any]:
     """The importance artifact (a JSON-able dict) of the model in `model_dir` on `corpus_dir`/train.txt;
     the linear layers' input squares of the same windows go into `squares` when given."""
@@ -568,7 +568,7 @@ def rounding_gains(
 
 
 def imatrix_arrays(
-    squares: InputSquares, names: list[str], sig_digits: int, window: int
+    squares: SquareSums, names: list[str], sig_digits: int, window: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """({checkpoint weight name: sum over tokens of x^2 per input channel, float64}, the record for
     importance.json: tokens per tensor, the chunk size). Only checkpoint tensors are kept; values are rounded
@@ -614,7 +614,7 @@ def run(
     """Compute the importance (and the head Hessian and GPTQ gains unless `hessian_windows` is 0, and the
     imatrix) and write `out`/importance.json (+ hessian.safetensors, imatrix.safetensors) atomically: the
     folder is replaced whole."""
-    squares = InputSquares()
+    squares = SquareSums()
     result = compute_importance(model_dir, corpus_dir, cfg, progress, squares)
     names = list(result["alpha"])
     imatrix, imatrix_record = imatrix_arrays(squares, names, cfg.sig_digits, cfg.window)

@@ -540,6 +540,81 @@ def gguf_sse(
     return float(per.sum()), per
 
 
+def gguf_row_sse(
+    x: np.ndarray, rows: np.ndarray, type_name: str, weights: np.ndarray | None, threads: int
+) -> np.ndarray:
+    """Per selected row of the 2-D `x`, the SSE of ggml's round trip (rows quantize independently in ggml, so a
+    row's error does not depend on which other rows are quantized with it)."""
+    from .ggml import roundtrip
+
+    out = np.empty(len(rows))
+    step = max(1, GGUF_CHUNK_ELEMENTS // x.shape[1])
+    for r0 in range(0, len(rows), step):
+        chunk = np.ascontiguousarray(x[rows[r0 : r0 + step]])
+        d = roundtrip(chunk, type_name, weights, threads=threads) - chunk
+        out[r0 : r0 + step] = np.sum(np.square(d, dtype=np.float64), axis=1)
+    return out
+
+
+def gguf_sampled_sse(
+    name: str,
+    x: np.ndarray,
+    types: list[str],
+    weights: np.ndarray | None,
+    cfg: ProfileConfig,
+    threads: int = 1,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(SSE per type, relative standard error of its NRMSE, rows measured) of a large 2-D tensor, from a sample
+    of its rows, as the MLX profile samples: the TAKE_ALL share of rows with the widest 32-value blocks (sum of
+    squared block ranges, the auxiliary: a block's error scales with its squared range) whole, a simple random
+    sample (a prefix of a seeded order) of the rest, grown per type until three standard errors of its NRMSE
+    are within NRMSE_REL_BOUND; ratio estimator on the auxiliary (`_estimate_total`)."""
+    n, k = x.shape
+    blocks = x.reshape(n, k // 32, 32) if k % 32 == 0 else x.reshape(n, 1, k)
+    aux_row = np.sum(np.square(np.ptp(blocks, axis=2).astype(np.float64)), axis=1)
+    n_top = int(n * TAKE_ALL)
+    top = np.sort(np.argpartition(aux_row, n - n_top)[n - n_top :]) if n_top else np.zeros(0, np.int64)
+    in_top = np.zeros(n, dtype=bool)
+    in_top[top] = True
+    rest = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())]).permutation(n)
+    order = np.concatenate([top, rest[~in_top[rest]]])
+    n_rest = n - n_top
+    aux_rest = float(aux_row.sum() - aux_row[top].sum())
+    sse, rse, taken = np.zeros(len(types)), np.zeros(len(types)), 0
+    for j, t in enumerate(types):
+        measured = order[:n_top].copy()  # rows measured, in the order of `got`
+        got = gguf_row_sse(x, measured, t, weights, threads) if n_top else np.zeros(0)
+        done, want = n_top, n_top + min(n_rest, max(2, cfg.sample_elements // k))
+        while True:
+            batch = np.sort(order[done:want])  # a prefix of the random order is a random sample as a set
+            got = np.concatenate([got, gguf_row_sse(x, batch, t, weights, threads)])
+            measured = np.concatenate([measured, batch])
+            done = want
+            if done >= n:
+                sse[j], rse[j] = float(got.sum()), 0.0
+                break
+            est, rel = _estimate_total(
+                got[n_top:, None], aux_row[measured[n_top:]][:, None], np.array([aux_rest]), n_rest
+            )
+            sse[j] = float(got[:n_top].sum()) + float(est[0])
+            # rel is the NRMSE's relative error for the sampled stratum's total alone; scale it to the tensor's
+            rse[j] = float(rel[0]) * (float(est[0]) / sse[j] if sse[j] > 0 else 0.0)
+            if 3 * rse[j] <= NRMSE_REL_BOUND:
+                break
+            grow = min(16.0, max(2.0, 1.25 * (3 * rse[j] / NRMSE_REL_BOUND) ** 2))
+            m = int((done - n_top) * grow)
+            want = n if m >= 0.8 * n_rest else n_top + m
+        taken = max(taken, done)
+    return sse, rse, taken
+
+
+def _worst_matrix(x: np.ndarray, per: np.ndarray) -> np.ndarray:
+    """[worst NRMSE over the matrices (experts) of a 3-D tensor], from their SSEs `per`."""
+    norm = np.sum(np.square(x, dtype=np.float64), axis=(1, 2))
+    ratio = np.where(norm > 0, per / np.where(norm > 0, norm, 1.0), 0.0)
+    return np.array([math.sqrt(float(ratio.max()))])
+
+
 def _gguf_role(name: str, hf: list[str], ndim: int, rules: list) -> tuple[str, int]:
     if hf:
         return tensor_role(hf[0], ndim, rules), layer_index(hf[0])
@@ -606,27 +681,28 @@ def profile_gguf(
         _fill(cols, i, k16, gguf_padded(int(t.n_bytes)), np.array([0.0]), np.array([0.0]), None, norm_sq)
         reasons: dict[str, str] = {}
         weights = quantize_weights(imatrix, t.name) if imatrix is not None and quantizable else None
+        usable: list[int] = []
         for k, o in enumerate(opts[:-1]):
             why = o.unavailable_reason(shape)
             if not quantizable:
                 why = f"{source} {len(shape)}-D tensor, role {role}: llama-quantize keeps it as the converter wrote it"
             if why:
                 reasons[o.name] = why
-                continue
-            sse, per = gguf_sse(x, o.name, weights, threads)
-            worst = None
-            if len(shape) == 3 and shape[0] > 1:
-                mat_norm = np.sum(np.square(x, dtype=np.float64), axis=(1, 2))
-                worst = np.array(
-                    [
-                        math.sqrt(
-                            float(
-                                np.max(np.where(mat_norm > 0, per / np.where(mat_norm > 0, mat_norm, 1), 0))
-                            )
-                        )
-                    ]
-                )
-            _fill(cols, i, k, gguf_padded(o.nbytes(shape)), np.array([sse]), np.array([0.0]), worst, norm_sq)
+            else:
+                usable.append(k)
+        if usable and len(shape) == 2 and int(t.n_elements) > cfg.sample_above:
+            w = None if weights is None else weights[0]
+            sse, rse, taken = gguf_sampled_sse(t.name, x, [opts[k].name for k in usable], w, cfg, threads)
+            cols["sampled_elements"][i] = taken * shape[-1]
+            for j, k in enumerate(usable):
+                nb = gguf_padded(opts[k].nbytes(shape))
+                _fill(cols, i, k, nb, sse[j : j + 1], rse[j : j + 1], None, norm_sq)
+        else:
+            for k in usable:
+                sse, per = gguf_sse(x, opts[k].name, weights, threads)
+                worst = _worst_matrix(x, per) if len(shape) == 3 and shape[0] > 1 else None
+                nb = gguf_padded(opts[k].nbytes(shape))
+                _fill(cols, i, k, nb, np.array([sse]), np.array([0.0]), worst, norm_sq)
         metas.append({
             "name": t.name,
             "shape": list(shape),
@@ -676,8 +752,8 @@ def profile_gguf(
         "tensors": len(metas),
         "parameters": int(total),
         "bytes_16bit": data,
-        "sampled_tensors": 0,
-        "max_nrmse_rse": 0.0,
+        "sampled_tensors": int((cols["sampled_elements"] < cols["elements"]).sum()),
+        "max_nrmse_rse": float(cols["nrmse_rse"].max()) if cols["nrmse_rse"].size else 0.0,
         "header_bytes": header,
         "source_header_bytes": int(reader.data_offset),
     }
