@@ -6,6 +6,10 @@ objective,
 checks the budget against the smallest feasible size before any work, solves it through
 `mintbuild.solve.solve_mckp` (default: proven optimal, with its certificate) and writes, per target,
 allocation.json (deterministic: what pack reads) and metrics.json (figures for `dvc metrics show`).
+
+Each target builds one format (config.target_format): an MLX target is allocated from the MLX profile, a GGUF
+target from the GGUF profile (profile_gguf: ggml types, the GGUF header as the fixed bytes); a GGUF allocation
+records "format": "gguf" and whether the profile measured with the imatrix pack must then use.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ quantization (`bits`, `group`): per group of `group` consecutive elements along 
 6-bit codes straddle bytes).
 
 GGUF (llama.cpp) storage types are `GGUFOption`s beside it, registered by ggml type name in `GGUF_OPTIONS`
-(`parse_gguf_option("Q4_K")`): blocks of `block` values along the row, `type_size` bytes each.
+(`parse_gguf_option("Q4_K")`): blocks of `block` values along the row, `type_size` bytes each. A GGUF profile
+measures the option set `GGUF_OPTION_SETS["gguf"]` (BF16 is its 16-bit option) and records each tensor's bytes
+padded to the file's alignment (`gguf_padded`), so that they add up to the file llama-quantize writes.
 """
 
 from __future__ import annotations
