@@ -8,7 +8,9 @@ chunk. It prints the running PPL after each chunk (with `--ppl-output-type 1` al
 decimals) and a final estimate. `chunks()` rebuilds those chunks from the HF tokenizer's ids of the same text, and
 `score_chunks()` scores them with our layer-streamed evaluator at the same positions, so the two numbers differ
 only by the arithmetic (llama.cpp's fp32 kernels on ggml types, with activations quantized to Q8 for the
-quantized matmuls) and, should they differ, by tokenization.
+quantized matmuls) and, should they differ, by tokenization. The tool does not print its tokens; the number of
+chunks it found must be the one our token count gives (the tests compare the tokens themselves, read from the
+tool's --kl-divergence-base file).
 
 The text file is written here (the corpus split plus one newline, which the tool's `-f` strips), so that its
 prompt is the split's text exactly. The tool runs with `-t threads` (0: its own default), `-c ctx` and `--chunks`.
@@ -194,7 +196,15 @@ def compare(
     """(metrics, timings) of llama-perplexity on `text` and of our evaluator (`model`, the same GGUF through
     gguf_source) on the same chunks: `ids` are the HF tokenizer's tokens of `text` without special tokens and
     `prefix` what the tokenizer puts in front (its BOS)."""
+    n_tokens = len(prefix) + len(ids)
+    if n_tokens < 2 * ctx:
+        raise MintError(f"the text has {n_tokens:,} tokens; {TOOL} needs at least two chunks of {ctx}")
     run = run_llama_perplexity(gguf, text, ctx, n_chunks, threads)
+    if run.chunks != min(n_chunks, n_tokens // ctx):
+        raise MintError(
+            f"{TOOL} found {run.chunks} chunks of {ctx} tokens in the text, our tokenizer's {n_tokens:,} tokens "
+            f"give {min(n_chunks, n_tokens // ctx)}: the two tokenize the text differently"
+        )
     t0 = time.perf_counter()
     ours = score_chunks(model, chunks(ids, prefix, ctx, run.chunks), progress)
     seconds = time.perf_counter() - t0
@@ -209,6 +219,7 @@ def compare(
         "chunks": run.chunks,
         "ctx": ctx,
         "scored_tokens": run.scored_tokens,
+        "text_tokens": n_tokens,
         "chunk_ppl": [round(math.exp(v), 4) for v in run.chunk_nll],
         "ours_same_chunks": ours_ppl,
         "ours_chunk_ppl": [math.exp(v) for v in ours],

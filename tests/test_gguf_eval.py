@@ -306,7 +306,9 @@ def test_gguf_target_scored_by_us_and_by_llama_perplexity(
     folder = Path(gguf_eval["params"].pack_out) / "t"
     tok = load_tokenizer(folder)
     text = (corpus_dir / "test.txt").read_text(encoding="utf-8")
-    ours = np.stack(chunks(tok(text, add_special_tokens=False)["input_ids"], sequence_prefix(tok), 128, 2))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert lp["text_tokens"] == len(ids)
+    ours = np.stack(chunks(ids, sequence_prefix(tok), 128, 2))
     assert np.array_equal(llama_tokens(folder / "model.gguf", text, 128, 2), ours)
 
 
