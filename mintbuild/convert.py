@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .artifacts import TIMINGS_FILE
 from .artifacts.convert import CONVERT_FILE, DISABLED, GGUF_FILE, SCHEMA_VERSION
 from .artifacts.model import resolve_weights_dir
 from .checkpoint import fingerprint, open_checkpoint
 from .config import ConvertConfig, load_params
 from .errors import MintError
-from .io import atomic_dir, atomic_write_json, canonical_json, sha256_file
+from .io import atomic_dir, canonical_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +181,8 @@ def convert(model_dir: Path, cfg: ConvertConfig, out: Path) -> dict[str, Any]:
                 **facts,
             },
         }
+        # (the converter's time is logged, not written: the folder is one DVC out, hashed whole)
         (tmp / CONVERT_FILE).write_text(canonical_json(doc), encoding="utf-8")
-        atomic_write_json(tmp / TIMINGS_FILE, {"convert_seconds": round(seconds, 2)})
     log.info(
         "wrote %s: %s, %d tensors, %s B in %.1f s",
         out / GGUF_FILE,
