@@ -330,7 +330,10 @@ def test_gguf_metrics_are_deterministic(gguf_eval: dict[str, Any]) -> None:
 
 
 def test_gguf_target_errors_are_one_line_and_write_nothing(
-    gguf_eval: dict[str, Any], families: dict[str, dict[str, Path]], tmp_path: Path
+    gguf_eval: dict[str, Any],
+    families: dict[str, dict[str, Path]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from mintbuild.evaluate import run_target
     from mintbuild.llama_perplexity import run_llama_perplexity
@@ -358,6 +361,24 @@ def test_gguf_target_errors_are_one_line_and_write_nothing(
     with pytest.raises(MintError, match=r"add_bos_token is True but the tokenizer .* does not add a BOS"):
         run_target(bad, "t", progress=False, **kw)
     assert not (tmp_path / "eval").exists()
+    # through the CLI: exit 2 and one line naming the file
+    import yaml
+
+    from mintbuild.cli import main as cli_main
+    from mintbuild.config import as_dict
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(as_dict(bad)))
+    (Path(bad.eval_out) / "baseline").mkdir(parents=True)
+    for f in ("metrics.json", "settings.json"):
+        shutil.copyfile(Path(p.eval_out) / "baseline" / f, Path(bad.eval_out) / "baseline" / f)
+    assert cli_main(["evaluate", "--params", str(tmp_path / "params.yaml"), "--target", "t"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1].startswith("mintbuild evaluate: error: ")
+        and "bos.gguf" not in err[-1]
+        and "model.gguf" in err[-1]
+    )
+    assert sorted(x.name for x in Path(bad.eval_out).iterdir()) == ["baseline"]
     # llama-perplexity failing: a file it cannot load (exit 1), and a text too short for two chunks (exit 0)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\0" * 64)
