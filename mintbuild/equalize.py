@@ -37,6 +37,7 @@ statistics, the exponent search, the folds); nothing here is used by another sta
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import time
@@ -510,6 +511,10 @@ def compute(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, weights: Pat
         check_fits(model, acts, "equalize")
         with StreamedSafetensors(weights, _specs(ckpt), {"format": "pt"}) as out:
             records, skipped = _stream_blocks(model, ckpt, windows, cfg, out, progress)
+            # The fp32 embedding and head are not needed to copy the rest; held beside the embedding's mapped
+            # pages while it is copied, they were the stage's peak on a 3B model.
+            del model
+            gc.collect()
             for name in ckpt.names:  # everything no group rewrote, as stored
                 if name not in out.written:
                     out.write(name, ckpt.read(name))
