@@ -244,6 +244,7 @@ def pack_gguf(
     result = GGUFPackResult(plan.target, Path(out), plan)
     if dry_run:
         return result
+    log.info("plan:\n%s", render_plan(plan, Path(out)))
     with atomic_dir(out) as tmp:
         seconds = quantize(plan, source, imatrix, tmp / OUT_FILE, tmp)
         (tmp / IMATRIX_GGUF).unlink(

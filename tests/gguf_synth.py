@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 SMOLLM2_VOCAB = 49152
 
 
@@ -29,8 +34,10 @@ def smollm2_tokenizer(out: Path) -> Path:
     return out
 
 
-def tiny_convertible(out: Path, tokenizer: Path, family: str = "llama", hidden: int = 256, layers: int = 2) -> Path:
-    """A random-init `family` model (llama, qwen2, gemma3_text) of `layers` blocks, rows of `hidden` (a multiple
+def tiny_convertible(
+    out: Path, tokenizer: Path, family: str = "llama", hidden: int = 256, layers: int = 2
+) -> Path:
+    """A random-init `family` model (llama, gemma3_text; see test_gguf_build for qwen2) of `layers` blocks, rows of `hidden` (a multiple
     of 256, so k-quants apply), SmolLM2's vocabulary and tokenizer; a bf16 HF folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
