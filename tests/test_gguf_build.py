@@ -378,3 +378,26 @@ def test_a_build_without_gguf_targets_converts_nothing(tmp_path: Path) -> None:
     )
     with pytest.raises(MintError, match=r"convert\.enabled is false"):
         load_profile(tmp_path / "pg")
+
+
+def test_merged_experts_get_one_entry_per_expert(tmp_path: Path) -> None:
+    """Experts the converter merges into one [experts, out, in] tensor: their sums stacked in expert order, each
+    with its own token count (0 for an expert no token reached: llama-quantize then uses ones), as llama.cpp's
+    imatrix stores a merged tensor; written and read back."""
+    from mintbuild.artifacts.importance import InputSquares
+    from mintbuild.imatrix import quantize_weights
+
+    rng = np.random.default_rng(0)
+    names = [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(3)]
+    sums = {n: rng.random(8) for n in names}
+    sums["model.layers.0.self_attn.q_proj.weight"] = rng.random(16)
+    counts = {names[0]: 5, names[1]: 0, names[2]: 7, "model.layers.0.self_attn.q_proj.weight": 12}
+    shapes = {"blk.0.ffn_down_exps.weight": (3, 16, 8), "blk.0.attn_q.weight": (16, 16)}
+    entries = gguf_entries(InputSquares(sums, counts, 4, "x"), "qwen2moe", 1, shapes)
+    e = entries["blk.0.ffn_down_exps.weight"]
+    np.testing.assert_array_equal(e.sums, np.stack([sums[n] for n in names]))
+    np.testing.assert_array_equal(e.counts, [5, 0, 7])
+    write_imatrix(tmp_path / "im.gguf", entries, 3, 4, ["t"])
+    w = quantize_weights(read_imatrix(tmp_path / "im.gguf"), "blk.0.ffn_down_exps.weight")
+    np.testing.assert_allclose(w[0], (sums[names[0]] / 5).astype(np.float32), rtol=1e-6)
+    np.testing.assert_array_equal(w[1], np.ones(8, np.float32))
