@@ -17,12 +17,19 @@ uniform 4-bit reference's bits/weight or at `dynamic_quant@BPW`), run by benchma
 many as mintbuild's Fisher pass sees. Each peer folder is scored like a reference and mintbuild rows are
 allocated at its exact bytes; the row's seconds are the peer's calibration time. DWQ is not a peer: see peers.py.
 
+GGUF rows (`--gguf`, benchmarks/quality_gguf.py): llama.cpp's stock mixes (Q3_K_M, Q4_K_M, Q5_K_M by default) made
+by llama-quantize from llama.cpp's own bf16 conversion of the original model, with mintbuild's imatrix and without,
+against mintbuild GGUFs allocated at each stock file's exact bytes; every GGUF scored by our evaluator on the same
+windows and by llama-perplexity (with ours on its chunks). `--gguf none` skips them.
+
 Writes artifacts/quality/: quality.md (tables), quality.png (bytes vs PPL, one series per method, 16-bit line),
-quality.json (every row). Needs the model, corpus, equalize, profile and importance stages (`make quality` runs them).
+quality.json (every row, with its `format`: mlx, gguf or safetensors for the 16-bit model; the GGUF goal figures).
+Needs the model, corpus, equalize, profile and importance stages, and for GGUF rows convert and profile_gguf
+(`make quality` runs them).
 
 Usage: .venv/bin/python benchmarks/quality.py [--params params.yaml] [--refs 4/64,mixed_4_6,...]
        [--methods greedy,nrmse,mse,fisher] [--importance extra.json:label ...] [--windows N] [--out DIR]
-       [--peers awq,gptq,dynamic_quant[@BPW],... | none]
+       [--peers awq,gptq,dynamic_quant[@BPW],... | none] [--gguf Q3_K_M,Q4_K_M,Q5_K_M | none]
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import quality_gguf  # benchmarks/ (this script's folder) is on sys.path
 import torch
 
 from mintbuild.allocate import allocate_target
@@ -104,6 +112,10 @@ class Row:
     seconds: float = 0.0
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: mlx (an MLX folder), gguf (a llama.cpp file) or safetensors (the 16-bit model)
+    format: str = "mlx"
+    #: llama-perplexity's PPL (GGUF rows) on the split's first chunks
+    llama_ppl: float = math.nan
 
 
 @dataclass
@@ -339,8 +351,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row = mintbuild_row(bench, problem, cfg, label, ref)
                 rows.append(row)
                 log.info("  %-40s %s  PPL %.3f  %s", label, format_size(row.bytes), row.ppl_mean, row.note)
+        measured, gguf_settings = quality_gguf.gguf_rows(
+            bench, quality_gguf.parse_mixes(args.gguf), solver_config(params.solver, "exact", "fisher")
+        )
+        rows += [gguf_row(bench, m) for m in measured]
     seconds = time.perf_counter() - t_start
-    return {"rows": rows, "seconds": seconds, "settings": {**settings(bench, args), "blas": blas}}
+    st = {**settings(bench, args), "blas": blas, **({"gguf": gguf_settings} if gguf_settings else {})}
+    return {"rows": rows, "seconds": seconds, "settings": st, "gguf_goals": quality_gguf.goals(rows)}
+
+
+def gguf_row(bench: Bench, m: quality_gguf.Measured) -> Row:
+    return Row(m.series, m.label, m.ref, m.bytes, 8 * m.bytes / bench.parameters if m.bytes else math.nan,
+               m.ppl_mean, m.ppl_median, m.seconds, m.note, m.extra, format="gguf", llama_ppl=m.llama_ppl)  # fmt: skip
 
 
 def baseline_row(bench: Bench, model_dir: Path) -> Row:
@@ -348,7 +370,8 @@ def baseline_row(bench: Bench, model_dir: Path) -> Row:
     weights = resolve_weights_dir(model_dir)
     model = load_baseline(weights, torch.float32)
     s, _ = perplexity(model, bench.tokens, bench.windows, progress=False)
-    row = Row("16-bit", "16-bit", "", weights_bytes(weights), 16.0, s["ppl_mean"], s["ppl_median"])
+    row = Row("16-bit", "16-bit", "", weights_bytes(weights), 16.0, s["ppl_mean"], s["ppl_median"],
+              format="safetensors")  # fmt: skip
     row.seconds = time.perf_counter() - t0
     log.info("16-bit: %s, PPL %.3f", format_size(row.bytes), row.ppl_mean)
     return row
@@ -356,7 +379,7 @@ def baseline_row(bench: Bench, model_dir: Path) -> Row:
 
 def reference_rows(bench: Bench, model_dir: Path, specs: list[str], rows: list[Row]) -> list[Row]:
     refs = []
-    for spec in specs:
+    for spec in (s for s in specs if s.strip().lower() not in ("", "none")):
         label, kwargs = parse_ref(spec)
         why = uniform_unavailable(bench.profile, spec)
         if why:
@@ -425,8 +448,11 @@ def settings(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
 
 def comparison_table(rows: list[Row]) -> list[str]:
     """One line per reference or peer: its PPL, its calibration (peers: tokens and seconds) and each mintbuild
-    series' PPL at <= its bytes."""
+    series' PPL at <= its bytes (MLX rows; the GGUF rows have their own table)."""
+    rows = [r for r in rows if r.format != "gguf"]
     refs = [r for r in rows if r.series in MATCHED_SERIES and r.bytes]
+    if not refs:
+        return []
     ours = sorted({r.series for r in rows if r.ref and r.series not in MATCHED_SERIES},
                   key=list(rows_series_order(rows)).index)  # fmt: skip
     head = ("| reference | bytes | calibration (tokens, seconds) | reference PPL | " + " | ".join(ours)
@@ -447,6 +473,13 @@ def comparison_table(rows: list[Row]) -> list[str]:
         lines.append(f"| {ref.label} | {format_size(ref.bytes)} | {cal} | {ref.ppl_mean:.2f} | "
                      + " | ".join(cells) + f" | {delta} |")  # fmt: skip
     return lines
+
+
+def mlx_section(rows: list[Row]) -> list[str]:
+    table = comparison_table(rows)
+    if not table:
+        return []
+    return ["Mean PPL; in brackets, the change against the reference row at the same bytes.", "", *table, ""]
 
 
 def rows_series_order(rows: list[Row]) -> dict[str, None]:
@@ -470,20 +503,19 @@ def markdown(result: dict[str, Any]) -> str:
         f"16-bit: {format_size(base.bytes)}, mean PPL {base.ppl_mean:.3f}.",
         "",
         *peer_note(rows, st),
-        "Mean PPL; in brackets, the change against the reference row at the same bytes.",
-        "",
-        *comparison_table(rows),
-        "",
+        *mlx_section(rows),
+        *quality_gguf.markdown(rows, st.get("gguf", {}), result.get("gguf_goals", [])),
         "## Every row",
         "",
-        "| series | row | matched to | bytes on disk | bits/weight (disk) | mean PPL | median PPL | note |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "| series | format | row | matched to | bytes on disk | bits/weight (disk) | mean PPL | median PPL | "
+        "llama-perplexity PPL | seconds | note |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         size = format_size(r.bytes) if r.bytes else "-"
         lines.append(
-            f"| {r.series} | {r.label} | {r.ref or '-'} | {size} | {_f(r.bpw, 3)} | {_f(r.ppl_mean)} | "
-            f"{_f(r.ppl_median)} | {r.note} |"
+            f"| {r.series} | {r.format} | {r.label} | {r.ref or '-'} | {size} | {_f(r.bpw, 3)} | {_f(r.ppl_mean)} | "
+            f"{_f(r.ppl_median)} | {_f(r.llama_ppl)} | {r.seconds:.1f} | {r.note} |"
         )
     lines += ["", f"Whole benchmark: {result['seconds']:.0f} s ({result['seconds'] / 60:.1f} min).", ""]
     return "\n".join(lines)
@@ -548,6 +580,7 @@ def write(result: dict[str, Any], out: Path) -> None:
         (tmp / "quality.md").write_text(markdown(result), encoding="utf-8")
         plot(rows, tmp / "quality.png")
         doc = {"settings": result["settings"], "seconds": round(result["seconds"], 1),
+               "gguf_goals": result.get("gguf_goals", []),
                "rows": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                          for k, v in vars(r).items()} for r in rows]}  # fmt: skip
         (tmp / "quality.json").write_text(canonical_json(doc), encoding="utf-8")
@@ -565,6 +598,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--windows", type=int, help="evaluation windows (default: eval.n_windows)")
     ap.add_argument("--peers", default=",".join(DEFAULT_PEERS), help="mlx-lm's calibrated quantizers as rows: "
                     "awq,gptq,dynamic_quant[@bits/weight] (bare: at each reference's), or none")  # fmt: skip
+    ap.add_argument("--gguf", default=",".join(quality_gguf.DEFAULT_MIXES), help="llama.cpp stock mixes as "
+                    "GGUF rows (each with the imatrix and without, mintbuild at each file's bytes), or none")  # fmt: skip
     ap.add_argument("--out", default="artifacts/quality", help="output folder (default: artifacts/quality)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

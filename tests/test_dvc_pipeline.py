@@ -135,7 +135,7 @@ def test_quality_benchmark_runs_on_the_built_artifacts(repo) -> None:
     sh(repo_dir, "dvc", "repro", "profile", "importance")  # the benchmark's inputs, when run on its own
     script = ROOT / "benchmarks" / "quality.py"
     sh(repo_dir, sys.executable, str(script), "--refs", "4/32,mixed_3_6", "--methods", "greedy,fisher",
-        "--windows", "1", "--peers", "none", "--out", "artifacts/quality")  # fmt: skip
+        "--windows", "1", "--peers", "none", "--gguf", "none", "--out", "artifacts/quality")  # fmt: skip
     doc = json.loads((repo_dir / "artifacts/quality/quality.json").read_text())
     rows = {(r["series"], r["ref"]): r for r in doc["rows"]}
     refs = [r for r in doc["rows"] if r["series"] in ("uniform (mlx-lm)", "mlx-lm recipe")]
@@ -158,7 +158,7 @@ def test_quality_benchmark_peer_rows(repo) -> None:
     sh(repo_dir, "dvc", "repro", "profile", "importance")
     script = ROOT / "benchmarks" / "quality.py"
     sh(repo_dir, sys.executable, str(script), "--refs", "4/64", "--methods", "fisher", "--windows", "1",
-       "--peers", "awq,dynamic_quant@5", "--out", "artifacts/quality_peers")  # fmt: skip
+       "--peers", "awq,dynamic_quant@5", "--gguf", "none", "--out", "artifacts/quality_peers")  # fmt: skip
     doc = json.loads((repo_dir / "artifacts/quality_peers/quality.json").read_text())
     peers = {r["label"]: r for r in doc["rows"] if r["series"] == "mlx-lm calibrated"}
     assert set(peers) == {"AWQ 4/g64", "dynamic_quant 5.00 bpw (4/g64 + 5/g64)"}
