@@ -63,7 +63,9 @@ OURS_SERIES = "mintbuild GGUF (exact, fisher)"
 SERIES = (*STOCK_SERIES.values(), OURS_SERIES)
 #: Goal of issue 17: mintbuild's PPL below the stock mix's at its size by at least this fraction.
 GOALS = {"Q3_K_M": 0.08, "Q4_K_M": 0.03}
-_FALLBACK = re.compile(r"using fallback quantization (\w+)")
+#: llama-quantize's per-tensor warning when a row is not a multiple of the type's block (it then stores another
+#: type): "ncols 576 not divisible by 256 (required for type q3_K)".
+_FALLBACK = re.compile(r"ncols\s+\d+ not divisible by\s+\d+ \(required for type\s+(\w+)\)")
 
 
 class BenchLike(Protocol):
@@ -305,7 +307,7 @@ def stock_row(bench: BenchLike, original: Path, mix: str, imatrix: Path | None, 
     t0 = time.perf_counter()
     proc = run_tool("llama-quantize", args)
     seconds = time.perf_counter() - t0
-    fallbacks = Counter(_FALLBACK.findall(proc.stdout + proc.stderr))
+    fallbacks = Counter(t.upper() for t in _FALLBACK.findall(proc.stdout + proc.stderr))
     size = out.stat().st_size
     types = tensor_types(out)
     s = score_gguf(bench, out, config)
@@ -483,11 +485,11 @@ def markdown(rows: list[Any], settings: dict[str, Any], goal_list: list[dict[str
             f"{f'{o.ppl_mean:.3f}' if ob else '-'} | {_llama_cell(o) if ob else '-'} | "
             f"{_pct(o.ppl_mean, r.ppl_mean) if ob else '-'} | {_pct(o.llama_ppl, r.llama_ppl) if ob else '-'} |"
         )
-    fallbacks = sorted({f"{k}" for r in stock for k in r.extra.get("fallbacks", {})})
-    if fallbacks:
-        lines += ["", "llama-quantize fell back to " + ", ".join(fallbacks) + " for tensors whose rows are not "
-                  "a multiple of 256 (no k-quant): per stock file, "
-                  + "; ".join(f"{r.label}: {sum(r.extra['fallbacks'].values())}" for r in stock) + " tensors."]  # fmt: skip
+    if any(r.extra.get("fallbacks") for r in stock):
+        lines += ["", "llama-quantize's fallbacks (a tensor whose rows are not a multiple of the type's block, 256 for "
+                  "k-quants, gets another type; the types above are what the files hold): "
+                  + "; ".join(f"{r.label}: " + ", ".join(f"{n} wanted {t}" for t, n in r.extra["fallbacks"].items())
+                              for r in stock if r.extra.get("fallbacks")) + "."]  # fmt: skip
     lines += ["", *goal_lines(goal_list), ""]
     return lines
 
