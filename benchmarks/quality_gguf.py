@@ -315,8 +315,9 @@ def stock_row(bench: BenchLike, original: Path, mix: str, imatrix: Path | None, 
     m = Measured(STOCK_SERIES[imatrix is not None], label, "", size, s.ppl_mean, s.ppl_median, s.llama["ppl"],
                  seconds, extra={"mix": mix, "imatrix": imatrix is not None, "tensor_types": types,
                                  "fallbacks": dict(fallbacks), "sha256": sha256_file(out), **_llama_extra(s)})  # fmt: skip
-    log.info("%s: %s (%s), PPL %.3f, llama-perplexity %.3f; %d fallback(s) %s", label, format_size(size),
-             quantized_types(types), s.ppl_mean, s.llama["ppl"], sum(fallbacks.values()), dict(fallbacks))  # fmt: skip
+    log.info("%s: %s B (%s), PPL %.3f, llama-perplexity %.3f (ours on its chunks %+.2f%%), %.0f s; fallbacks %s",
+             label, f"{size:,}", quantized_types(types), s.ppl_mean, s.llama["ppl"], 100 * s.llama["rel_diff"],
+             time.perf_counter() - t0, dict(fallbacks) or "none")  # fmt: skip
     return m
 
 
@@ -373,8 +374,9 @@ def our_row(bench: BenchLike, ours: Ours, ref: Measured, config: dict[str, Any])
                         **_llama_extra(s)})  # fmt: skip
     ours.done[key] = m
     shutil.rmtree(pack_root / name)
-    log.info("  %s: %s (%s), PPL %.3f, llama-perplexity %.3f", name, format_size(size),
-             quantized_types(res.manifest["tensor_types"]), s.ppl_mean, s.llama["ppl"])  # fmt: skip
+    log.info("  %s: %s B (%s), PPL %.3f, llama-perplexity %.3f (ours on its chunks %+.2f%%), %.0f s", name,
+             f"{size:,}", quantized_types(res.manifest["tensor_types"]), s.ppl_mean, s.llama["ppl"],
+             100 * s.llama["rel_diff"], time.perf_counter() - t0)  # fmt: skip
     return m
 
 
