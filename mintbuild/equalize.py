@@ -494,7 +494,8 @@ def compute(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, weights: Pat
     Block l: every window's hidden state goes through the block as read (the statistics are the original
     model's, as a whole-model pass would see them; the outputs carry on to block l + 1), then the block's
     groups are searched and folded in fp32, and its rewritten tensors are written. Memory: one block in fp32,
-    the embedding and head, the windows' hidden states and one block's statistics."""
+    the windows' hidden states and one block's statistics (the embedding and head only until the windows have
+    entered block 0)."""
     import numpy as np
     import torch
 
@@ -511,8 +512,6 @@ def compute(model_dir: Path, corpus_dir: Path, cfg: EqualizeConfig, weights: Pat
         check_fits(model, acts, "equalize")
         with StreamedSafetensors(weights, _specs(ckpt), {"format": "pt"}) as out:
             records, skipped = _stream_blocks(model, ckpt, windows, cfg, out, progress)
-            # The fp32 embedding and head are not needed to copy the rest; held beside the embedding's mapped
-            # pages while it is copied, they were the stage's peak on a 3B model.
             del model
             gc.collect()
             for name in ckpt.names:  # everything no group rewrote, as stored
@@ -580,6 +579,7 @@ def _stream_blocks(
     with torch.no_grad():
         entered = [model.enter(torch.tensor(w.ids, dtype=torch.long)[None]) for w in windows]
     hidden, calls = [h for h, _ in entered], [c for _, c in entered]
+    _drop_outer(model)
     records: list[dict] = []
     skipped: list[dict] = []
     seconds = [0.0, 0.0]
@@ -604,6 +604,22 @@ def _stream_blocks(
     log.info("calibration %.1f s, search %.1f s (%d groups x %d exponents, %d blocks streamed)", seconds[0],
              seconds[1], len(records), cfg.grid, model.n_blocks)  # fmt: skip
     return records, skipped
+
+
+def _drop_outer(model: Any) -> None:
+    """Free the fp32 embedding, final norm and head: once every window has entered block 0, the block pass
+    needs none of them (on an untied 8B they are 4.2 GB, the stage's peak before this)."""
+    import torch
+
+    from .streaming import release_freed_memory
+
+    # every name of a tied weight (embedding and head share one parameter), so no reference keeps it alive
+    outer = [(n, p) for n, p in model.model.named_parameters(remove_duplicate=False)
+             if not n.startswith(model.prefix + ".")]  # fmt: skip
+    for name, p in outer:
+        owner, _, attr = name.rpartition(".")
+        model.model.get_submodule(owner)._parameters[attr] = torch.nn.Parameter(p.detach().to("meta"))
+    release_freed_memory()
 
 
 def rewritten_tensors(params: dict[str, Any], groups: list[Group], ckpt: Any) -> dict[str, Any]:
