@@ -579,7 +579,7 @@ def _stream_blocks(
     with torch.no_grad():
         entered = [model.enter(torch.tensor(w.ids, dtype=torch.long)[None]) for w in windows]
     hidden, calls = [h for h, _ in entered], [c for _, c in entered]
-    _drop_outer(model)
+    model.drop_outer()  # the block pass needs no embedding or head
     records: list[dict] = []
     skipped: list[dict] = []
     seconds = [0.0, 0.0]
@@ -604,22 +604,6 @@ def _stream_blocks(
     log.info("calibration %.1f s, search %.1f s (%d groups x %d exponents, %d blocks streamed)", seconds[0],
              seconds[1], len(records), cfg.grid, model.n_blocks)  # fmt: skip
     return records, skipped
-
-
-def _drop_outer(model: Any) -> None:
-    """Free the fp32 embedding, final norm and head: once every window has entered block 0, the block pass
-    needs none of them (on an untied 8B they are 4.2 GB, the stage's peak before this)."""
-    import torch
-
-    from .streaming import release_freed_memory
-
-    # every name of a tied weight (embedding and head share one parameter), so no reference keeps it alive
-    outer = [(n, p) for n, p in model.model.named_parameters(remove_duplicate=False)
-             if not n.startswith(model.prefix + ".")]  # fmt: skip
-    for name, p in outer:
-        owner, _, attr = name.rpartition(".")
-        model.model.get_submodule(owner)._parameters[attr] = torch.nn.Parameter(p.detach().to("meta"))
-    release_freed_memory()
 
 
 def rewritten_tensors(params: dict[str, Any], groups: list[Group], ckpt: Any) -> dict[str, Any]:

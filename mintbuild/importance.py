@@ -176,6 +176,7 @@ def fisher_pass(
         grads.append(x.grad)
         losses.append(float(loss.detach()))
     per_window: dict[str, list[float]] = defaultdict(list)
+    model.drop_outer()  # the walk down needs no embedding or head; the outer pass reads them again
     for b in tqdm(reversed(range(model.n_blocks)), total=model.n_blocks, unit="block",
                   desc="importance: backward", disable=not progress):  # fmt: skip
         inputs = saved.pop()
@@ -190,6 +191,7 @@ def fisher_pass(
                 for n, p in named:
                     per_window[f"{model.prefix}.{b}.{n}"].append(_g2(p))
         del inputs
+    model.reload_outer()
     _outer_pass(model, ids, top, grads, per_window, squares)
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(w.ids) for w in windows)

@@ -213,6 +213,23 @@ class StreamedModel:
         if meta:
             raise MintError(f"parameters {meta[:3]} were not loaded")
 
+    def drop_outer(self) -> None:
+        """Free the embedding, final norm and head (a block walk needs none of them once every window has
+        entered block 0: an untied 8B's embedding and head are 4.2 GB in float32, more than its largest block
+        with gradients); `reload_outer` reads them again."""
+        # every name of a tied weight (the head is the embedding), so no reference keeps the storage alive;
+        # untied on the meta device as at construction, and tied again by `reload_outer`
+        for name, p in list(self.model.named_parameters(remove_duplicate=False)):
+            if not name.startswith(self.prefix + ".") and p.device.type != "meta":
+                owner, _, attr = name.rpartition(".")
+                meta = torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+                self.model.get_submodule(owner)._parameters[attr] = meta
+        release_freed_memory()
+
+    def reload_outer(self) -> None:
+        """Read the parameters `drop_outer` freed from the source again (the same values)."""
+        self._materialize_outer()
+
     @contextlib.contextmanager
     def block(self, i: int) -> Iterator[torch.nn.Module]:
         """Block i with its weights read and converted to the compute dtype; dropped on exit."""
@@ -297,11 +314,15 @@ def forward_hidden(
             h, c = model.enter(torch.as_tensor(list(ids), dtype=torch.long)[None])
             hidden.append(h)
             calls.append(c)
-        for i in tqdm(range(model.n_blocks), unit="block", desc=desc, disable=not progress):
-            if keep is not None:
-                keep(i, hidden)
-            with model.block(i) as blk:
-                hidden = [run_block(blk, h, c[i]) for h, c in zip(hidden, calls, strict=True)]
+        model.drop_outer()  # the walk needs no embedding or head: read again for the head after it
+        try:
+            for i in tqdm(range(model.n_blocks), unit="block", desc=desc, disable=not progress):
+                if keep is not None:
+                    keep(i, hidden)
+                with model.block(i) as blk:
+                    hidden = [run_block(blk, h, c[i]) for h, c in zip(hidden, calls, strict=True)]
+        finally:
+            model.reload_outer()
     return hidden, calls
 
 
