@@ -160,14 +160,15 @@ def fisher_pass(
         model, [w.ids for w in windows], progress, "importance: forward",
         keep=lambda _i, h: saved.append(h),
     )  # fmt: skip
-    outer = model.outer_parameters()
 
     def head_loss(i: int, h: Any) -> Any:
         return model.head(ids[i], h, labels=ids[i]).loss
 
-    # dLoss/dhidden at the top (the head's own parameters' gradients are taken with the embedding's, below)
-    for _, p in outer:
-        p.requires_grad_(False)
+    # dLoss/dhidden at the top (the head's own parameters' gradients are taken with the embedding's, below).
+    # No reference to the outer parameters is kept here: the walk down frees them (drop_outer).
+    for _name, param in model.outer_parameters():
+        param.requires_grad_(False)
+    del param
     grads, losses = [], []
     for i, h in enumerate(top):
         x = h.detach().requires_grad_(True)

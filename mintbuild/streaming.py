@@ -189,7 +189,9 @@ class StreamedModel:
             flat = [m for g in groups for m in g]
             parts = self.source.read(flat)
             tensors[n] = stack_experts(groups, parts.__getitem__)
-        state = {n.removeprefix(module_prefix): t.to(self.dtype) for n, t in tensors.items()}
+        # one tensor converted at a time, its stored (memory-mapped) copy released before the next: all of an
+        # untied 8B's outer tensors stored and converted at once peaked 1 GB over the stage's bound
+        state = {n.removeprefix(module_prefix): tensors.pop(n).to(self.dtype) for n in list(tensors)}
         module.load_state_dict(state, strict=False, assign=True)
         for p in module.parameters():
             p.requires_grad_(self.grad)
