@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--search-rows", type=int, default=None, help="equalize.search_rows (default: params.yaml's)"
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-dtype", default=None, help="eval.dtype: float32 (params.yaml's) or bfloat16")
     p.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -192,6 +193,8 @@ def write_params(a: argparse.Namespace, model: Path, work: Path) -> Path:
         if value is not None:
             params["equalize"][key] = value
     params["eval"] |= {"n_windows": a.windows, "window": a.window, "threads": a.threads}
+    if a.eval_dtype:
+        params["eval"]["dtype"] = a.eval_dtype
     params["profile"]["out"] = str(work / "profile")
     params["solver"]["importance"] = str(work / "importance" / "importance.json")
     for key in ("allocate_out", "pack_out", "eval_out"):
@@ -257,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     eq = yaml.safe_load(params.read_text())["equalize"]
     print(f"# windows: {a.windows} x {a.window} tokens per calibration/eval stage, {a.hessian_windows} Hessian "
           f"windows; equalize grid {eq['grid']}, search_rows {eq['search_rows']}; targets {TARGETS}; "
-          f"threads {a.threads}; env {env_note}")  # fmt: skip
+          f"threads {a.threads}; eval.dtype {yaml.safe_load(params.read_text())['eval'].get('dtype')}; "
+          f"env {env_note}")  # fmt: skip
     rows = []
     for stage in [s for s in a.stages.split(",") if s]:
         if stage not in STAGES:
