@@ -557,7 +557,8 @@ def _streamed(model_dir: Path) -> Any:
     from .streaming import CheckpointSource, NoDecoderBlocks, StreamedModel
 
     try:
-        model = StreamedModel(CheckpointSource(model_dir), torch.float32)
+        # no head: the blocks' statistics need only the embedding (an untied 8B's head is 2.1 GB in fp32)
+        model = StreamedModel(CheckpointSource(model_dir), torch.float32, head=False)
     except NoDecoderBlocks as e:  # other errors (weights that do not fit the architecture) stay errors
         raise _NothingToEqualize([{"layer": None, "pair": "all", "reason": str(e)}]) from None
     if model.prefix != "model.layers":

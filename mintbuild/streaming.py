@@ -143,12 +143,16 @@ class StreamedModel:
     materialized block) require gradients.
     """
 
-    def __init__(self, source: WeightSource, dtype: torch.dtype = torch.float32, grad: bool = False) -> None:
+    def __init__(
+        self, source: WeightSource, dtype: torch.dtype = torch.float32, grad: bool = False, head: bool = True
+    ) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
         self.source, self.dtype, self.grad = source, dtype, grad
+        #: False: an untied output head is never read (a stage that needs only the blocks and their inputs)
+        self.with_head = head
         self.hf_config = _hf_config(source.config)
         with no_init_weights(), init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(self.hf_config, dtype=dtype)
@@ -202,16 +206,17 @@ class StreamedModel:
         head = self.model.get_output_embeddings()
         head_names = {n for n, p in self.model.named_parameters(remove_duplicate=False) if head is not None
                       and p is head.weight}  # fmt: skip
+        skip_head = tied or not self.with_head  # tied: the embedding's read is the head's
         names = [
             n
             for n, _ in self.model.named_parameters(remove_duplicate=False)
-            if not n.startswith(self.prefix + ".") and not (tied and n in head_names)
+            if not n.startswith(self.prefix + ".") and not (skip_head and n in head_names)
         ]
         self._load(self.model, "", names)
         if tied:
             self.model.tie_weights()
         meta = [n for n, p in self.model.named_parameters() if p.device.type == "meta"
-                and not n.startswith(self.prefix + ".")]  # fmt: skip
+                and not n.startswith(self.prefix + ".") and (self.with_head or n not in head_names)]  # fmt: skip
         if meta:
             raise MintError(f"parameters {meta[:3]} were not loaded")
 

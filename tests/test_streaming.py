@@ -70,6 +70,20 @@ def test_block_walk_frees_the_embedding_and_head(family: str, text: str, tmp_pat
     assert (model.model.get_output_embeddings().weight is model.model.get_input_embeddings().weight) == tied
 
 
+def test_a_model_without_its_head_reads_no_head(text: str, tmp_path: Path) -> None:
+    """head=False (equalize): an untied head is never read, and the blocks see the same inputs."""
+    folder = tiny_family(tmp_path / "phi3", "phi3", text)
+    full = StreamedModel(CheckpointSource(folder), torch.float32)
+    lean = StreamedModel(CheckpointSource(folder), torch.float32, head=False)
+    assert lean.model.get_output_embeddings().weight.device.type == "meta"
+    assert full.model.get_output_embeddings().weight.device.type == "cpu"
+    ids = [[1, 5, 7, 9, 11]]
+    torch.testing.assert_close(
+        forward_hidden(lean, ids)[0][0], forward_hidden(full, ids)[0][0], rtol=0, atol=0
+    )
+    assert lean.model.get_output_embeddings().weight.device.type == "meta"  # the walk's reload reads no head
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_streamed_ppl_equals_whole_model_on_smollm2(smollm2_dir: Path, corpus_dir: Path, dtype: str) -> None:
