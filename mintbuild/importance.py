@@ -409,11 +409,15 @@ def fill_missing(
 # ---------------------------------------------------------------- the output head's input Hessian
 
 
+class _HeadInputSeen(Exception):
+    """Ends a forward pass at the output head's input, once it is recorded."""
+
+
 def head_hessian(model: StreamedModel, windows: list[Window], progress: bool) -> tuple[str, Any, Any]:
     """(parameter name of the output head's weight, H = sum over the windows' tokens of x x^T of the head's
     input x, float64, and the same sum over the even-numbered windows). The tied head's weight is the
-    embedding parameter, so its name is the embedding's. Layer-streamed forward; the head runs once per
-    window."""
+    embedding parameter, so its name is the embedding's. Layer-streamed forward; each window's forward
+    stops at the head's input."""
     import torch
 
     head = model.model.get_output_embeddings()
@@ -429,6 +433,7 @@ def head_hessian(model: StreamedModel, windows: list[Window], progress: bool) ->
     def hook(_module: Any, inputs: tuple[Any, ...]) -> None:
         x = inputs[0].detach().reshape(-1, k).double()
         acc[parity[0]].add_(x.T @ x)
+        raise _HeadInputSeen  # the head's own product is not needed (nor read: the model is built headless)
 
     top, _ = forward_hidden(model, [w.ids for w in windows], progress, "head hessian: blocks")
     handle = head.register_forward_pre_hook(hook)
@@ -436,7 +441,8 @@ def head_hessian(model: StreamedModel, windows: list[Window], progress: bool) ->
         with torch.inference_mode():
             for i, (w, h) in enumerate(zip(windows, top, strict=True)):
                 parity[0] = i % 2
-                model.head(torch.tensor(w.ids, dtype=torch.long)[None], h)
+                with contextlib.suppress(_HeadInputSeen):
+                    model.head(torch.tensor(w.ids, dtype=torch.long)[None], h)
     finally:
         handle.remove()
     return name, acc[0] + acc[1], acc[0]
@@ -452,7 +458,8 @@ def compute_hessian(
     ckpt, windows, _ = calibration_windows(model_dir, corpus_dir, cfg.hessian_windows, cfg.window, cfg.seed)
     with torch_settings(cfg.threads, cfg.seed):
         t0 = time.perf_counter()
-        model = StreamedModel(CheckpointSource(model_dir), torch.float32)
+        # headless: only the head's input is measured (an untied 8B's head is 2.1 GB in fp32)
+        model = StreamedModel(CheckpointSource(model_dir), torch.float32, head=False)
         name, h, even = head_hessian(model, windows, progress)
     if name not in ckpt.names or name == tied_lm_head(ckpt):
         raise MintError(f"{model_dir}: the output head's weight {name!r} is not a checkpoint tensor")
