@@ -41,6 +41,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -224,33 +225,66 @@ def peer_label(method: str, doc: dict[str, Any]) -> str:
     return f"{method.upper()} {doc['bits']}/g{doc['group']}"
 
 
-def peer_rows(bench: Bench, model_dir: Path, peers: list[tuple[str, float | None]]) -> list[Row]:
-    """Each peer made by benchmarks/peers.py in a child process (it re-executes itself with OpenBLAS preloaded,
-    which this process, scoring with torch, should not carry), scored like the references."""
+def peer_cache_dir(bench: Bench, model_dir: Path, cmd: list[str]) -> Path:
+    """Where a peer folder made by `cmd` is kept between runs (an AWQ row is ~10-25 min here): keyed by the
+    model's weights, the train split, the command's arguments after the output path, peers.py and mlx-lm's
+    versions. Under $MINTBUILD_CACHE/peers, else .cache/peers."""
+    import mlx.core as mx
+    import mlx_lm
+
+    env = os.environ.get("MINTBUILD_CACHE")
+    root = Path(env) / "peers" if env else Path(".cache") / "peers"
+    train = Path(bench.params.corpus.out) / "train.txt"
+    parts = [
+        weights_digest(resolve_weights_dir(model_dir)),
+        hashlib.sha256(train.read_bytes()).hexdigest(),
+        hashlib.sha256(PEERS_SCRIPT.read_bytes()).hexdigest(),
+        mlx_lm.__version__,
+        mx.__version__,
+        *cmd[cmd.index("--out") + 2 :],
+        cmd[2],
+    ]
+    return root / hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def make_peer(bench: Bench, model_dir: Path, method: str, bpw: float | None) -> tuple[Path, bool]:
+    """(folder of the peer `method` at `bpw`, whether it came from the cache): made by benchmarks/peers.py in
+    a child process (it re-executes itself with OpenBLAS preloaded, which this process, scoring with torch,
+    should not carry) unless an identical run is cached; a new folder enters the cache whole or not at all."""
     cal = bench.params.importance
-    rows = []
-    for method, bpw in peers:
-        out = bench.work / "peer" / f"{method}{'' if bpw is None else f'@{bpw:.4f}'}"
-        cmd = [sys.executable, str(PEERS_SCRIPT), method, "--model", str(model_dir),
-               "--corpus", str(bench.params.corpus.out), "--out", str(out), "--bits", str(PEER_BITS),
-               "--group", str(PEER_GROUP), "--n-windows", str(cal.n_windows), "--window", str(cal.window),
-               "--seed", str(cal.seed)]  # fmt: skip
-        if bpw is not None:
-            cmd += ["--target-bpw", f"{bpw:.6f}"]
-        t0 = time.perf_counter()
+    cmd = [sys.executable, str(PEERS_SCRIPT), method, "--model", str(model_dir),
+           "--corpus", str(bench.params.corpus.out), "--out", "", "--bits", str(PEER_BITS),
+           "--group", str(PEER_GROUP), "--n-windows", str(cal.n_windows), "--window", str(cal.window),
+           "--seed", str(cal.seed)]  # fmt: skip
+    if bpw is not None:
+        cmd += ["--target-bpw", f"{bpw:.6f}"]
+    cached = peer_cache_dir(bench, model_dir, cmd)
+    if (cached / "peer.json").is_file():
+        return cached, True
+    with atomic_dir(cached) as tmp:
+        cmd[cmd.index("--out") + 1] = str(tmp)
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise MintError(f"peer {method} failed:\n{r.stderr[-3000:]}")
+    return cached, False
+
+
+def peer_rows(bench: Bench, model_dir: Path, peers: list[tuple[str, float | None]]) -> list[Row]:
+    """Each peer (made or taken from the cache by `make_peer`), scored like the references."""
+    rows = []
+    for method, bpw in peers:
+        t0 = time.perf_counter()
+        out, reused = make_peer(bench, model_dir, method, bpw)
         doc = json.loads((out / "peer.json").read_text(encoding="utf-8"))
         size = weights_bytes(out)
         mean, median, _ = bench.score(out)
         label = peer_label(method, doc)
         row = Row(PEER_SERIES, label, label, size, 8 * size / bench.parameters, mean, median,
-                  doc["calibration_seconds"], extra={**doc, "wall_seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
-        log.info("%s: %s, PPL %.3f, %d calibration tokens in %.1f s", label, format_size(size), mean,
-                 doc["calibration_tokens"], doc["calibration_seconds"])  # fmt: skip
+                  doc["calibration_seconds"], note="peer folder from the cache" if reused else "",
+                  extra={**doc, "wall_seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        log.info("%s: %s, PPL %.3f, %d calibration tokens in %.1f s%s", label, format_size(size), mean,
+                 doc["calibration_tokens"], doc["calibration_seconds"], " (cached)" if reused else "")  # fmt: skip
         rows.append(row)
-        shutil.rmtree(out)
     return rows
 
 
