@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=1, help="windows per calibration / evaluation stage")
     p.add_argument("--window", type=int, default=128, help="tokens per window")
     p.add_argument("--hessian-windows", type=int, default=2)
+    p.add_argument("--hessians", default="head", choices=["head", "all"],
+                   help="importance.hessians (default head: the per-layer Hessians of an 8B are ~33 GB on disk)")  # fmt: skip
     p.add_argument("--grid", type=int, default=None, help="equalize.grid (default: params.yaml's)")
     p.add_argument(
         "--search-rows", type=int, default=None, help="equalize.search_rows (default: params.yaml's)"
@@ -188,7 +190,7 @@ def write_params(a: argparse.Namespace, model: Path, work: Path) -> Path:
     for stage in ("equalize", "importance"):
         params[stage] |= {"n_windows": a.windows, "window": a.window, "threads": a.threads,
                           "out": str(work / stage)}  # fmt: skip
-    params["importance"]["hessian_windows"] = a.hessian_windows
+    params["importance"] |= {"hessian_windows": a.hessian_windows, "hessians": a.hessians}
     for key, value in (("grid", a.grid), ("search_rows", a.search_rows)):
         if value is not None:
             params["equalize"][key] = value

@@ -198,9 +198,12 @@ class ImportanceConfig:
     threads: int = 0
     #: Significant digits kept in the artifact (the last bits of CPU gradients depend on the thread split).
     sig_digits: int = 6
-    #: Forward-only windows (train split) whose output-head inputs give the Hessian X^T X the packer's GPTQ
-    #: rounding uses (`pack.rounding`); 0 = none. Fewer than 8 x 512 tokens overfit it here (README).
+    #: Forward-only windows (train split) whose linear-layer inputs give the Hessians X^T X the packer's GPTQ
+    #: rounding uses (`pack.rounding`); 0 = none. Fewer than 8 x 512 tokens overfit the head's here (README).
     hessian_windows: int = 16
+    #: Which layers get a Hessian (and GPTQ rounding): all (every linear layer and the head) | head (the output
+    #: head only: the per-layer Hessians of an 8B are ~33 GB on disk in float32).
+    hessians: str = "all"
     out: str = "artifacts/importance"
 
 

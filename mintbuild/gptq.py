@@ -273,13 +273,19 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_codes(
-    w: torch.Tensor, hessian: torch.Tensor, option: Option, damp: float, block: int = 128
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    option: Option,
+    damp: float,
+    block: int = 128,
+    u: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 codes [R, K], bf16 scales [R, K/g], bf16 biases [R, K/g]) of a 2-D `w` rounded by GPTQ.
 
     `w` is first rounded to bf16, as the packer stores it; the arithmetic of one group (scale, bias, codes, the
     dequantized value in bf16) is quant/reference.py's. `block` columns are updated at a time (rounded to a multiple of
-    g). The arithmetic is the module docstring's; the result does not depend on the thread count.
+    g). `u`: `inverse_cholesky(hessian, damp)` when the caller has it. The arithmetic is the module docstring's;
+    the result does not depend on the thread count.
     """
     bits, g = option.bits, option.group
     if w.ndim != 2:
@@ -289,7 +295,7 @@ def gptq_codes(
         raise MintError(f"Hessian of shape {list(hessian.shape)} does not match {k} input columns")
     if k % g or not 1 <= bits <= 8:
         raise MintError(f"GPTQ needs whole groups of {g} in {k} columns and 1-8 bits, got {option.name}")
-    u = inverse_cholesky(hessian, damp).contiguous()
+    u = (inverse_cholesky(hessian, damp) if u is None else u).contiguous()
     x16 = w.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy()
     codes = np.empty((rows, k), dtype=np.uint8)
     scales = np.empty((rows, k // g), dtype=np.float32)
@@ -306,9 +312,10 @@ def gptq_codes(
 
 
 def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr((W - Q) H (W - Q)^T): the squared output error over the tokens H was summed from."""
-    e = w.double() - deq.double()
-    return sum64((e @ hessian.double()) * e)
+    """tr((W - Q) H (W - Q)^T): the squared output error over the tokens H was summed from (the product in
+    float32, thread-count independent here; the sum in float64)."""
+    e = w.float() - deq.float()
+    return sum64((e @ hessian.float()) * e)
 
 
 def rounding_gain(
@@ -331,10 +338,10 @@ def rounding_gain(
     if w.shape[0] > rows:
         pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
         w = w[pick.sort().values]
-    h = held_out.double()
+    h, u = held_out.float(), inverse_cholesky(fit, damp)
     gains = {}
     for opt in options:
-        q, s, b = gptq_codes(w, fit, opt, damp, block)
+        q, s, b = gptq_codes(w, fit, opt, damp, block, u)
         rtn = output_error(w, quantize_dequantize(w, opt), h)
         gains[opt.name] = output_error(w, dequantize_codes(q, s, b, opt.group), h) / rtn if rtn > 0 else 1.0
     return gains

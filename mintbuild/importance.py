@@ -1,5 +1,5 @@
 """Learned importance (alpha) per tensor: a short calibration pass, diagonal empirical Fisher. One job: the
-importance stage's measurements (alphas, the head Hessian, its GPTQ gains) and their artifact.
+importance stage's measurements (alphas, the input Hessians, GPTQ's gains) and their artifact.
 
 For each calibration window w (``window`` tokens of the corpus *train* split, never the test split that
 `mintbuild evaluate` scores) we compute the mean next-token cross-entropy L_w of the fp32 model, backpropagate,
@@ -30,15 +30,15 @@ On the same windows, every linear layer's inputs give llama.cpp's importance mat
 of x^2 and the token count; imatrix.safetensors by checkpoint name, its sha256 in importance.json), which
 `mintbuild profile --format gguf` writes as llama.cpp's imatrix file for its errors and llama-quantize.
 
-The stage also measures, for `mintbuild pack`'s GPTQ rounding (gptq.py), the output head's input Hessian
-H = sum x x^T over `hessian_windows` forward-only windows of the train split (hessian.safetensors, float64,
-under the head weight's checkpoint name: the embedding's when tied; its sha256 is in importance.json).
+The stage also measures, for `mintbuild pack`'s GPTQ rounding (gptq.py), every linear layer's input Hessian
+H = sum x x^T over `hessian_windows` forward-only windows of the train split and GPTQ's held-out gain on each
+tensor (hessians.py; hessian.safetensors, float32, one per distinct input; its sha256 is in importance.json).
 
 Values are rounded to `sig_digits` significant digits: on one machine and thread count the gradients are
 bitwise reproducible, but the matmul split (threads, CPU) changes the last bits, and 6 digits is far below
 the sampling noise of a 2k-token Fisher estimate.
 
-One job: what the calibration text says about each tensor (alpha, the head Hessian, GPTQ's gain on it).
+One job: what the calibration text says about each tensor (alpha, its input Hessian, GPTQ's gain on it).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .artifacts.importance import HALF, HESSIAN_FILE, IMATRIX_FILE, SCHEMA_VERSION, write_importance
+from .artifacts.importance import IMATRIX_FILE, SCHEMA_VERSION, write_importance
 from .calibration import (
     SPLIT,
     Window,
@@ -69,8 +69,7 @@ from .calibration import (
 )
 from .checkpoint import tied_lm_head
 from .config import ImportanceConfig, PackConfig
-from .errors import MintError
-from .formats import OPTION_SETS
+from .hessians import compute_hessians
 from .reproducible import sum_squares64
 from .streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden, run_block
 
@@ -406,78 +405,6 @@ def fill_missing(
     return estimated
 
 
-# ---------------------------------------------------------------- the output head's input Hessian
-
-
-class _HeadInputSeen(Exception):
-    """Ends a forward pass at the output head's input, once it is recorded."""
-
-
-def head_hessian(model: StreamedModel, windows: list[Window], progress: bool) -> tuple[str, Any, Any]:
-    """(parameter name of the output head's weight, H = sum over the windows' tokens of x x^T of the head's
-    input x, float64, and the same sum over the even-numbered windows). The tied head's weight is the
-    embedding parameter, so its name is the embedding's. Layer-streamed forward; each window's forward
-    stops at the head's input."""
-    import torch
-
-    head = model.model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise MintError(f"{type(model.model).__name__}: no linear output head to measure a Hessian for")
-    name = next(n for n, p in model.model.named_parameters(remove_duplicate=True) if p is head.weight)
-    k = head.weight.shape[1]
-    length = max(len(w.ids) for w in windows)
-    check_fits(model, 2 * len(windows) * length * model.config.hidden_size * 4, "head hessian")
-    acc = [torch.zeros((k, k), dtype=torch.float64) for _ in range(2)]
-    parity = [0]
-
-    def hook(_module: Any, inputs: tuple[Any, ...]) -> None:
-        x = inputs[0].detach().reshape(-1, k).double()
-        acc[parity[0]].add_(x.T @ x)
-        raise _HeadInputSeen  # the head's own product is not needed (nor read: the model is built headless)
-
-    top, _ = forward_hidden(model, [w.ids for w in windows], progress, "head hessian: blocks")
-    handle = head.register_forward_pre_hook(hook)
-    try:
-        with torch.inference_mode():
-            for i, (w, h) in enumerate(zip(windows, top, strict=True)):
-                parity[0] = i % 2
-                with contextlib.suppress(_HeadInputSeen):
-                    model.head(torch.tensor(w.ids, dtype=torch.long)[None], h)
-    finally:
-        handle.remove()
-    return name, acc[0] + acc[1], acc[0]
-
-
-def compute_hessian(
-    model_dir: Path, corpus_dir: Path, cfg: ImportanceConfig, progress: bool = True
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(record for importance.json, {checkpoint name of the head weight: H}) from `hessian_windows`
-    forward-only windows of the train split (seeded like the Fisher windows, possibly overlapping them)."""
-    import torch
-
-    ckpt, windows, _ = calibration_windows(model_dir, corpus_dir, cfg.hessian_windows, cfg.window, cfg.seed)
-    with torch_settings(cfg.threads, cfg.seed):
-        t0 = time.perf_counter()
-        # headless: only the head's input is measured (an untied 8B's head is 2.1 GB in fp32)
-        model = StreamedModel(CheckpointSource(model_dir), torch.float32, head=False)
-        name, h, even = head_hessian(model, windows, progress)
-    if name not in ckpt.names or name == tied_lm_head(ckpt):
-        raise MintError(f"{model_dir}: the output head's weight {name!r} is not a checkpoint tensor")
-    tokens = sum(len(w.ids) for w in windows)
-    log.info("head Hessian of %s: %d windows, %d tokens in %.1f s", name, len(windows), tokens,
-             time.perf_counter() - t0)  # fmt: skip
-    record = {
-        "file": HESSIAN_FILE,
-        "what": "H = sum_tokens x x^T of the output head's input x (float64), for GPTQ rounding in pack",
-        "tensors": {name: {"inputs": int(h.shape[0]), "even_windows_key": name + HALF}},
-        "tokens": tokens,
-        "windows": [
-            {"char_start": w.char_start, "char_end": w.char_end, "tokens": len(w.ids)} for w in windows
-        ],
-    }
-    return record, {name: h, name + HALF: even}
-
-
 # ---------------------------------------------------------------- the library function
 
 
@@ -569,30 +496,6 @@ def summarise(alpha: dict[str, float], roles: dict[str, str]) -> dict[str, dict[
     }
 
 
-def rounding_gains(
-    model_dir: Path, hessians: dict[str, Any], pack: PackConfig
-) -> dict[str, dict[str, float]]:
-    """{head weight: {option: r}} for every MLX option that can store the head: r is GPTQ's output error over
-    round-to-nearest's, GPTQ fitted on the even-numbered windows' Hessian and both measured on the odd ones (the
-    gain on tokens GPTQ did not see). The fisher objective multiplies the head's cost by it, so the allocator
-    prices the head as `mintbuild pack` (pack.rounding gptq) stores it; measured here, once, so that allocate
-    stays a light stage (no torch)."""
-    from .checkpoint import open_checkpoint
-    from .gptq import rounding_gain
-
-    ckpt, gains = open_checkpoint(model_dir), {}
-    for name in sorted(k for k in hessians if not k.endswith(HALF)):
-        shape = tuple(ckpt.tensors[name].shape)
-        options = [o for o in OPTION_SETS["default"] if not o.passthrough and not o.unavailable_reason(shape)]
-        fit = hessians[name + HALF]
-        gains[name] = rounding_gain(
-            ckpt.read(name), fit, hessians[name] - fit, options, pack.damp, pack.block
-        )
-        log.info("GPTQ rounding of %s: output error x %s of round-to-nearest", name,
-                 ", ".join(f"{k} {v:.2f}" for k, v in gains[name].items()))  # fmt: skip
-    return gains
-
-
 def imatrix_arrays(
     squares: SquareSums, names: list[str], sig_digits: int, window: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -637,18 +540,17 @@ def run(
     progress: bool = True,
     pack: PackConfig | None = None,
 ) -> dict[str, Any]:
-    """Compute the importance (and the head Hessian and GPTQ gains unless `hessian_windows` is 0, and the
-    imatrix) and write `out`/importance.json (+ hessian.safetensors, imatrix.safetensors) atomically: the
+    """Compute the importance (and the linear layers' input Hessians and GPTQ gains unless `hessian_windows` is
+    0, and the imatrix) and write `out`/importance.json (+ hessian.safetensors, imatrix.safetensors) atomically: the
     folder is replaced whole."""
     squares = SquareSums()
     result = compute_importance(model_dir, corpus_dir, cfg, progress, squares)
     names = list(result["alpha"])
     imatrix, imatrix_record = imatrix_arrays(squares, names, cfg.sig_digits, cfg.window)
-    record, hessians = (
-        compute_hessian(model_dir, corpus_dir, cfg, progress) if cfg.hessian_windows else ({}, {})
-    )
     pack = pack or PackConfig()
-    gains = rounding_gains(model_dir, hessians, pack) if hessians else {}
+    record, hessians, gains = (
+        compute_hessians(model_dir, corpus_dir, cfg, pack, progress) if cfg.hessian_windows else ({}, {}, {})
+    )
     settings = {"damp": pack.damp, "block": pack.block}
     return write_importance(out, result, record, hessians, gains, settings, imatrix, imatrix_record)
 

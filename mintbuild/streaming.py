@@ -303,16 +303,23 @@ def run_block(block: torch.nn.Module, hidden: torch.Tensor, call: BlockCall) -> 
     return out[0] if isinstance(out, tuple) else out
 
 
+def _unwatched(_i: int, _block: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
 def forward_hidden(
     model: StreamedModel,
     windows: Sequence[Sequence[int]],
     progress: bool = False,
     desc: str = "blocks",
     keep: Callable[[int, list[torch.Tensor]], None] | None = None,
+    watch: Callable[[int, torch.nn.Module], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
     """The last block's output for every window ([1, T, hidden] each, compute dtype), all windows through block
-    l before block l+1 is read; `keep(l, inputs)` sees every block's inputs (for the Fisher backward).
-    Returns (outputs, per-window block calls). No graph is kept."""
+    l before block l+1 is read; `keep(l, inputs)` sees every block's inputs (for the Fisher backward);
+    `watch(l, block)` is entered around block l's run of every window and may yield a callable that is told
+    each window's index before it runs (for hooks on the block's layers). Returns (outputs, per-window block
+    calls). No graph is kept."""
     from tqdm import tqdm
 
     with torch.no_grad():
@@ -326,8 +333,13 @@ def forward_hidden(
             for i in tqdm(range(model.n_blocks), unit="block", desc=desc, disable=not progress):
                 if keep is not None:
                     keep(i, hidden)
-                with model.block(i) as blk:
-                    hidden = [run_block(blk, h, c[i]) for h, c in zip(hidden, calls, strict=True)]
+                with model.block(i) as blk, (watch or _unwatched)(i, blk) as each:
+                    out = []
+                    for j, (h, c) in enumerate(zip(hidden, calls, strict=True)):
+                        if each is not None:
+                            each(j)
+                        out.append(run_block(blk, h, c[i]))
+                    hidden = out
         finally:
             model.reload_outer()
     return hidden, calls

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,14 @@ from safetensors.torch import load_file
 
 from benchmarks.bench_gptq import reference_gptq_codes
 from mintbuild import gptq
-from mintbuild.artifacts.importance import HALF, HESSIAN_FILE, load_hessians
+from mintbuild.artifacts.importance import HESSIAN_FILE, load_hessians
 from mintbuild.calibration import load_model
-from mintbuild.config import ImportanceConfig
+from mintbuild.config import ImportanceConfig, PackConfig
 from mintbuild.errors import MintError
 from mintbuild.formats import Option
 from mintbuild.gptq import gptq_codes, output_error, rounding_gain
-from mintbuild.importance import compute_hessian, run
+from mintbuild.hessians import compute_hessians
+from mintbuild.importance import run
 from mintbuild.mlx_folder import MANIFEST_FILE, WEIGHTS_FILE, dequantized_state, read_config
 from mintbuild.pack import Rounding, gptq_pack, pack_target
 from mintbuild.quant.reference import dequantize_codes, quantize_codes, quantize_dequantize
@@ -220,39 +222,53 @@ def test_gptq_refuses_partial_groups() -> None:
 TINY = ImportanceConfig(n_windows=1, window=64, seed=0, threads=1, hessian_windows=3)
 
 
-def test_head_hessian_is_xtx_of_the_head_inputs(tmp_path: Path, corpus_dir: Path) -> None:
-    from mintbuild.calibration import load_tokenizer
+def test_input_hessians_are_xtx_of_every_linear_input(tmp_path: Path, corpus_dir: Path) -> None:
+    """Every linear layer's H (and the head's) is X^T X of its inputs in the whole unstreamed model, layers that
+    read one tensor share one stored H, the even-window half GPTQ's gain is fitted on is the even windows' sum,
+    and the stage writes it all byte-identically on a rerun."""
+    from mintbuild.calibration import calibration_windows
+    from mintbuild.hessians import InputHessians, measure
+    from mintbuild.streaming import CheckpointSource, StreamedModel
     from tests.synth import tiny_llama
+    from tests.test_importance import whole_model_hessians
 
     text = (corpus_dir / "train.txt").read_text(encoding="utf-8")[:200_000]
     model_dir = tiny_llama(tmp_path / "model", text)
-    record, hessians = compute_hessian(model_dir, corpus_dir, TINY, progress=False)
+    record, kept, gains = compute_hessians(model_dir, corpus_dir, TINY, PackConfig(), progress=False)
     head = "model.embed_tokens.weight"  # tied: the head is the embedding
-    assert sorted(hessians) == [head, head + HALF]
-    assert record["tokens"] == 3 * 64 and len(record["windows"]) == 3
-    # Oracle: the last hidden state (after the final norm) is the head's input; windows 0 and 2 are "even".
-    model, train, tok = (
-        load_model(model_dir),
-        (corpus_dir / "train.txt").read_text(),
-        load_tokenizer(model_dir),
-    )
-    per_window = []
-    with torch.inference_mode():
-        for w in record["windows"]:
-            ids = tok(train[w["char_start"] : w["char_end"]], add_special_tokens=False)["input_ids"][:64]
-            out = model(input_ids=torch.tensor(ids)[None], output_hidden_states=True)
-            x = out.hidden_states[-1][0].double()
-            per_window.append(x.T @ x)
-    torch.testing.assert_close(hessians[head], sum(per_window), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(hessians[head + HALF], per_window[0] + per_window[2], rtol=1e-5, atol=1e-6)
-    # The stage writes it next to importance.json, byte-identical on a rerun, with its sha256 recorded.
+    assert record["tokens"] == 3 * 64 and len(record["windows"]) == 3 and record["head"] == head
+    _, windows, _ = calibration_windows(model_dir, corpus_dir, 3, 64, 0)
+    per_window = [whole_model_hessians(model_dir, [w]) for w in windows]
+    oracle = {n: sum(p[n] for p in per_window) for n in per_window[0]}
+    assert set(record["tensors"]) == set(oracle) == set(gains)  # 2 blocks x 7 linears + the head
+    for n, t in record["tensors"].items():
+        torch.testing.assert_close(kept[t["key"]].double(), oracle[n], rtol=1e-5, atol=1e-4, msg=n)
+    key = {
+        n.removeprefix("model.layers.0.").removesuffix(".weight"): t["key"]
+        for n, t in record["tensors"].items()
+    }
+    assert key["self_attn.q_proj"] == key["self_attn.k_proj"] == key["self_attn.v_proj"]
+    assert key["mlp.gate_proj"] == key["mlp.up_proj"] and len(kept) == 2 * 4 + 1
+    halves: dict[str, torch.Tensor] = {}
+    hs = InputHessians(set(oracle), lambda names, _full, even: halves.update(dict.fromkeys(names, even)))
+    measure(StreamedModel(CheckpointSource(model_dir), torch.float32, head=False), windows, hs, True, False)
+    for n in oracle:
+        even = per_window[0][n] + per_window[2][n]
+        torch.testing.assert_close(halves[n], even, rtol=1e-5, atol=1e-4, msg=n)
+    # The stage writes them next to importance.json, byte-identical on a rerun, with its sha256 recorded.
     a = run(model_dir, corpus_dir, TINY, tmp_path / "a", False)
     b = run(model_dir, corpus_dir, TINY, tmp_path / "b", False)
     assert (tmp_path / "a" / HESSIAN_FILE).read_bytes() == (tmp_path / "b" / HESSIAN_FILE).read_bytes()
     assert_train_only({"provenance": a["provenance"], "windows": a["hessian"]["windows"]}, corpus_dir)
-    assert a["hessian"] == b["hessian"] and list(a["hessian"]["tensors"]) == [head]
+    assert a["hessian"] == b["hessian"] and a["rounding_gain"] == b["rounding_gain"]
     loaded = load_hessians(tmp_path / "a", a["provenance"]["model_fingerprint"])
-    assert list(loaded.full) == [head] and list(loaded.even) == [head]
+    assert set(loaded.full) == set(oracle)
+    assert (
+        loaded.full["model.layers.1.self_attn.k_proj.weight"]
+        is loaded.full["model.layers.1.self_attn.q_proj.weight"]
+    )
+    only_head = run(model_dir, corpus_dir, replace(TINY, hessians="head"), tmp_path / "h", False)
+    assert list(only_head["hessian"]["tensors"]) == [head] == list(only_head["rounding_gain"]["tensors"])
     cfg = ImportanceConfig(n_windows=1, window=64, hessian_windows=0)
     none = run(model_dir, corpus_dir, cfg, tmp_path / "c", False)
     assert "hessian" not in none and not (tmp_path / "c" / HESSIAN_FILE).exists()
@@ -265,10 +281,11 @@ def test_head_hessian_is_xtx_of_the_head_inputs(tmp_path: Path, corpus_dir: Path
 def gptq_build(
     tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, corpus_dir: Path
 ) -> dict[str, Any]:
-    """real_build's allocations packed again with GPTQ, from a head Hessian of 8 x 256 train tokens."""
+    """real_build's allocations packed again with GPTQ, from a head Hessian of 8 x 256 train tokens (the head
+    only: test_families packs every family with every linear layer's)."""
     build = real_build(tmp_path_factory, smollm2_dir)
     root = tmp_path_factory.mktemp("gptq")
-    cfg = ImportanceConfig(n_windows=1, window=256, hessian_windows=8)
+    cfg = ImportanceConfig(n_windows=1, window=256, hessian_windows=8, hessians="head")
     run(smollm2_dir, corpus_dir, cfg, root / "importance", progress=False)
     params = build["params"]
     params.importance.out = str(root / "importance")

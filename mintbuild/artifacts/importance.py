@@ -1,4 +1,4 @@
-"""The importance stage's artifact: importance.json (alpha per tensor, provenance), the output head's input
+"""The importance stage's artifact: importance.json (alpha per tensor, provenance), the linear layers' input
 Hessians (hessian.safetensors) and the GPTQ rounding gains; the writer and the readers."""
 
 from __future__ import annotations
@@ -11,19 +11,15 @@ from typing import Any
 from ..errors import MintError
 from ..io import atomic_dir, atomic_write_json, sha256_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 FILENAME = "importance.json"
 
 
-#: The output head's input Hessian (float64 [K, K] per head weight, by checkpoint name) for GPTQ rounding, and
-#: the same sum over the even-numbered windows only (key `<name>` + HALF), so that the allocator can measure
-#: GPTQ's gain on tokens it was not fitted to.
+#: The linear layers' input Hessians (float32 [K, K] per distinct input, under the key importance.json's
+#: hessian.tensors gives each weight) for GPTQ rounding.
 HESSIAN_FILE = "hessian.safetensors"
-
-
-HALF = "#even_windows"
 
 
 #: llama.cpp's importance matrix by checkpoint name: per linear layer's weight, the sum over the calibration
@@ -33,21 +29,20 @@ IMATRIX_FILE = "imatrix.safetensors"
 
 @dataclass(frozen=True)
 class Hessians:
-    """The importance stage's head Hessians: over all windows, over the even-numbered ones, the file's sha256
-    and importance.json."""
+    """The importance stage's input Hessians by weight name (layers that share an input share the tensor), the
+    file's sha256 and importance.json."""
 
     full: dict[str, Any]
-    even: dict[str, Any]
     sha256: str
     doc: dict[str, Any]
 
 
 def load_hessians(folder: Path, model_fingerprint: str) -> Hessians:
-    """The head Hessians of an importance folder, measured on the model with `model_fingerprint`; the file is
+    """The input Hessians of an importance folder, measured on the model with `model_fingerprint`; the file is
     checked against the sha256 importance.json recorded."""
     from safetensors.torch import load_file
 
-    doc, record = _gptq_record(folder, "hessian", "output-head Hessian")
+    doc, record = _gptq_record(folder, "hessian", "input Hessians")
     path = Path(folder) / HESSIAN_FILE
     if not path.is_file() or sha256_file(path) != record["sha256"]:
         raise MintError(
@@ -56,13 +51,14 @@ def load_hessians(folder: Path, model_fingerprint: str) -> Hessians:
     measured_on = doc.get("provenance", {}).get("model_fingerprint")
     if measured_on != model_fingerprint:
         raise MintError(
-            f"{folder}: the Hessian was measured on another model (fingerprint {measured_on} != "
+            f"{folder}: the Hessians were measured on another model (fingerprint {measured_on} != "
             f"{model_fingerprint}); re-run `mintbuild importance`"
         )
-    tensors = load_file(str(path))
-    full = {k: v for k, v in tensors.items() if not k.endswith(HALF)}
-    even = {k.removesuffix(HALF): v for k, v in tensors.items() if k.endswith(HALF)}
-    return Hessians(full, even, record["sha256"], doc)
+    stored = load_file(str(path))
+    missing = sorted({t["key"] for t in record["tensors"].values()} - set(stored))
+    if missing:
+        raise MintError(f"{path}: no Hessian {missing[0]!r} that importance.json names ({len(missing)} missing)")
+    return Hessians({n: stored[t["key"]] for n, t in record["tensors"].items()}, record["sha256"], doc)
 
 
 def load_importance(path: Path) -> dict[str, Any]:
