@@ -25,11 +25,16 @@ from mintbuild.quant.reference import _group_params, dequantize_codes, quantize_
 
 
 def reference_gptq_codes(
-    w: torch.Tensor, hessian: torch.Tensor, option: Option, damp: float, block: int = 128
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    option: Option,
+    damp: float,
+    block: int = 128,
+    u: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`gptq.gptq_codes` as it was before the numba kernel (commit 5cd3f65): the column loop in torch over all
     rows at once, the block's error carried to the later columns by one float32 matmul (MKL's sgemm), and U
-    factored on torch's threads."""
+    factored on torch's threads (`u` is ignored: always factored here)."""
     bits, g = option.bits, option.group
     rows, k = w.shape
     h = hessian.to(torch.float64).clone()

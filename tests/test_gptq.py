@@ -358,7 +358,7 @@ def test_pack_refuses_missing_or_foreign_hessian(gptq_build: dict[str, Any], tmp
             pack_target(params, "lo", out_root=tmp_path / "pack", progress=False)
         doc.pop("hessian")
         (foreign / "importance.json").write_text(json.dumps(doc))
-        with pytest.raises(MintError, match="no output-head Hessian"):
+        with pytest.raises(MintError, match="no input Hessians"):
             pack_target(params, "lo", out_root=tmp_path / "pack", progress=False)
         shutil.copy(Path(saved) / "importance.json", foreign / "importance.json")
         (foreign / HESSIAN_FILE).write_bytes(b"not a hessian")
