@@ -43,7 +43,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_profile.py
 
 ## quality: mintbuild vs uniform MLX, mlx-lm recipes, mlx-lm's calibrated peers (AWQ, GPTQ, dynamic_quant) and the
-## published greedy at equal bytes (~1 h here, most of it AWQ; `--peers none` for the ~12 min without peers), and
+## published greedy at equal bytes (~1-1.5 h here the first time, most of it AWQ; peer folders are then cached in
+## $MINTBUILD_CACHE/peers; `--peers none` for the ~12 min without peers), and
 ## llama.cpp's stock GGUF mixes (Q3_K_M, Q4_K_M, Q5_K_M, with the imatrix and without) vs mintbuild GGUFs at their
 ## bytes (`--gguf none` skips them)
 quality: setup llamacpp
