@@ -145,13 +145,49 @@ def dynamic_bits(target_bpw: float) -> tuple[tuple[int, int], tuple[int, int]]:
     return (low_bits, low_group), high
 
 
+def dynamic_predicate(sens: dict[str, float], threshold: float, hb: int, hg: int) -> Any:
+    """mlx_lm.dynamic_quant.main's own predicate (defined inside main, so restated): sensitive layers high."""
+
+    def predicate(path: str, module: Any) -> bool | dict[str, int]:
+        if not hasattr(module, "to_quantized"):
+            return False
+        return {"bits": hb, "group_size": hg} if sens[path] > threshold else True
+
+    return predicate
+
+
+def feasible_threshold(
+    model: Any, sens: dict[str, float], target_bpw: float, threshold: float, bits: Any
+) -> float:
+    """`threshold`, raised past the next sensitivities until the model fits `target_bpw`. mlx-lm's
+    estimate_threshold returns the midpoint of its last bracket, which lands on the infeasible side when one
+    layer is a large step: on Gemma 3 270M the tied embedding (168M of 268M weights) goes high and the folder
+    overshoots a 4.5 or 5.0 target to 5.45 bits/weight. Its bisection keeps the feasible end as max_threshold;
+    this returns what that end quantizes to."""
+    import copy
+
+    import mlx.nn as nn
+    from mlx_lm.utils import compute_bits_per_weight
+
+    def bpw(t: float) -> float:
+        q = copy.deepcopy(model)
+        (lb, lg), (hb, hg) = bits
+        nn.quantize(q, group_size=lg, bits=lb, class_predicate=dynamic_predicate(sens, t, hb, hg))
+        return compute_bits_per_weight(q)
+
+    above = sorted(v for v in sens.values() if v > threshold)
+    while above and (got := bpw(threshold)) > target_bpw:
+        log.info("dynamic_quant: %.4f bits/weight at threshold %.4g overshoots %.3f: next sensitivity %.4g",
+                 got, threshold, target_bpw, above[0])  # fmt: skip
+        threshold = above.pop(0)
+    return threshold
+
+
 def quantize(
     method: str, model: Any, config: dict[str, Any], tokens: Any, args: argparse.Namespace, stored: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Quantize `model` in place with mlx-lm's `method`; returns config.json's content and a record. `stored`:
     the checkpoint's dtype, which the caller casts everything back to afterwards."""
-    import mlx.nn as nn
-
     if method == "awq":
         from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
 
@@ -176,13 +212,9 @@ def quantize(
         # float32 every scale and norm counts double and no upgrade would fit), then quantize as mlx-lm does.
         model.set_dtype(stored)
         threshold = estimate_threshold(model, sens, args.target_bpw, lb, lg, hb, hg)
+        threshold = feasible_threshold(model, sens, args.target_bpw, threshold, ((lb, lg), (hb, hg)))
 
-        # mlx_lm.dynamic_quant.main's own predicate (defined inside main, so restated): sensitive layers high.
-        def predicate(path: str, module: nn.Module) -> bool | dict[str, int]:
-            if not hasattr(module, "to_quantized"):
-                return False
-            return {"bits": hb, "group_size": hg} if sens[path] > threshold else True
-
+        predicate = dynamic_predicate(sens, threshold, hb, hg)
         _, config = quantize_model(model, config, group_size=lg, bits=lb, quant_predicate=predicate)
         high = sum(1 for p in sens if sens[p] > threshold)
         return config, {"low": [lb, lg], "high": [hb, hg], "target_bpw": args.target_bpw, "high_layers": high,

@@ -29,8 +29,11 @@ columns of accumulators). Row blocks are shared among numba's threads (prange). 
 sequence of IEEE float32 operations whatever block, lane or thread computes it, and U is factored on one thread,
 so the output depends neither on the thread count nor on how rows are split; the kernel calls no BLAS.
 
-Which tensors get it is decided by the importance stage, which measures H only for the output head (the tied
-embedding of the embedded SmolLM2); the README's "Rounding" has what it gains and what it costs.
+Which tensors get it is decided by the importance stage, which measures H for every linear layer (or the output
+head only) and GPTQ's held-out gain on each tensor and option (`rounding_gain`); where that gain is not below 1
+(GPTQ fitted the calibration windows but does worse than rounding to nearest on the held-out ones,
+`artifacts.importance.gptq_helps`), pack rounds to nearest and the allocator prices round-to-nearest. The README's "Rounding" has
+what it gains and what it costs.
 """
 
 from __future__ import annotations

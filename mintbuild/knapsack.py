@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .artifacts.importance import gptq_helps, load_rounding_gains
 from .artifacts.importance import load_importance as read_importance
-from .artifacts.importance import load_rounding_gains
 from .artifacts.profile import Profile
 from .budget import ModelFacts, format_size, model_facts
 from .config import Params, SolverConfig
@@ -172,7 +172,7 @@ def _fisher_sse(
 ) -> np.ndarray:
     """Per decision and option, sum over member tensors of alpha (mean squared loss gradient) x SSE x r: the
     second-order estimate of the loss increase, r the GPTQ rounding gain of the tensor and option (1 for
-    round-to-nearest). A tensor missing from the importance file gets the mean alpha of its role (logged)."""
+    round-to-nearest, which is also what pack stores where GPTQ's gain is not below 1: `gptq_helps`). A tensor missing from the importance file gets the mean alpha of its role (logged)."""
     by_role: dict[str, list[float]] = {}
     for m in profile.tensors:
         if m["name"] in importance:
@@ -189,7 +189,8 @@ def _fisher_sse(
     weighted = alpha[:, None] * np.nan_to_num(profile["sse"], nan=0.0)
     for i, m in enumerate(profile.tensors):
         if m["name"] in gains:
-            weighted[i] *= [gains[m["name"]].get(o.name, 1.0) for o in profile.options]
+            g = [gains[m["name"]].get(o.name, 1.0) for o in profile.options]
+            weighted[i] *= [r if gptq_helps(r) else 1.0 for r in g]  # else pack rounds to nearest
     return np.stack([weighted[rows].sum(axis=0) for rows in idx])
 
 

@@ -14,7 +14,8 @@ Per target, artifacts/pack/<target>/ holds:
 The bytes of every decision are checked against the allocation's planned bytes (`formats.Option.nbytes`), and
 the weight file (header included) against the target's budget, before the folder is renamed into place.
 Rounding (`pack.rounding`): round-to-nearest, bit-identical to mx.quantize, or GPTQ (gptq.py) for the tensors
-the importance stage measured an input Hessian for (the output head); same format and bytes either way.
+the importance stage measured an input Hessian for (every linear layer), except at the options where GPTQ's
+held-out gain is not below 1 (`gptq_helps`: rounded to nearest there); same format and bytes either way.
 Quantized tensors are cached by (content hash, option, quantizer version, rounding), so targets that share
 choices cost little more than one. The output is byte-identical for identical inputs (sorted header names,
 data in source name order, fixed metadata; GPTQ's float32 matrix products on one machine and thread count);
@@ -49,7 +50,7 @@ import torch
 import xxhash
 
 from .artifacts.allocation import ALLOCATION_FILE, load_allocation
-from .artifacts.importance import load_hessians
+from .artifacts.importance import gptq_helps, load_hessians, load_rounding_gains
 from .artifacts.model import resolve_weights_dir
 from .checkpoint import Checkpoint, content_hash, fingerprint, open_checkpoint
 from .config import Params, load_params, select_targets
@@ -80,17 +81,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Rounding:
-    """How quantized tensors are rounded: GPTQ for those with a Hessian, round-to-nearest for the rest."""
+    """How quantized tensors are rounded: GPTQ for those with a Hessian, except at the options where its held-out
+    gain says it does worse (`overfit`: tensor -> option names), round-to-nearest for the rest."""
 
     method: str = "rtn"
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     hessian_sha256: str = ""
     damp: float = 0.1
     block: int = 128
+    overfit: dict[str, frozenset[str]] = field(default_factory=dict)
 
-    def cache_key(self, name: str) -> str:
+    def hessian(self, name: str, option: Option) -> torch.Tensor | None:
+        """The Hessian to round `name` at `option` against by GPTQ, or None: round to nearest."""
+        if option.name in self.overfit.get(name, ()):
+            return None
+        return self.hessians.get(name)
+
+    def cache_key(self, name: str, option: Option) -> str:
         """What, besides the tensor's content and option, its stored bytes depend on."""
-        if name not in self.hessians:
+        if self.hessian(name, option) is None:
             return ""
         return f"|{GPTQ_VERSION}|{self.hessian_sha256}|{self.damp}|{self.block}"
 
@@ -104,6 +113,7 @@ class Rounding:
             "hessian_sha256": self.hessian_sha256,
             "damp": self.damp,
             "block": self.block,
+            "rtn_where_gptq_overfits": {t: sorted(o) for t, o in sorted(self.overfit.items())},
         }
 
 
@@ -116,8 +126,12 @@ def load_rounding(params: Params, ckpt: Checkpoint) -> Rounding:
         raise MintError(f"pack.rounding {cfg.rounding!r}: choose gptq or rtn")
     if not (cfg.damp > 0 and cfg.block > 0):
         raise MintError(f"pack.damp {cfg.damp} and pack.block {cfg.block} must be positive")
-    hs = load_hessians(Path(params.importance.out), fingerprint(ckpt))
-    return Rounding("gptq", hs.full, hs.sha256, cfg.damp, cfg.block)
+    folder = Path(params.importance.out)
+    hs = load_hessians(folder, fingerprint(ckpt))
+    gains = load_rounding_gains(folder, cfg.damp, cfg.block)
+    overfit = {t: frozenset(o for o, r in g.items() if not gptq_helps(r)) for t, g in gains.items()}
+    overfit = {t: o for t, o in overfit.items() if o and t in hs.full}
+    return Rounding("gptq", hs.full, hs.sha256, cfg.damp, cfg.block, overfit)
 
 
 def gptq_pack(
@@ -225,7 +239,7 @@ def tensor_payload(
     if item.option.passthrough:
         return [memoryview(_bf16_bytes(t))]
     sizes = [e.nbytes for e in item.entries]
-    key = digest + rounding.cache_key(item.source)
+    key = digest + rounding.cache_key(item.source, item.option)
     payload = cache.get(key, item.option)
     if payload is not None and len(payload) == sum(sizes):
         cache.hits += 1
@@ -234,7 +248,7 @@ def tensor_payload(
         return [payload[a:b] for a, b in itertools.pairwise(bounds)]
     cache.misses += 1
     try:
-        hessian = rounding.hessians.get(item.source)
+        hessian = rounding.hessian(item.source, item.option)
         arrays = (
             quantize_pack(t, item.option) if hessian is None else gptq_pack(t, item.option, hessian, rounding)
         )

@@ -412,3 +412,41 @@ def test_fisher_allocation_prices_the_head_as_packed(gptq_build: dict[str, Any],
     assert (
         next(d for d in doc["decisions"] if d["name"] == head)["rounding_gain"].keys() == gains[head].keys()
     )
+
+
+@pytest.mark.slow
+def test_where_gptq_overfits_pack_rounds_to_nearest_and_prices_it(
+    gptq_build: dict[str, Any], tmp_path: Path
+) -> None:
+    """An option whose held-out gain is not below 1 (GPTQ fitted the calibration windows but does worse on the
+    others) is packed to nearest and priced at round-to-nearest's cost: with every head option's gain set to
+    1.25 the pack is byte-identical to the round-to-nearest pack, and the knapsack equals the unpriced one."""
+    from mintbuild.artifacts.profile import load_profile
+    from mintbuild.knapsack import build_problem, load_importance, rounding_gains
+
+    base = gptq_build["params"]
+    folder = tmp_path / "importance"
+    shutil.copytree(base.importance.out, folder)
+    doc = json.loads((folder / "importance.json").read_text())
+    head = "model.embed_tokens.weight"
+    measured = doc["rounding_gain"]["tensors"][head]
+    doc["rounding_gain"]["tensors"][head] = {o: 1.25 for o in measured}
+    (folder / "importance.json").write_text(json.dumps(doc))
+    params = replace(
+        base, pack=replace(base.pack, rounding="gptq"), importance=replace(base.importance, out=str(folder))
+    )
+    out = pack_target(
+        params, "lo", out_root=tmp_path / "pack", progress=False, cache_dir=tmp_path / "cache"
+    ).out
+    assert (out / WEIGHTS_FILE).read_bytes() == (gptq_build["rtn"] / WEIGHTS_FILE).read_bytes()
+    rounding = json.loads((out / MANIFEST_FILE).read_text())["rounding"]
+    assert rounding["rtn_where_gptq_overfits"] == {head: sorted(measured)}
+    profile = load_profile(gptq_build["root"] / "profile")
+    alpha = load_importance(folder / "importance.json", profile)
+    fisher = replace(base.solver, objective="fisher", importance=str(folder / "importance.json"))
+    priced = build_problem(profile, fisher, alpha, rounding_gains(params, profile))
+    np.testing.assert_array_equal(priced.costs, build_problem(profile, fisher, alpha).costs)
+    # ... while the measured gains (all below 1 here) do lower them.
+    assert all(r < 1 for r in measured.values()), measured
+    lowered = build_problem(profile, fisher, alpha, {head: measured}).costs
+    assert not np.array_equal(lowered, priced.costs)
