@@ -32,7 +32,7 @@ so the output depends neither on the thread count nor on how rows are split; the
 Which tensors get it is decided by the importance stage, which measures H for every linear layer (or the output
 head only) and GPTQ's held-out gain on each tensor and option (`rounding_gain`); where that gain is not below 1
 (GPTQ fitted the calibration windows but does worse than rounding to nearest on the held-out ones,
-`artifacts.importance.gptq_helps`), pack rounds to nearest and the allocator prices round-to-nearest. The README's "Rounding" has
+`rounding.gptq_helps`), pack rounds to nearest and the allocator prices round-to-nearest. The README's "Rounding" has
 what it gains and what it costs.
 """
 

@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts.importance import gptq_helps, load_rounding_gains
 from .artifacts.importance import load_importance as read_importance
+from .artifacts.importance import load_rounding_gains
 from .artifacts.profile import Profile
 from .budget import ModelFacts, format_size, model_facts
 from .config import Params, SolverConfig
 from .errors import MintError
 from .formats import PASSTHROUGH, GGUFOption, Option, header_allowance, passthrough_index, stored_entry_names
+from .rounding import gptq_helps
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ import torch
 import xxhash
 
 from .artifacts.allocation import ALLOCATION_FILE, load_allocation
-from .artifacts.importance import gptq_helps, load_hessians, load_rounding_gains
+from .artifacts.importance import load_hessians, load_rounding_gains
 from .artifacts.model import resolve_weights_dir
 from .checkpoint import Checkpoint, content_hash, fingerprint, open_checkpoint
 from .config import Params, load_params, select_targets
@@ -74,6 +74,7 @@ from .mlx_folder import (
 from .pack_cache import PackCache, default_cache_dir
 from .quant.pack_kernel import packed_shapes, quantize_pack
 from .quant.reference import pack_codes
+from .rounding import overfit_options
 
 HELP = "write each target's MLX model folder"
 log = logging.getLogger(__name__)
@@ -129,8 +130,7 @@ def load_rounding(params: Params, ckpt: Checkpoint) -> Rounding:
     folder = Path(params.importance.out)
     hs = load_hessians(folder, fingerprint(ckpt))
     gains = load_rounding_gains(folder, cfg.damp, cfg.block)
-    overfit = {t: frozenset(o for o, r in g.items() if not gptq_helps(r)) for t, g in gains.items()}
-    overfit = {t: o for t, o in overfit.items() if o and t in hs.full}
+    overfit = {t: o for t, o in overfit_options(gains).items() if t in hs.full}
     return Rounding("gptq", hs.full, hs.sha256, cfg.damp, cfg.block, overfit)
 
 

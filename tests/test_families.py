@@ -104,8 +104,9 @@ def test_every_linear_layer_is_rounded_by_gptq(built: tuple[str, dict[str, Any]]
 
     from safetensors.torch import load_file
 
-    from mintbuild.artifacts.importance import gptq_helps, load_importance
+    from mintbuild.artifacts.importance import load_importance
     from mintbuild.mlx_folder import WEIGHTS_FILE
+    from mintbuild.rounding import gptq_helps
 
     family, b = built
     p = b["params"]

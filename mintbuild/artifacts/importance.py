@@ -112,13 +112,6 @@ def load_rounding_gains(folder: Path, damp: float, block: int) -> dict[str, dict
     return {str(t): {str(o): float(r) for o, r in g.items()} for t, g in rec["tensors"].items()}
 
 
-def gptq_helps(gain: float) -> bool:
-    """Whether GPTQ is used for a tensor and option with held-out `gain` (its output error over round-to-nearest's
-    on windows it was not fitted on): only where it measured better. The packer and the allocator both ask this,
-    so that what is priced is what is stored."""
-    return gain < 1.0
-
-
 def _gptq_record(folder: Path, key: str, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(importance.json, its `key` record), refusing a folder measured without a Hessian."""
     doc = load_importance(folder)
