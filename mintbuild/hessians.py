@@ -11,7 +11,8 @@ float64; H is stored in float32 (GPTQ factors it in float64).
 The model is streamed (streaming.forward_hidden): every window goes through block l before block l+1 is read. When
 a block's windows are done, GPTQ's gain on each of its tensors is measured (`gptq.rounding_gain`: GPTQ fitted on
 the even-numbered windows' H, output error on the odd ones' over round-to-nearest's), and only the float32 sum is
-kept: memory is one block in float32, its Hessians in float64, and the float32 Hessians kept so far.
+kept (`HessianStore`), in a spill folder on disk when the stage gives one: memory is then one block in float32
+and its Hessians in float64, not every Hessian of the model (0.4 GB for a 135M model, ~33 GB for an 8B).
 
 One job: the Hessians and gains of the GPTQ rounding.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,50 @@ class _HeadInputSeen(Exception):
     """Ends a forward pass at the output head's input, once it is recorded."""
 
 
+class HessianStore(Mapping[str, Any]):
+    """float32 Hessians by key: in memory, or with a `folder` one raw file each, read back on access (so that
+    holding them costs disk, not memory)."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._memory: dict[str, Any] = {}
+        self._files: dict[str, Path] = {}
+
+    def put(self, key: str, h: Any) -> None:
+        h = h.float().contiguous()
+        if self.folder is None:
+            self._memory[key] = h
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # named by order of arrival: keys are weight names, which need not make good file names
+            self._files[key] = self.folder / f"{len(self._files):05d}.f32"
+            h.numpy().tofile(self._files[key])
+        self.shapes[key] = tuple(h.shape)
+
+    def __getitem__(self, key: str) -> Any:
+        import numpy as np
+        import torch
+
+        if self.folder is None:
+            return self._memory[key]
+        return torch.from_numpy(np.fromfile(self._files[key], dtype=np.float32).reshape(self.shapes[key]))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
 class InputHessians:
     """Per distinct input of the linear layers: H over all windows and over the even-numbered ones (float64)
-    while its block runs, then `done` sees them and only float32 H is kept (`kept`, by key; `key_of` maps every
-    weight name to its key)."""
+    while its block runs, then `done` sees them and only float32 H is kept (`kept`, by key, in the folder
+    `spill` when given; `key_of` maps every weight name to its key)."""
 
-    def __init__(self, wanted: set[str], done: Done) -> None:
+    def __init__(self, wanted: set[str], done: Done, spill: Path | None = None) -> None:
         self.wanted, self.done = wanted, done
-        self.kept: dict[str, Any] = {}
+        self.kept = HessianStore(spill)
         self.key_of: dict[str, str] = {}
         self._acc: dict[str, list[Any]] = {}
         self._last: tuple[Any, str] | None = None
@@ -85,7 +122,7 @@ class InputHessians:
         """Hand every open Hessian to `done` and keep it in float32."""
         for key, (full, even) in sorted(self._acc.items()):
             self.done(sorted(n for n, k in self.key_of.items() if k == key), full, even)
-            self.kept[key] = full.float()
+            self.kept.put(key, full)
         self._acc.clear()
         self._last = None
 
@@ -153,11 +190,16 @@ def measure(
 
 
 def compute_hessians(
-    model_dir: Path, corpus_dir: Path, cfg: ImportanceConfig, pack: PackConfig, progress: bool = True
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, float]]]:
+    model_dir: Path,
+    corpus_dir: Path,
+    cfg: ImportanceConfig,
+    pack: PackConfig,
+    progress: bool = True,
+    spill: Path | None = None,
+) -> tuple[dict[str, Any], HessianStore, dict[str, dict[str, float]]]:
     """(record for importance.json, {key: float32 H}, {weight name: {option: GPTQ's held-out gain}}) from
     `hessian_windows` forward-only windows of the train split (seeded like the Fisher windows, possibly
-    overlapping them)."""
+    overlapping them). With `spill` (a folder), the Hessians are kept there, not in memory."""
     import torch
 
     from .gptq import rounding_gain
@@ -178,7 +220,7 @@ def compute_hessians(
             ]
             gains[n] = rounding_gain(ckpt.read(n), even, held, options, pack.damp, pack.block, GAIN_ROWS)
 
-    hessians = InputHessians(wanted, done)
+    hessians = InputHessians(wanted, done, spill)
     with torch_settings(cfg.threads, cfg.seed):
         t0 = time.perf_counter()
         # headless: only the head's input is measured (an untied 8B's head is 2.1 GB in fp32)
@@ -197,7 +239,7 @@ def compute_hessians(
         "scope": cfg.hessians,
         "head": name,
         "tensors": {
-            n: {"key": k, "inputs": int(hessians.kept[k].shape[0])}
+            n: {"key": k, "inputs": int(hessians.kept.shapes[k][0])}
             for n, k in sorted(hessians.key_of.items())
         },
         "tokens": tokens,

@@ -48,6 +48,7 @@ import contextlib
 import logging
 import math
 import re
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -70,6 +71,7 @@ from .calibration import (
 from .checkpoint import tied_lm_head
 from .config import ImportanceConfig, PackConfig
 from .hessians import compute_hessians
+from .io import atomic_dir
 from .reproducible import sum_squares64
 from .streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden, run_block
 
@@ -548,11 +550,18 @@ def run(
     names = list(result["alpha"])
     imatrix, imatrix_record = imatrix_arrays(squares, names, cfg.sig_digits, cfg.window)
     pack = pack or PackConfig()
-    record, hessians, gains = (
-        compute_hessians(model_dir, corpus_dir, cfg, pack, progress) if cfg.hessian_windows else ({}, {}, {})
-    )
     settings = {"damp": pack.damp, "block": pack.block}
-    return write_importance(out, result, record, hessians, gains, settings, imatrix, imatrix_record)
+    with atomic_dir(out) as tmp:
+        # the Hessians wait on disk inside the artifact's temporary (removed with it on any failure)
+        spill = tmp / ".hessians"
+        record, hessians, gains = (
+            compute_hessians(model_dir, corpus_dir, cfg, pack, progress, spill)
+            if cfg.hessian_windows
+            else ({}, {}, {})
+        )
+        doc = write_importance(tmp, result, record, hessians, gains, settings, imatrix, imatrix_record)
+        shutil.rmtree(spill, ignore_errors=True)
+    return doc
 
 
 # ---------------------------------------------------------------- CLI

@@ -226,8 +226,11 @@ def test_input_hessians_are_xtx_of_every_linear_input(tmp_path: Path, corpus_dir
     """Every linear layer's H (and the head's) is X^T X of its inputs in the whole unstreamed model, layers that
     read one tensor share one stored H, the even-window half GPTQ's gain is fitted on is the even windows' sum,
     and the stage writes it all byte-identically on a rerun."""
+    from safetensors.torch import save
+
+    from mintbuild.artifacts.importance import SCHEMA_VERSION
     from mintbuild.calibration import calibration_windows
-    from mintbuild.hessians import InputHessians, measure
+    from mintbuild.hessians import HessianStore, InputHessians, measure
     from mintbuild.streaming import CheckpointSource, StreamedModel
     from tests.synth import tiny_llama
     from tests.test_importance import whole_model_hessians
@@ -259,6 +262,21 @@ def test_input_hessians_are_xtx_of_every_linear_input(tmp_path: Path, corpus_dir
     a = run(model_dir, corpus_dir, TINY, tmp_path / "a", False)
     b = run(model_dir, corpus_dir, TINY, tmp_path / "b", False)
     assert (tmp_path / "a" / HESSIAN_FILE).read_bytes() == (tmp_path / "b" / HESSIAN_FILE).read_bytes()
+    # The stage keeps them on disk until it writes the file one tensor at a time: the bytes are save_file's of
+    # the in-memory Hessians, and neither the spill nor a temporary folder is left behind.
+    meta = {"schema_version": str(SCHEMA_VERSION)}
+    assert (tmp_path / "a" / HESSIAN_FILE).read_bytes() == save(dict(kept), metadata=meta)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "hessian.safetensors",
+        "imatrix.safetensors",
+        "importance.json",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    spilled = HessianStore(tmp_path / "spill")
+    for k, h in kept.items():
+        spilled.put(k, h.double())
+    assert len(list((tmp_path / "spill").iterdir())) == len(kept) and not spilled._memory
+    assert all(torch.equal(spilled[k], kept[k]) for k in kept)
     assert_train_only({"provenance": a["provenance"], "windows": a["hessian"]["windows"]}, corpus_dir)
     assert a["hessian"] == b["hessian"] and a["rounding_gain"] == b["rounding_gain"]
     loaded = load_hessians(tmp_path / "a", a["provenance"]["model_fingerprint"])

@@ -4,12 +4,14 @@ Hessians (hessian.safetensors) and the GPTQ rounding gains; the writer and the r
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import MintError
-from ..io import atomic_dir, atomic_write_json, sha256_file
+from ..io import atomic_write_json, sha256_file
+from ..safetensors_out import StreamedSafetensors
 
 SCHEMA_VERSION = 2
 
@@ -74,29 +76,35 @@ def load_importance(path: Path) -> dict[str, Any]:
 
 
 def write_importance(
-    out: Path,
+    folder: Path,
     doc: dict[str, Any],
     record: dict[str, Any],
-    hessians: dict[str, Any],
+    hessians: Mapping[str, Any],
     gains: dict[str, dict[str, float]],
     gain_settings: dict[str, Any],
     imatrix: dict[str, Any] | None = None,
     imatrix_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `out`/importance.json (+ hessian.safetensors when there are Hessians, imatrix.safetensors when
-    there is an imatrix) atomically: the folder is replaced whole. The Hessian file's sha256 and the GPTQ rounding gains (with the damping and block they were
-    measured with) are recorded in importance.json."""
+    """Write importance.json (+ hessian.safetensors when there are Hessians, imatrix.safetensors when there is an
+    imatrix) into `folder`, the stage's atomic_dir temporary. The Hessian file is written one tensor at a time
+    (`hessians` may read each from disk), so that writing it needs one Hessian in memory, not all; its sha256
+    and the GPTQ rounding gains (with the damping and block they were measured with) are recorded in
+    importance.json."""
     from safetensors.torch import save_file
 
-    with atomic_dir(out) as tmp:
-        if hessians:
-            save_file(hessians, str(tmp / HESSIAN_FILE), metadata={"schema_version": str(SCHEMA_VERSION)})
-            doc["hessian"] = {**record, "sha256": sha256_file(tmp / HESSIAN_FILE)}
-            doc["rounding_gain"] = {**gain_settings, "tensors": gains}
-        if imatrix:
-            save_file(imatrix, str(tmp / IMATRIX_FILE), metadata={"schema_version": str(SCHEMA_VERSION)})
-            doc["imatrix"] = {**(imatrix_record or {}), "sha256": sha256_file(tmp / IMATRIX_FILE)}
-        atomic_write_json(tmp / FILENAME, doc)
+    if hessians:
+        # one spec per key, from the record (its input width), so that no Hessian is read to lay out the file
+        specs = {t["key"]: ("F32", (t["inputs"], t["inputs"])) for t in record["tensors"].values()}
+        meta = {"schema_version": str(SCHEMA_VERSION)}
+        with StreamedSafetensors(folder / HESSIAN_FILE, specs, meta) as f:
+            for key in specs:
+                f.write(key, hessians[key])
+        doc["hessian"] = {**record, "sha256": sha256_file(folder / HESSIAN_FILE)}
+        doc["rounding_gain"] = {**gain_settings, "tensors": gains}
+    if imatrix:
+        save_file(imatrix, str(folder / IMATRIX_FILE), metadata={"schema_version": str(SCHEMA_VERSION)})
+        doc["imatrix"] = {**(imatrix_record or {}), "sha256": sha256_file(folder / IMATRIX_FILE)}
+    atomic_write_json(folder / FILENAME, doc)
     return doc
 
 
