@@ -30,36 +30,37 @@ def reference_gptq_codes(
     option: Option,
     damp: float,
     block: int = 128,
-    u: torch.Tensor | None = None,
+    fac: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`gptq.gptq_codes` as it was before the numba kernel (commit 5cd3f65): the column loop in torch over all
-    rows at once, the block's error carried to the later columns by one float32 matmul (MKL's sgemm), and U
-    factored on torch's threads (`u` is ignored: always factored here)."""
+    """`gptq.gptq_codes` as a torch column loop over all rows at once (the loop of commit 5cd3f65, before the
+    numba kernel, with the columns in act order on round-to-nearest's group grids since gptq-mlx-affine/2): the
+    block's error carried to the later columns by one float32 matmul (MKL's sgemm), U factored on torch's
+    threads (`fac` is ignored: always factored here)."""
     bits, g = option.bits, option.group
     rows, k = w.shape
-    h = hessian.to(torch.float64).clone()
+    perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    h = hessian.to(torch.float64)[perm][:, perm].clone()
     diag = torch.diagonal(h)
     diag[diag <= 0] = 1.0
     diag += damp * float(diag.mean())
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    work = w.to(torch.bfloat16).float()
+    w16 = w.to(torch.bfloat16).float()
+    scales, biases = _group_params(w16.reshape(rows, k // g, g), bits)
+    s16, b16 = scales.to(torch.bfloat16).float(), biases.to(torch.bfloat16).float()
+    work = w16[:, perm].clone()
     max_q = (1 << bits) - 1
     codes = torch.empty((rows, k), dtype=torch.uint8)
-    scales = torch.empty((rows, k // g), dtype=torch.float32)
-    biases = torch.empty((rows, k // g), dtype=torch.float32)
     block = max(block // g, 1) * g
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         wb, ub = work[:, b0:b1].clone(), u[b0:b1, b0:b1]
         err = torch.empty_like(wb)
         for j in range(b1 - b0):
-            if j % g == 0:
-                scale, bias = _group_params(wb[:, j : j + g], bits)
-                scales[:, (b0 + j) // g], biases[:, (b0 + j) // g] = scale, bias
-                s16, b16 = scale.to(torch.bfloat16).float(), bias.to(torch.bfloat16).float()
-            q = torch.round((wb[:, j] - bias) / scale).clamp_(0, max_q)
-            deq = ((q * s16).to(torch.bfloat16).float() + b16).to(torch.bfloat16).float()
-            codes[:, b0 + j] = q.to(torch.uint8)
+            col = int(perm[b0 + j])
+            gi = col // g
+            q = torch.round((wb[:, j] - biases[:, gi]) / scales[:, gi]).clamp_(0, max_q)
+            deq = ((q * s16[:, gi]).to(torch.bfloat16).float() + b16[:, gi]).to(torch.bfloat16).float()
+            codes[:, col] = q.to(torch.uint8)
             err[:, j] = (wb[:, j] - deq) / ub[j, j]
             wb[:, j + 1 :] -= err[:, j : j + 1] * ub[j, j + 1 :]
         work[:, b1:] -= err @ u[b0:b1, b1:]

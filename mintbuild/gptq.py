@@ -3,23 +3,27 @@
 Round-to-nearest minimises each weight's own error. What the model feels is the layer's output error,
 ||(W - Q) X^T||^2 = tr((W - Q) H (W - Q)^T) with H = X^T X summed over calibration tokens. GPTQ (Frantar et
 al., 2023) rounds the K input columns of W one at a time and moves each column's rounding error onto the columns
-not rounded yet, along the upper Cholesky factor U of H^-1, so the output error shrinks. The stored format is
-unchanged, exactly MLX's: codes, and a bf16 scale and bias per group of g consecutive inputs, derived as
-`mx.quantize` derives them (quant/reference.py) from the group's current values when its first column is
-reached. With a diagonal H nothing moves and the result is bit-identical to `quant.reference.quantize_codes`
-(tests/test_gptq.py).
+not rounded yet, along the upper Cholesky factor U of H^-1, so the output error shrinks. The columns are taken
+loudest input first (`act_order`: diag H descending), so the errors that cost most are rounded while the most
+columns remain to absorb them; each column is rounded on its group's round-to-nearest grid (the "static
+groups" of act-order GPTQ: a group's bf16 scale and bias derived as `mx.quantize` derives them from the group's
+own values, quant/reference.py), so the stored format is exactly MLX's whatever the order. With a diagonal H
+nothing moves and the result is bit-identical to `quant.reference.quantize_codes` (tests/test_gptq.py).
 
-The arithmetic, per row (rows are independent: they share only U), in float32:
+The arithmetic, per row (rows are independent: they share only the order and U, here of H with its rows and
+columns in act order), in float32, with w's columns in act order and g(j) the group of the j-th column taken:
 
+    scale, bias per group from the bf16 weights' min and max (reference._group_params), before any column
     for each block of `block` columns [b0, b1) (a multiple of g), for j = b0 .. b1 - 1:
-      at a group's first column: scale, bias from the group's current min and max (reference._group_params)
-      q = clip(rint((w_j - bias) / scale), 0, 2^b - 1);  deq = bf16(bf16(q * bf16(scale)) + bf16(bias))
+      q = clip(rint((w_j - bias_g(j)) / scale_g(j)), 0, 2^b - 1);  deq = bf16(bf16(q * bf16(scale)) + bf16(bias))
       e_j = (w_j - deq) / U[j, j];  w_c -= fl(e_j * U[j, c]) for c in (j, b1)     (product, then difference)
     after the block: w_c -= fl(sum over j in [b0, b1) of e_j * U[j, c]) for c >= b1, the sum taken in order of j
     with one rounding per term (a chain of fused multiply-adds from 0)
 
-which is, operation for operation, the torch column loop this module ran before (kept as the reference in
-benchmarks/bench_gptq.py; the block product there is MKL's sgemm, which, measured, sums in exactly that order).
+which is, operation for operation, the torch column loop kept as the reference in benchmarks/bench_gptq.py (the
+block product there is MKL's sgemm, which, measured, sums in exactly that order). Until gptq-mlx-affine/2 the
+columns went in their stored order and a group's scale and bias came from its values as GPTQ had left them;
+act order lowered the held-out output error of most SmolLM2 projections (docs/experiments.md).
 
 How the kernel (`_gptq_rows`) is fast: rows are taken 64 at a time (a row block: its working set stays in the
 core's cache), as 8-row panels transposed so that a column of 8 rows is one 8-lane vector and every step above
@@ -38,16 +42,16 @@ what it gains and what it costs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from numba import get_num_threads, njit, prange
 
 from .errors import MintError
 from .formats import Option
-from .quant.reference import EPS, dequantize_codes, quantize_dequantize
-from .quant.simd import F32x8 as _F32x8
+from .quant.reference import _group_params, dequantize_codes, quantize_dequantize
 from .quant.simd import W
-from .quant.simd import vabs as _vabs
 from .quant.simd import vbf16 as _vbf16
 from .quant.simd import vfma as _vfma
 from .quant.simd import vload as _vload
@@ -56,17 +60,11 @@ from .quant.simd import vmin as _vmin
 from .quant.simd import vrint as _vrint
 from .quant.simd import vsplat as _vsplat
 from .quant.simd import vstore as _vstore
-from .quant.simd import where_gt as _where_gt
-from .quant.simd import where_ne as _where_ne
 from .reproducible import one_torch_thread, sum64
-
-#: Recorded in the packer's cache key and manifest; bump whenever the numbers below change.
-GPTQ_VERSION = "gptq-mlx-affine/1"
 
 # The 8 x float32 vector type and its intrinsics are quant/simd.py's (every instruction carries `nsz` only, so no
 # caller can let LLVM reassociate these operations or contract a product and a difference into an FMA).
 _L = W  # lanes
-_EPS = np.float32(EPS)  # as torch.clamp_min applies it to a float32 tensor
 
 
 # ---------------------------------------------------------------- the kernel
@@ -75,34 +73,39 @@ _EPS = np.float32(EPS)  # as torch.clamp_min applies it to a float32 tensor
 _ROWS = 64
 
 
-@njit(inline="always")
-def _group_params(lo: _F32x8, hi: _F32x8, n_bins: _F32x8) -> tuple[_F32x8, _F32x8]:
-    """reference._params_from_minmax lane by lane: MLX's fp32 (scale, bias) of a group from its min and max."""
-    zero = _vsplat(0.0)
-    big_lo = _vabs(lo)
-    big_hi = _vabs(hi)
-    scale = _vmax((hi - lo) / n_bins, _vsplat(_EPS))
-    scale = _where_gt(big_lo, big_hi, scale, zero - scale)
-    edge = _where_gt(big_lo, big_hi, lo, hi)
-    q0 = _vrint(edge / scale)
-    return _where_ne(q0, zero, edge / q0, scale), _where_ne(q0, zero, edge, zero)
-
-
 @njit
-def _load_rows(x16: np.ndarray, r0: int, n: int, n_pan: int, wt: np.ndarray) -> None:
-    """Rows r0 .. r0 + n of the bf16 bit patterns `x16` as float32 panels wt [n_pan][K][8]; lanes past the
-    last row are zero (they are computed on and never stored)."""
-    k = x16.shape[1]
+def _load_rows(
+    x16: np.ndarray,
+    perm: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    r0: int,
+    n: int,
+    n_pan: int,
+    wt: np.ndarray,
+    st: np.ndarray,
+    bt: np.ndarray,
+) -> None:
+    """Rows r0 .. r0 + n of the bf16 bit patterns `x16`, columns in the order `perm`, as float32 panels
+    wt [n_pan][K][8], and their groups' scales and biases as st, bt [n_pan][K/g][8]; lanes past the last row
+    are zero weights with scale 1 (they are computed on and never stored)."""
+    k, n_grp = x16.shape[1], scales.shape[1]
     wi = wt.view(np.int32)
     for i in range(n_pan * _L):
         p, lane = i // _L, i % _L
-        base = p * k * _L + lane
+        base, gbase = p * k * _L + lane, p * n_grp * _L + lane
         if i < n:
             for c in range(k):
-                wi[base + c * _L] = np.int32(x16[r0 + i, c]) << 16  # a bf16 is a float32's upper half
+                wi[base + c * _L] = np.int32(x16[r0 + i, perm[c]]) << 16  # a bf16 is a float32's upper half
+            for g in range(n_grp):
+                st[gbase + g * _L] = scales[r0 + i, g]
+                bt[gbase + g * _L] = biases[r0 + i, g]
         else:
             for c in range(k):
                 wi[base + c * _L] = 0
+            for g in range(n_grp):
+                st[gbase + g * _L] = 1.0
+                bt[gbase + g * _L] = 0.0
 
 
 @njit
@@ -116,30 +119,21 @@ def _round_columns(
     b0: int,
     b1: int,
     u: np.ndarray,
-    group: int,
+    gidx: np.ndarray,
+    n_grp: int,
     n_bins: np.float32,
 ) -> None:
-    """The column loop over [b0, b1) for panel p: codes (as float32) over wt's columns, each column's scaled
-    error into et [.][b1 - b0][8], group scales and biases into st, bt [.][K/g][8]; the error of each column is
-    moved onto the block's later columns at once."""
-    o, oe, og = p * k * _L, p * (b1 - b0) * _L, p * (k // group) * _L
+    """The column loop over [b0, b1) for panel p: codes (as float32) over wt's columns, each column rounded on
+    its group's grid (st, bt [.][K/g][8]; `gidx`: each column's group), each column's scaled error into
+    et [.][b1 - b0][8]; the error of each column is moved onto the block's later columns at once."""
+    o, oe, og = p * k * _L, p * (b1 - b0) * _L, p * n_grp * _L
     zero, top = _vsplat(0.0), _vsplat(n_bins)
-    scale = bias = s16 = b16 = zero
     for j in range(b0, b1):
-        if j % group == 0:
-            lo = _vload(wt, o + j * _L)
-            hi = lo
-            for c in range(j + 1, j + group):
-                x = _vload(wt, o + c * _L)
-                lo = _vmin(lo, x)
-                hi = _vmax(hi, x)
-            scale, bias = _group_params(lo, hi, top)
-            s16, b16 = _vbf16(scale), _vbf16(bias)
-            _vstore(st, og + (j // group) * _L, scale)
-            _vstore(bt, og + (j // group) * _L, bias)
+        scale = _vload(st, og + gidx[j] * _L)
+        bias = _vload(bt, og + gidx[j] * _L)
         x = _vload(wt, o + j * _L)
         q = _vmin(_vmax(_vrint((x - bias) / scale), zero), top)
-        deq = _vbf16(_vbf16(q * s16) + b16)
+        deq = _vbf16(_vbf16(q * _vbf16(scale)) + _vbf16(bias))
         e = (x - deq) / _vsplat(u[j, j])
         _vstore(et, oe + (j - b0) * _L, e)
         _vstore(wt, o + j * _L, q)
@@ -190,47 +184,37 @@ def _carry(wt: np.ndarray, et: np.ndarray, ut: np.ndarray, n_pan: int, k: int, b
 
 
 @njit
-def _store_rows(
-    wt: np.ndarray,
-    st: np.ndarray,
-    bt: np.ndarray,
-    r0: int,
-    n: int,
-    k: int,
-    n_grp: int,
-    codes: np.ndarray,
-    scales: np.ndarray,
-    biases: np.ndarray,
-) -> None:
-    """The codes (held as float32 in wt), scales and biases of the block's n rows back in row order."""
+def _store_rows(wt: np.ndarray, perm: np.ndarray, r0: int, n: int, k: int, codes: np.ndarray) -> None:
+    """The codes (held as float32 in wt, columns in the order `perm`) of the block's n rows back in row and
+    column order."""
     for i in range(n):
         p, lane = i // _L, i % _L
         for c in range(k):
-            codes[r0 + i, c] = np.uint8(wt[(p * k + c) * _L + lane])
-        for g in range(n_grp):
-            scales[r0 + i, g] = st[(p * n_grp + g) * _L + lane]
-            biases[r0 + i, g] = bt[(p * n_grp + g) * _L + lane]
+            codes[r0 + i, perm[c]] = np.uint8(wt[(p * k + c) * _L + lane])
 
 
 @njit(cache=True, parallel=True)
 def _gptq_rows(
     x16: np.ndarray,
+    perm: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
     u: np.ndarray,
     ut: np.ndarray,
     bits: int,
     group: int,
     block: int,
     codes: np.ndarray,
-    scales: np.ndarray,
-    biases: np.ndarray,
     n_part: int,
 ) -> None:
-    """GPTQ of every row of the bf16 bit patterns x16 [R, K] into codes [R, K], fp32 scales and biases
-    [R, K/g]: row blocks of _ROWS rows, split into n_part contiguous runs of blocks for the threads."""
+    """GPTQ of every row of the bf16 bit patterns x16 [R, K] into codes [R, K], on the groups' fp32 scales and
+    biases [R, K/g], columns taken in the order `perm` (U is the permuted H's): row blocks of _ROWS rows, split
+    into n_part contiguous runs of blocks for the threads."""
     n_rows, k = x16.shape
     n_blk = (n_rows + _ROWS - 1) // _ROWS
     n_grp = k // group
     n_bins = np.float32((1 << bits) - 1)
+    gidx = perm // group
     for part in prange(n_part):
         wt = np.empty(_ROWS * k, dtype=np.float32)
         et = np.empty(_ROWS * block, dtype=np.float32)
@@ -240,14 +224,14 @@ def _gptq_rows(
             r0 = blk * _ROWS
             n = min(_ROWS, n_rows - r0)
             n_pan = (n + 2 * _L - 1) // (2 * _L) * 2  # whole tiles of two panels
-            _load_rows(x16, r0, n, n_pan, wt)
+            _load_rows(x16, perm, scales, biases, r0, n, n_pan, wt, st, bt)
             for b0 in range(0, k, block):
                 b1 = min(b0 + block, k)
                 for p in range(n_pan):
-                    _round_columns(wt, et, st, bt, p, k, b0, b1, u, group, n_bins)
+                    _round_columns(wt, et, st, bt, p, k, b0, b1, u, gidx, n_grp, n_bins)
                 if b1 < k:
                     _carry(wt, et, ut, n_pan, k, b0, b1)
-            _store_rows(wt, st, bt, r0, n, k, n_grp, codes, scales, biases)
+            _store_rows(wt, perm, r0, n, k, codes)
 
 
 # ---------------------------------------------------------------- the public functions
@@ -275,20 +259,41 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
         raise MintError(f"Hessian is not positive definite even with damp {damp}: {e}") from None
 
 
+def act_order(hessian: torch.Tensor) -> torch.Tensor:
+    """The order GPTQ rounds the input columns in: loudest input first (diag H descending, ties by index), so
+    that the columns whose error costs most are rounded while the most columns remain to take it up."""
+    return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+
+
+@dataclass(frozen=True)
+class Factor:
+    """What GPTQ needs of one Hessian, whatever the weight: the column order and U of the reordered H."""
+
+    perm: torch.Tensor
+    u: torch.Tensor
+
+
+def factor(hessian: torch.Tensor, damp: float) -> Factor:
+    """`act_order(hessian)` and `inverse_cholesky` of H with its rows and columns in that order."""
+    perm = act_order(hessian)
+    return Factor(perm, inverse_cholesky(hessian[perm][:, perm], damp))
+
+
 def gptq_codes(
     w: torch.Tensor,
     hessian: torch.Tensor,
     option: Option,
     damp: float,
     block: int = 128,
-    u: torch.Tensor | None = None,
+    fac: Factor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 codes [R, K], bf16 scales [R, K/g], bf16 biases [R, K/g]) of a 2-D `w` rounded by GPTQ.
 
-    `w` is first rounded to bf16, as the packer stores it; the arithmetic of one group (scale, bias, codes, the
-    dequantized value in bf16) is quant/reference.py's. `block` columns are updated at a time (rounded to a multiple of
-    g). `u`: `inverse_cholesky(hessian, damp)` when the caller has it. The arithmetic is the module docstring's;
-    the result does not depend on the thread count.
+    `w` is first rounded to bf16, as the packer stores it; every group's scale and bias are round-to-nearest's
+    (quant/reference.py, from the group's own values), and the codes on that grid are chosen column by column in
+    `act_order`. `block` columns are updated at a time (rounded to a multiple of g). `fac`: `factor(hessian,
+    damp)` when the caller has it. The arithmetic is the module docstring's; the result does not depend on the
+    thread count.
     """
     bits, g = option.bits, option.group
     if w.ndim != 2:
@@ -298,20 +303,18 @@ def gptq_codes(
         raise MintError(f"Hessian of shape {list(hessian.shape)} does not match {k} input columns")
     if k % g or not 1 <= bits <= 8:
         raise MintError(f"GPTQ needs whole groups of {g} in {k} columns and 1-8 bits, got {option.name}")
-    u = (inverse_cholesky(hessian, damp) if u is None else u).contiguous()
-    x16 = w.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    fac = factor(hessian, damp) if fac is None else fac
+    w16 = w.detach().to(torch.bfloat16).contiguous()
+    scales, biases = _group_params(w16.float().reshape(rows, k // g, g), bits)
     codes = np.empty((rows, k), dtype=np.uint8)
-    scales = np.empty((rows, k // g), dtype=np.float32)
-    biases = np.empty((rows, k // g), dtype=np.float32)
-    block = max(block // g, 1) * g  # groups never straddle blocks
+    block = max(block // g, 1) * g
     n_part = max(1, min(-(-rows // _ROWS), 8 * get_num_threads()))
-    u_np = u.numpy()
-    _gptq_rows(x16, u_np, np.ascontiguousarray(u_np.T), bits, g, block, codes, scales, biases, n_part)
-    return (
-        torch.from_numpy(codes),
-        torch.from_numpy(scales).to(torch.bfloat16),
-        torch.from_numpy(biases).to(torch.bfloat16),
-    )
+    u_np = fac.u.contiguous().numpy()
+    _gptq_rows(
+        w16.view(torch.int16).numpy(), fac.perm.numpy(), scales.contiguous().numpy(), biases.contiguous().numpy(),
+        u_np, np.ascontiguousarray(u_np.T), bits, g, block, codes, n_part,
+    )  # fmt: skip
+    return torch.from_numpy(codes), scales.to(torch.bfloat16), biases.to(torch.bfloat16)
 
 
 def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -341,10 +344,10 @@ def rounding_gain(
     if w.shape[0] > rows:
         pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
         w = w[pick.sort().values]
-    h, u = held_out.float(), inverse_cholesky(fit, damp)
+    h, fac = held_out.float(), factor(fit, damp)
     gains = {}
     for opt in options:
-        q, s, b = gptq_codes(w, fit, opt, damp, block, u)
+        q, s, b = gptq_codes(w, fit, opt, damp, block, fac)
         rtn = output_error(w, quantize_dequantize(w, opt), h)
         gains[opt.name] = output_error(w, dequantize_codes(q, s, b, opt.group), h) / rtn if rtn > 0 else 1.0
     return gains

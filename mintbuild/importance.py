@@ -73,6 +73,7 @@ from .config import ImportanceConfig, PackConfig
 from .hessians import compute_hessians
 from .io import atomic_dir
 from .reproducible import sum_squares64
+from .rounding import GPTQ_VERSION
 from .streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden, run_block
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
@@ -550,7 +551,7 @@ def run(
     names = list(result["alpha"])
     imatrix, imatrix_record = imatrix_arrays(squares, names, cfg.sig_digits, cfg.window)
     pack = pack or PackConfig()
-    settings = {"damp": pack.damp, "block": pack.block}
+    settings = {"version": GPTQ_VERSION, "damp": pack.damp, "block": pack.block}
     with atomic_dir(out) as tmp:
         # the Hessians wait on disk inside the artifact's temporary (removed with it on any failure)
         spill = tmp / ".hessians"

@@ -56,7 +56,7 @@ from .checkpoint import Checkpoint, content_hash, fingerprint, open_checkpoint
 from .config import Params, load_params, select_targets
 from .errors import MintError
 from .formats import Option, parse_option
-from .gptq import GPTQ_VERSION, gptq_codes
+from .gptq import gptq_codes
 from .io import atomic_dir, atomic_write_json, canonical_json
 from .mlx_folder import (
     MANIFEST_FILE,
@@ -74,7 +74,7 @@ from .mlx_folder import (
 from .pack_cache import PackCache, default_cache_dir
 from .quant.pack_kernel import packed_shapes, quantize_pack
 from .quant.reference import pack_codes
-from .rounding import overfit_options
+from .rounding import GPTQ_VERSION, overfit_options
 
 HELP = "write each target's MLX model folder"
 log = logging.getLogger(__name__)

@@ -9,6 +9,10 @@ tensor is rounded to nearest and priced as such.
 
 from __future__ import annotations
 
+#: The GPTQ arithmetic (gptq.py) the gains were measured with and the packer rounds with: recorded with the
+#: importance stage's gains, in the packer's cache key and manifest; bump whenever gptq.py's numbers change.
+GPTQ_VERSION = "gptq-mlx-affine/2"
+
 
 def gptq_helps(gain: float) -> bool:
     """Whether a tensor with held-out GPTQ gain `gain` at an option is rounded by GPTQ there."""

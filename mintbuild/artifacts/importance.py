@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import MintError
 from ..io import atomic_write_json, sha256_file
+from ..rounding import GPTQ_VERSION
 from ..safetensors_out import StreamedSafetensors
 
 SCHEMA_VERSION = 2
@@ -112,10 +113,11 @@ def load_rounding_gains(folder: Path, damp: float, block: int) -> dict[str, dict
     """{tensor: {option: r}} the importance stage measured for GPTQ at this damping and block size."""
     _, rec = _gptq_record(folder, "rounding_gain", "GPTQ rounding gains")
     path = Path(folder) / FILENAME
-    if (rec.get("damp"), rec.get("block")) != (damp, block):
+    if (rec.get("version"), rec.get("damp"), rec.get("block")) != (GPTQ_VERSION, damp, block):
         raise MintError(
-            f"{path}: GPTQ gains measured at damp {rec.get('damp')} block {rec.get('block')}, but pack asks for "
-            f"damp {damp} block {block}; rerun `mintbuild importance`"
+            f"{path}: GPTQ gains measured with {rec.get('version', 'an older GPTQ')} at damp {rec.get('damp')} "
+            f"block {rec.get('block')}, but this build rounds with {GPTQ_VERSION} at damp {damp} block {block}; "
+            "rerun `mintbuild importance`"
         )
     return {str(t): {str(o): float(r) for o, r in g.items()} for t, g in rec["tensors"].items()}
 
