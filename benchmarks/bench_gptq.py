@@ -20,8 +20,8 @@ import numba
 import torch
 
 from mintbuild.formats import Option
-from mintbuild.gptq import gptq_codes, output_error
-from mintbuild.quant.reference import _group_params, dequantize_codes, quantize_dequantize
+from mintbuild.gptq import clipped_group_params, gptq_codes, output_error
+from mintbuild.quant.reference import dequantize_codes, quantize_dequantize
 
 
 def reference_gptq_codes(
@@ -33,9 +33,10 @@ def reference_gptq_codes(
     fac: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`gptq.gptq_codes` as a torch column loop over all rows at once (the loop of commit 5cd3f65, before the
-    numba kernel, with the columns in act order on round-to-nearest's group grids since gptq-mlx-affine/2): the
-    block's error carried to the later columns by one float32 matmul (MKL's sgemm), U factored on torch's
-    threads (`fac` is ignored: always factored here)."""
+    numba kernel, with the columns in act order on round-to-nearest's group grids since gptq-mlx-affine/2, on
+    the grids `clipped_group_params` picks since gptq-mlx-affine/3): the block's error carried to the later
+    columns by one float32 matmul (MKL's sgemm), U factored on torch's threads (`fac` is ignored: always
+    factored here)."""
     bits, g = option.bits, option.group
     rows, k = w.shape
     perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
@@ -45,7 +46,7 @@ def reference_gptq_codes(
     diag += damp * float(diag.mean())
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     w16 = w.to(torch.bfloat16).float()
-    scales, biases = _group_params(w16.reshape(rows, k // g, g), bits)
+    scales, biases = clipped_group_params(w.to(torch.bfloat16), hessian, bits, g)
     s16, b16 = scales.to(torch.bfloat16).float(), biases.to(torch.bfloat16).float()
     work = w16[:, perm].clone()
     max_q = (1 << bits) - 1

@@ -5,15 +5,18 @@ Round-to-nearest minimises each weight's own error. What the model feels is the 
 al., 2023) rounds the K input columns of W one at a time and moves each column's rounding error onto the columns
 not rounded yet, along the upper Cholesky factor U of H^-1, so the output error shrinks. The columns are taken
 loudest input first (`act_order`: diag H descending), so the errors that cost most are rounded while the most
-columns remain to absorb them; each column is rounded on its group's round-to-nearest grid (the "static
-groups" of act-order GPTQ: a group's bf16 scale and bias derived as `mx.quantize` derives them from the group's
-own values, quant/reference.py), so the stored format is exactly MLX's whatever the order. With a diagonal H
-nothing moves and the result is bit-identical to `quant.reference.quantize_codes` (tests/test_gptq.py).
+columns remain to absorb them; each column is rounded on its group's grid, fixed before any column (the "static
+groups" of act-order GPTQ: a group's bf16 scale and bias derived as `mx.quantize` derives them from a min and a
+max, quant/reference.py), so the stored format is exactly MLX's whatever the order. The min and max are the
+group's own, shrunk by the factor of `CLIP_SHRINKS` whose round-to-nearest output error on the group's inputs is
+least (`clipped_group_params`: clipping judged by what the layer outputs, not by the weights). With a diagonal H
+nothing moves: the codes are round-to-nearest on those grids, and bit-identical to
+`quant.reference.quantize_codes` without clipping (tests/test_gptq.py).
 
 The arithmetic, per row (rows are independent: they share only the order and U, here of H with its rows and
 columns in act order), in float32, with w's columns in act order and g(j) the group of the j-th column taken:
 
-    scale, bias per group from the bf16 weights' min and max (reference._group_params), before any column
+    scale, bias per group from the bf16 weights' clipped min and max (clipped_group_params), before any column
     for each block of `block` columns [b0, b1) (a multiple of g), for j = b0 .. b1 - 1:
       q = clip(rint((w_j - bias_g(j)) / scale_g(j)), 0, 2^b - 1);  deq = bf16(bf16(q * bf16(scale)) + bf16(bias))
       e_j = (w_j - deq) / U[j, j];  w_c -= fl(e_j * U[j, c]) for c in (j, b1)     (product, then difference)
@@ -23,7 +26,8 @@ columns in act order), in float32, with w's columns in act order and g(j) the gr
 which is, operation for operation, the torch column loop kept as the reference in benchmarks/bench_gptq.py (the
 block product there is MKL's sgemm, which, measured, sums in exactly that order). Until gptq-mlx-affine/2 the
 columns went in their stored order and a group's scale and bias came from its values as GPTQ had left them;
-act order lowered the held-out output error of most SmolLM2 projections (docs/experiments.md).
+act order lowered the held-out output error of most SmolLM2 projections (docs/experiments.md); until
+gptq-mlx-affine/3 the grids were round-to-nearest's, unclipped.
 
 How the kernel (`_gptq_rows`) is fast: rows are taken 64 at a time (a row block: its working set stays in the
 core's cache), as 8-row panels transposed so that a column of 8 rows is one 8-lane vector and every step above
@@ -50,8 +54,10 @@ from numba import get_num_threads, njit, prange
 
 from .errors import MintError
 from .formats import Option
-from .quant.reference import _group_params, dequantize_codes, quantize_dequantize
+from .quant.reference import dequantize_codes, quantize_dequantize
 from .quant.simd import W
+from .quant.simd import bf16 as _bf16
+from .quant.simd import mlx_scale_bias as _mlx_scale_bias
 from .quant.simd import vbf16 as _vbf16
 from .quant.simd import vfma as _vfma
 from .quant.simd import vload as _vload
@@ -236,6 +242,72 @@ def _gptq_rows(
 
 # ---------------------------------------------------------------- the public functions
 
+#: How far `clipped_group_params` may shrink a group's range (1 = round-to-nearest's grid).
+CLIP_SHRINKS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)
+
+
+def clipped_group_params(
+    w16: torch.Tensor, hessian: torch.Tensor, bits: int, g: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (scales, biases) [R, K/g] of the bf16 weights `w16` [R, K]: per group, MLX's scale and bias from its
+    min and max shrunk by the `CLIP_SHRINKS` factor whose round-to-nearest output error on the group's own
+    inputs, e^T H_gg e with H_gg the group's diagonal block of H, is least (the least shrunk on a tie).
+
+    Clipping a group's outliers coarsens them but refines the grid every other weight sits on; which wins
+    depends on how loud each input is, so it is judged by output error, not weight error (measured worse).
+    The error counts the bf16 scale and bias as stored; it is summed in float64, in a fixed order per row."""
+    rows, k = w16.shape
+    n = k // g
+    idx = torch.arange(k).reshape(n, g)
+    h_blocks = hessian.to(torch.float64)[idx[:, :, None], idx[:, None, :]].contiguous().numpy()
+    scales, biases = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32)
+    x = w16.to(torch.bfloat16).float().contiguous().numpy()
+    _clip_rows(
+        x, h_blocks, np.array(CLIP_SHRINKS, np.float32), np.float32((1 << bits) - 1), g, scales, biases
+    )
+    return torch.from_numpy(scales), torch.from_numpy(biases)
+
+
+@njit(parallel=True, cache=True)
+def _clip_rows(
+    x: np.ndarray,
+    h_blocks: np.ndarray,
+    shrinks: np.ndarray,
+    n_bins: np.float32,
+    g: int,
+    scales: np.ndarray,
+    biases: np.ndarray,
+) -> None:
+    """`clipped_group_params` row by row (float32 grids as MLX derives them; float64 errors)."""
+    rows, k = x.shape
+    zero = np.float32(0.0)
+    for r in prange(rows):
+        e = np.empty(g, np.float64)
+        for j in range(k // g):
+            c0 = j * g
+            lo = x[r, c0]
+            hi = lo
+            for c in range(1, g):
+                lo = min(lo, x[r, c0 + c])
+                hi = max(hi, x[r, c0 + c])
+            best = np.inf
+            for a in shrinks:
+                s, b = _mlx_scale_bias(lo * a, hi * a, n_bins)
+                s16, b16 = _bf16(s), _bf16(b)
+                for c in range(g):
+                    q = min(max(np.rint((x[r, c0 + c] - b) / s), zero), n_bins)
+                    e[c] = np.float64(x[r, c0 + c]) - np.float64(_bf16(_bf16(q * s16) + b16))
+                err = 0.0
+                for c in range(g):
+                    off = 0.0
+                    for d in range(c + 1, g):
+                        off += h_blocks[j, c, d] * e[d]
+                    err += e[c] * (h_blocks[j, c, c] * e[c] + 2.0 * off)
+                if err < best:
+                    best = err
+                    scales[r, j] = s
+                    biases[r, j] = b
+
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32 (computed in float64).
@@ -305,7 +377,7 @@ def gptq_codes(
         raise MintError(f"GPTQ needs whole groups of {g} in {k} columns and 1-8 bits, got {option.name}")
     fac = factor(hessian, damp) if fac is None else fac
     w16 = w.detach().to(torch.bfloat16).contiguous()
-    scales, biases = _group_params(w16.float().reshape(rows, k // g, g), bits)
+    scales, biases = clipped_group_params(w16, hessian, bits, g)
     codes = np.empty((rows, k), dtype=np.uint8)
     block = max(block // g, 1) * g
     n_part = max(1, min(-(-rows // _ROWS), 8 * get_num_threads()))
