@@ -291,8 +291,8 @@ def _clip_rows(
                 lo = min(lo, x[r, c0 + c])
                 hi = max(hi, x[r, c0 + c])
             best = np.inf
-            for a in shrinks:
-                s, b = _mlx_scale_bias(lo * a, hi * a, n_bins)
+            for i in range(shrinks.size):
+                s, b = _mlx_scale_bias(lo * shrinks[i], hi * shrinks[i], n_bins)
                 s16, b16 = _bf16(s), _bf16(b)
                 for c in range(g):
                     q = min(max(np.rint((x[r, c0 + c] - b) / s), zero), n_bins)
@@ -303,7 +303,7 @@ def _clip_rows(
                     for d in range(c + 1, g):
                         off += h_blocks[j, c, d] * e[d]
                     err += e[c] * (h_blocks[j, c, c] * e[c] + 2.0 * off)
-                if err < best:
+                if err < best or i == 0:  # the unshrunk grid stands even if an error is not finite
                     best = err
                     scales[r, j] = s
                     biases[r, j] = b
