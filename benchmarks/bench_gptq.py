@@ -1,4 +1,4 @@
-"""GPTQ of a large-vocabulary output head: the numba kernel of mintbuild/gptq.py against the torch column loop it
+"""GPTQ of a large-vocabulary output head: the numba kernel of mintbuild/mlx/gptq.py against the torch column loop it
 replaced (kept below as the reference) and against one dense float32 matmul W @ H of the same shape, all timed
 in one process, with the outputs compared.
 
@@ -20,8 +20,8 @@ import numba
 import torch
 
 from mintbuild.formats import Option
-from mintbuild.gptq import clipped_group_params, gptq_codes, output_error
-from mintbuild.quant.reference import dequantize_codes, quantize_dequantize
+from mintbuild.mlx.gptq import clipped_group_params, gptq_codes, output_error
+from mintbuild.mlx.quant.reference import dequantize_codes, quantize_dequantize
 
 
 def reference_gptq_codes(

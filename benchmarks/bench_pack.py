@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from mintbuild.config import load_params
-from mintbuild.evaluate import load_packed, window_logits
-from mintbuild.pack import pack_target
+from mintbuild.stages.evaluate import load_packed, window_logits
+from mintbuild.stages.pack import pack_target
 
 
 def bench_pack(target: str) -> None:
@@ -39,10 +39,10 @@ def bench_kernel(target: str) -> None:
     """The fused kernel against quant.py's eager torch quantizer + packer on the embedding (the largest
     tensor), same option, same values; the outputs are checked equal."""
     from mintbuild.artifacts.model import resolve_weights_dir
-    from mintbuild.checkpoint import open_checkpoint
     from mintbuild.formats import Option
-    from mintbuild.quant.pack_kernel import quantize_pack
-    from mintbuild.quant.reference import pack_codes, quantize_codes
+    from mintbuild.hf.checkpoint import open_checkpoint
+    from mintbuild.mlx.quant.pack_kernel import quantize_pack
+    from mintbuild.mlx.quant.reference import pack_codes, quantize_codes
 
     params = load_params()
     ckpt = open_checkpoint(resolve_weights_dir(Path(params.model.out)))

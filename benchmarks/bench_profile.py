@@ -8,9 +8,9 @@ embeddings: 1.24B parameters, 2.5 GB) is written once, shard by shard, by a chil
 weights are random with a realistic scale: normal * 0.02, a per-row scale (log-normal, as trained rows differ),
 and a sprinkle of heavy outliers. Then, in one process, it prints:
 
-- the real profile (`mintbuild.profile.run`, default options: 18 quantized + 16-bit) end to end: parameters,
+- the real profile (`mintbuild.stages.profile.run`, default options: 18 quantized + 16-bit) end to end: parameters,
   seconds, params/s, and peak RSS against the two largest tensors' bytes + 1 GiB (the memory goal);
-- the plain eager torch reference of the same math (`mintbuild.quant.group_sse`, one call per option, the 18
+- the plain eager torch reference of the same math (`mintbuild.mlx.quant.group_sse`, one call per option, the 18
   options) on a 2048 x 2048 sample of the same weights, and the ratio end-to-end / eager;
 - the published method's own profiler figure for context (9.5 M params/s, 8 options, eager torch);
 - the time `load_profile` takes on a synthetic 20,000 tensors x 19 options profile.
@@ -174,7 +174,7 @@ def run_profile(folder: Path, out: Path, progress: bool) -> tuple[int, float, fl
     on) of one `mintbuild profile` run with the default configuration."""
     from mintbuild import kernels
     from mintbuild.config import ProfileConfig
-    from mintbuild.profile import run
+    from mintbuild.stages.profile import run
 
     # Load (or compile) the kernels before the clock starts, as any later run of the stage finds them cached:
     # float32 input, and bf16 bit patterns (int16) for callers that skip the float32 copy.
@@ -194,9 +194,9 @@ def run_profile(folder: Path, out: Path, progress: bool) -> tuple[int, float, fl
 
 def eager_reference(folder: Path, side: int) -> tuple[float, int]:
     """params/s of quant.group_sse (plain eager torch) over the 18 quantized options on a side x side sample."""
-    from mintbuild.checkpoint import open_checkpoint
     from mintbuild.formats import OPTION_SETS
-    from mintbuild.quant.reference import group_sse
+    from mintbuild.hf.checkpoint import open_checkpoint
+    from mintbuild.mlx.quant.reference import group_sse
 
     ckpt = open_checkpoint(folder)
     w = ckpt.read("model.layers.0.mlp.gate_proj.weight")[:side, :side].float().contiguous()
@@ -211,9 +211,9 @@ def eager_reference(folder: Path, side: int) -> tuple[float, int]:
 
 def kernel_speed(folder: Path, side: int) -> float:
     """params/s of the fused kernel alone (all 18 options) on the same sample, as the profile calls it."""
-    from mintbuild.checkpoint import open_checkpoint
     from mintbuild.formats import OPTION_SETS
-    from mintbuild.quant.error_kernels import row_sse
+    from mintbuild.hf.checkpoint import open_checkpoint
+    from mintbuild.mlx.quant.error_kernels import row_sse
 
     ckpt = open_checkpoint(folder)
     w = ckpt.read("model.layers.0.mlp.gate_proj.weight")[:side, :side].float().contiguous()
@@ -292,7 +292,7 @@ def time_load_profile(n_tensors: int, seed: int) -> float:
 
 
 def largest_two_bytes(folder: Path) -> int:
-    from mintbuild.checkpoint import open_checkpoint
+    from mintbuild.hf.checkpoint import open_checkpoint
 
     sizes = sorted((t.end - t.start for t in open_checkpoint(folder).tensors.values()), reverse=True)
     return sum(sizes[:2])

@@ -123,7 +123,7 @@ def tokenizer_source(a: argparse.Namespace) -> Path:
     folder = a.dir / "smollm2"
     if not (folder / "tokenizer.json").is_file():
         from mintbuild.config import ModelConfig
-        from mintbuild.model import import_model
+        from mintbuild.stages.model import import_model
 
         import_model(ModelConfig(), folder)
     return folder

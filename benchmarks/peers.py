@@ -129,7 +129,7 @@ def calibration_tokens(model_dir: Path, corpus_dir: Path, n_windows: int, window
     import mlx.core as mx
     import numpy as np
 
-    from mintbuild.calibration import calibration_windows
+    from mintbuild.calibration.windows import calibration_windows
 
     _, windows, _ = calibration_windows(model_dir, corpus_dir, n_windows, window, seed)
     return mx.array(np.array([w.ids for w in windows], dtype=np.int32))

@@ -56,15 +56,19 @@ import numpy as np
 import quality_gguf  # benchmarks/ (this script's folder) is on sys.path
 import torch
 
-from mintbuild.allocate import allocate_target
 from mintbuild.artifacts.allocation import write_allocation
 from mintbuild.artifacts.model import resolve_weights_dir
 from mintbuild.artifacts.profile import Profile, load_profile
 from mintbuild.budget import format_size
-from mintbuild.calibration import load_tokenizer, sequence_prefix
+from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
 from mintbuild.config import PUBLISHED_PRIORS, Params, SolverConfig, TargetConfig, load_params
 from mintbuild.errors import InfeasibleBudget, MintError
-from mintbuild.evaluate import (
+from mintbuild.formats import Option
+from mintbuild.io import atomic_dir, canonical_json
+from mintbuild.knapsack import build_problem, load_importance, rounding_gains
+from mintbuild.mlx.folder import dequantized_state, read_config
+from mintbuild.stages.allocate import allocate_target
+from mintbuild.stages.evaluate import (
     build_model,
     choose_windows,
     corpus_tokens,
@@ -72,11 +76,7 @@ from mintbuild.evaluate import (
     perplexity,
     setup_torch,
 )
-from mintbuild.formats import Option
-from mintbuild.io import atomic_dir, canonical_json
-from mintbuild.knapsack import build_problem, load_importance, rounding_gains
-from mintbuild.mlx_folder import dequantized_state, read_config
-from mintbuild.pack import pack_target
+from mintbuild.stages.pack import pack_target
 
 log = logging.getLogger("quality")
 

@@ -21,7 +21,7 @@ once and its row says so.
 Every GGUF is scored twice: by our evaluator through gguf_source (ggml's own dequantization) on the benchmark's
 windows, the numbers every other row of the benchmark has; and by llama-perplexity on the split's text in
 chunks of the window length, as many as there are windows, with our evaluator on exactly its chunks beside it
-(mintbuild.llama_perplexity: their relative difference and its tolerance).
+(mintbuild.llamacpp.perplexity: their relative difference and its tolerance).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mintbuild.allocate import allocate_target
 from mintbuild.artifacts.allocation import write_allocation
 from mintbuild.artifacts.convert import GGUF_FILE, load_convert
 from mintbuild.artifacts.model import resolve_weights_dir
@@ -46,8 +45,9 @@ from mintbuild.artifacts.profile import Profile, load_profile
 from mintbuild.budget import format_size
 from mintbuild.config import ConvertConfig, Params, SolverConfig, TargetConfig
 from mintbuild.errors import InfeasibleBudget, MintError
-from mintbuild.imatrix import IMATRIX_GGUF, Entry, read_imatrix, write_imatrix
 from mintbuild.io import sha256_file
+from mintbuild.llamacpp.imatrix import IMATRIX_GGUF, Entry, read_imatrix, write_imatrix
+from mintbuild.stages.allocate import allocate_target
 
 log = logging.getLogger("quality.gguf")
 
@@ -132,7 +132,7 @@ def check_inputs(params: Params) -> tuple[Path, Path]:
 
 def convert_original(params: Params, out: Path) -> tuple[Path, float]:
     """llama.cpp's converter on the model stage's (unequalized) weights: what a llama.cpp user starts from."""
-    from mintbuild.convert import convert
+    from mintbuild.stages.convert import convert
 
     t0 = time.perf_counter()
     weights = resolve_weights_dir(Path(params.model.out))
@@ -148,7 +148,7 @@ def _float_tensors(path: Path) -> dict[str, Any]:
 
 def _values(t: Any) -> np.ndarray:
     """A GGUF tensor's float32 values (numpy shape: rows last), by ggml's own to_float."""
-    from mintbuild import ggml
+    from mintbuild.llamacpp import ggml
 
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
     return ggml.dequantize(np.asarray(t.data), t.tensor_type.name, shape)
@@ -260,10 +260,10 @@ def quantized_types(types: dict[str, int]) -> str:
 def score_gguf(bench: BenchLike, path: Path, config: dict[str, Any]) -> Scored:
     """Our PPL on the benchmark's windows (gguf_source, layer-streamed) and llama-perplexity's on the split's
     text with ours on its chunks."""
-    from mintbuild.evaluate import check_bos, perplexity, setup_torch
-    from mintbuild.gguf_source import GGUFSource
-    from mintbuild.llama_perplexity import compare
-    from mintbuild.streaming import StreamedModel
+    from mintbuild.hf.streaming import StreamedModel
+    from mintbuild.llamacpp.perplexity import compare
+    from mintbuild.llamacpp.source import GGUFSource
+    from mintbuild.stages.evaluate import check_bos, perplexity, setup_torch
 
     p = bench.params
     dtype = setup_torch(p.eval)
@@ -298,7 +298,7 @@ def _llama_extra(s: Scored) -> dict[str, Any]:
 def stock_row(bench: BenchLike, original: Path, mix: str, imatrix: Path | None, config: dict[str, Any],
               out: Path) -> Measured:  # fmt: skip
     """llama-quantize `mix` (with `imatrix` or without) on the original bf16 GGUF, scored."""
-    from mintbuild.llamacpp import run_tool
+    from mintbuild.llamacpp.build import run_tool
 
     args: list[Any] = ["--imatrix", imatrix] if imatrix else []
     args += [original, out, mix]
@@ -343,7 +343,7 @@ def our_setup(bench: BenchLike, cfg: SolverConfig) -> Ours:
 
 def our_row(bench: BenchLike, ours: Ours, ref: Measured, config: dict[str, Any]) -> Measured:
     """Allocate at exactly the stock file's bytes, pack with llama-quantize, check the file is no larger, score."""
-    from mintbuild.pack import pack_target
+    from mintbuild.stages.pack import pack_target
 
     name = re.sub(r"[^\w.-]+", "_", f"gguf@{ref.label}")
     alloc_root, pack_root = bench.work / "gguf_allocate", bench.work / "gguf_pack"
@@ -382,8 +382,8 @@ def our_row(bench: BenchLike, ours: Ours, ref: Measured, config: dict[str, Any])
 
 def gguf_rows(bench: BenchLike, mixes: list[str], cfg: SolverConfig) -> tuple[list[Measured], dict[str, Any]]:
     """Every GGUF row (per mix: stock + imatrix, stock without, mintbuild at each one's bytes) and the settings."""
-    from mintbuild.llamacpp import build_name
-    from mintbuild.mlx_folder import read_config
+    from mintbuild.llamacpp.build import build_name
+    from mintbuild.mlx.folder import read_config
 
     if not mixes:
         return [], {}

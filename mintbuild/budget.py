@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MintError
+from mintbuild.errors import MintError
 
 UNITS = {
     "B": 1,

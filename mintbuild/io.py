@@ -143,7 +143,7 @@ def hash_obj(obj: Any) -> str:
 
 def read_json(path: str | os.PathLike, missing: str) -> Any:
     """A JSON artifact; a missing file is a MintError ending with `missing` (what to run), bad JSON names it."""
-    from .errors import MintError
+    from mintbuild.errors import MintError
 
     path = Path(path)
     if not path.is_file():

@@ -16,14 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts.importance import load_importance as read_importance
-from .artifacts.importance import load_rounding_gains
-from .artifacts.profile import Profile
-from .budget import ModelFacts, format_size, model_facts
-from .config import Params, SolverConfig
-from .errors import MintError
-from .formats import PASSTHROUGH, GGUFOption, Option, header_allowance, passthrough_index, stored_entry_names
-from .rounding import gptq_helps
+from mintbuild.artifacts.importance import load_importance as read_importance
+from mintbuild.artifacts.importance import load_rounding_gains
+from mintbuild.artifacts.profile import Profile
+from mintbuild.budget import ModelFacts, format_size, model_facts
+from mintbuild.config import Params, SolverConfig
+from mintbuild.errors import MintError
+from mintbuild.formats import (
+    PASSTHROUGH,
+    GGUFOption,
+    Option,
+    header_allowance,
+    passthrough_index,
+    stored_entry_names,
+)
+from mintbuild.mlx.rounding import gptq_helps
 
 log = logging.getLogger(__name__)
 

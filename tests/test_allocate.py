@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mintbuild.allocate import run
 from mintbuild.artifacts.profile import load_profile
 from mintbuild.budget import ModelFacts, kv_cache_bytes, parse_size, resolve_budget
 from mintbuild.config import Params, PriorRule, ProfileConfig, TargetConfig
 from mintbuild.errors import InfeasibleBudget, MintError
 from mintbuild.formats import PASSTHROUGH
 from mintbuild.knapsack import build_problem, floor_bytes
-from mintbuild.profile import run as profile_run
 from mintbuild.solve import solve_mckp
+from mintbuild.stages.allocate import run
+from mintbuild.stages.profile import run as profile_run
 
 from .synth import llama_tensors, published_solver, write_checkpoint
 

@@ -107,7 +107,9 @@ def stage_code_deps(stage: dict) -> set[str]:
     return covered
 
 
-STAGE_MODULES = sorted(p.stem for p in PKG.glob("*.py") if (p.read_text().find("def configure_parser") >= 0))
+STAGE_MODULES = sorted(
+    p.stem for p in (PKG / "stages").glob("*.py") if (p.read_text().find("def configure_parser") >= 0)
+)
 
 
 def test_every_verb_module_is_a_stage_or_says_why_not() -> None:
@@ -122,10 +124,14 @@ def test_every_verb_module_is_a_stage_or_says_why_not() -> None:
 def test_a_stage_imports_libraries_only(verb: str) -> None:
     stages = set(STAGE_MODULES)
     bad = sorted(
-        m for m in closure(f"mintbuild.{verb}") if m.rpartition(".")[2] in stages and m.count(".") == 1
+        m
+        for m in closure(f"mintbuild.stages.{verb}")
+        if m.rpartition(".")[2] in stages and m.startswith("mintbuild.stages.")
     )
-    bad = [m for m in bad if m != f"mintbuild.{verb}"]
-    assert not bad, f"mintbuild/{verb}.py runs other stage module(s) {bad}: move the helper into a library"
+    bad = [m for m in bad if m != f"mintbuild.stages.{verb}"]
+    assert not bad, (
+        f"mintbuild/stages/{verb}.py runs other stage module(s) {bad}: move the helper into a library"
+    )
 
 
 @pytest.mark.parametrize("stage", sorted(dvc_stages()))
@@ -133,10 +139,10 @@ def test_dvc_deps_name_every_module_the_stage_runs(stage: str) -> None:
     definition = dvc_stages()[stage]
     verb = stage_verb(definition)
     # cli.py only parses arguments and dispatches to the verb's module; it never touches an artifact.
-    want = files_of(closure(f"mintbuild.{verb}"))
+    want = files_of(closure(f"mintbuild.stages.{verb}"))
     got = stage_code_deps(definition)
     assert not want - got, (
-        f"dvc.yaml stage {stage!r} misses {sorted(want - got)} (imported by mintbuild/{verb}.py)"
+        f"dvc.yaml stage {stage!r} misses {sorted(want - got)} (imported by mintbuild/stages/{verb}.py)"
     )
     assert not got - want, f"dvc.yaml stage {stage!r} lists {sorted(got - want)}, which it never imports"
 
@@ -161,7 +167,7 @@ def _status(repo: Path) -> dict[str, set[str]]:
     return {k: v for k, v in changed.items() if v}
 
 
-@pytest.mark.parametrize("library", ["mintbuild/calibration.py", "mintbuild/artifacts/profile.py"])
+@pytest.mark.parametrize("library", ["mintbuild/calibration/windows.py", "mintbuild/artifacts/profile.py"])
 def test_editing_a_library_reruns_exactly_the_stages_that_import_it(tmp_path: Path, library: str) -> None:
     """A real DVC repo holding this dvc.yaml and a lock whose code hashes are current: editing `library`
     makes `dvc status` (what `dvc repro` acts on) flag exactly the stages whose code imports it."""
@@ -176,7 +182,9 @@ def test_editing_a_library_reruns_exactly_the_stages_that_import_it(tmp_path: Pa
     with open(repo / library, "a") as f:
         f.write("\n# edited\n")
     want = {
-        name for name, verb in expanded_stages().items() if library in files_of(closure(f"mintbuild.{verb}"))
+        name
+        for name, verb in expanded_stages().items()
+        if library in files_of(closure(f"mintbuild.stages.{verb}"))
     }
     assert want, f"no stage imports {library}"
     assert set(_status(repo)) == want
@@ -223,8 +231,8 @@ def test_dataclass_defaults_are_the_composed_conf() -> None:
     Python (tests, benchmarks, a library user) gets the build's behaviour."""
     from omegaconf import OmegaConf
 
-    from mintbuild.compose import compose_text
     from mintbuild.config import Params
+    from mintbuild.stages.compose import compose_text
 
     conf = yaml.safe_load(compose_text(ROOT / "conf"))
     defaults = OmegaConf.to_container(OmegaConf.structured(Params))
@@ -264,7 +272,7 @@ def rewrite_dvc_deps() -> list[str]:
         if not dep or stage is None:
             out.append(line)
             continue
-        want = sorted(files_of(closure(f"mintbuild.{stage_verb(stages[stage])}")))
+        want = sorted(files_of(closure(f"mintbuild.stages.{stage_verb(stages[stage])}")))
         if out[-1].strip() != "deps:" and re.match(r"^\s+- mintbuild/", out[-1]):
             continue  # the stage's module block was already written
         out.extend(f"{dep.group(1)}- {f}\n" for f in want)

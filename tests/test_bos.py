@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from mintbuild.calibration import choose_windows as calibration_windows
-from mintbuild.calibration import load_tokenizer, sequence_prefix
+from mintbuild.calibration.windows import choose_windows as calibration_windows
+from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
 from mintbuild.config import EvalConfig, Params
-from mintbuild.evaluate import corpus_tokens, evaluate_folder, load_baseline
+from mintbuild.stages.evaluate import corpus_tokens, evaluate_folder, load_baseline
 
 from .synth import tiny_llama
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mintbuild.compose import check, compose_text
 from mintbuild.config import load_params
 from mintbuild.errors import MintError
+from mintbuild.stages.compose import check, compose_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

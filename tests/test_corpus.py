@@ -9,9 +9,9 @@ import pytest
 
 from mintbuild import cli
 from mintbuild.config import CorpusConfig
-from mintbuild.corpus import build_corpus, wiki_to_text
 from mintbuild.errors import MintError
 from mintbuild.io import sha256_file
+from mintbuild.stages.corpus import build_corpus, wiki_to_text
 
 
 def _articles(text: str) -> list[str]:

@@ -14,10 +14,14 @@ import pytest
 import torch
 
 from mintbuild.artifacts.model import resolve_weights_dir
-from mintbuild.calibration import calibration_windows, load_model, torch_settings
-from mintbuild.checkpoint import open_checkpoint
+from mintbuild.calibration.windows import calibration_windows, load_model, torch_settings
 from mintbuild.config import EqualizeConfig
-from mintbuild.equalize import (
+from mintbuild.errors import MintError
+from mintbuild.formats import Option
+from mintbuild.hf.checkpoint import open_checkpoint
+from mintbuild.hf.safetensors_out import StreamedSafetensors
+from mintbuild.mlx.quant.reference import quantize_dequantize
+from mintbuild.stages.equalize import (
     RECORD,
     WEIGHTS_FILE,
     Metric,
@@ -29,10 +33,6 @@ from mintbuild.equalize import (
     rewritten_tensors,
     run,
 )
-from mintbuild.errors import MintError
-from mintbuild.formats import Option
-from mintbuild.quant.reference import quantize_dequantize
-from mintbuild.safetensors_out import StreamedSafetensors
 from tests.synth import FAMILIES, tiny_family, tiny_llama
 from tests.test_importance import assert_train_only
 
@@ -172,7 +172,7 @@ def test_equalized_weights_quantize_better(outlier_model: Path, corpus_dir: Path
     logits on text of the *test* split (never seen by the calibration). On a random-init model the gain is
     modest (the real model: `test_real_smollm2`)."""
     run(outlier_model, corpus_dir, TINY, tmp_path / "eq", progress=False)
-    from mintbuild.calibration import load_tokenizer
+    from mintbuild.calibration.windows import load_tokenizer
 
     text = (corpus_dir / "test.txt").read_text(encoding="utf-8")[:20_000]
     ids = load_tokenizer(outlier_model)(text, add_special_tokens=False)["input_ids"][:200]
@@ -272,7 +272,7 @@ def test_a_model_without_decoder_blocks_builds_unequalized(
 def test_a_block_larger_than_memory_is_refused_before_work(
     outlier_model: Path, corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mintbuild.streaming as streaming
+    import mintbuild.hf.streaming as streaming
 
     monkeypatch.setattr(streaming, "available_memory", lambda: 1000)
     with pytest.raises(MintError, match=r"equalize: one decoder block needs .* only 0\.00 GB"):
@@ -282,8 +282,8 @@ def test_a_block_larger_than_memory_is_refused_before_work(
 
 def test_real_smollm2(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:
     """The real model, a small calibration: exact at 16 bits, and uniform 4-bit g64 loses less."""
-    from mintbuild.calibration import load_tokenizer
-    from mintbuild.evaluate import Windows, load_baseline, perplexity
+    from mintbuild.calibration.windows import load_tokenizer
+    from mintbuild.stages.evaluate import Windows, load_baseline, perplexity
 
     cfg = EqualizeConfig(n_windows=2, window=256, samples=512, rank=64, grid=6, threads=1)
     rec = run(smollm2_dir, corpus_dir, cfg, tmp_path / "eq", progress=False)

@@ -15,7 +15,8 @@ import pytest
 
 from mintbuild.config import EvalConfig
 from mintbuild.errors import MintError
-from mintbuild.evaluate import (
+from mintbuild.mlx.folder import dequantized_state, read_config
+from mintbuild.stages.evaluate import (
     choose_windows,
     evaluate_folder,
     load_baseline,
@@ -24,7 +25,6 @@ from mintbuild.evaluate import (
     run_target,
     window_logits,
 )
-from mintbuild.mlx_folder import dequantized_state, read_config
 
 from .test_pack import real_build
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from mintbuild import allocate, equalize, evaluate, importance, model, pack, profile
 from mintbuild.artifacts.model import resolve_weights_dir
 from mintbuild.config import EqualizeConfig, EvalConfig, ImportanceConfig, Params, TargetConfig
+from mintbuild.stages import allocate, equalize, evaluate, importance, model, pack, profile
 
 from .synth import FAMILIES, tiny_family
 
@@ -105,8 +105,8 @@ def test_every_linear_layer_is_rounded_by_gptq(built: tuple[str, dict[str, Any]]
     from safetensors.torch import load_file
 
     from mintbuild.artifacts.importance import load_importance
-    from mintbuild.mlx_folder import WEIGHTS_FILE
-    from mintbuild.rounding import gptq_helps
+    from mintbuild.mlx.folder import WEIGHTS_FILE
+    from mintbuild.mlx.rounding import gptq_helps
 
     family, b = built
     p = b["params"]
@@ -134,8 +134,8 @@ def test_mlx_lm_runs_the_weights_we_evaluate(built: tuple[str, dict[str, Any]]) 
     from mlx_lm import load
     from mlx_lm.utils import dequantize_model
 
-    from mintbuild.evaluate import load_packed, window_logits
-    from mintbuild.mlx_folder import dequantized_state, read_config
+    from mintbuild.mlx.folder import dequantized_state, read_config
+    from mintbuild.stages.evaluate import load_packed, window_logits
 
     family, b = built
     folder = b["folder"]

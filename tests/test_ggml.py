@@ -21,7 +21,6 @@ import pytest
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from mintbuild import ggml
 from mintbuild.errors import MintError
 from mintbuild.formats import (
     GGUF_ALIGNMENT,
@@ -32,7 +31,8 @@ from mintbuild.formats import (
     parse_gguf_option,
     parse_option,
 )
-from mintbuild.llamacpp import (
+from mintbuild.llamacpp import ggml
+from mintbuild.llamacpp.build import (
     TOOLS,
     _last_error_line,
     _run_build_step,
@@ -366,7 +366,11 @@ def test_last_error_line_prefers_the_compiler_error():
 
 def test_module_entry_prints_the_paths():
     proc = subprocess.run(
-        [sys.executable, "-m", "mintbuild.llamacpp"], capture_output=True, text=True, check=True, timeout=600
+        [sys.executable, "-m", "mintbuild.llamacpp.build"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
     )
     assert json.loads(proc.stdout)["tools"]["llama-quantize"] == str(
         ensure_llamacpp().tools["llama-quantize"]

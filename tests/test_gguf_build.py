@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from mintbuild import allocate, ggml, importance, pack, profile
 from mintbuild.artifacts.allocation import ALLOCATION_FILE
 from mintbuild.artifacts.convert import CONVERT_FILE, GGUF_FILE
 from mintbuild.artifacts.importance import IMATRIX_FILE, load_input_squares
 from mintbuild.artifacts.model import write_local_manifest
 from mintbuild.artifacts.profile import load_profile
-from mintbuild.calibration import calibration_windows
+from mintbuild.calibration.windows import calibration_windows
 from mintbuild.cli import main as cli_main
 from mintbuild.config import (
     ConvertConfig,
@@ -31,14 +30,16 @@ from mintbuild.config import (
     expand_formats,
     load_params,
 )
-from mintbuild.convert import convert
 from mintbuild.errors import MintError
 from mintbuild.formats import GGUF_OPTION_SETS, gguf_option_set, gguf_padded, parse_gguf_option
-from mintbuild.gguf_pack import make_plan, quantize, verify
-from mintbuild.imatrix import IMATRIX_GGUF, gguf_entries, read_imatrix, write_imatrix
 from mintbuild.io import sha256_file
-from mintbuild.llamacpp import run_tool
-from mintbuild.mlx_folder import MANIFEST_FILE, verify_manifest
+from mintbuild.llamacpp import ggml
+from mintbuild.llamacpp.build import run_tool
+from mintbuild.llamacpp.imatrix import IMATRIX_GGUF, gguf_entries, read_imatrix, write_imatrix
+from mintbuild.llamacpp.pack import make_plan, quantize, verify
+from mintbuild.mlx.folder import MANIFEST_FILE, verify_manifest
+from mintbuild.stages import allocate, importance, pack, profile
+from mintbuild.stages.convert import convert
 from tests.dvcrepo import write_text
 from tests.gguf_synth import smollm2_tokenizer, tiny_convertible
 
@@ -385,7 +386,7 @@ def test_merged_experts_get_one_entry_per_expert(tmp_path: Path) -> None:
     with its own token count (0 for an expert no token reached: llama-quantize then uses ones), as llama.cpp's
     imatrix stores a merged tensor; written and read back."""
     from mintbuild.artifacts.importance import InputSquares
-    from mintbuild.imatrix import quantize_weights
+    from mintbuild.llamacpp.imatrix import quantize_weights
 
     rng = np.random.default_rng(0)
     names = [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(3)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from mintbuild.llamacpp import run_tool
+from mintbuild.llamacpp.build import run_tool
 
 from .dvcrepo import make_repo, ran, sh, tiny_params, write_text
 from .gguf_synth import smollm2_tokenizer, tiny_convertible

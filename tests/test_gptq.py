@@ -18,18 +18,18 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.bench_gptq import reference_gptq_codes
-from mintbuild import gptq
 from mintbuild.artifacts.importance import HESSIAN_FILE, load_hessians
-from mintbuild.calibration import load_model
+from mintbuild.calibration.hessians import compute_hessians
+from mintbuild.calibration.windows import load_model
 from mintbuild.config import ImportanceConfig, PackConfig
 from mintbuild.errors import MintError
 from mintbuild.formats import Option
-from mintbuild.gptq import gptq_codes, output_error, rounding_gain
-from mintbuild.hessians import compute_hessians
-from mintbuild.importance import run
-from mintbuild.mlx_folder import MANIFEST_FILE, WEIGHTS_FILE, dequantized_state, read_config
-from mintbuild.pack import Rounding, gptq_pack, pack_target
-from mintbuild.quant.reference import dequantize_codes, quantize_codes, quantize_dequantize
+from mintbuild.mlx import gptq
+from mintbuild.mlx.folder import MANIFEST_FILE, WEIGHTS_FILE, dequantized_state, read_config
+from mintbuild.mlx.gptq import gptq_codes, output_error, rounding_gain
+from mintbuild.mlx.quant.reference import dequantize_codes, quantize_codes, quantize_dequantize
+from mintbuild.stages.importance import run
+from mintbuild.stages.pack import Rounding, gptq_pack, pack_target
 from tests.test_importance import assert_train_only
 from tests.test_pack import real_build
 
@@ -303,9 +303,9 @@ def test_input_hessians_are_xtx_of_every_linear_input(tmp_path: Path, corpus_dir
     from safetensors.torch import save
 
     from mintbuild.artifacts.importance import SCHEMA_VERSION
-    from mintbuild.calibration import calibration_windows
-    from mintbuild.hessians import HessianStore, InputHessians, measure
-    from mintbuild.streaming import CheckpointSource, StreamedModel
+    from mintbuild.calibration.hessians import HessianStore, InputHessians, measure
+    from mintbuild.calibration.windows import calibration_windows
+    from mintbuild.hf.streaming import CheckpointSource, StreamedModel
     from tests.synth import tiny_llama
     from tests.test_importance import whole_model_hessians
 
@@ -413,7 +413,7 @@ def test_pack_rounds_only_the_head_by_gptq(gptq_build: dict[str, Any]) -> None:
 @pytest.mark.slow
 def test_gptq_head_has_less_output_error_on_test_tokens(gptq_build: dict[str, Any], corpus_dir: Path) -> None:
     """The head's output error on hidden states of the *test* split (never calibrated on), GPTQ vs RTN."""
-    from mintbuild.calibration import load_tokenizer
+    from mintbuild.calibration.windows import load_tokenizer
 
     model_dir = Path(gptq_build["params"].equalize.out)
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
@@ -470,10 +470,10 @@ def test_fisher_allocation_prices_the_head_as_packed(gptq_build: dict[str, Any],
     gain of each option; every other cost is unchanged, and the allocation stays within budget and optimal."""
     from dataclasses import replace
 
-    from mintbuild.allocate import run as allocate_run
     from mintbuild.artifacts.profile import load_profile
     from mintbuild.knapsack import build_problem, load_importance, rounding_gains
     from mintbuild.solve import solve_mckp
+    from mintbuild.stages.allocate import run as allocate_run
 
     base = gptq_build["params"]
     importance = Path(base.importance.out) / "importance.json"

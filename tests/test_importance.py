@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from mintbuild.artifacts.importance import FILENAME, load_importance
-from mintbuild.calibration import choose_windows, load_tokenizer
-from mintbuild.checkpoint import PASSTHROUGH_ROLES, compile_rules, open_checkpoint, tensor_role
+from mintbuild.calibration.hessians import InputHessians, measure
+from mintbuild.calibration.windows import choose_windows, load_tokenizer
 from mintbuild.cli import main as cli_main
 from mintbuild.config import ImportanceConfig
 from mintbuild.errors import MintError
-from mintbuild.hessians import InputHessians, measure
-from mintbuild.importance import _g2, _head_g2, compute_importance, fisher_pass, run
+from mintbuild.hf.checkpoint import PASSTHROUGH_ROLES, compile_rules, open_checkpoint, tensor_role
+from mintbuild.hf.streaming import CheckpointSource, StreamedModel
 from mintbuild.io import canonical_json
-from mintbuild.streaming import CheckpointSource, StreamedModel
+from mintbuild.stages.importance import _g2, _head_g2, compute_importance, fisher_pass, run
 from tests.synth import tiny_llama
 
 TINY = ImportanceConfig(n_windows=3, window=64, seed=0, threads=1)
@@ -98,7 +98,7 @@ def test_alpha_tracks_loss_sensitivity(tiny_model: Path, corpus_dir: Path) -> No
     from scipy.stats import spearmanr
     from transformers import AutoModelForCausalLM
 
-    from mintbuild.calibration import read_train_text
+    from mintbuild.calibration.windows import read_train_text
 
     res = compute_importance(tiny_model, corpus_dir, TINY, progress=False)
     text, _ = read_train_text(corpus_dir)
@@ -148,7 +148,7 @@ def test_scaling_down_a_path_lowers_its_alpha(tiny_model: Path, corpus_dir: Path
 
 def whole_model_fisher(model_dir: Path, windows: list) -> tuple[dict[str, list[float]], list[float]]:
     """The oracle: the whole fp32 model, one backward pass per window (the stage's previous implementation)."""
-    from mintbuild.calibration import load_model
+    from mintbuild.calibration.windows import load_model
 
     model = load_model(model_dir)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -168,7 +168,7 @@ def whole_model_fisher(model_dir: Path, windows: list) -> tuple[dict[str, list[f
 def whole_model_hessians(model_dir: Path, windows: list) -> dict[str, torch.Tensor]:
     """{weight name: sum over the windows' tokens of x x^T (float64)} of every nn.Linear's input x (the head's
     under the embedding's name when tied), from the whole unstreamed model."""
-    from mintbuild.calibration import load_model
+    from mintbuild.calibration.windows import load_model
 
     model = load_model(model_dir)
     names = {id(p): n for n, p in model.named_parameters()}  # the tied head's weight is the embedding's
@@ -189,7 +189,7 @@ def whole_model_hessians(model_dir: Path, windows: list) -> dict[str, torch.Tens
 
 
 def assert_streamed_equals_whole(model_dir: Path, corpus_dir: Path, n: int, length: int) -> None:
-    from mintbuild.calibration import calibration_windows, torch_settings
+    from mintbuild.calibration.windows import calibration_windows, torch_settings
 
     _, windows, _ = calibration_windows(model_dir, corpus_dir, n, length, 0)
     with torch_settings(1, 0):
@@ -218,7 +218,7 @@ def test_streamed_fisher_equals_whole_model_untied_bos(corpus_dir: Path, tmp_pat
     """An untied head and BOS windows: the head's and the embedding's gradients are separate parameters."""
     text = (corpus_dir / "train.txt").read_text(encoding="utf-8")[:200_000]
     folder = tiny_llama(tmp_path / "untied", text, tie=False, bos=True)
-    from mintbuild.calibration import calibration_windows, torch_settings
+    from mintbuild.calibration.windows import calibration_windows, torch_settings
 
     _, windows, _ = calibration_windows(folder, corpus_dir, 2, 48, 0)
     assert windows[0].ids[0] == 1  # <s>
@@ -295,7 +295,7 @@ def test_bad_inputs(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
 
 
 def test_windows_of_the_real_corpus_avoid_the_test_split(smollm2_dir: Path, corpus_dir: Path) -> None:
-    from mintbuild.calibration import read_train_text
+    from mintbuild.calibration.windows import read_train_text
 
     text, _ = read_train_text(corpus_dir)
     tok = load_tokenizer(smollm2_dir)
@@ -309,7 +309,7 @@ def test_windows_of_the_real_corpus_avoid_the_test_split(smollm2_dir: Path, corp
 
 
 def test_real_smollm2_small_calibration(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:
-    from mintbuild.checkpoint import fingerprint
+    from mintbuild.hf.checkpoint import fingerprint
 
     # One thread: on a busy 2-core machine two OpenMP threads spin-wait and run several times slower.
     cfg = ImportanceConfig(n_windows=2, window=128, seed=0, threads=1)

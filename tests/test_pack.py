@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from mintbuild.checkpoint import fingerprint, open_checkpoint
 from mintbuild.config import Params, ProfileConfig, TargetConfig
 from mintbuild.errors import MintError
 from mintbuild.formats import Option
+from mintbuild.hf.checkpoint import fingerprint, open_checkpoint
 from mintbuild.io import sha256_file
-from mintbuild.mlx_folder import MANIFEST_FILE, WEIGHTS_FILE
-from mintbuild.pack import pack_target
-from mintbuild.quant.pack_kernel import quantize_pack
-from mintbuild.quant.reference import pack_codes, quantize_codes
+from mintbuild.mlx.folder import MANIFEST_FILE, WEIGHTS_FILE
+from mintbuild.mlx.quant.pack_kernel import quantize_pack
+from mintbuild.mlx.quant.reference import pack_codes, quantize_codes
+from mintbuild.stages.pack import pack_target
 
 from .synth import published_solver
 
@@ -36,8 +36,8 @@ def real_build(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> d
     """Profile + allocate the real SmolLM2 at two budgets and pack both; shared by test_evaluate (once)."""
     if "build" in _BUILDS:
         return _BUILDS["build"]
-    from mintbuild.allocate import run as allocate_run
-    from mintbuild.profile import run as profile_run
+    from mintbuild.stages.allocate import run as allocate_run
+    from mintbuild.stages.profile import run as profile_run
 
     root = tmp_path_factory.mktemp("packbuild")
     profile_run(smollm2_dir, ProfileConfig(), root / "profile", progress=False)

@@ -18,7 +18,7 @@ from mintbuild.artifacts.profile import load_profile
 from mintbuild.config import ProfileConfig
 from mintbuild.errors import MintError
 from mintbuild.formats import OPTION_SETS, PASSTHROUGH, Option
-from mintbuild.profile import run
+from mintbuild.stages.profile import run
 
 from .synth import llama_tensors, write_checkpoint
 
@@ -142,8 +142,8 @@ def test_sampled_error_within_stated_bound(outliers: bool, tmp_path) -> None:
 def test_sampling_spends_its_effort_where_the_error_varies(tmp_path) -> None:
     """Per-option samples: the 4-6 bit options settle on a small share of a large heavy-tailed tensor (the
     take-all stratum of outlier units carries their variance), and every estimate is within the bound."""
-    from mintbuild.checkpoint import TensorInfo
-    from mintbuild.profile import measure_quantized
+    from mintbuild.hf.checkpoint import TensorInfo
+    from mintbuild.stages.profile import measure_quantized
 
     g = torch.Generator().manual_seed(5)
     w = torch.randn(4096, 4096, generator=g) * (torch.randn(4096, 1, generator=g) * 0.3).exp() * 0.02

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mintbuild.errors import MintError
-from mintbuild.llama_perplexity import TOLERANCE
+from mintbuild.llamacpp.perplexity import TOLERANCE
 
 from .dvcrepo import ROOT, make_repo, sh, tiny_params, write_text
 from .gguf_synth import smollm2_tokenizer, tiny_convertible

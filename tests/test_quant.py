@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mintbuild.formats import OPTION_SETS, Option
-from mintbuild.quant import reference
-from mintbuild.quant.error_kernels import row_sse
-from mintbuild.quant.reference import dequantize_codes, pack_codes, quantize_codes, unpack_codes
+from mintbuild.mlx.quant import reference
+from mintbuild.mlx.quant.error_kernels import row_sse
+from mintbuild.mlx.quant.reference import dequantize_codes, pack_codes, quantize_codes, unpack_codes
 
 QUANT_OPTIONS = [o for o in OPTION_SETS["default"] if not o.passthrough]
 DTYPES = [(torch.bfloat16, mx.bfloat16), (torch.float16, mx.float16)]

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mintbuild.allocate import run as allocate
 from mintbuild.artifacts.profile import load_profile
 from mintbuild.config import Params, TargetConfig
 from mintbuild.formats import OPTION_SETS, PASSTHROUGH, Option
+from mintbuild.stages.allocate import run as allocate
 
 from .synth import published_solver
 
@@ -53,7 +53,7 @@ def test_sampled_profile_of_the_real_model_is_within_the_stated_bound(
     """Every tensor of the real model sampled (far below the default threshold) against the exact profile:
     each option's NRMSE within 0.5%, as the sampler's three-standard-error rule promises."""
     from mintbuild.config import ProfileConfig
-    from mintbuild.profile import run
+    from mintbuild.stages.profile import run
 
     run(smollm2_dir, ProfileConfig(sample_above=1 << 40), tmp_path / "exact", progress=False)
     run(

@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mintbuild.allocate import run as allocate_run
 from mintbuild.artifacts.curve import load_predictor
 from mintbuild.config import Params, ProfileConfig, TargetConfig
 from mintbuild.io import atomic_write_json
-from mintbuild.predict import predict
-from mintbuild.profile import run as profile_run
-from mintbuild.report import fit_predictors
-from mintbuild.report import run as report_run
-from mintbuild.sweep import predicted_ppl
+from mintbuild.stages.allocate import run as allocate_run
+from mintbuild.stages.predict import predict
+from mintbuild.stages.profile import run as profile_run
+from mintbuild.stages.report import fit_predictors
+from mintbuild.stages.report import run as report_run
+from mintbuild.stages.sweep import predicted_ppl
 
 from .synth import llama_tensors, published_solver, write_checkpoint
 
@@ -115,7 +115,7 @@ def test_predict_allocates_an_unmeasured_budget_and_predicts_from_its_objective(
     assert row["predicted"] == pytest.approx(law(row["objective"]), rel=1e-9)
     assert rows[0]["predicted"] > rows[1]["predicted"] > PPL16
     from mintbuild.artifacts.curve import objective_scope
-    from mintbuild.report import row_of
+    from mintbuild.stages.report import row_of
 
     sweep_row = row_of("x", doc, None)
     assert sweep_row["scope"] == objective_scope(doc["totals"], doc["provenance"])

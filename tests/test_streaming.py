@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from mintbuild.calibration import load_tokenizer, sequence_prefix
+from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
 from mintbuild.config import EvalConfig
 from mintbuild.errors import MintError
-from mintbuild.evaluate import choose_windows, corpus_tokens, load_baseline, perplexity, window_logits
-from mintbuild.streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden
+from mintbuild.hf.streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden
+from mintbuild.stages.evaluate import choose_windows, corpus_tokens, load_baseline, perplexity, window_logits
 from tests.synth import FAMILIES, tiny_family
 
 #: Streamed and whole-model PPL agree to float rounding: the same kernels on the same values, block by block.
@@ -104,7 +104,7 @@ def test_streamed_ppl_equals_whole_model_on_smollm2(smollm2_dir: Path, corpus_di
 def test_block_larger_than_memory_is_refused(
     text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mintbuild.streaming as streaming
+    import mintbuild.hf.streaming as streaming
 
     folder = tiny_family(tmp_path / "llama", "llama", text)
     model = StreamedModel(CheckpointSource(folder), torch.float32)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mintbuild.allocate import run as allocate_run
 from mintbuild.config import Params, ProfileConfig, TargetConfig
-from mintbuild.profile import run as profile_run
+from mintbuild.stages.allocate import run as allocate_run
+from mintbuild.stages.profile import run as profile_run
 
 from .dvcrepo import ENV as DVC_ENV
 from .dvcrepo import ROOT
@@ -183,7 +183,7 @@ def test_a_budget_at_or_below_the_curves_pole_keeps_its_row_without_a_prediction
 
     from mintbuild.artifacts.curve import write_curve
     from mintbuild.curve import fit_curve
-    from mintbuild.sweep import predicted_ppl
+    from mintbuild.stages.sweep import predicted_ppl
 
     pole = 1e6
     b = np.linspace(pole * 1.1, pole * 3, 6)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_dir, canonical_json, read_json
-from . import TIMINGS_FILE
+from mintbuild.io import atomic_dir, canonical_json, read_json
+from mintbuild.artifacts import TIMINGS_FILE
 
 SCHEMA_VERSION = 1
 ALLOCATION_FILE = "allocation.json"

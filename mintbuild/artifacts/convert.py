@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import MintError
-from ..io import read_json
+from mintbuild.errors import MintError
+from mintbuild.io import read_json
 
 SCHEMA_VERSION = 1
 GGUF_FILE = "model.gguf"

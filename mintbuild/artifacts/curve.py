@@ -9,9 +9,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..curve import Curve, ObjectiveFit
-from ..errors import MintError
-from ..io import canonical_json
+from mintbuild.curve import Curve, ObjectiveFit
+from mintbuild.errors import MintError
+from mintbuild.io import canonical_json
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import MintError
-from ..io import atomic_write_json, sha256_file
-from ..rounding import GPTQ_VERSION
-from ..safetensors_out import StreamedSafetensors
+from mintbuild.errors import MintError
+from mintbuild.io import atomic_write_json, sha256_file
+from mintbuild.mlx.rounding import GPTQ_VERSION
+from mintbuild.hf.safetensors_out import StreamedSafetensors
 
 SCHEMA_VERSION = 2
 

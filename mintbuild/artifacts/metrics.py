@@ -9,9 +9,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import MintError
-from ..io import atomic_dir, canonical_json
-from . import TIMINGS_FILE
+from mintbuild.errors import MintError
+from mintbuild.io import atomic_dir, canonical_json
+from mintbuild.artifacts import TIMINGS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ..errors import MintError
-from ..io import atomic_dir, atomic_write_json
+from mintbuild.errors import MintError
+from mintbuild.io import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MintError
-from ..formats import GGUFOption, Option, any_option
-from ..io import canonical_json
+from mintbuild.errors import MintError
+from mintbuild.formats import GGUFOption, Option, any_option
+from mintbuild.io import canonical_json
 
 SCHEMA_VERSION = 1
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..errors import MintError
-from .cvx import CvxpyMCKP
-from .dp import solve_dp
-from .exact import solve_exact
-from .greedy import solve_greedy
-from .problem import Instance as MCKPInstance
-from .problem import MCKPResult, run
+from mintbuild.errors import MintError
+from mintbuild.solve.cvx import CvxpyMCKP
+from mintbuild.solve.dp import solve_dp
+from mintbuild.solve.exact import solve_exact
+from mintbuild.solve.greedy import solve_greedy
+from mintbuild.solve.problem import Instance as MCKPInstance
+from mintbuild.solve.problem import MCKPResult, run
 
 METHODS = ("exact", "cvxpy", "dp", "greedy")
 _FUNCS = {"exact": solve_exact, "dp": solve_dp, "greedy": solve_greedy}

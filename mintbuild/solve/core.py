@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .problem import Instance
+from mintbuild.solve.problem import Instance
 
 log = logging.getLogger(__name__)
 

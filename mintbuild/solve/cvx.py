@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MintError
-from .hull import solve_lp
-from .local import improve, repair
-from .problem import Instance, MCKPResult, finish, unconstrained
+from mintbuild.errors import MintError
+from mintbuild.solve.hull import solve_lp
+from mintbuild.solve.local import improve, repair
+from mintbuild.solve.problem import Instance, MCKPResult, finish, unconstrained
 
 #: Largest shifted cost coefficient in solver units (1e-6 absolute then costs ~1e-10 of a coefficient).
 _COST_SCALE_TOP = 1e4

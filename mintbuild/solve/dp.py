@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import MintError
-from .problem import Instance
+from mintbuild.errors import MintError
+from mintbuild.solve.problem import Instance
 
 log = logging.getLogger(__name__)
 

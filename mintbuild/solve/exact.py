@@ -18,11 +18,11 @@ import math
 
 import numpy as np
 
-from .core import expanding_core
-from .hull import row_lagrangian, solve_lp
-from .local import improve, repair
-from .milp import milp_solve
-from .problem import REL_TOL, Instance
+from mintbuild.solve.core import expanding_core
+from mintbuild.solve.hull import row_lagrangian, solve_lp
+from mintbuild.solve.local import improve, repair
+from mintbuild.solve.milp import milp_solve
+from mintbuild.solve.problem import REL_TOL, Instance
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from .hull import solve_lp
-from .problem import Instance
+from mintbuild.solve.hull import solve_lp
+from mintbuild.solve.problem import Instance
 
 
 def greedy_choice(inst: Instance, budget: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .problem import Instance
+from mintbuild.solve.problem import Instance
 
 
 @dataclass(frozen=True)

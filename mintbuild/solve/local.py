@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .problem import Instance
+from mintbuild.solve.problem import Instance
 
 
 def improve(inst: Instance, pos: np.ndarray, budget: int, max_moves: int = 256) -> np.ndarray:

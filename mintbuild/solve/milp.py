@@ -17,7 +17,7 @@ import numpy as np
 import scipy.optimize as so
 import scipy.sparse as sp
 
-from .dp import dp_shape
+from mintbuild.solve.dp import dp_shape
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InfeasibleBudget, MintError
+from mintbuild.errors import InfeasibleBudget, MintError
 
 #: `optimal` means objective - bound <= REL_TOL * |objective| (or <= ABS_TOL).
 REL_TOL = 1e-9

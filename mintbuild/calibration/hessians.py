@@ -1,0 +1,250 @@
+"""The linear layers' input Hessians on calibration windows, and GPTQ's held-out gain on each tensor: what
+`mintbuild importance` measures so that `mintbuild pack` can round a tensor by GPTQ (gptq.py) and the allocator
+can price it as it will be stored.
+
+For every linear layer whose weight is a checkpoint tensor (every nn.Linear of the decoder blocks and the output
+head, or with `importance.hessians: head` the head only), H = sum over the tokens of `hessian_windows`
+forward-only windows of x x^T, x the layer's input. Layers that read one tensor (a block's q/k/v, gate/up) share
+one H, stored once under the first reader's weight name. Each window's product is taken in float32 and summed in
+float64; H is stored in float32 (GPTQ factors it in float64).
+
+The model is streamed (streaming.forward_hidden): every window goes through block l before block l+1 is read. When
+a block's windows are done, GPTQ's gain on each of its tensors is measured (`gptq.rounding_gain`: GPTQ fitted on
+the even-numbered windows' H, output error on the odd ones' over round-to-nearest's), and only the float32 sum is
+kept (`HessianStore`), in a spill folder on disk when the stage gives one: memory is then one block in float32
+and its Hessians in float64, not every Hessian of the model (0.4 GB for a 135M model, ~33 GB for an 8B).
+
+One job: the Hessians and gains of the GPTQ rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from mintbuild.calibration.windows import Window, calibration_windows, torch_settings
+from mintbuild.config import ImportanceConfig, PackConfig
+from mintbuild.errors import MintError
+from mintbuild.formats import OPTION_SETS
+from mintbuild.hf.checkpoint import tied_lm_head
+from mintbuild.hf.streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden
+
+log = logging.getLogger(__name__)
+
+#: Rows of a tensor GPTQ's held-out gain is measured on (a seeded sample: GPTQ rounds each row alone).
+GAIN_ROWS = 512
+#: importance.hessians: every linear layer, or the output head only (an 8B's per-layer Hessians are ~33 GB).
+SCOPES = ("all", "head")
+
+#: done(weight names sharing the input, H over all windows, H over the even-numbered ones)
+Done = Callable[[list[str], Any, Any], None]
+
+
+class _HeadInputSeen(Exception):
+    """Ends a forward pass at the output head's input, once it is recorded."""
+
+
+class HessianStore(Mapping[str, Any]):
+    """float32 Hessians by key: in memory, or with a `folder` one raw file each, read back on access (so that
+    holding them costs disk, not memory)."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._memory: dict[str, Any] = {}
+        self._files: dict[str, Path] = {}
+
+    def put(self, key: str, h: Any) -> None:
+        h = h.float().contiguous()
+        if self.folder is None:
+            self._memory[key] = h
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # named by order of arrival: keys are weight names, which need not make good file names
+            self._files[key] = self.folder / f"{len(self._files):05d}.f32"
+            h.numpy().tofile(self._files[key])
+        self.shapes[key] = tuple(h.shape)
+
+    def __getitem__(self, key: str) -> Any:
+        import numpy as np
+        import torch
+
+        if self.folder is None:
+            return self._memory[key]
+        return torch.from_numpy(np.fromfile(self._files[key], dtype=np.float32).reshape(self.shapes[key]))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+class InputHessians:
+    """Per distinct input of the linear layers: H over all windows and over the even-numbered ones (float64)
+    while its block runs, then `done` sees them and only float32 H is kept (`kept`, by key, in the folder
+    `spill` when given; `key_of` maps every weight name to its key)."""
+
+    def __init__(self, wanted: set[str], done: Done, spill: Path | None = None) -> None:
+        self.wanted, self.done = wanted, done
+        self.kept = HessianStore(spill)
+        self.key_of: dict[str, str] = {}
+        self._acc: dict[str, list[Any]] = {}
+        self._last: tuple[Any, str] | None = None
+        self.parity = 0
+
+    def add(self, name: str, x: Any) -> None:
+        """Record one window's input `x` of the layer whose weight is `name`."""
+        if name not in self.wanted:
+            return
+        if self._last is not None and x is self._last[0]:  # read by the layer before: one H for both
+            key = self._last[1]
+        else:
+            key = self.key_of.get(name, name)
+            self._last = (x, key)
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            h = (flat.T @ flat).double()
+            acc = self._acc.setdefault(key, [h.new_zeros(h.shape), h.new_zeros(h.shape)])
+            acc[0] += h
+            if self.parity == 0:
+                acc[1] += h
+        if self.key_of.setdefault(name, key) != key:
+            raise MintError(f"{name}: reads another input than in the first window; cannot share its Hessian")
+
+    def window(self, index: int) -> None:
+        self.parity, self._last = index % 2, None
+
+    def finish(self) -> None:
+        """Hand every open Hessian to `done` and keep it in float32."""
+        for key, (full, even) in sorted(self._acc.items()):
+            self.done(sorted(n for n, k in self.key_of.items() if k == key), full, even)
+            self.kept.put(key, full)
+        self._acc.clear()
+        self._last = None
+
+    @contextlib.contextmanager
+    def watch(self, block: Any, prefix: str) -> Iterator[Callable[[int], None]]:
+        """Hooks on every nn.Linear in `block` (weights named `prefix` + path + `.weight`) while its windows run;
+        yields the per-window callback; the block's Hessians are finished on exit."""
+        import torch
+
+        handles = [
+            mod.register_forward_pre_hook(lambda _m, inp, n=f"{prefix}.{path}.weight": self.add(n, inp[0]))
+            for path, mod in block.named_modules()
+            if isinstance(mod, torch.nn.Linear)
+        ]
+        try:
+            yield self.window
+        finally:
+            for h in handles:
+                h.remove()
+        self.finish()
+
+
+def head_name(model: StreamedModel) -> str:
+    """The parameter name of the output head's weight (the embedding's when tied)."""
+    import torch
+
+    head = model.model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise MintError(f"{type(model.model).__name__}: no linear output head to measure a Hessian for")
+    return next(n for n, p in model.model.named_parameters(remove_duplicate=True) if p is head.weight)
+
+
+def measure(
+    model: StreamedModel, windows: list[Window], hessians: InputHessians, blocks: bool, progress: bool
+) -> None:
+    """Feed `hessians` the inputs of the decoder blocks' linear layers (if `blocks`) and of the output head on
+    `windows`, layer-streamed; each window's forward stops at the head's input."""
+    import torch
+
+    head = model.model.get_output_embeddings()
+    name = head_name(model)
+    k = head.weight.shape[1]
+    length = max(len(w.ids) for w in windows)
+    check_fits(model, 2 * len(windows) * length * model.config.hidden_size * 4, "hessians")
+
+    def watch(i: int, blk: Any) -> Any:
+        return hessians.watch(blk, f"{model.prefix}.{i}")
+
+    def hook(_module: Any, inputs: tuple[Any, ...]) -> None:
+        hessians.add(name, inputs[0].reshape(-1, k))
+        raise _HeadInputSeen  # the head's own product is not needed (nor read: the model is built headless)
+
+    top, _ = forward_hidden(model, [w.ids for w in windows], progress, "hessians: blocks",
+                            watch=watch if blocks else None)  # fmt: skip
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        with torch.inference_mode():
+            for i, (w, h) in enumerate(zip(windows, top, strict=True)):
+                hessians.window(i)
+                with contextlib.suppress(_HeadInputSeen):
+                    model.head(torch.tensor(w.ids, dtype=torch.long)[None], h)
+    finally:
+        handle.remove()
+    hessians.finish()
+
+
+def compute_hessians(
+    model_dir: Path,
+    corpus_dir: Path,
+    cfg: ImportanceConfig,
+    pack: PackConfig,
+    progress: bool = True,
+    spill: Path | None = None,
+) -> tuple[dict[str, Any], HessianStore, dict[str, dict[str, float]]]:
+    """(record for importance.json, {key: float32 H}, {weight name: {option: GPTQ's held-out gain}}) from
+    `hessian_windows` forward-only windows of the train split (seeded like the Fisher windows, possibly
+    overlapping them). With `spill` (a folder), the Hessians are kept there, not in memory."""
+    import torch
+
+    from mintbuild.mlx.gptq import rounding_gain
+
+    if cfg.hessians not in SCOPES:
+        raise MintError(f"importance.hessians {cfg.hessians!r}: choose {' or '.join(SCOPES)}")
+    ckpt, windows, _ = calibration_windows(model_dir, corpus_dir, cfg.hessian_windows, cfg.window, cfg.seed)
+    skip = tied_lm_head(ckpt)
+    wanted = {n for n, t in ckpt.tensors.items() if len(t.shape) == 2 and n != skip}
+    gains: dict[str, dict[str, float]] = {}
+
+    def done(names: list[str], full: Any, even: Any) -> None:
+        held = full - even
+        for n in names:
+            shape = tuple(ckpt.tensors[n].shape)
+            options = [
+                o for o in OPTION_SETS["default"] if not o.passthrough and not o.unavailable_reason(shape)
+            ]
+            gains[n] = rounding_gain(ckpt.read(n), even, held, options, pack.damp, pack.block, GAIN_ROWS)
+
+    hessians = InputHessians(wanted, done, spill)
+    with torch_settings(cfg.threads, cfg.seed):
+        t0 = time.perf_counter()
+        # headless: only the head's input is measured (an untied 8B's head is 2.1 GB in fp32)
+        model = StreamedModel(CheckpointSource(model_dir), torch.float32, head=False)
+        name = head_name(model)
+        if name not in wanted:
+            raise MintError(f"{model_dir}: the output head's weight {name!r} is not a checkpoint tensor")
+        measure(model, windows, hessians, cfg.hessians == "all", progress)
+    tokens = sum(len(w.ids) for w in windows)
+    log.info("input Hessians of %d tensors (%d distinct inputs) and their GPTQ gains: %d windows, %d tokens "
+             "in %.1f s", len(hessians.key_of), len(hessians.kept), len(windows), tokens,
+             time.perf_counter() - t0)  # fmt: skip
+    record = {
+        "what": "H = sum_tokens x x^T of each linear layer's input x (float32), for GPTQ rounding in pack; "
+        "layers reading one input share the key of the first",
+        "scope": cfg.hessians,
+        "head": name,
+        "tensors": {
+            n: {"key": k, "inputs": int(hessians.kept.shapes[k][0])}
+            for n, k in sorted(hessians.key_of.items())
+        },
+        "tokens": tokens,
+        "windows": [
+            {"char_start": w.char_start, "char_end": w.char_end, "tokens": len(w.ids)} for w in windows
+        ],
+    }
+    return record, hessians.kept, gains

@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints: reading safetensors, streaming decoder blocks, writing safetensors one tensor at a time."""

@@ -1,0 +1,425 @@
+"""Error-compensated rounding (GPTQ) into MLX's affine format, for tensors with a measured input Hessian.
+
+Round-to-nearest minimises each weight's own error. What the model feels is the layer's output error,
+||(W - Q) X^T||^2 = tr((W - Q) H (W - Q)^T) with H = X^T X summed over calibration tokens. GPTQ (Frantar et
+al., 2023) rounds the K input columns of W one at a time and moves each column's rounding error onto the columns
+not rounded yet, along the upper Cholesky factor U of H^-1, so the output error shrinks. The columns are taken
+loudest input first (`act_order`: diag H descending), so the errors that cost most are rounded while the most
+columns remain to absorb them; each column is rounded on its group's grid, fixed before any column (the "static
+groups" of act-order GPTQ: a group's bf16 scale and bias derived as `mx.quantize` derives them from a min and a
+max, quant/reference.py), so the stored format is exactly MLX's whatever the order. The min and max are the
+group's own, shrunk by the factor of `CLIP_SHRINKS` whose round-to-nearest output error on the group's inputs is
+least (`clipped_group_params`: clipping judged by what the layer outputs, not by the weights). With a diagonal H
+nothing moves: the codes are round-to-nearest on those grids, and bit-identical to
+`quant.reference.quantize_codes` without clipping (tests/test_gptq.py).
+
+The arithmetic, per row (rows are independent: they share only the order and U, here of H with its rows and
+columns in act order), in float32, with w's columns in act order and g(j) the group of the j-th column taken:
+
+    scale, bias per group from the bf16 weights' clipped min and max (clipped_group_params), before any column
+    for each block of `block` columns [b0, b1) (a multiple of g), for j = b0 .. b1 - 1:
+      q = clip(rint((w_j - bias_g(j)) / scale_g(j)), 0, 2^b - 1);  deq = bf16(bf16(q * bf16(scale)) + bf16(bias))
+      e_j = (w_j - deq) / U[j, j];  w_c -= fl(e_j * U[j, c]) for c in (j, b1)     (product, then difference)
+    after the block: w_c -= fl(sum over j in [b0, b1) of e_j * U[j, c]) for c >= b1, the sum taken in order of j
+    with one rounding per term (a chain of fused multiply-adds from 0)
+
+which is, operation for operation, the torch column loop kept as the reference in benchmarks/bench_gptq.py (the
+block product there is MKL's sgemm, which, measured, sums in exactly that order). Until gptq-mlx-affine/2 the
+columns went in their stored order and a group's scale and bias came from its values as GPTQ had left them;
+act order lowered the held-out output error of most SmolLM2 projections (docs/experiments.md); until
+gptq-mlx-affine/3 the grids were round-to-nearest's, unclipped.
+
+How the kernel (`_gptq_rows`) is fast: rows are taken 64 at a time (a row block: its working set stays in the
+core's cache), as 8-row panels transposed so that a column of 8 rows is one 8-lane vector and every step above
+is lane-wise vector math. Within a column block each panel runs the column loop on its own (the rank-1 updates
+stay in L1); the block's error is then carried to the later columns by a register-tiled product (16 rows x 4
+columns of accumulators). Row blocks are shared among numba's threads (prange). A row's result is the same
+sequence of IEEE float32 operations whatever block, lane or thread computes it, and U is factored on one thread,
+so the output depends neither on the thread count nor on how rows are split; the kernel calls no BLAS.
+
+Which tensors get it is decided by the importance stage, which measures H for every linear layer (or the output
+head only) and GPTQ's held-out gain on each tensor and option (`rounding_gain`); where that gain is not below 1
+(GPTQ fitted the calibration windows but does worse than rounding to nearest on the held-out ones,
+`rounding.gptq_helps`), pack rounds to nearest and the allocator prices round-to-nearest. The README's "Rounding" has
+what it gains and what it costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numba import get_num_threads, njit, prange
+
+from mintbuild.errors import MintError
+from mintbuild.formats import Option
+from mintbuild.mlx.quant.reference import dequantize_codes, quantize_dequantize
+from mintbuild.mlx.quant.simd import W
+from mintbuild.mlx.quant.simd import bf16 as _bf16
+from mintbuild.mlx.quant.simd import mlx_scale_bias as _mlx_scale_bias
+from mintbuild.mlx.quant.simd import vbf16 as _vbf16
+from mintbuild.mlx.quant.simd import vfma as _vfma
+from mintbuild.mlx.quant.simd import vload as _vload
+from mintbuild.mlx.quant.simd import vmax as _vmax
+from mintbuild.mlx.quant.simd import vmin as _vmin
+from mintbuild.mlx.quant.simd import vrint as _vrint
+from mintbuild.mlx.quant.simd import vsplat as _vsplat
+from mintbuild.mlx.quant.simd import vstore as _vstore
+from mintbuild.reproducible import one_torch_thread, sum64
+
+# The 8 x float32 vector type and its intrinsics are quant/simd.py's (every instruction carries `nsz` only, so no
+# caller can let LLVM reassociate these operations or contract a product and a difference into an FMA).
+_L = W  # lanes
+
+
+# ---------------------------------------------------------------- the kernel
+
+#: Rows per row block: a multiple of 16, the product's row tile (two 8-row panels).
+_ROWS = 64
+
+
+@njit
+def _load_rows(
+    x16: np.ndarray,
+    perm: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    r0: int,
+    n: int,
+    n_pan: int,
+    wt: np.ndarray,
+    st: np.ndarray,
+    bt: np.ndarray,
+) -> None:
+    """Rows r0 .. r0 + n of the bf16 bit patterns `x16`, columns in the order `perm`, as float32 panels
+    wt [n_pan][K][8], and their groups' scales and biases as st, bt [n_pan][K/g][8]; lanes past the last row
+    are zero weights with scale 1 (they are computed on and never stored)."""
+    k, n_grp = x16.shape[1], scales.shape[1]
+    wi = wt.view(np.int32)
+    for i in range(n_pan * _L):
+        p, lane = i // _L, i % _L
+        base, gbase = p * k * _L + lane, p * n_grp * _L + lane
+        if i < n:
+            for c in range(k):
+                wi[base + c * _L] = np.int32(x16[r0 + i, perm[c]]) << 16  # a bf16 is a float32's upper half
+            for g in range(n_grp):
+                st[gbase + g * _L] = scales[r0 + i, g]
+                bt[gbase + g * _L] = biases[r0 + i, g]
+        else:
+            for c in range(k):
+                wi[base + c * _L] = 0
+            for g in range(n_grp):
+                st[gbase + g * _L] = 1.0
+                bt[gbase + g * _L] = 0.0
+
+
+@njit
+def _round_columns(
+    wt: np.ndarray,
+    et: np.ndarray,
+    st: np.ndarray,
+    bt: np.ndarray,
+    p: int,
+    k: int,
+    b0: int,
+    b1: int,
+    u: np.ndarray,
+    gidx: np.ndarray,
+    n_grp: int,
+    n_bins: np.float32,
+) -> None:
+    """The column loop over [b0, b1) for panel p: codes (as float32) over wt's columns, each column rounded on
+    its group's grid (st, bt [.][K/g][8]; `gidx`: each column's group), each column's scaled error into
+    et [.][b1 - b0][8]; the error of each column is moved onto the block's later columns at once."""
+    o, oe, og = p * k * _L, p * (b1 - b0) * _L, p * n_grp * _L
+    zero, top = _vsplat(0.0), _vsplat(n_bins)
+    for j in range(b0, b1):
+        scale = _vload(st, og + gidx[j] * _L)
+        bias = _vload(bt, og + gidx[j] * _L)
+        x = _vload(wt, o + j * _L)
+        q = _vmin(_vmax(_vrint((x - bias) / scale), zero), top)
+        deq = _vbf16(_vbf16(q * _vbf16(scale)) + _vbf16(bias))
+        e = (x - deq) / _vsplat(u[j, j])
+        _vstore(et, oe + (j - b0) * _L, e)
+        _vstore(wt, o + j * _L, q)
+        for c in range(j + 1, b1):
+            _vstore(wt, o + c * _L, _vload(wt, o + c * _L) - e * _vsplat(u[j, c]))
+
+
+@njit
+def _carry(wt: np.ndarray, et: np.ndarray, ut: np.ndarray, n_pan: int, k: int, b0: int, b1: int) -> None:
+    """w[:, c] -= sum over j in [b0, b1) of e_j * U[j, c] for every column c >= b1 of the row block's panels,
+    each sum a chain of FMAs in order of j from 0; tiles of 2 panels x 4 columns keep 8 sums in registers."""
+    bw = b1 - b0
+    c4 = b1 + (k - b1) // 4 * 4
+    for p in range(0, n_pan, 2):
+        o0, o1 = p * k * _L, (p + 1) * k * _L
+        e0, e1 = p * bw * _L, (p + 1) * bw * _L
+        for c in range(b1, c4, 4):
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _vsplat(0.0)
+            for j in range(bw):
+                x0 = _vload(et, e0 + j * _L)
+                x1 = _vload(et, e1 + j * _L)
+                s = _vsplat(ut[c, b0 + j])
+                a00 = _vfma(x0, s, a00)
+                a10 = _vfma(x1, s, a10)
+                s = _vsplat(ut[c + 1, b0 + j])
+                a01 = _vfma(x0, s, a01)
+                a11 = _vfma(x1, s, a11)
+                s = _vsplat(ut[c + 2, b0 + j])
+                a02 = _vfma(x0, s, a02)
+                a12 = _vfma(x1, s, a12)
+                s = _vsplat(ut[c + 3, b0 + j])
+                a03 = _vfma(x0, s, a03)
+                a13 = _vfma(x1, s, a13)
+            _vstore(wt, o0 + c * _L, _vload(wt, o0 + c * _L) - a00)
+            _vstore(wt, o0 + (c + 1) * _L, _vload(wt, o0 + (c + 1) * _L) - a01)
+            _vstore(wt, o0 + (c + 2) * _L, _vload(wt, o0 + (c + 2) * _L) - a02)
+            _vstore(wt, o0 + (c + 3) * _L, _vload(wt, o0 + (c + 3) * _L) - a03)
+            _vstore(wt, o1 + c * _L, _vload(wt, o1 + c * _L) - a10)
+            _vstore(wt, o1 + (c + 1) * _L, _vload(wt, o1 + (c + 1) * _L) - a11)
+            _vstore(wt, o1 + (c + 2) * _L, _vload(wt, o1 + (c + 2) * _L) - a12)
+            _vstore(wt, o1 + (c + 3) * _L, _vload(wt, o1 + (c + 3) * _L) - a13)
+        for c in range(c4, k):  # columns left over when K - b1 is not a multiple of 4
+            for o, oe in ((o0, e0), (o1, e1)):
+                acc = _vsplat(0.0)
+                for j in range(bw):
+                    acc = _vfma(_vload(et, oe + j * _L), _vsplat(ut[c, b0 + j]), acc)
+                _vstore(wt, o + c * _L, _vload(wt, o + c * _L) - acc)
+
+
+@njit
+def _store_rows(wt: np.ndarray, perm: np.ndarray, r0: int, n: int, k: int, codes: np.ndarray) -> None:
+    """The codes (held as float32 in wt, columns in the order `perm`) of the block's n rows back in row and
+    column order."""
+    for i in range(n):
+        p, lane = i // _L, i % _L
+        for c in range(k):
+            codes[r0 + i, perm[c]] = np.uint8(wt[(p * k + c) * _L + lane])
+
+
+@njit(cache=True, parallel=True)
+def _gptq_rows(
+    x16: np.ndarray,
+    perm: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    u: np.ndarray,
+    ut: np.ndarray,
+    bits: int,
+    group: int,
+    block: int,
+    codes: np.ndarray,
+    n_part: int,
+) -> None:
+    """GPTQ of every row of the bf16 bit patterns x16 [R, K] into codes [R, K], on the groups' fp32 scales and
+    biases [R, K/g], columns taken in the order `perm` (U is the permuted H's): row blocks of _ROWS rows, split
+    into n_part contiguous runs of blocks for the threads."""
+    n_rows, k = x16.shape
+    n_blk = (n_rows + _ROWS - 1) // _ROWS
+    n_grp = k // group
+    n_bins = np.float32((1 << bits) - 1)
+    gidx = perm // group
+    for part in prange(n_part):
+        wt = np.empty(_ROWS * k, dtype=np.float32)
+        et = np.empty(_ROWS * block, dtype=np.float32)
+        st = np.empty(_ROWS * n_grp, dtype=np.float32)
+        bt = np.empty(_ROWS * n_grp, dtype=np.float32)
+        for blk in range(part * n_blk // n_part, (part + 1) * n_blk // n_part):
+            r0 = blk * _ROWS
+            n = min(_ROWS, n_rows - r0)
+            n_pan = (n + 2 * _L - 1) // (2 * _L) * 2  # whole tiles of two panels
+            _load_rows(x16, perm, scales, biases, r0, n, n_pan, wt, st, bt)
+            for b0 in range(0, k, block):
+                b1 = min(b0 + block, k)
+                for p in range(n_pan):
+                    _round_columns(wt, et, st, bt, p, k, b0, b1, u, gidx, n_grp, n_bins)
+                if b1 < k:
+                    _carry(wt, et, ut, n_pan, k, b0, b1)
+            _store_rows(wt, perm, r0, n, k, codes)
+
+
+# ---------------------------------------------------------------- the public functions
+
+#: How far `clipped_group_params` may shrink a group's range (1 = round-to-nearest's grid).
+CLIP_SHRINKS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)
+
+
+def clipped_group_params(
+    w16: torch.Tensor, hessian: torch.Tensor, bits: int, g: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (scales, biases) [R, K/g] of the bf16 weights `w16` [R, K]: per group, MLX's scale and bias from its
+    min and max shrunk by the `CLIP_SHRINKS` factor whose round-to-nearest output error on the group's own
+    inputs, e^T H_gg e with H_gg the group's diagonal block of H, is least (the least shrunk on a tie).
+
+    Clipping a group's outliers coarsens them but refines the grid every other weight sits on; which wins
+    depends on how loud each input is, so it is judged by output error, not weight error (measured worse).
+    The error counts the bf16 scale and bias as stored; it is summed in float64, in a fixed order per row."""
+    rows, k = w16.shape
+    n = k // g
+    idx = torch.arange(k).reshape(n, g)
+    h_blocks = hessian.to(torch.float64)[idx[:, :, None], idx[:, None, :]].contiguous().numpy()
+    scales, biases = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32)
+    x = w16.to(torch.bfloat16).float().contiguous().numpy()
+    _clip_rows(
+        x, h_blocks, np.array(CLIP_SHRINKS, np.float32), np.float32((1 << bits) - 1), g, scales, biases
+    )
+    return torch.from_numpy(scales), torch.from_numpy(biases)
+
+
+@njit(parallel=True, cache=True)
+def _clip_rows(
+    x: np.ndarray,
+    h_blocks: np.ndarray,
+    shrinks: np.ndarray,
+    n_bins: np.float32,
+    g: int,
+    scales: np.ndarray,
+    biases: np.ndarray,
+) -> None:
+    """`clipped_group_params` row by row (float32 grids as MLX derives them; float64 errors)."""
+    rows, k = x.shape
+    zero = np.float32(0.0)
+    for r in prange(rows):
+        e = np.empty(g, np.float64)
+        for j in range(k // g):
+            c0 = j * g
+            lo = x[r, c0]
+            hi = lo
+            for c in range(1, g):
+                lo = min(lo, x[r, c0 + c])
+                hi = max(hi, x[r, c0 + c])
+            best = np.inf
+            for i in range(shrinks.size):
+                s, b = _mlx_scale_bias(lo * shrinks[i], hi * shrinks[i], n_bins)
+                s16, b16 = _bf16(s), _bf16(b)
+                for c in range(g):
+                    q = min(max(np.rint((x[r, c0 + c] - b) / s), zero), n_bins)
+                    e[c] = np.float64(x[r, c0 + c]) - np.float64(_bf16(_bf16(q * s16) + b16))
+                err = 0.0
+                for c in range(g):
+                    off = 0.0
+                    for d in range(c + 1, g):
+                        off += h_blocks[j, c, d] * e[d]
+                    err += e[c] * (h_blocks[j, c, c] * e[c] + 2.0 * off)
+                if err < best or i == 0:  # the unshrunk grid stands even if an error is not finite
+                    best = err
+                    scales[r, j] = s
+                    biases[r, j] = b
+
+
+def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32 (computed in float64).
+
+    The damping keeps H invertible when calibration tokens are fewer than inputs or an input is always zero;
+    larger values move the result toward round-to-nearest. Computed on one thread, so that U, and with it every
+    code, is the same whatever the thread count.
+    """
+    h = hessian.to(torch.float64).clone()
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise MintError(f"Hessian of shape {list(h.shape)} is not square")
+    diag = torch.diagonal(h)
+    dead = diag <= 0
+    diag[dead] = 1.0  # an input that never fired: nothing to compensate through it
+    diag += damp * float(diag.mean())
+    try:
+        with one_torch_thread():
+            lower = torch.linalg.cholesky(h)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+    except RuntimeError as e:  # torch raises _LinAlgError (a RuntimeError) for a non-positive-definite H
+        raise MintError(f"Hessian is not positive definite even with damp {damp}: {e}") from None
+
+
+def act_order(hessian: torch.Tensor) -> torch.Tensor:
+    """The order GPTQ rounds the input columns in: loudest input first (diag H descending, ties by index), so
+    that the columns whose error costs most are rounded while the most columns remain to take it up."""
+    return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+
+
+@dataclass(frozen=True)
+class Factor:
+    """What GPTQ needs of one Hessian, whatever the weight: the column order and U of the reordered H."""
+
+    perm: torch.Tensor
+    u: torch.Tensor
+
+
+def factor(hessian: torch.Tensor, damp: float) -> Factor:
+    """`act_order(hessian)` and `inverse_cholesky` of H with its rows and columns in that order."""
+    perm = act_order(hessian)
+    return Factor(perm, inverse_cholesky(hessian[perm][:, perm], damp))
+
+
+def gptq_codes(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    option: Option,
+    damp: float,
+    block: int = 128,
+    fac: Factor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 codes [R, K], bf16 scales [R, K/g], bf16 biases [R, K/g]) of a 2-D `w` rounded by GPTQ.
+
+    `w` is first rounded to bf16, as the packer stores it; every group's scale and bias are round-to-nearest's
+    (quant/reference.py, from the group's own values), and the codes on that grid are chosen column by column in
+    `act_order`. `block` columns are updated at a time (rounded to a multiple of g). `fac`: `factor(hessian,
+    damp)` when the caller has it. The arithmetic is the module docstring's; the result does not depend on the
+    thread count.
+    """
+    bits, g = option.bits, option.group
+    if w.ndim != 2:
+        raise MintError(f"GPTQ rounds 2-D weights; got shape {list(w.shape)}")
+    rows, k = w.shape
+    if tuple(hessian.shape) != (k, k):
+        raise MintError(f"Hessian of shape {list(hessian.shape)} does not match {k} input columns")
+    if k % g or not 1 <= bits <= 8:
+        raise MintError(f"GPTQ needs whole groups of {g} in {k} columns and 1-8 bits, got {option.name}")
+    fac = factor(hessian, damp) if fac is None else fac
+    w16 = w.detach().to(torch.bfloat16).contiguous()
+    scales, biases = clipped_group_params(w16, hessian, bits, g)
+    codes = np.empty((rows, k), dtype=np.uint8)
+    block = max(block // g, 1) * g
+    n_part = max(1, min(-(-rows // _ROWS), 8 * get_num_threads()))
+    u_np = fac.u.contiguous().numpy()
+    _gptq_rows(
+        w16.view(torch.int16).numpy(), fac.perm.numpy(), scales.contiguous().numpy(), biases.contiguous().numpy(),
+        u_np, np.ascontiguousarray(u_np.T), bits, g, block, codes, n_part,
+    )  # fmt: skip
+    return torch.from_numpy(codes), scales.to(torch.bfloat16), biases.to(torch.bfloat16)
+
+
+def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the squared output error over the tokens H was summed from (the product in
+    float32, thread-count independent here; the sum in float64)."""
+    e = w.float() - deq.float()
+    return sum64((e @ hessian.float()) * e)
+
+
+def rounding_gain(
+    w: torch.Tensor,
+    fit: torch.Tensor,
+    held_out: torch.Tensor,
+    options: list[Option],
+    damp: float,
+    block: int,
+    rows: int = 1024,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Per option, the output error of GPTQ fitted on the Hessian `fit`, over round-to-nearest's, both measured
+    on `held_out` (the Hessian of other tokens): below 1 when GPTQ helps on text it did not see.
+
+    GPTQ rounds each row against the same H independently of the other rows, so the ratio is estimated on a
+    seeded sample of `rows` rows. The allocator multiplies the tensor's fisher cost by it, so that it prices the
+    tensor as the packer will store it.
+    """
+    if w.shape[0] > rows:
+        pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
+        w = w[pick.sort().values]
+    h, fac = held_out.float(), factor(fit, damp)
+    gains = {}
+    for opt in options:
+        q, s, b = gptq_codes(w, fit, opt, damp, block, fac)
+        rtn = output_error(w, quantize_dequantize(w, opt), h)
+        gains[opt.name] = output_error(w, dequantize_codes(q, s, b, opt.group), h) / rtn if rtn > 0 else 1.0
+    return gains

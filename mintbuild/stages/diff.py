@@ -1,0 +1,167 @@
+"""`mintbuild diff <rev-a> [<rev-b>]`: a Markdown comment for a pull request that changes targets.
+
+For every target in either revision: the budget change, bytes, average bits/weight, the measured perplexity
+change when both sides were evaluated (else the prediction of the fitted curve, when a report exists), and
+the tensors whose storage choice changed (count and the largest by bytes). Each revision's params.yaml comes
+from git; its allocations and metrics from DVC's cache (`dvc.api.read`), or from the working tree when the
+revision is omitted or given as `workspace`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mintbuild.artifacts.curve import DEFAULT_CURVE
+from mintbuild.budget import format_size
+from mintbuild.errors import MintError
+
+WORKSPACE = "workspace"
+log = logging.getLogger(__name__)
+
+
+def read_text(path: str, rev: str) -> str | None:
+    """A file at a revision: git for tracked files, DVC's cache for pipeline outputs; None if unavailable."""
+    if rev == WORKSPACE:
+        p = Path(path)
+        return p.read_text() if p.exists() else None
+    r = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    if r.returncode == 0:
+        return r.stdout
+    try:
+        import dvc.api
+
+        return dvc.api.read(path, repo=".", rev=rev)
+    except Exception as e:  # not built at that revision, or not in the local cache
+        log.debug("%s@%s unavailable: %s", path, rev, e)
+        return None
+
+
+def load_side(rev: str) -> dict[str, Any]:
+    text = read_text("params.yaml", rev)
+    if text is None:
+        raise MintError(f"no params.yaml at revision {rev!r}")
+    params = yaml.safe_load(text) or {}
+    side: dict[str, Any] = {"params": params, "targets": {}}
+    alloc_root = params.get("allocate_out", "artifacts/allocate")
+    eval_root = params.get("eval_out", "artifacts/evaluate")
+    for name in sorted(params.get("targets") or {}):
+        alloc = read_text(f"{alloc_root}/{name}/allocation.json", rev)
+        metrics = read_text(f"{eval_root}/{name}/metrics.json", rev)
+        side["targets"][name] = {
+            "config": params["targets"][name],
+            "allocation": json.loads(alloc) if alloc else None,
+            "metrics": json.loads(metrics) if metrics else None,
+        }
+    report = read_text(DEFAULT_CURVE, rev)
+    side["curve"] = json.loads(report) if report else None
+    return side
+
+
+def changed_tensors(a: dict | None, b: dict | None) -> list[tuple[str, str, str, int]]:
+    """(decision, option at a, option at b, bytes at b) for every decision whose option differs."""
+    if not a or not b:
+        return []
+    da = {d["name"]: d for d in a["decisions"]}
+    out = []
+    for d in b["decisions"]:
+        old = da.get(d["name"])
+        if old is None or old["option"] != d["option"]:
+            out.append((d["name"], old["option"] if old else "-", d["option"], int(d["bytes"])))
+    return sorted(out, key=lambda t: (-t[3], t[0]))
+
+
+def _predict(curve: dict | None, budget: int | None) -> float | None:
+    if not curve or budget is None:
+        return None
+    from mintbuild.curve import Curve
+
+    c = Curve(curve["form"], curve["params"], curve["rmse"], curve["n_points"])
+    try:
+        return float(c.predict(budget))
+    except MintError:
+        return None
+
+
+def target_section(name: str, a: dict | None, b: dict | None, curve_a, curve_b, top: int) -> list[str]:
+    ta = (a or {}).get("allocation") or {}
+    tb = (b or {}).get("allocation") or {}
+    tot_a, tot_b = ta.get("totals", {}), tb.get("totals", {})
+    status = "added" if a is None else "removed" if b is None else "changed"
+    if (tb or ta).get("format") == "gguf":  # the runtime, when it is not the default MLX folder
+        status += ", gguf"
+    lines = [f"### `{name}` ({status})", "", "| | before | after |", "|---|---:|---:|"]
+    lines.append(f"| budget | {_size(_budget(tot_a))} | {_size(_budget(tot_b))} |")
+    lines.append(f"| bytes | {_size(tot_a.get('bytes'))} | {_size(tot_b.get('bytes'))} |")
+    lines.append(
+        f"| bits/weight | {_num(tot_a.get('avg_bits_per_weight'))} | {_num(tot_b.get('avg_bits_per_weight'))} |"
+    )
+    ma, mb = (a or {}).get("metrics"), (b or {}).get("metrics")
+    if ma or mb:
+        lines.append(
+            f"| measured PPL | {_num((ma or {}).get('ppl_mean'))} | {_num((mb or {}).get('ppl_mean'))} |"
+        )
+    pa, pb = _predict(curve_a, _budget(tot_a)), _predict(curve_b or curve_a, _budget(tot_b))
+    if pa is not None or pb is not None:
+        lines.append(f"| predicted PPL | {_num(pa)} | {_num(pb)} |")
+    notes = tb.get("notes") or ta.get("notes") or []
+    lines += ["", *[f"_Note: {n}._" for n in notes]] if notes else []
+    changed = changed_tensors(ta or None, tb or None)
+    if changed:
+        lines += ["", f"{len(changed)} tensor choices changed; largest:", ""]
+        lines += [f"- `{n}`: {o} -> {p} ({format_size(s)})" for n, o, p, s in changed[:top]]
+    elif ta and tb:
+        lines += ["", "No tensor choice changed."]
+    elif not tb and b is not None:
+        lines += ["", "_Not built at this revision (run `dvc repro`)._"]
+    return [*lines, ""]
+
+
+def _budget(totals: dict[str, Any]) -> int | None:
+    """The budget the build was held to: the minimum safe size for a min_safe target below its floor."""
+    return totals.get("effective_budget", totals.get("budget"))
+
+
+def _size(v: int | None) -> str:
+    return "-" if v is None else format_size(v)
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def render(rev_a: str, rev_b: str, top: int = 5) -> str:
+    a, b = load_side(rev_a), load_side(rev_b)
+    names = sorted(set(a["targets"]) | set(b["targets"]))
+    out = [f"## mintbuild: targets {rev_a} -> {rev_b}", ""]
+    touched = 0
+    for name in names:
+        ta, tb = a["targets"].get(name), b["targets"].get(name)
+        if (
+            ta
+            and tb
+            and ta["config"] == tb["config"]
+            and changed_tensors(ta["allocation"], tb["allocation"]) == []
+        ):
+            continue
+        touched += 1
+        out += target_section(name, ta, tb, a["curve"], b["curve"], top)
+    if not touched:
+        out.append("No target changed.")
+    return "\n".join(out) + "\n"
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rev_a", help="base revision (git ref)")
+    p.add_argument("rev_b", nargs="?", default=WORKSPACE, help="head revision (default: the working tree)")
+    p.add_argument("--top", type=int, default=5, help="largest changed tensors listed per target")
+
+
+def main(args: argparse.Namespace) -> None:
+    print(render(args.rev_a, args.rev_b, args.top), end="")
