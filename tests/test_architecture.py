@@ -218,12 +218,12 @@ def built_lock(repo: Path) -> dict:
 @pytest.mark.parametrize("verb", LIGHT)
 def test_light_stages_import_neither_torch_nor_numba(verb: str) -> None:
     code = (
-        f"import sys, mintbuild.{verb}; "
+        f"import sys, mintbuild.stages.{verb}; "
         "heavy = sorted(m for m in ('torch', 'numba', 'transformers', 'llvmlite') if m in sys.modules); "
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"mintbuild.{verb} imports {out.stdout.strip()}"
+    assert out.stdout.strip() == "", f"mintbuild.stages.{verb} imports {out.stdout.strip()}"
 
 
 def test_dataclass_defaults_are_the_composed_conf() -> None:
