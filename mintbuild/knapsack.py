@@ -30,7 +30,7 @@ from mintbuild.formats import (
     passthrough_index,
     stored_entry_names,
 )
-from mintbuild.mlx.rounding import gptq_helps
+from mintbuild.rounding import gptq_helps
 
 log = logging.getLogger(__name__)
 

@@ -83,6 +83,10 @@ def tiny_params(model: Path, text: Path, targets: dict) -> dict:
 
 
 def write_params(repo: Path, params: dict) -> None:
+    """params.yaml as `mintbuild compose` would write it: `by_format` derived from the targets."""
+    from mintbuild.config import targets_by_format
+
+    params = {**params, "by_format": targets_by_format(params.get("targets"))}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=True))
 
 
@@ -92,6 +96,7 @@ def make_repo(repo: Path, params: dict) -> Path:
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     shutil.copytree(ROOT / "mintbuild", repo / "mintbuild", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "hydra_plugins", repo / "hydra_plugins", ignore=shutil.ignore_patterns("__pycache__"))
     sh(repo, "git", "init", "-q")
     sh(repo, "dvc", "init", "-q")
     write_params(repo, params)

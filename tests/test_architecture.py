@@ -95,7 +95,8 @@ def dvc_stages() -> dict[str, dict]:
 
 
 def stage_verb(stage: dict) -> str:
-    return stage["cmd"].split()[1]
+    """The stage's verb as its module is named (`pack-gguf` runs mintbuild/stages/pack_gguf.py)."""
+    return stage["cmd"].split()[1].replace("-", "_")
 
 
 def stage_code_deps(stage: dict) -> set[str]:
@@ -115,9 +116,9 @@ STAGE_MODULES = sorted(
 def test_every_verb_module_is_a_stage_or_says_why_not() -> None:
     from mintbuild.cli import VERBS
 
-    assert sorted(VERBS) == sorted(STAGE_MODULES)
+    assert sorted(v.replace("-", "_") for v in VERBS) == sorted(STAGE_MODULES)
     verbs_with_stages = {stage_verb(s) for s in dvc_stages().values()}
-    assert verbs_with_stages == set(VERBS) - NO_STAGE
+    assert verbs_with_stages == {v.replace("-", "_") for v in VERBS} - NO_STAGE
 
 
 @pytest.mark.parametrize("verb", [v for v in STAGE_MODULES if v not in COMPOSERS])
@@ -190,13 +191,49 @@ def test_editing_a_library_reruns_exactly_the_stages_that_import_it(tmp_path: Pa
     assert set(_status(repo)) == want
 
 
+def foreach_items(stage: dict) -> list[str]:
+    """The targets a foreach stage iterates over: `${by_format.<format>}` of params.yaml."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    key = stage["foreach"].strip("${}").split(".")
+    return list(params[key[0]][key[1]])
+
+
+#: Per-format DVC stages: a backend's code must reach only its own format's targets.
+FORMAT_STAGES = {"mlx": ("allocate", "pack", "evaluate"), "gguf": ("allocate_gguf", "pack_gguf", "evaluate_gguf")}
+
+
+@pytest.mark.parametrize(
+    ("library", "other"), [("mintbuild/llamacpp/pack.py", "mlx"), ("mintbuild/llamacpp/ggml.py", "mlx"),
+                           ("mintbuild/mlx/folder.py", "gguf"), ("mintbuild/mlx/quant/pack_kernel.py", "gguf")]
+)  # fmt: skip
+def test_a_backend_edit_reruns_no_target_of_the_other_format(tmp_path: Path, library: str, other: str) -> None:
+    """Real `dvc status` on this dvc.yaml and params.yaml (the default build: MLX targets and a GGUF target):
+    editing a module of one backend flags stages of its own format (and the shared ones that import it), never
+    an allocate, pack or evaluate of the other format's targets."""
+    repo = tmp_path / "repo"
+    shutil.copytree(PKG, repo / "mintbuild", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / f, repo / f)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True,
+                   env={**os.environ, "DVC_NO_ANALYTICS": "1"})  # fmt: skip
+    (repo / "dvc.lock").write_text(yaml.safe_dump(built_lock(repo), sort_keys=False))
+    with open(repo / library, "a") as f:
+        f.write("\n# edited\n")
+    flagged = set(_status(repo))
+    own = {s for s in flagged if s.partition("@")[0] in FORMAT_STAGES[{"mlx": "gguf", "gguf": "mlx"}[other]]}
+    assert own, f"editing {library} flags none of its own format's stages: {sorted(flagged)}"
+    crossed = sorted(s for s in flagged if s.partition("@")[0] in FORMAT_STAGES[other])
+    assert not crossed, f"editing {library} reruns {other} stages {crossed}"
+
+
 def expanded_stages() -> dict[str, str]:
     """DVC stage name (foreach stages as name@target) -> its verb."""
-    targets = yaml.safe_load((ROOT / "params.yaml").read_text())["targets"]
     out = {}
     for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
         verb = stage_verb(stage.get("do", stage))
-        out.update({f"{name}@{t}": verb for t in targets} if "foreach" in stage else {name: verb})
+        out.update(
+            {f"{name}@{t}": verb for t in foreach_items(stage)} if "foreach" in stage else {name: verb}
+        )
     return out
 
 
@@ -211,7 +248,7 @@ def built_lock(repo: Path) -> dict:
         for d in sorted(stage_code_deps(definition)):
             f = repo / d
             deps.append({"path": d, "hash": "md5", "md5": _md5(f), "size": f.stat().st_size})
-        stages[name] = {"cmd": definition["cmd"].replace("${key}", target), "deps": deps}
+        stages[name] = {"cmd": definition["cmd"].replace("${item}", target), "deps": deps}
     return {"schema": "2.0", "stages": stages}
 
 
@@ -246,7 +283,7 @@ def test_dataclass_defaults_are_the_composed_conf() -> None:
             diffs.append(f"{path}: conf {a!r}, dataclass {b!r}")
 
     for key, value in conf.items():
-        if key != "targets":
+        if key not in ("targets", "by_format"):  # the build's own; by_format is derived from targets
             walk(value, defaults.get(key), key)
     assert not diffs, diffs
 

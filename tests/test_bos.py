@@ -14,7 +14,7 @@ import torch
 from mintbuild.calibration.windows import choose_windows as calibration_windows
 from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
 from mintbuild.config import EvalConfig, Params
-from mintbuild.stages.evaluate import corpus_tokens, evaluate_folder, load_baseline
+from mintbuild.hf.evaluator import corpus_tokens, evaluate_folder, load_baseline
 
 from .synth import tiny_llama
 

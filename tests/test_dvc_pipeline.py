@@ -189,7 +189,8 @@ def _write_conf(repo_dir: Path, params: dict) -> None:
     shutil.copytree(ROOT / "conf", repo_dir / "conf", dirs_exist_ok=True)
     groups = [{"model": "local"}, {"corpus": "text_file"}, {"profile": "default"}, {"solver": "exact"},
               {"eval": "default"}, {"importance": "default"}, {"equalize": "awq"}, {"pack": "gptq"}, "_self_"]  # fmt: skip
-    (repo_dir / "conf/config.yaml").write_text(yaml.safe_dump({"defaults": groups, **params}, sort_keys=True))
+    root = {"defaults": groups, **params, "by_format": "${mintbuild_by_format:${targets}}"}
+    (repo_dir / "conf/config.yaml").write_text(yaml.safe_dump(root, sort_keys=True))
 
 
 def test_sweep_measures_points_and_fits_a_curve(repo) -> None:

@@ -14,16 +14,7 @@ import pytest
 import torch
 
 from mintbuild.artifacts.model import resolve_weights_dir
-from mintbuild.calibration.windows import calibration_windows, load_model, torch_settings
-from mintbuild.config import EqualizeConfig
-from mintbuild.errors import MintError
-from mintbuild.formats import Option
-from mintbuild.hf.checkpoint import open_checkpoint
-from mintbuild.hf.safetensors_out import StreamedSafetensors
-from mintbuild.mlx.quant.reference import quantize_dequantize
-from mintbuild.stages.equalize import (
-    RECORD,
-    WEIGHTS_FILE,
+from mintbuild.calibration.equalize import (
     Metric,
     StatsRecorder,
     dtype_of,
@@ -31,8 +22,15 @@ from mintbuild.stages.equalize import (
     layer_groups,
     pow2_scales,
     rewritten_tensors,
-    run,
 )
+from mintbuild.calibration.windows import calibration_windows, load_model, torch_settings
+from mintbuild.config import EqualizeConfig
+from mintbuild.errors import MintError
+from mintbuild.formats import Option
+from mintbuild.hf.checkpoint import open_checkpoint
+from mintbuild.hf.safetensors_out import StreamedSafetensors
+from mintbuild.mlx.quant.reference import quantize_dequantize
+from mintbuild.stages.equalize import RECORD, WEIGHTS_FILE, run
 from tests.synth import FAMILIES, tiny_family, tiny_llama
 from tests.test_importance import assert_train_only
 
@@ -283,7 +281,7 @@ def test_a_block_larger_than_memory_is_refused_before_work(
 def test_real_smollm2(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:
     """The real model, a small calibration: exact at 16 bits, and uniform 4-bit g64 loses less."""
     from mintbuild.calibration.windows import load_tokenizer
-    from mintbuild.stages.evaluate import Windows, load_baseline, perplexity
+    from mintbuild.hf.evaluator import Windows, load_baseline, perplexity
 
     cfg = EqualizeConfig(n_windows=2, window=256, samples=512, rank=64, grid=6, threads=1)
     rec = run(smollm2_dir, corpus_dir, cfg, tmp_path / "eq", progress=False)

@@ -13,18 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from mintbuild.artifacts.pack import read_config
 from mintbuild.config import EvalConfig
 from mintbuild.errors import MintError
-from mintbuild.mlx.folder import dequantized_state, read_config
-from mintbuild.stages.evaluate import (
-    choose_windows,
-    evaluate_folder,
-    load_baseline,
-    load_packed,
-    run_baseline,
-    run_target,
-    window_logits,
-)
+from mintbuild.hf.evaluator import choose_windows, evaluate_folder, load_baseline, window_logits
+from mintbuild.mlx.folder import dequantized_state
+from mintbuild.mlx.source import load_packed
+from mintbuild.stages.evaluate import run_baseline, run_target
 
 from .test_pack import real_build
 

@@ -106,7 +106,7 @@ def test_every_linear_layer_is_rounded_by_gptq(built: tuple[str, dict[str, Any]]
 
     from mintbuild.artifacts.importance import load_importance
     from mintbuild.mlx.folder import WEIGHTS_FILE
-    from mintbuild.mlx.rounding import gptq_helps
+    from mintbuild.rounding import gptq_helps
 
     family, b = built
     p = b["params"]
@@ -134,8 +134,10 @@ def test_mlx_lm_runs_the_weights_we_evaluate(built: tuple[str, dict[str, Any]]) 
     from mlx_lm import load
     from mlx_lm.utils import dequantize_model
 
-    from mintbuild.mlx.folder import dequantized_state, read_config
-    from mintbuild.stages.evaluate import load_packed, window_logits
+    from mintbuild.artifacts.pack import read_config
+    from mintbuild.hf.evaluator import window_logits
+    from mintbuild.mlx.folder import dequantized_state
+    from mintbuild.mlx.source import load_packed
 
     family, b = built
     folder = b["folder"]

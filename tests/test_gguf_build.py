@@ -19,6 +19,7 @@ from mintbuild.artifacts.allocation import ALLOCATION_FILE
 from mintbuild.artifacts.convert import CONVERT_FILE, GGUF_FILE
 from mintbuild.artifacts.importance import IMATRIX_FILE, load_input_squares
 from mintbuild.artifacts.model import write_local_manifest
+from mintbuild.artifacts.pack import MANIFEST_FILE, verify_manifest
 from mintbuild.artifacts.profile import load_profile
 from mintbuild.calibration.windows import calibration_windows
 from mintbuild.cli import main as cli_main
@@ -34,11 +35,11 @@ from mintbuild.errors import MintError
 from mintbuild.formats import GGUF_OPTION_SETS, gguf_option_set, gguf_padded, parse_gguf_option
 from mintbuild.io import sha256_file
 from mintbuild.llamacpp import ggml
+from mintbuild.llamacpp import profile as gguf_profile
 from mintbuild.llamacpp.build import run_tool
 from mintbuild.llamacpp.imatrix import IMATRIX_GGUF, gguf_entries, read_imatrix, write_imatrix
 from mintbuild.llamacpp.pack import make_plan, quantize, verify
-from mintbuild.mlx.folder import MANIFEST_FILE, verify_manifest
-from mintbuild.stages import allocate, importance, pack, profile
+from mintbuild.stages import allocate, importance, pack_gguf, profile_gguf
 from mintbuild.stages.convert import convert
 from tests.dvcrepo import write_text
 from tests.gguf_synth import smollm2_tokenizer, tiny_convertible
@@ -60,7 +61,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     convert(model, ConvertConfig(), root / "convert")
     importance.run(model, corpus, CAL, root / "importance", progress=False)
     cfg = ProfileConfig(gguf_option_list=OPTIONS)
-    profile.run_gguf(root / "convert", model, root / "importance", cfg, root / "profile_gguf", progress=False)
+    profile_gguf.run(root / "convert", model, root / "importance", cfg, root / "profile_gguf", progress=False)
     write_local_manifest(model, root / "equalize")
     return {
         "root": root,
@@ -212,7 +213,7 @@ def test_llama_quantize_uses_the_imatrix(built: dict[str, Path], tmp_path: Path)
     raw = gguf.GGUFReader(str(tmp_path / "im.gguf"))
     entry = {t.name: np.array(t.data, dtype=np.float32) for t in raw.tensors}
     weights = entry["blk.0.ffn_down.weight.in_sum2"].reshape(-1) / entry["blk.0.ffn_down.weight.counts"][0]
-    x = profile.gguf_values(
+    x = gguf_profile.gguf_values(
         next(t for t in gguf.GGUFReader(str(src)).tensors if t.name == "blk.0.ffn_down.weight")
     )
     q = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "pure_im.gguf")).tensors}["blk.0.ffn_down.weight"]
@@ -240,7 +241,7 @@ def test_profile_errors_are_ggml_round_trips_with_the_imatrix(built: dict[str, P
     }
     index = {m["name"]: i for i, m in enumerate(prof.tensors)}
     for name in ("blk.0.attn_q.weight", "blk.1.ffn_down.weight", "token_embd.weight"):
-        x = profile.gguf_values(src[name]).astype(np.float64)
+        x = gguf_profile.gguf_values(src[name]).astype(np.float64)
         w = (im[f"{name}.in_sum2"] / im[f"{name}.counts"][0]).reshape(-1)
         i = index[name]
         sampled = prof["sampled_elements"][i] < prof["elements"][i]
@@ -280,7 +281,7 @@ def test_pack_matches_the_plan_and_repeats_byte_for_byte(built: dict[str, Path],
     docs = allocate.run(params, None, tmp_path / "no-mlx-profile", Path(params.allocate_out), built["model"])
     alloc = docs["g"]
     assert alloc["format"] == "gguf" and alloc["imatrix"] is True
-    first = pack.run(params, ["g"], progress=False)[0]
+    first = pack_gguf.run(params, ["g"])[0]
     out = Path(params.pack_out) / "g"
     path = out / "model.gguf"
     t = alloc["totals"]
@@ -296,7 +297,7 @@ def test_pack_matches_the_plan_and_repeats_byte_for_byte(built: dict[str, Path],
         manifest["files"]
     )
     sha = sha256_file(path)
-    pack.run(params, ["g"], progress=False)
+    pack_gguf.run(params, ["g"])
     assert sha256_file(path) == sha
     assert (out / MANIFEST_FILE).read_text() == json.dumps(first.manifest, indent=2, sort_keys=True) + "\n"
 
@@ -336,7 +337,7 @@ def test_a_failing_llama_quantize_is_one_line_and_leaves_nothing(
     alloc_path.write_text(json.dumps(alloc))
     params.convert.out = str(bad)
     with pytest.raises(MintError, match=r"^llama-quantize failed \(exit \d+\): ") as e:
-        pack.run(params, ["f"], progress=False)
+        pack_gguf.run(params, ["f"])
     assert "\n" not in str(e.value)
     assert not (Path(params.pack_out) / "f").exists()
     assert not [p for p in Path(params.pack_out).glob(".f.*")] if Path(params.pack_out).exists() else True
@@ -374,7 +375,7 @@ def test_a_build_without_gguf_targets_converts_nothing(tmp_path: Path) -> None:
     doc = convert(tmp_path / "no-model", ConvertConfig(enabled=False), tmp_path / "convert")
     assert doc["enabled"] is False and not (tmp_path / "convert" / GGUF_FILE).exists()
     assert (
-        profile.run_gguf(tmp_path / "convert", tmp_path / "no-model", None, ProfileConfig(), tmp_path / "pg")
+        profile_gguf.run(tmp_path / "convert", tmp_path / "no-model", None, ProfileConfig(), tmp_path / "pg")
         is None
     )
     with pytest.raises(MintError, match=r"convert\.enabled is false"):

@@ -27,7 +27,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = tiny_params(model, text, {"g": {"bits_per_weight": 6.0, "formats": ["gguf"]}})
     params["convert"]["enabled"] = True
     params["profile"]["gguf_option_list"] = ["Q4_K", "Q6_K", "Q8_0"]
-    # only the GGUF path is under test here: the cheapest equalize and MLX profile (allocate depends on it)
+    # only the GGUF path is under test here: the cheapest equalize and calibration
     params["equalize"]["method"] = "none"
     params["profile"]["option_list"] = ["q8g64"]
     params["importance"]["hessian_windows"] = 0
@@ -36,8 +36,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_gguf_target_builds_through_dvc(repo: Path) -> None:
-    first = ran(sh(repo, "dvc", "repro", "pack@g"))
-    assert {"convert", "importance", "profile_gguf", "allocate@g", "pack@g"} <= first
+    first = ran(sh(repo, "dvc", "repro", "pack_gguf@g"))
+    assert {"convert", "importance", "profile_gguf", "allocate_gguf@g", "pack_gguf@g"} <= first
     alloc = json.loads((repo / "artifacts/allocate/g/allocation.json").read_text())
     out = repo / "artifacts/pack/g"
     path = out / "model.gguf"
@@ -52,4 +52,4 @@ def test_a_gguf_target_builds_through_dvc(repo: Path) -> None:
         "llama-completion", ["-m", path, "-p", "The", "-n", "4", "-no-cnv", "--temp", "0", "-t", "1"]
     )
     assert proc.returncode == 0
-    assert ran(sh(repo, "dvc", "repro", "pack@g")) == set()
+    assert ran(sh(repo, "dvc", "repro", "pack_gguf@g")) == set()

@@ -206,8 +206,8 @@ def test_a_gguf_the_architecture_does_not_fit_is_refused(families: dict[str, dic
 def pack_folder(folder: Path, gguf: Path, hf: Path, target: str = "t") -> Path:
     """A packed GGUF target as the pack stage writes one: model.gguf, config.json and the tokenizer files, and a
     manifest with the MLX manifest's keys plus format gguf."""
+    from mintbuild.artifacts.pack import MANIFEST_FILE, MANIFEST_SCHEMA
     from mintbuild.io import sha256_file
-    from mintbuild.mlx.folder import MANIFEST_FILE, MANIFEST_SCHEMA
 
     folder.mkdir(parents=True)
     shutil.copyfile(gguf, folder / "model.gguf")
@@ -275,7 +275,8 @@ TINY_TOLERANCE = 1e-3
 def gguf_eval(
     families: dict[str, dict[str, Path]], corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ):
-    from mintbuild.stages.evaluate import run_baseline, run_target
+    from mintbuild.stages.evaluate import run_baseline
+    from mintbuild.stages.evaluate_gguf import run_target
 
     root = tmp_path_factory.mktemp("gguf_eval")
     f = families["llama"]
@@ -316,7 +317,7 @@ def test_gguf_metrics_are_deterministic(gguf_eval: dict[str, Any]) -> None:
     """A second run writes the same metrics.json bytes (llama-perplexity's printed digits included), and
     llama-perplexity prints the same digits on 1 and 2 threads."""
     from mintbuild.llamacpp.perplexity import run_llama_perplexity
-    from mintbuild.stages.evaluate import run_target
+    from mintbuild.stages.evaluate_gguf import run_target
 
     out = Path(gguf_eval["params"].eval_out) / "t" / "metrics.json"
     first = out.read_bytes()
@@ -336,7 +337,7 @@ def test_gguf_target_errors_are_one_line_and_write_nothing(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from mintbuild.llamacpp.perplexity import run_llama_perplexity
-    from mintbuild.stages.evaluate import run_target
+    from mintbuild.stages.evaluate_gguf import run_target
 
     p = gguf_eval["params"]
     bad = dataclasses_replace(p, pack_out=str(tmp_path / "pack"), eval_out=str(tmp_path / "eval"))
@@ -371,10 +372,10 @@ def test_gguf_target_errors_are_one_line_and_write_nothing(
     (Path(bad.eval_out) / "baseline").mkdir(parents=True)
     for f in ("metrics.json", "settings.json"):
         shutil.copyfile(Path(p.eval_out) / "baseline" / f, Path(bad.eval_out) / "baseline" / f)
-    assert cli_main(["evaluate", "--params", str(tmp_path / "params.yaml"), "--target", "t"]) == 2
+    assert cli_main(["evaluate-gguf", "--params", str(tmp_path / "params.yaml"), "--target", "t"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert (
-        err[-1].startswith("mintbuild evaluate: error: ")
+        err[-1].startswith("mintbuild evaluate-gguf: error: ")
         and "bos.gguf" not in err[-1]
         and "model.gguf" in err[-1]
     )
@@ -423,7 +424,8 @@ def test_bos_rule_is_llama_perplexity_s(
     written in); both agree."""
     from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
     from mintbuild.llamacpp.perplexity import chunks
-    from mintbuild.stages.evaluate import run_baseline, run_target
+    from mintbuild.stages.evaluate import run_baseline
+    from mintbuild.stages.evaluate_gguf import run_target
 
     hf = Path(shutil.copytree(families["llama"]["hf"], tmp_path / "src"))
     bos_tokenizer(hf)
@@ -457,7 +459,8 @@ def test_smollm2_q4_k_m_agrees_with_llama_perplexity(
     import logging
 
     from mintbuild.llamacpp.perplexity import TOLERANCE
-    from mintbuild.stages.evaluate import run_baseline, run_target
+    from mintbuild.stages.evaluate import run_baseline
+    from mintbuild.stages.evaluate_gguf import run_target
 
     q = quantize(to_gguf(smollm2_dir, tmp_path / "bf16.gguf"), tmp_path / "q4km.gguf", "Q4_K_M")
     (tmp_path / "bf16.gguf").unlink()

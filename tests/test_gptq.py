@@ -19,17 +19,19 @@ from safetensors.torch import load_file
 
 from benchmarks.bench_gptq import reference_gptq_codes
 from mintbuild.artifacts.importance import HESSIAN_FILE, load_hessians
+from mintbuild.artifacts.pack import MANIFEST_FILE, read_config
 from mintbuild.calibration.hessians import compute_hessians
 from mintbuild.calibration.windows import load_model
 from mintbuild.config import ImportanceConfig, PackConfig
 from mintbuild.errors import MintError
 from mintbuild.formats import Option
 from mintbuild.mlx import gptq
-from mintbuild.mlx.folder import MANIFEST_FILE, WEIGHTS_FILE, dequantized_state, read_config
+from mintbuild.mlx.folder import WEIGHTS_FILE, dequantized_state
 from mintbuild.mlx.gptq import gptq_codes, output_error, rounding_gain
+from mintbuild.mlx.pack import Rounding, gptq_pack
 from mintbuild.mlx.quant.reference import dequantize_codes, quantize_codes, quantize_dequantize
 from mintbuild.stages.importance import run
-from mintbuild.stages.pack import Rounding, gptq_pack, pack_target
+from mintbuild.stages.pack import pack_target
 from tests.test_importance import assert_train_only
 from tests.test_pack import real_build
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mintbuild.artifacts.importance import FILENAME, load_importance
+from mintbuild.calibration.fisher import _g2, _head_g2, compute_importance, fisher_pass
 from mintbuild.calibration.hessians import InputHessians, measure
 from mintbuild.calibration.windows import choose_windows, load_tokenizer
 from mintbuild.cli import main as cli_main
@@ -21,7 +22,7 @@ from mintbuild.errors import MintError
 from mintbuild.hf.checkpoint import PASSTHROUGH_ROLES, compile_rules, open_checkpoint, tensor_role
 from mintbuild.hf.streaming import CheckpointSource, StreamedModel
 from mintbuild.io import canonical_json
-from mintbuild.stages.importance import _g2, _head_g2, compute_importance, fisher_pass, run
+from mintbuild.stages.importance import run
 from tests.synth import tiny_llama
 
 TINY = ImportanceConfig(n_windows=3, window=64, seed=0, threads=1)

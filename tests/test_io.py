@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mintbuild.artifacts.pack import verify_manifest
 from mintbuild.config import Params, TargetConfig, as_dict
 from mintbuild.io import atomic_dir, atomic_write_text, remove_stale_temporaries
-from mintbuild.mlx.folder import verify_manifest
 from tests.synth import published_solver, tiny_llama
 
 

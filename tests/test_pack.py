@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from mintbuild.artifacts.pack import MANIFEST_FILE
 from mintbuild.config import Params, ProfileConfig, TargetConfig
 from mintbuild.errors import MintError
 from mintbuild.formats import Option
 from mintbuild.hf.checkpoint import fingerprint, open_checkpoint
 from mintbuild.io import sha256_file
-from mintbuild.mlx.folder import MANIFEST_FILE, WEIGHTS_FILE
+from mintbuild.mlx.folder import WEIGHTS_FILE
 from mintbuild.mlx.quant.pack_kernel import quantize_pack
 from mintbuild.mlx.quant.reference import pack_codes, quantize_codes
 from mintbuild.stages.pack import pack_target

@@ -143,7 +143,7 @@ def test_sampling_spends_its_effort_where_the_error_varies(tmp_path) -> None:
     """Per-option samples: the 4-6 bit options settle on a small share of a large heavy-tailed tensor (the
     take-all stratum of outlier units carries their variance), and every estimate is within the bound."""
     from mintbuild.hf.checkpoint import TensorInfo
-    from mintbuild.stages.profile import measure_quantized
+    from mintbuild.mlx.measure import measure_quantized
 
     g = torch.Generator().manual_seed(5)
     w = torch.randn(4096, 4096, generator=g) * (torch.randn(4096, 1, generator=g) * 0.3).exp() * 0.02

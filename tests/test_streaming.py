@@ -13,8 +13,8 @@ import torch
 from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
 from mintbuild.config import EvalConfig
 from mintbuild.errors import MintError
+from mintbuild.hf.evaluator import choose_windows, corpus_tokens, load_baseline, perplexity, window_logits
 from mintbuild.hf.streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden
-from mintbuild.stages.evaluate import choose_windows, corpus_tokens, load_baseline, perplexity, window_logits
 from tests.synth import FAMILIES, tiny_family
 
 #: Streamed and whole-model PPL agree to float rounding: the same kernels on the same values, block by block.

@@ -11,7 +11,7 @@ from typing import Any
 
 from mintbuild.errors import MintError
 from mintbuild.io import atomic_write_json, sha256_file
-from mintbuild.mlx.rounding import GPTQ_VERSION
+from mintbuild.rounding import GPTQ_VERSION
 from mintbuild.hf.safetensors_out import StreamedSafetensors
 
 SCHEMA_VERSION = 2

@@ -54,3 +54,26 @@ def write_metrics(
         f", {metrics['delta_ppl_mean_pct']:+.2f}% vs 16-bit" if "delta_ppl_mean_pct" in metrics else "",
     )
     return metrics
+
+
+def target_metrics(
+    target: str, manifest: dict[str, Any], scores: dict[str, Any], baseline: dict[str, Any]
+) -> dict[str, Any]:
+    """metrics.json of a packed target: its pack manifest's budget and bytes, its scores, and the change against
+    the 16-bit baseline's scores (`read_baseline(...)["metrics"]`)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "target": target,
+        "budget": manifest["budget"],
+        "requested_budget": manifest.get("requested_budget", manifest["budget"]),
+        "notes": manifest.get("notes", []),
+        "bytes_on_disk": manifest["weights_bytes"],
+        "avg_bits_per_weight": manifest["avg_bits_per_weight"],
+        "objective": manifest["objective"],
+        **scores,
+        "baseline_ppl_mean": baseline["ppl_mean"],
+        "baseline_ppl_median": baseline["ppl_median"],
+        "delta_ppl_mean": scores["ppl_mean"] - baseline["ppl_mean"],
+        "delta_ppl_median": scores["ppl_median"] - baseline["ppl_median"],
+        "delta_ppl_mean_pct": 100 * (scores["ppl_mean"] / baseline["ppl_mean"] - 1),
+    }

@@ -129,3 +129,62 @@ def render_summary(p: Profile) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- columns, as the profiles fill them
+
+
+
+
+def nrmse_of(sse: np.ndarray, norm_sq: float) -> np.ndarray:
+    if norm_sq > 0:
+        return np.sqrt(sse / norm_sq)
+    return np.where(sse > 0, np.inf, 0.0)  # an all-zero tensor quantizes exactly: defined error 0
+
+
+def sqnr_of(sse: np.ndarray, norm_sq: float) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(
+            sse > 0, 10.0 * np.log10(np.maximum(norm_sq, 1e-300) / np.where(sse > 0, sse, 1.0)), np.inf
+        )
+
+
+def new_columns(n: int, k: int) -> dict[str, np.ndarray]:
+    return {
+        "bytes": np.zeros((n, k), np.int64),
+        "available": np.zeros((n, k), np.uint8),
+        "sse": np.full((n, k), np.nan),
+        "nrmse": np.full((n, k), np.nan),
+        "sqnr": np.full((n, k), np.nan),
+        "worst_nrmse": np.full((n, k), np.nan),
+        "nrmse_rse": np.zeros((n, k)),
+        "elements": np.zeros(n, np.int64),
+        "norm_sq": np.zeros(n),
+        "sampled_elements": np.zeros(n, np.int64),
+    }
+
+
+def fill_option(cols, i, k, nbytes, sse, rse, worst, norm_sq) -> None:
+    cols["bytes"][i, k] = nbytes
+    cols["available"][i, k] = 1
+    cols["sse"][i, k] = sse[0]
+    cols["nrmse"][i, k] = nrmse_of(sse, norm_sq)[0]
+    cols["sqnr"][i, k] = sqnr_of(sse, norm_sq)[0]
+    cols["worst_nrmse"][i, k] = (worst if worst is not None else nrmse_of(sse, norm_sq))[0]
+    cols["nrmse_rse"][i, k] = rse[0]
+
+
+#: config.json keys later stages need (KV-cache headroom, the evaluator's window).
+CONFIG_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "num_attention_heads",
+    "hidden_size",
+    "head_dim",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "vocab_size",
+    "torch_dtype",
+)
+

@@ -231,8 +231,8 @@ def pack_gguf(
     """Write `out`/ (model.gguf by llama-quantize, tensor-types.txt, config.json and the tokenizer files of
     `model_dir`, mintbuild-pack.json) for a gguf allocation, or only plan it (`dry_run`). Atomic: on any error
     (a failed llama-quantize, a type it changed, a byte count off the plan) nothing is left behind."""
+    from mintbuild.artifacts.pack import MANIFEST_FILE, build_manifest, check_tokenizer, tokenizer_files
     from mintbuild.llamacpp.build import build_name
-    from mintbuild.mlx.folder import MANIFEST_FILE, MANIFEST_SCHEMA, check_tokenizer, tokenizer_files
 
     plan = make_plan(alloc)
     check_budget(plan)
@@ -255,35 +255,15 @@ def pack_gguf(
         for src in files:
             if src.name != "config.json":
                 shutil.copyfile(src, tmp / src.name)
-        totals = alloc["totals"]
-        result.manifest = {
-            "schema_version": MANIFEST_SCHEMA,
-            "format": "gguf",
-            "target": plan.target,
-            "allocation_sha256": sha256_file(alloc_path),
-            "provenance": alloc.get("provenance", {}),
-            "budget": plan.budget,
-            "requested_budget": totals["budget"],
-            "notes": alloc.get("notes", []),
-            "weights_file": OUT_FILE,
-            "weights_bytes": facts["file_bytes"],
-            "header_bytes": facts["header_bytes"],
-            "parameters": plan.parameters,
-            "avg_bits_per_weight": 8 * plan.data_bytes / max(plan.parameters, 1),
-            "objective": totals.get("objective"),
-            "objective_kind": totals.get("objective_kind"),
-            "quantizer": f"llama-quantize (llama.cpp {build_name()})",
-            "rounding": {"method": "llama-quantize", "imatrix": plan.imatrix, "base_type": BASE_TYPE},
-            "tensor_types": dict(sorted(Counter(plan.types.values()).items())),
-            "files": {
-                p.name: {
-                    "bytes": p.stat().st_size,
-                    "sha256": facts["sha256"] if p.name == OUT_FILE else sha256_file(p),
-                }
-                for p in sorted(tmp.iterdir())
-                if p.is_file() and p.name != MANIFEST_FILE
-            },
-        }
+        result.manifest = build_manifest(
+            tmp, alloc, alloc_path, target=plan.target, budget=plan.budget, weights_bytes=facts["file_bytes"],
+            header_bytes=facts["header_bytes"], parameters=plan.parameters, data_bytes=plan.data_bytes,
+            quantizer=f"llama-quantize (llama.cpp {build_name()})",
+            rounding={"method": "llama-quantize", "imatrix": plan.imatrix, "base_type": BASE_TYPE},
+            known={OUT_FILE: facts["sha256"]},
+            extra={"format": "gguf", "weights_file": OUT_FILE,
+                   "tensor_types": dict(sorted(Counter(plan.types.values()).items()))},
+        )  # fmt: skip
         atomic_write_json(tmp / MANIFEST_FILE, result.manifest)
     result.seconds = seconds
     log.info(

@@ -16,29 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from mintbuild.artifacts.pack import build_manifest
 from mintbuild.errors import MintError
 from mintbuild.formats import Option, stored_entry_names
-from mintbuild.io import read_json, sha256_file
 from mintbuild.mlx.quant.reference import QUANTIZER_VERSION, dequantize_codes, unpack_codes
 
 WEIGHTS_FILE = "model.safetensors"
 
 
-MANIFEST_FILE = "mintbuild-pack.json"
-
-
-MANIFEST_SCHEMA = 1
-
-
 #: safetensors metadata mlx-lm's own save_model writes; fixed so the file is byte-identical on rerun.
 FILE_METADATA = {"format": "mlx"}
-
-
-#: Small files of the model folder copied next to the weights (tokenizer* files are matched by prefix).
-COPIED_FILES = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -109,36 +96,6 @@ def packed_config(model_config: dict[str, Any], plan: Plan) -> dict[str, Any]:
     return cfg
 
 
-def tokenizer_files(model_dir: Path) -> list[Path]:
-    """The model folder's tokenizer and generation files; refuses a folder without a tokenizer."""
-    if not any((model_dir / n).is_file() for n in TOKENIZER_FILES):
-        raise MintError(
-            f"{model_dir}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); the packed model needs one"
-        )
-    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.startswith("tokenizer"))
-    files += [model_dir / n for n in COPIED_FILES if (model_dir / n).is_file()]
-    return sorted(set(files))
-
-
-def check_tokenizer(model_dir: Path, model_config: dict[str, Any]) -> None:
-    """A tokenizer whose ids do not fit the model's embedding is the wrong tokenizer."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        return
-    try:
-        tok = json.loads(path.read_text(encoding="utf-8"))
-        vocab = tok["model"]["vocab"]
-        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
-        ids += [a["id"] for a in tok.get("added_tokens", [])]
-    except (ValueError, KeyError, TypeError) as e:
-        raise MintError(f"{path}: not a valid tokenizer.json ({e})") from None
-    n = model_config.get("vocab_size")
-    if n and ids and max(ids) >= int(n):
-        raise MintError(
-            f"{path}: token id {max(ids)} does not fit the model's vocab_size {n}: wrong tokenizer for this model"
-        )
-
-
 def manifest(
     folder: Path,
     alloc: dict[str, Any],
@@ -147,61 +104,12 @@ def manifest(
     known: dict[str, str],
     rounding: dict[str, Any],
 ) -> dict[str, Any]:
-    """The pack's record; `known` holds sha256 digests already computed (file name -> hex)."""
-    totals = alloc["totals"]
-    return {
-        "schema_version": MANIFEST_SCHEMA,
-        "target": plan.target,
-        "allocation_sha256": sha256_file(alloc_path),
-        "provenance": alloc.get("provenance", {}),
-        "budget": plan.budget,
-        "requested_budget": totals["budget"],
-        "notes": alloc.get("notes", []),
-        "weights_bytes": plan.file_bytes,
-        "header_bytes": len(plan.header),
-        "parameters": plan.parameters,
-        "avg_bits_per_weight": 8 * plan.data_bytes / max(plan.parameters, 1),
-        "objective": totals.get("objective"),
-        "objective_kind": totals.get("objective_kind"),
-        "quantizer": QUANTIZER_VERSION,
-        "rounding": rounding,
-        "files": {
-            p.name: {"bytes": p.stat().st_size, "sha256": known.get(p.name) or sha256_file(p)}
-            for p in sorted(folder.iterdir())
-            if p.is_file() and p.name != MANIFEST_FILE
-        },
-    }
-
-
-def verify_manifest(folder: Path) -> dict[str, Any]:
-    """The pack manifest, after checking every file it lists (size, sha256) and that no weight file was added."""
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
-        raise MintError(f"{folder}: no {MANIFEST_FILE}; not a folder written by `mintbuild pack`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (ValueError, KeyError) as e:
-        raise MintError(f"{path}: invalid pack manifest ({e})") from None
-    for name, want in sorted(files.items()):
-        p = folder / name
-        if not p.is_file():
-            raise MintError(f"{p}: listed in {MANIFEST_FILE} but missing")
-        size = p.stat().st_size
-        if size != want["bytes"]:
-            raise MintError(f"{p}: {size:,} B but the pack wrote {want['bytes']:,} B (edited by hand?)")
-        if sha256_file(p) != want["sha256"]:
-            raise MintError(
-                f"{p}: content differs from what the pack wrote (sha256 mismatch; edited by hand?)"
-            )
-    extra = sorted(p.name for p in folder.glob("*.safetensors*") if p.name not in files)
-    if extra:
-        raise MintError(f"{folder}: weight file(s) {extra} not written by the pack")
-    return manifest
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    return read_json(folder / "config.json", "no config.json")
+    """The pack's record of an MLX folder; `known` holds sha256 digests already computed (file name -> hex)."""
+    return build_manifest(
+        folder, alloc, alloc_path, target=plan.target, budget=plan.budget, weights_bytes=plan.file_bytes,
+        header_bytes=len(plan.header), parameters=plan.parameters, data_bytes=plan.data_bytes,
+        quantizer=QUANTIZER_VERSION, rounding=rounding, known=known,
+    )  # fmt: skip
 
 
 def module_option(quant: dict[str, Any], path: str) -> tuple[int, int]:

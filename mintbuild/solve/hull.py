@@ -95,7 +95,7 @@ def solve_lp(inst: Instance, budget: int) -> LPRelaxation:
     lam = float(seg_eff[crit])
     taken = np.bincount(seg_row[order[:t]], minlength=inst.n_rows)
     rem = slack - (int(cum[t - 1]) if t else 0)
-    taken = _fill(taken, seg_row[order[t:]], seg_pos[order[t:]], ds[seg_row, seg_pos][order[t:]], rem)
+    taken = fill_option(taken, seg_row[order[t:]], seg_pos[order[t:]], ds[seg_row, seg_pos][order[t:]], rem)
     rounded = hull[rows, taken]
     return LPRelaxation(
         lam=lam,
@@ -117,7 +117,7 @@ def lagrangian_bound(inst: Instance, lam: float, budget: int) -> float:
     return math.fsum(per_row.tolist()) - lam * float(budget - inst.min_bytes)
 
 
-def _fill(taken: np.ndarray, row: np.ndarray, pos: np.ndarray, ds: np.ndarray, rem: int) -> np.ndarray:
+def fill_option(taken: np.ndarray, row: np.ndarray, pos: np.ndarray, ds: np.ndarray, rem: int) -> np.ndarray:
     """Continue the hull greedy past the critical segment, skipping what does not fit (a row's later segments
     only once its earlier ones are in)."""
     taken = taken.copy()

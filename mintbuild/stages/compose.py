@@ -13,7 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-from mintbuild.config import expand_formats, load_params
+from mintbuild.config import expand_formats, load_params, targets_by_format
 from mintbuild.errors import MintError
 from mintbuild.io import atomic_write_text
 
@@ -40,6 +40,9 @@ def compose_text(conf_dir: Path, overrides: list[str] | None = None, config_name
     if isinstance(container, dict) and container.get("targets"):
         # every DVC foreach key is one (target, format): a target asking for two formats becomes two
         container["targets"] = expand_formats(container["targets"])
+    if isinstance(container, dict):
+        # what dvc.yaml's per-format stages iterate over (conf/ names the resolver DVC's composition uses)
+        container["by_format"] = targets_by_format(container.get("targets"))
     text = HEADER + OmegaConf.to_yaml(OmegaConf.create(container), sort_keys=True)
     _validate(text)
     return text
