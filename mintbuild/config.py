@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -327,7 +327,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as e:
         raise MintError(f"{path}: {_describe(e)}") from None
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    return cast(Params, OmegaConf.to_object(cfg))  # merged onto the Params schema: a Params instance
 
 
 def _describe(e: OmegaConfBaseException) -> str:
@@ -339,5 +339,5 @@ def _describe(e: OmegaConfBaseException) -> str:
 def as_dict(cfg: Any) -> dict[str, Any]:
     """Plain dict of a dataclass/DictConfig (for hashing and provenance)."""
     if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+        return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))  # a DictConfig: a dict
+    return cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))

@@ -44,7 +44,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     name = re.escape(path.name)
     with_pid = re.compile(rf"\.{name}\.(\d+)\.[A-Za-z0-9_]+\.tmp|\.{name}\.old-(\d+)")
     legacy = re.compile(rf"\.{name}\.[A-Za-z0-9_]{{8}}\.tmp")  # mkstemp/mkdtemp's 8 random characters
-    removed = []
+    removed: list[Path] = []
     try:
         siblings = list(path.parent.iterdir())
     except FileNotFoundError:

@@ -167,6 +167,7 @@ def _status(repo: Path) -> dict[str, set[str]]:
     return {k: v for k, v in changed.items() if v}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("library", ["mintbuild/calibration/windows.py", "mintbuild/artifacts/profile.py"])
 def test_editing_a_library_reruns_exactly_the_stages_that_import_it(tmp_path: Path, library: str) -> None:
     """A real DVC repo holding this dvc.yaml and a lock whose code hashes are current: editing `library`
@@ -218,7 +219,7 @@ def built_lock(repo: Path) -> dict:
 @pytest.mark.parametrize("verb", LIGHT)
 def test_light_stages_import_neither_torch_nor_numba(verb: str) -> None:
     code = (
-        f"import sys, mintbuild.{verb}; "
+        f"import sys, mintbuild.stages.{verb}; "
         "heavy = sorted(m for m in ('torch', 'numba', 'transformers', 'llvmlite') if m in sys.modules); "
         "print(','.join(heavy))"
     )

@@ -26,6 +26,8 @@ from mintbuild.stages.convert import run_converter
 
 from .synth import FAMILIES
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -446,7 +448,6 @@ def test_bos_rule_is_llama_perplexity_s(
     assert np.array_equal(theirs[0], ours[0]) and np.array_equal(theirs[1, 1:], ours[1, 1:])
 
 
-@pytest.mark.slow
 def test_smollm2_q4_k_m_agrees_with_llama_perplexity(
     smollm2_dir: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:

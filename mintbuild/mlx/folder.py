@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mintbuild.artifacts.model import TOKENIZER_FILES
 from mintbuild.errors import MintError
 from mintbuild.formats import Option, stored_entry_names
 from mintbuild.io import read_json, sha256_file
@@ -36,9 +37,6 @@ FILE_METADATA = {"format": "mlx"}
 
 #: Small files of the model folder copied next to the weights (tokenizer* files are matched by prefix).
 COPIED_FILES = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ def quantization_section(items: list[Item]) -> dict[str, Any] | None:
     if not quantized:
         return None
     count = Counter(it.option for it in quantized)
-    nbytes = Counter()
+    nbytes: Counter[Option] = Counter()
     for it in quantized:
         nbytes[it.option] += it.option.nbytes(it.shape)
     default = min(count, key=lambda o: (-count[o], -nbytes[o], o.name))
@@ -278,7 +276,8 @@ class PackedTensors:
         buf = np.empty((b - a) // np.dtype(np_dtype).itemsize, dtype=np_dtype)
         with open(path, "rb") as f:
             f.seek(a)
-            got = f.readinto(memoryview(buf).cast("B"))
+            # ignore: numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only; it is a buffer on 3.11 too
+            got = f.readinto(memoryview(buf).cast("B"))  # type: ignore[arg-type]
         if got != b - a or buf.size != math.prod(shape):
             raise MintError(f"{path}: tensor {name!r}: read {got:,} of {b - a:,} B (truncated file?)")
         return torch.from_numpy(buf).view(torch_dtype).reshape(shape)
