@@ -1,4 +1,4 @@
-"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore.
+"""Typed configuration: the dataclass schemas of params.yaml (OmegaConf structured configs).
 
 conf/ (Hydra) composes into params.yaml; every stage reads params.yaml through `load_params`, which merges it
 into these schemas so an unknown key or a wrong type fails with a message naming the file and the key.
@@ -199,7 +199,7 @@ class ImportanceConfig:
     #: Significant digits kept in the artifact (the last bits of CPU gradients depend on the thread split).
     sig_digits: int = 6
     #: Forward-only windows (train split) whose linear-layer inputs give the Hessians X^T X the packer's GPTQ
-    #: rounding uses (`pack.rounding`); 0 = none. Fewer than 8 x 512 tokens overfit the head's here (README).
+    #: rounding uses (`pack.rounding`); 0 = none. Fewer than 8 x 512 tokens overfit the head's here (docs/results.md).
     hessian_windows: int = 16
     #: Which layers get a Hessian (and GPTQ rounding): all (every linear layer and the head) | head (the output
     #: head only: the per-layer Hessians of an 8B are ~33 GB on disk in float32).

@@ -454,7 +454,7 @@ def test_smollm2_q4_k_m_agrees_with_llama_perplexity(
     """The embedded model as llama.cpp users get it (Q4_K_M of the bf16 conversion), default eval settings (4
     windows of 512; 2 threads): llama-perplexity and our evaluator on its chunks agree within the stage's
     tolerance overall and within 2x that per chunk. Measured: -0.63% overall, -1.4% .. +0.1% per chunk; the
-    timings are logged for the README."""
+    timings are logged for docs/results.md."""
     import logging
 
     from mintbuild.llamacpp.perplexity import TOLERANCE

@@ -147,7 +147,7 @@ def _queue_repo(root: Path, profile: Path) -> Path:
 
 @pytest.mark.e2e
 def test_dvc_queue_runs_a_budget_sweep_as_experiments(profile, tmp_path) -> None:
-    """The README's commands: `dvc exp run --queue -S 'targets.t.bits_per_weight=3.5,4.5,5.5'` queues three
+    """docs/configuration.md's commands: `dvc exp run --queue -S 'targets.t.bits_per_weight=3.5,4.5,5.5'` queues three
     experiments (Hydra's sweep grammar), `dvc queue start` runs them, `dvc exp show` lists each with its
     parameter and its allocation's metrics."""
     repo = _queue_repo(tmp_path, profile)

@@ -290,7 +290,7 @@ def release_freed_memory() -> None:
 
     glibc serves blocks below its mmap threshold (raised up to 32 MB as mapped blocks are freed) from a heap
     it rarely shrinks, so without this a streamed pass keeps the high-water mark of every block's temporaries
-    (README "Scale"). Once per block: free in the hot loops, unlike a lower mmap threshold, which made the
+    (docs/operations.md, "Memory bounds"). Once per block: free in the hot loops, unlike a lower mmap threshold, which made the
     equalize search ~30% slower."""
     with contextlib.suppress(OSError, AttributeError):
         _libc().malloc_trim(0)
