@@ -91,6 +91,7 @@ def test_sizes_match_libggml(name):
         assert o.row_bytes(k) == ggml.row_size(name, k)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(GGUF_OPTIONS))
 def test_nbytes_is_what_ggml_writes(name):
     o = GGUF_OPTIONS[name]

@@ -67,6 +67,7 @@ def assert_train_only(result: dict, corpus_dir: Path) -> None:
 # ---------------------------------------------------------------- tiny model
 
 
+@pytest.mark.e2e
 def test_alpha_is_deterministic(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
     a = run(tiny_model, corpus_dir, TINY, tmp_path / "a", progress=False)
     b = run(tiny_model, corpus_dir, TINY, tmp_path / "b", progress=False)
@@ -92,6 +93,7 @@ def _loss(model: torch.nn.Module, windows: list[list[int]]) -> float:
         ) / len(windows)
 
 
+@pytest.mark.e2e
 def test_alpha_tracks_loss_sensitivity(tiny_model: Path, corpus_dir: Path) -> None:
     """The same relative noise on each tensor moves the loss by ~|g.delta| ~ sqrt(alpha * SSE): the measured
     loss change ranks the tensors as alpha*SSE does."""

@@ -26,6 +26,7 @@ def text(corpus_dir: Path) -> str:
     return (corpus_dir / "train.txt").read_text(encoding="utf-8")[:100_000]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_streamed_logits_equal_whole_model(family: str, text: str, tmp_path: Path) -> None:
     """Every family: rotary embeddings, sliding-window masks (gemma, window 32 < 64 tokens), MoE blocks, untied
