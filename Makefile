@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
 export MINTBUILD_CACHE ?= $(CURDIR)/.cache/mintbuild
 
-.PHONY: setup llamacpp build test lint bench quality clean
+.PHONY: setup llamacpp build test test-fast lint bench quality clean
 
 setup: $(VENV)/.installed
 
@@ -34,9 +34,16 @@ build: setup llamacpp
 test: setup lint llamacpp
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
+## test-fast: the unit tests only (about two minutes): every test marked e2e (the real model, DVC, llama.cpp,
+## mlx-lm or over ~5 s) is skipped; `make test` runs them
+test-fast: setup llamacpp
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m "not e2e" --durations=10
+
+## lint: ruff, then mypy over the package (configured in pyproject.toml)
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python benchmarks/bench_solve.py

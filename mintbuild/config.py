@@ -1,4 +1,4 @@
-"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore.
+"""Typed configuration: the dataclass schemas of params.yaml (OmegaConf structured configs).
 
 conf/ (Hydra) composes into params.yaml; every stage reads params.yaml through `load_params`, which merges it
 into these schemas so an unknown key or a wrong type fails with a message naming the file and the key.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -203,7 +203,7 @@ class ImportanceConfig:
     #: Significant digits kept in the artifact (the last bits of CPU gradients depend on the thread split).
     sig_digits: int = 6
     #: Forward-only windows (train split) whose linear-layer inputs give the Hessians X^T X the packer's GPTQ
-    #: rounding uses (`pack.rounding`); 0 = none. Fewer than 8 x 512 tokens overfit the head's here (README).
+    #: rounding uses (`pack.rounding`); 0 = none. Fewer than 8 x 512 tokens overfit the head's here (docs/results.md).
     hessian_windows: int = 16
     #: Which layers get a Hessian (and GPTQ rounding): all (every linear layer and the head) | head (the output
     #: head only: the per-layer Hessians of an 8B are ~33 GB on disk in float32).
@@ -344,7 +344,8 @@ def register_resolvers() -> None:
     compose, or `dvc exp run` through hydra_plugins/mintbuild_conf.py)."""
     if not OmegaConf.has_resolver("mintbuild_by_format"):
         OmegaConf.register_new_resolver(
-            "mintbuild_by_format", lambda targets: OmegaConf.create(targets_by_format(OmegaConf.to_container(targets)))
+            "mintbuild_by_format",
+            lambda targets: OmegaConf.create(targets_by_format(OmegaConf.to_container(targets))),
         )
 
 
@@ -359,7 +360,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as e:
         raise MintError(f"{path}: {_describe(e)}") from None
-    params: Params = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    params = cast(Params, OmegaConf.to_object(cfg))  # merged onto the Params schema: a Params instance
     want = targets_by_format({n: {"formats": t.formats} for n, t in params.targets.items()})
     if not any(params.by_format.values()):  # not composed (a params file written by hand or a test): derive
         params.by_format = want
@@ -380,8 +381,8 @@ def _describe(e: OmegaConfBaseException) -> str:
 def as_dict(cfg: Any) -> dict[str, Any]:
     """Plain dict of a dataclass/DictConfig (for hashing and provenance)."""
     if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+        return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))  # a DictConfig: a dict
+    return cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
 
 
 register_resolvers()

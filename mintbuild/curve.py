@@ -94,7 +94,7 @@ def _fit(
         a, b, c, b0 = unpack(theta)
         return a + b / np.power(xs - b0, c) - y
 
-    best = None
+    best: Any = None  # scipy's OptimizeResult of the lowest cost so far
     for f in (0.0, 0.5, 0.8, 0.9, 0.97) if free_b0 else (0.0,):
         for c0 in (0.5, 1.0, 2.0) if free_c else (1.0,):
             theta0 = [
@@ -103,9 +103,13 @@ def _fit(
             ]
             lo, up = [a_min, 0.0], [np.inf, np.inf]
             if free_c:
-                theta0.append(c0), lo.append(0.1), up.append(8.0)
+                theta0.append(c0)
+                lo.append(0.1)
+                up.append(8.0)
             if free_b0:
-                theta0.append(f * hi_b0), lo.append(0.0), up.append(hi_b0)
+                theta0.append(f * hi_b0)
+                lo.append(0.0)
+                up.append(hi_b0)
             theta0 = np.clip(
                 theta0, lo, [u if math.isfinite(u) else t for u, t in zip(up, theta0, strict=True)]
             )

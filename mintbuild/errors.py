@@ -10,4 +10,9 @@ class MintError(Exception):
 
 
 class InfeasibleBudget(MintError):
-    """The budget is below the smallest size any allocation can reach."""
+    """The budget is below the smallest size any allocation can reach. The solver sets the three figures (the
+    smallest reachable bytes, the budget asked, the rows whose floors weigh most); other raisers may not."""
+
+    min_bytes: int
+    budget: int
+    floor_rows: list[int]

@@ -4,7 +4,7 @@ Every artifact is written to a temporary sibling and renamed into place, so a cr
 half-written file or folder where a later stage (or DVC) would take it for a finished one. The temporary
 sibling's name carries the writer's PID (`.<name>.<pid>.<random>.tmp`); a process killed outright (SIGKILL,
 out of memory) cannot remove it, so the next atomic write to the same destination removes the temporary
-siblings whose writer is no longer running (and those of the earlier naming, which carried no PID).
+siblings whose writer is not running (and PID-less `.<name>.<random>.tmp` ones, whose writer cannot be known).
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary siblings of `path` left by killed writers: `.<name>.<pid>.<random>.tmp` whose PID
-    is not running, the PID-less `.<name>.<random>.tmp` of earlier versions, and `.<name>.old-<pid>` (the
+    is not running, PID-less `.<name>.<random>.tmp` (8 random characters), and `.<name>.old-<pid>` (the
     previous output, moved aside just before the rename) of dead writers. Returns what was removed."""
     path = Path(path)
     name = re.escape(path.name)
     with_pid = re.compile(rf"\.{name}\.(\d+)\.[A-Za-z0-9_]+\.tmp|\.{name}\.old-(\d+)")
     legacy = re.compile(rf"\.{name}\.[A-Za-z0-9_]{{8}}\.tmp")  # mkstemp/mkdtemp's 8 random characters
-    removed = []
+    removed: list[Path] = []
     try:
         siblings = list(path.parent.iterdir())
     except FileNotFoundError:

@@ -30,14 +30,12 @@ from mintbuild.formats import (
     passthrough_index,
     stored_entry_names,
 )
+from mintbuild.hf.names import expert_group as expert_name_group
 from mintbuild.rounding import gptq_helps
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("nrmse", "mse", "fisher")
-
-
-_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 @dataclass
@@ -63,7 +61,7 @@ def expert_group(meta: dict[str, Any]) -> str:
     """The decision a tensor belongs to: MoE experts named one per tensor, which the runtime stacks into one
     tensor on load, share one decision (`...experts.*.w`); any other tensor is its own."""
     if meta["role"] == "moe_expert":
-        return _EXPERT.sub(".experts.*.", meta["name"])
+        return expert_name_group(meta["name"])
     return meta["name"]
 
 
@@ -102,10 +100,11 @@ def build_problem(
     k16 = passthrough_index(profile.options)
     costs = _costs(cfg, nrmse, sqnr, avail, priors, alphas, elements, k16)
     if cfg.objective == "fisher":
-        fisher = _fisher_sse(profile, idx, importance or {}, gains or {})
+        measured = gains or {}
+        fisher = _fisher_sse(profile, idx, importance or {}, measured)
         for d in decisions:
-            for m in set(d["members"]) & set(gains or {}):
-                d["rounding_gain"] = {k: round(v, 4) for k, v in sorted(gains[m].items())}
+            for m in set(d["members"]) & set(measured):
+                d["rounding_gain"] = {k: round(v, 4) for k, v in sorted(measured[m].items())}
         costs = np.where(np.isfinite(costs), _weights(priors, alphas)[:, None] * fisher, np.inf)
     sizes = np.where(avail, sizes, 0)
     if profile.format == "gguf":

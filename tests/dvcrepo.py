@@ -96,7 +96,9 @@ def make_repo(repo: Path, params: dict) -> Path:
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     shutil.copytree(ROOT / "mintbuild", repo / "mintbuild", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "hydra_plugins", repo / "hydra_plugins", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "hydra_plugins", repo / "hydra_plugins", ignore=shutil.ignore_patterns("__pycache__")
+    )
     sh(repo, "git", "init", "-q")
     sh(repo, "dvc", "init", "-q")
     write_params(repo, params)

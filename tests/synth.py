@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from mintbuild.config import PUBLISHED_PRIORS, SolverConfig
+from mintbuild.errors import MintError
 
 
 def llama_tensors(
@@ -139,9 +141,9 @@ def _train_tokenizer(out: Path, text: str, vocab: int, bos: bool = False) -> int
     return tok.get_vocab_size()
 
 
-def published_solver(**kw: object) -> SolverConfig:
+def published_solver(**kw: Any) -> SolverConfig:
     """The published objective and priors (nrmse, role table): data-free, so a test needs no importance stage."""
-    return SolverConfig(objective="nrmse", priors=dict(PUBLISHED_PRIORS), **kw)  # type: ignore[arg-type]
+    return SolverConfig(objective="nrmse", priors=dict(PUBLISHED_PRIORS), **kw)
 
 
 #: Tiny configs of the families mintbuild supports (transformers config classes, random weights, no hub).
@@ -202,3 +204,20 @@ def tiny_family(
                 p.add_(0.1 * torch.randn(p.shape))
     model.to(torch.bfloat16).save_pretrained(out)
     return out
+
+
+def load_model(model_dir: Path) -> Any:
+    """The whole model in float32 through transformers: the reference the streamed stages are compared with."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not (model_dir / "config.json").is_file():
+        raise MintError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise MintError(
+            f"{model_dir}: transformers cannot load the model ({str(e).splitlines()[0]})"
+        ) from None
+    model.eval()  # no dropout; gradients still flow
+    return model

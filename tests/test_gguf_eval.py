@@ -26,6 +26,8 @@ from mintbuild.stages.convert import run_converter
 
 from .synth import FAMILIES
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -448,14 +450,13 @@ def test_bos_rule_is_llama_perplexity_s(
     assert np.array_equal(theirs[0], ours[0]) and np.array_equal(theirs[1, 1:], ours[1, 1:])
 
 
-@pytest.mark.slow
 def test_smollm2_q4_k_m_agrees_with_llama_perplexity(
     smollm2_dir: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
     """The embedded model as llama.cpp users get it (Q4_K_M of the bf16 conversion), default eval settings (4
     windows of 512; 2 threads): llama-perplexity and our evaluator on its chunks agree within the stage's
     tolerance overall and within 2x that per chunk. Measured: -0.63% overall, -1.4% .. +0.1% per chunk; the
-    timings are logged for the README."""
+    timings are logged for docs/results.md."""
     import logging
 
     from mintbuild.llamacpp.perplexity import TOLERANCE

@@ -21,7 +21,6 @@ from benchmarks.bench_gptq import reference_gptq_codes
 from mintbuild.artifacts.importance import HESSIAN_FILE, load_hessians
 from mintbuild.artifacts.pack import MANIFEST_FILE, read_config
 from mintbuild.calibration.hessians import compute_hessians
-from mintbuild.calibration.windows import load_model
 from mintbuild.config import ImportanceConfig, PackConfig
 from mintbuild.errors import MintError
 from mintbuild.formats import Option
@@ -279,6 +278,7 @@ def test_result_does_not_depend_on_threads_or_row_split() -> None:
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+@pytest.mark.e2e
 def test_rounding_gain_is_unchanged_by_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     opts, w = [Option(4, 64), Option(2, 32), Option(8, 64)], weights(300, 256, 8)
     fit, held = (x.double().T @ x.double() for x in (tokens(1024, 256, 3), tokens(1024, 256, 4)))
@@ -298,6 +298,7 @@ def test_gptq_refuses_partial_groups() -> None:
 TINY = ImportanceConfig(n_windows=1, window=64, seed=0, threads=1, hessian_windows=3)
 
 
+@pytest.mark.e2e
 def test_input_hessians_are_xtx_of_every_linear_input(tmp_path: Path, corpus_dir: Path) -> None:
     """Every linear layer's H (and the head's) is X^T X of its inputs in the whole unstreamed model, layers that
     read one tensor share one stored H, the even-window half GPTQ's gain is fitted on is the even windows' sum,
@@ -397,7 +398,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / WEIGHTS_FILE))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_pack_rounds_only_the_head_by_gptq(gptq_build: dict[str, Any]) -> None:
     rtn, gptq = _tensors(gptq_build["rtn"]), _tensors(gptq_build["gptq"])
     assert rtn.keys() == gptq.keys()
@@ -412,10 +413,12 @@ def test_pack_rounds_only_the_head_by_gptq(gptq_build: dict[str, Any]) -> None:
     assert gptq_file.read_bytes() == (gptq_build["again"] / WEIGHTS_FILE).read_bytes()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_gptq_head_has_less_output_error_on_test_tokens(gptq_build: dict[str, Any], corpus_dir: Path) -> None:
     """The head's output error on hidden states of the *test* split (never calibrated on), GPTQ vs RTN."""
     from mintbuild.calibration.windows import load_tokenizer
+
+    from .synth import load_model
 
     model_dir = Path(gptq_build["params"].equalize.out)
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
@@ -432,7 +435,7 @@ def test_gptq_head_has_less_output_error_on_test_tokens(gptq_build: dict[str, An
     assert errs["gptq"] < 0.6 * errs["rtn"], errs
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_pack_refuses_missing_or_foreign_hessian(gptq_build: dict[str, Any], tmp_path: Path) -> None:
     params = gptq_build["params"]
     saved = params.importance.out
@@ -466,7 +469,7 @@ def test_pack_refuses_missing_or_foreign_hessian(gptq_build: dict[str, Any], tmp
     assert not (tmp_path / "pack").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_fisher_allocation_prices_the_head_as_packed(gptq_build: dict[str, Any], tmp_path: Path) -> None:
     """With pack.rounding gptq, the fisher cost of the head is its round-to-nearest cost x the held-out GPTQ
     gain of each option; every other cost is unchanged, and the allocation stays within budget and optimal."""
@@ -508,7 +511,7 @@ def test_fisher_allocation_prices_the_head_as_packed(gptq_build: dict[str, Any],
     )
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_where_gptq_overfits_pack_rounds_to_nearest_and_prices_it(
     gptq_build: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -68,6 +68,7 @@ def assert_train_only(result: dict, corpus_dir: Path) -> None:
 # ---------------------------------------------------------------- tiny model
 
 
+@pytest.mark.e2e
 def test_alpha_is_deterministic(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
     a = run(tiny_model, corpus_dir, TINY, tmp_path / "a", progress=False)
     b = run(tiny_model, corpus_dir, TINY, tmp_path / "b", progress=False)
@@ -93,6 +94,7 @@ def _loss(model: torch.nn.Module, windows: list[list[int]]) -> float:
         ) / len(windows)
 
 
+@pytest.mark.e2e
 def test_alpha_tracks_loss_sensitivity(tiny_model: Path, corpus_dir: Path) -> None:
     """The same relative noise on each tensor moves the loss by ~|g.delta| ~ sqrt(alpha * SSE): the measured
     loss change ranks the tensors as alpha*SSE does."""
@@ -149,7 +151,7 @@ def test_scaling_down_a_path_lowers_its_alpha(tiny_model: Path, corpus_dir: Path
 
 def whole_model_fisher(model_dir: Path, windows: list) -> tuple[dict[str, list[float]], list[float]]:
     """The oracle: the whole fp32 model, one backward pass per window (the stage's previous implementation)."""
-    from mintbuild.calibration.windows import load_model
+    from .synth import load_model
 
     model = load_model(model_dir)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -169,7 +171,7 @@ def whole_model_fisher(model_dir: Path, windows: list) -> tuple[dict[str, list[f
 def whole_model_hessians(model_dir: Path, windows: list) -> dict[str, torch.Tensor]:
     """{weight name: sum over the windows' tokens of x x^T (float64)} of every nn.Linear's input x (the head's
     under the embedding's name when tied), from the whole unstreamed model."""
-    from mintbuild.calibration.windows import load_model
+    from .synth import load_model
 
     model = load_model(model_dir)
     names = {id(p): n for n, p in model.named_parameters()}  # the tied head's weight is the embedding's
@@ -260,7 +262,7 @@ def test_head_gradient_by_row_blocks_equals_the_whole_gradient(hidden: int) -> N
     assert blocked != _head_g2(x[0], dy[0], None, chunk)  # the embedding's rows count
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_streamed_fisher_and_hessian_equal_whole_model_smollm2(smollm2_dir: Path, corpus_dir: Path) -> None:
     assert_streamed_equals_whole(smollm2_dir, corpus_dir, 2, 64)
 
@@ -295,6 +297,7 @@ def test_bad_inputs(tiny_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the real model
 
 
+@pytest.mark.e2e
 def test_windows_of_the_real_corpus_avoid_the_test_split(smollm2_dir: Path, corpus_dir: Path) -> None:
     from mintbuild.calibration.windows import read_train_text
 
@@ -309,6 +312,7 @@ def test_windows_of_the_real_corpus_avoid_the_test_split(smollm2_dir: Path, corp
     assert tok(text[w.char_start : w.char_end], add_special_tokens=False)["input_ids"] == w.ids
 
 
+@pytest.mark.e2e
 def test_real_smollm2_small_calibration(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:
     from mintbuild.hf.checkpoint import fingerprint
 

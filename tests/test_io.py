@@ -88,6 +88,7 @@ def _pack(params: Path, cache: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.e2e
 def test_pack_killed_mid_write_leaves_nothing_once_rerun(pack_params: Path, tmp_path: Path) -> None:
     out_root = Path(yaml.safe_load(pack_params.read_text())["pack_out"])
     proc = _pack(pack_params, tmp_path / "cache")

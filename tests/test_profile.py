@@ -256,6 +256,7 @@ def test_bad_input_is_one_clear_error(kind: str, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("kind", ["truncated", "nan"])
 def test_cli_exit_code_no_traceback_no_partial_artifact(kind: str, tmp_path: Path) -> None:
     path, needle = _corrupt(kind, tmp_path)

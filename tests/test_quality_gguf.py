@@ -40,6 +40,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+@pytest.mark.e2e
 def test_quality_benchmark_gguf_rows(repo: Path) -> None:
     """Stock Q4_K_M with and without the imatrix, mintbuild at each file's bytes (never more), finite
     PPLs, llama-perplexity's within the module's tolerance of ours on its chunks, the goal figures computed."""

@@ -15,6 +15,8 @@ from mintbuild.stages.allocate import run as allocate
 
 from .synth import published_solver
 
+pytestmark = pytest.mark.e2e
+
 OPTS = OPTION_SETS["default"]
 
 

@@ -141,6 +141,7 @@ def _git(repo: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
 
 
+@pytest.mark.e2e
 def test_dvc_plots_show_and_diff_render_the_report_and_quality_data(build, tmp_path) -> None:
     """dvc.yaml's top-level plots over a written report folder and a quality.json: `dvc plots show --json`
     lists both with data (series: measured, 16-bit, both predictors; one per benchmark method), and

@@ -12,6 +12,8 @@ import pytest
 from .dvcrepo import make_repo, out_hashes, ran, sh, tiny_params, write_params, write_text
 from .synth import tiny_llama
 
+pytestmark = pytest.mark.e2e
+
 
 def _threads(n: int) -> dict[str, str]:
     """Every thread pool a stage can use: torch (OpenMP, MKL), numba, BLAS."""

@@ -26,6 +26,7 @@ def text(corpus_dir: Path) -> str:
     return (corpus_dir / "train.txt").read_text(encoding="utf-8")[:100_000]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_streamed_logits_equal_whole_model(family: str, text: str, tmp_path: Path) -> None:
     """Every family: rotary embeddings, sliding-window masks (gemma, window 32 < 64 tokens), MoE blocks, untied
@@ -84,7 +85,7 @@ def test_a_model_without_its_head_reads_no_head(text: str, tmp_path: Path) -> No
     assert lean.model.get_output_embeddings().weight.device.type == "meta"  # the walk's reload reads no head
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_streamed_ppl_equals_whole_model_on_smollm2(smollm2_dir: Path, corpus_dir: Path, dtype: str) -> None:
     torch.set_num_threads(1)

@@ -45,6 +45,7 @@ def _sweep(cwd: Path, profile: Path, *overrides: str) -> subprocess.CompletedPro
     return _sh(cwd, "mintbuild", "sweep", "--conf", str(ROOT / "conf"), *overrides, *base)
 
 
+@pytest.mark.e2e
 def test_multirun_of_budgets_allocates_every_job_and_writes_one_summary(profile, tmp_path) -> None:
     """Hydra's range() grammar expands to one job per budget, run by the basic launcher: Hydra's layout (one
     numbered folder per job with .hydra/ and the job's log, multirun.yaml) plus one summary table (Markdown
@@ -78,6 +79,7 @@ def test_multirun_of_budgets_allocates_every_job_and_writes_one_summary(profile,
     ).read_bytes()
 
 
+@pytest.mark.e2e
 def test_joblib_launcher_runs_a_list_of_sizes_in_parallel_processes(profile, tmp_path) -> None:
     """The joblib launcher (hydra-joblib-launcher) with two workers: three jobs, one summary, and the same
     allocations as the basic launcher gives."""
@@ -93,6 +95,7 @@ def test_joblib_launcher_runs_a_list_of_sizes_in_parallel_processes(profile, tmp
     assert all("error" not in r and r["bytes"] <= r["budget"] for r in a) and (par / "sweep.md").is_file()
 
 
+@pytest.mark.e2e
 def test_a_run_without_multirun_is_one_job_and_typos_fail(profile, tmp_path) -> None:
     """Without --multirun, one job in hydra.run.dir, summarised the same way; an unknown key fails loudly."""
     out = tmp_path / "run"
@@ -145,8 +148,9 @@ def _queue_repo(root: Path, profile: Path) -> Path:
     return repo
 
 
+@pytest.mark.e2e
 def test_dvc_queue_runs_a_budget_sweep_as_experiments(profile, tmp_path) -> None:
-    """The README's commands: `dvc exp run --queue -S 'targets.t.bits_per_weight=3.5,4.5,5.5'` queues three
+    """docs/configuration.md's commands: `dvc exp run --queue -S 'targets.t.bits_per_weight=3.5,4.5,5.5'` queues three
     experiments (Hydra's sweep grammar), `dvc queue start` runs them, `dvc exp show` lists each with its
     parameter and its allocation's metrics."""
     repo = _queue_repo(tmp_path, profile)

@@ -22,7 +22,6 @@ PLOT_FILE = "budget_curve.json"
 REPORT_DIR = "artifacts/report"
 #: Where `predict`, `diff` and `sweep` find the build's fitted curve (the report stage's default output).
 DEFAULT_CURVE = f"{REPORT_DIR}/{CURVE_FILE}"
-DEFAULT_PREDICTOR = f"{REPORT_DIR}/{PREDICTOR_FILE}"
 SCHEMA_VERSION = 1
 
 

@@ -95,7 +95,9 @@ def write_importance(
 
     if hessians:
         # one spec per key, from the record (its input width), so that no Hessian is read to lay out the file
-        specs = {t["key"]: ("F32", (t["inputs"], t["inputs"])) for t in record["tensors"].values()}
+        specs: dict[str, tuple[str, tuple[int, ...]]] = {
+            t["key"]: ("F32", (t["inputs"], t["inputs"])) for t in record["tensors"].values()
+        }
         meta = {"schema_version": str(SCHEMA_VERSION)}
         with StreamedSafetensors(folder / HESSIAN_FILE, specs, meta) as f:
             for key in specs:

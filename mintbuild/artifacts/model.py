@@ -25,6 +25,9 @@ MANIFEST_SCHEMA = 1
 
 #: Small files copied from a local model folder (tokenizer files are matched by the `tokenizer` prefix).
 SMALL_FILES = ("config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+#: A model folder has a tokenizer when it has one of these (the files that travel with the weights are the
+#: `tokenizer*` ones, so a vocab.json-only tokenizer would not survive a copy).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def resolve_weights_dir(model_out: Path) -> Path:

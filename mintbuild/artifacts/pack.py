@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mintbuild.artifacts.model import TOKENIZER_FILES
 from mintbuild.errors import MintError
 from mintbuild.io import read_json, sha256_file
 
@@ -18,8 +19,6 @@ MANIFEST_FILE = "mintbuild-pack.json"
 MANIFEST_SCHEMA = 1
 #: Small files of the model folder copied next to the weights (tokenizer* files are matched by prefix).
 COPIED_FILES = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
-#: A packed model needs one of these.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def tokenizer_files(model_dir: Path) -> list[Path]:

@@ -122,7 +122,7 @@ def _layer_pairs(
     elif _linear(mods, "self_attn.qkv_proj"):
         readers, v_fold, v_rows = ["self_attn.qkv_proj"], "self_attn.qkv_proj", (q + kv, q + 2 * kv)
     else:
-        readers = v_fold = v_rows = None
+        readers, v_fold, v_rows = None, None, None
     mlp_norm = (
         "pre_feedforward_layernorm" if "pre_feedforward_layernorm" in mods else "post_attention_layernorm"
     )
@@ -573,7 +573,7 @@ def _stream_blocks(
 def rewritten_tensors(params: dict[str, Any], groups: list[Group], ckpt: Any) -> dict[str, Any]:
     """The checkpoint tensors the groups rewrote, from `params` (name -> parameter) in their stored dtype,
     checked exact."""
-    touched = set()
+    touched: set[str] = set()
     for g in groups:
         touched.update(f"{n}.weight" for n in g.linears)
         touched.update({f"{g.fold}.weight", f"{g.fold}.bias"})

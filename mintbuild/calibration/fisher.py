@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -62,13 +61,11 @@ from mintbuild.calibration.windows import (
 )
 from mintbuild.config import ImportanceConfig
 from mintbuild.hf.checkpoint import tied_lm_head
+from mintbuild.hf.names import expert_group
 from mintbuild.hf.streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden, run_block
 from mintbuild.reproducible import sum_squares64
 
 log = logging.getLogger(__name__)
-
-
-_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
 def _g2(p: Any, chunk: int = 1 << 22) -> float:
@@ -346,7 +343,7 @@ def shrink_experts(
     groups: dict[str, list[str]] = defaultdict(list)
     for name in means:
         if roles.get(name) == "moe_expert":
-            groups[_EXPERT.sub(".experts.*.", name)].append(name)
+            groups[expert_group(name)].append(name)
     for members in groups.values():
         seen = [n for n in members if means[n] > 0]
         if not seen:

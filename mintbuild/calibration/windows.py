@@ -1,6 +1,6 @@
 """Calibration toolkit shared by the calibration stages (equalize, importance) and evaluate, as siblings:
-the train-split text, the one tokenizer loader, seeded token windows, fp32 model loading, torch settings
-and the stages' shared command-line arguments.
+the train-split text, the one tokenizer loader, seeded token windows, torch settings and the stages' shared
+command-line arguments.
 
 Windows: start at a line beginning of train.txt, chosen with a seeded permutation, non-overlapping; each starts
 the way the model's tokenizer starts a sequence (its BOS when it adds one: `sequence_prefix`), followed by the
@@ -23,13 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from mintbuild.artifacts.model import resolve_weights_dir
+from mintbuild.artifacts.model import TOKENIZER_FILES, resolve_weights_dir
 from mintbuild.config import Params, load_params
 from mintbuild.errors import MintError
 from mintbuild.io import sha256_file
 
 SPLIT = "train"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 log = logging.getLogger(__name__)
 
@@ -125,22 +124,6 @@ def _window_at(text: str, tokenizer: Any, start: int, length: int, prefix: list[
         if end == len(text):
             return None
         span *= 2
-
-
-def load_model(model_dir: Path) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if not (model_dir / "config.json").is_file():
-        raise MintError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise MintError(
-            f"{model_dir}: transformers cannot load the model ({str(e).splitlines()[0]})"
-        ) from None
-    model.eval()  # no dropout; gradients still flow
-    return model
 
 
 @contextlib.contextmanager

@@ -268,7 +268,6 @@ DEFAULT_ROLE_RULES: list[tuple[str, str]] = [
     ("mlp_up", r"(up_proj|\.w3|fc1|c_fc|dense_h_to_4h)\."),
     ("mlp_down", r"(down_proj|\.w2|fc2|dense_4h_to_h)\."),
 ]
-ROLES = sorted({r for r, _ in DEFAULT_ROLE_RULES} | {"moe_expert", "other"})
 #: Roles that always stay 16-bit (the runtime keeps them in the activation dtype).
 PASSTHROUGH_ROLES = {"norm", "bias"}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
@@ -321,7 +320,8 @@ def content_hash(info: TensorInfo, t: torch.Tensor) -> str:
     h = xxhash.xxh3_128()
     h.update(f"{info.name}|{info.dtype}|{list(info.shape)}|".encode())
     if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        # ignore: numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only; it is a buffer on 3.11 too
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     return h.hexdigest()
 
 
@@ -344,7 +344,7 @@ def expert_parts(name: str, has: Callable[[str], bool]) -> list[list[str]] | Non
     if not m:
         return None
     parts = ("gate_proj", "up_proj") if m["what"] == "gate_up_proj" else ("down_proj",)
-    groups = []
+    groups: list[list[str]] = []
     while has(f"{m['stem']}.{len(groups)}.{parts[0]}.weight"):
         groups.append([f"{m['stem']}.{len(groups)}.{p}.weight" for p in parts])
     return groups or None

@@ -163,7 +163,7 @@ def streamed_nll(
     model: StreamedModel, tokens: np.ndarray, windows: Windows, progress: bool
 ) -> list[tuple[float, int]]:
     """(NLL sum, tokens scored) per window, every window through block l before block l+1 is read."""
-    ids = [windows.ids(tokens, s) for s in windows.starts]
+    ids = [windows.ids(tokens, s).tolist() for s in windows.starts]
     size = torch.empty((), dtype=model.dtype).element_size()
     # the windows' hidden states in and out of a block, and one window's logits in float32
     acts = 2 * len(ids) * windows.length * model.config.hidden_size * size
@@ -238,7 +238,8 @@ def eval_settings(cfg: EvalConfig, corpus_sha: str, windows: Windows) -> dict[st
 
 def evaluate_folder(
     model: torch.nn.Module | StreamedModel, tok_folder: Path, params: Params, corpus_dir: Path, progress: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(scores, settings, timings) of `model` on the eval windows of the corpus split."""
     tokenizer = load_tokenizer(tok_folder)
     tokens, corpus_sha = corpus_tokens(corpus_dir, params.eval.split, tokenizer)
     max_pos = getattr(model.config, "max_position_embeddings", None)

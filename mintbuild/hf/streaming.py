@@ -180,7 +180,10 @@ class StreamedModel:
         return [f"{self.prefix}.{i}.{n}" for n, _ in self.blocks[i].named_parameters()]
 
     def _load(self, module: torch.nn.Module, module_prefix: str, names: list[str]) -> None:
-        stacked = {n: expert_parts(n, self.source.has) for n in names if not self.source.has(n)}
+        # values are None only for names refused just below
+        stacked: dict[str, Any] = {
+            n: expert_parts(n, self.source.has) for n in names if not self.source.has(n)
+        }
         missing = [n for n, parts in stacked.items() if parts is None]
         if missing:
             raise MintError(
@@ -254,7 +257,7 @@ class StreamedModel:
     # ------------------------------------------------------------ running the model's own forward around us
 
     @contextlib.contextmanager
-    def _swapped(self, stand_ins: list[torch.nn.Module]) -> Iterator[None]:
+    def _swapped(self, stand_ins: Sequence[torch.nn.Module]) -> Iterator[None]:
         original = self.decoder.layers
         self.decoder.layers = torch.nn.ModuleList(stand_ins)
         try:
@@ -267,7 +270,7 @@ class StreamedModel:
         model's decoder forward with recorders in place of the blocks; under grad mode the returned input keeps
         its graph back to the embedding."""
         recorders = [_Recorder(b) for b in self.blocks]
-        with self._swapped(recorders):  # type: ignore[arg-type]
+        with self._swapped(recorders):
             self.decoder(input_ids=ids, use_cache=False)
         if any(len(r.calls) != 1 for r in recorders):
             raise MintError(f"{type(self.model).__name__}: the model's forward did not call every block once")
@@ -278,7 +281,7 @@ class StreamedModel:
         """The model's own output (final norm, head, soft-capping; a loss when `labels` is given) for `ids`,
         with `hidden` as the last block's output."""
         stand_ins = [_Recorder(b) for b in self.blocks[:-1]] + [_Replay(self.blocks[-1], hidden)]
-        with self._swapped(stand_ins):  # type: ignore[arg-type]
+        with self._swapped(stand_ins):
             return self.model(input_ids=ids, use_cache=False, **kw)
 
 
@@ -287,7 +290,7 @@ def release_freed_memory() -> None:
 
     glibc serves blocks below its mmap threshold (raised up to 32 MB as mapped blocks are freed) from a heap
     it rarely shrinks, so without this a streamed pass keeps the high-water mark of every block's temporaries
-    (README "Scale"). Once per block: free in the hot loops, unlike a lower mmap threshold, which made the
+    (docs/operations.md, "Memory bounds"). Once per block: free in the hot loops, unlike a lower mmap threshold, which made the
     equalize search ~30% slower."""
     with contextlib.suppress(OSError, AttributeError):
         _libc().malloc_trim(0)

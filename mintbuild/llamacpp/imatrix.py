@@ -73,10 +73,11 @@ def gguf_entries(
             sums[e] = squares.sums[hf]
             counts[e] = squares.counts[hf]
         entries[name] = Entry(sums, counts)
-    for name, e in entries.items():
-        if e.sums.shape[-1] != shapes[name][-1]:
+    for name, entry in entries.items():
+        if entry.sums.shape[-1] != shapes[name][-1]:
             raise MintError(
-                f"imatrix: {name} has rows of {shapes[name][-1]} values but its statistics have {e.sums.shape[-1]}"
+                f"imatrix: {name} has rows of {shapes[name][-1]} values but its statistics have "
+                f"{entry.sums.shape[-1]}"
             )
     unmapped = sorted(set(squares.sums) - set(mapping))
     if unmapped:

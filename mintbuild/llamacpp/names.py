@@ -11,15 +11,13 @@ entry rather than a wrong one.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mintbuild.errors import MintError
+from mintbuild.hf.names import EXPERT
 
 log = logging.getLogger(__name__)
-
-_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -49,8 +47,8 @@ def hf_to_gguf(
     out: dict[str, GGUFName] = {}
     missed = []
     for hf in hf_names:
-        m = _EXPERT.search(hf)
-        key, expert = (_EXPERT.sub(".experts.", hf), int(m.group(1))) if m else (hf, None)
+        m = EXPERT.search(hf)
+        key, expert = (EXPERT.sub(".experts.", hf), int(m.group(1))) if m else (hf, None)
         name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         if name in present:
             out[hf] = GGUFName(name, expert)

@@ -258,10 +258,10 @@ def profile_gguf(
                 fill_option(cols, i, k, nb, sse[j : j + 1], rse[j : j + 1], None, norm_sq)
         else:
             for k in usable:
-                sse, per = gguf_sse(x, opts[k].name, weights, threads)
+                err_sq, per = gguf_sse(x, opts[k].name, weights, threads)
                 worst = _worst_matrix(x, per) if len(shape) == 3 and shape[0] > 1 else None
                 nb = gguf_padded(opts[k].nbytes(shape))
-                fill_option(cols, i, k, nb, np.array([sse]), np.array([0.0]), worst, norm_sq)
+                fill_option(cols, i, k, nb, np.array([err_sq]), np.array([0.0]), worst, norm_sq)
         metas.append({
             "name": t.name,
             "shape": list(shape),

@@ -36,13 +36,6 @@ NOT_WEIGHTS = frozenset({"rope_freqs.weight"})
 OUTPUT, TOKEN_EMBD = "output.weight", "token_embd.weight"
 
 
-def read_architecture(path: Path) -> str:
-    """general.architecture of a GGUF file (gguf-py's reader; memory-mapped, nothing loaded)."""
-    from gguf import GGUFReader
-
-    return _architecture(GGUFReader(str(path)), Path(path))
-
-
 def _architecture(reader: Any, path: Path) -> str:
     field = reader.fields.get("general.architecture")
     if field is None:
@@ -50,7 +43,7 @@ def _architecture(reader: Any, path: Path) -> str:
     return str(field.contents())
 
 
-def _meta_model(config: dict[str, Any]) -> torch.nn.Module:
+def _meta_model(config: dict[str, Any]) -> Any:
     """The transformers model of `config` with its parameters on the meta device (names and shapes only)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM

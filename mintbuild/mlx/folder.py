@@ -72,7 +72,7 @@ def quantization_section(items: list[Item]) -> dict[str, Any] | None:
     if not quantized:
         return None
     count = Counter(it.option for it in quantized)
-    nbytes = Counter()
+    nbytes: Counter[Option] = Counter()
     for it in quantized:
         nbytes[it.option] += it.option.nbytes(it.shape)
     default = min(count, key=lambda o: (-count[o], -nbytes[o], o.name))
@@ -186,7 +186,8 @@ class PackedTensors:
         buf = np.empty((b - a) // np.dtype(np_dtype).itemsize, dtype=np_dtype)
         with open(path, "rb") as f:
             f.seek(a)
-            got = f.readinto(memoryview(buf).cast("B"))
+            # ignore: numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only; it is a buffer on 3.11 too
+            got = f.readinto(memoryview(buf).cast("B"))  # type: ignore[arg-type]
         if got != b - a or buf.size != math.prod(shape):
             raise MintError(f"{path}: tensor {name!r}: read {got:,} of {b - a:,} B (truncated file?)")
         return torch.from_numpy(buf).view(torch_dtype).reshape(shape)

@@ -24,10 +24,8 @@ columns in act order), in float32, with w's columns in act order and g(j) the gr
     with one rounding per term (a chain of fused multiply-adds from 0)
 
 which is, operation for operation, the torch column loop kept as the reference in benchmarks/bench_gptq.py (the
-block product there is MKL's sgemm, which, measured, sums in exactly that order). Until gptq-mlx-affine/2 the
-columns went in their stored order and a group's scale and bias came from its values as GPTQ had left them;
-act order lowered the held-out output error of most SmolLM2 projections (docs/experiments.md); until
-gptq-mlx-affine/3 the grids were round-to-nearest's, unclipped.
+block product there is MKL's sgemm, which, measured, sums in exactly that order). The format tag
+(`rounding.GPTQ_VERSION`, gptq-mlx-affine/3) names this arithmetic: act order on clipped grids.
 
 How the kernel (`_gptq_rows`) is fast: rows are taken 64 at a time (a row block: its working set stays in the
 core's cache), as 8-row panels transposed so that a column of 8 rows is one 8-lane vector and every step above
@@ -40,8 +38,8 @@ so the output depends neither on the thread count nor on how rows are split; the
 Which tensors get it is decided by the importance stage, which measures H for every linear layer (or the output
 head only) and GPTQ's held-out gain on each tensor and option (`rounding_gain`); where that gain is not below 1
 (GPTQ fitted the calibration windows but does worse than rounding to nearest on the held-out ones,
-`rounding.gptq_helps`), pack rounds to nearest and the allocator prices round-to-nearest. The README's "Rounding" has
-what it gains and what it costs.
+`rounding.gptq_helps`), pack rounds to nearest and the allocator prices round-to-nearest. docs/method.md ("Rounding") says
+why, docs/results.md what it gains and what it costs.
 """
 
 from __future__ import annotations

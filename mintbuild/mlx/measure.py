@@ -17,7 +17,6 @@ import math
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,15 +54,6 @@ log = logging.getLogger(__name__)
 
 #: Rows of a large tensor converted to float32 at a time (bounds peak memory to ~64 MB per chunk).
 CHUNK_ELEMENTS = 1 << 24
-
-
-@dataclass
-class TensorStats:
-    sse: np.ndarray  # [K] float64, per option; nan where unavailable
-    worst_nrmse: np.ndarray  # [K] per-expert worst case (== nrmse for ordinary tensors)
-    rse: np.ndarray  # [K] relative standard error of the NRMSE estimate (0 when exact)
-    norm_sq: float
-    sampled: int  # elements measured by the quantized option whose sample grew largest
 
 
 def _storage_values(x: torch.Tensor) -> torch.Tensor:

@@ -167,8 +167,8 @@ def check_budget(plan: Plan) -> None:
 
 
 def render_plan(plan: Plan, out: Path) -> str:
-    opts = Counter()
-    nbytes = Counter()
+    opts: Counter[str] = Counter()
+    nbytes: Counter[str] = Counter()
     for it in plan.items:
         opts[it.option.name] += 1
         nbytes[it.option.name] += sum(e.nbytes for e in it.entries)
@@ -217,7 +217,8 @@ def tensor_payload(
         )
     except MintError as e:
         raise MintError(f"{info.file}: tensor {item.source!r}: {e}") from None
-    parts = [memoryview(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))).cast("B") for a in arrays]
+    # ignore: numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only; it is a buffer on 3.11 too
+    parts = [memoryview(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))).cast("B") for a in arrays]  # type: ignore[arg-type]
     cache.put(key, item.option, parts)
     return parts
 

@@ -21,10 +21,10 @@ from mintbuild.solve.dp import solve_dp
 from mintbuild.solve.exact import solve_exact
 from mintbuild.solve.greedy import solve_greedy
 from mintbuild.solve.problem import Instance as MCKPInstance
-from mintbuild.solve.problem import MCKPResult, run
+from mintbuild.solve.problem import MCKPResult, MethodFn, run
 
 METHODS = ("exact", "cvxpy", "dp", "greedy")
-_FUNCS = {"exact": solve_exact, "dp": solve_dp, "greedy": solve_greedy}
+_FUNCS: dict[str, MethodFn] = {"exact": solve_exact, "dp": solve_dp, "greedy": solve_greedy}
 
 __all__ = ["METHODS", "CvxpyMCKP", "MCKPInstance", "MCKPResult", "solve_mckp"]
 

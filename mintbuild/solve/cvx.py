@@ -35,7 +35,7 @@ class CvxpyMCKP:
     def __init__(self, sizes: Any, costs: Any = None, *, prune_dominated: bool = True) -> None:
         self.inst = sizes if isinstance(sizes, Instance) else Instance(sizes, costs)
         self.prune_dominated = prune_dominated
-        self._problem = None
+        self._problem: Any = None  # a cvxpy Problem once built (cvxpy is imported lazily)
 
     def _build(self) -> None:
         import cvxpy as cp

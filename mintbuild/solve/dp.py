@@ -71,7 +71,7 @@ def dp_solve(
         )
     cap = shape.capacity
     m = size.shape[0]
-    arg = np.zeros((m, cap + 1), dtype=shape.argmin_dtype)
+    arg: np.ndarray = np.zeros((m, cap + 1), dtype=shape.argmin_dtype)
     old = np.zeros(cap + 1)
     new = np.empty(cap + 1)
     cand = np.empty(cap + 1)

@@ -146,7 +146,7 @@ def _validate(sizes: Any, costs: Any) -> tuple[np.ndarray, np.ndarray]:
     return s, c
 
 
-def _check_rows(bad: np.ndarray, what: str) -> None:
+def _check_rows(bad: np.ndarray | np.bool_, what: str) -> None:
     if bad.any():
         rows = np.flatnonzero(bad)
         more = f" (and {rows.size - 1} more rows)" if rows.size > 1 else ""

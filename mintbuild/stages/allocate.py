@@ -131,10 +131,10 @@ def _document(problem, name, target, cfg, profile, budget, why, tensor_budget, r
     return {
         "schema_version": SCHEMA_VERSION,
         "target": name,
-        # the runtime: absent for MLX (so MLX allocations stay byte-identical to those before GGUF existed)
+        # the runtime: absent for MLX, so an MLX allocation does not depend on the GGUF code path at all
         **gguf,
         # The description is for people: editing it must not change the artifact (nor rebuild pack/evaluate).
-        # (and the default format, mlx, is implicit: MLX allocations stay as they were before GGUF existed)
+        # The default format, mlx, is implicit: an MLX target's allocation does not record it.
         "target_config": {
             k: v
             for k, v in as_dict(target).items()

@@ -52,8 +52,9 @@ def supported_architectures(python_dir: Path) -> frozenset[str]:
         raise MintError(f"{src}: cannot read llama.cpp's converter ({e})") from None
     for node in tree.body:
         target = getattr(node, "target", None) or (getattr(node, "targets", None) or [None])[0]
-        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and node.value is not None:
-            return frozenset(ast.literal_eval(node.value))
+        value = getattr(node, "value", None)
+        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and value is not None:
+            return frozenset(ast.literal_eval(value))
     raise MintError(f"{src}: no TEXT_MODEL_MAP (llama.cpp's converter changed its layout)")
 
 
@@ -144,7 +145,7 @@ def convert(model_dir: Path, cfg: ConvertConfig, out: Path) -> dict[str, Any]:
     from mintbuild.llamacpp.build import build_name, ensure_llamacpp
 
     if not cfg.enabled:
-        doc = {"schema_version": SCHEMA_VERSION, "enabled": False, "note": DISABLED}
+        doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "enabled": False, "note": DISABLED}
         with atomic_dir(out) as tmp:
             (tmp / CONVERT_FILE).write_text(canonical_json(doc), encoding="utf-8")
         log.info("convert.enabled is false: no GGUF converted (%s)", out / CONVERT_FILE)

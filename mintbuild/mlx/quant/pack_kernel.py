@@ -167,16 +167,16 @@ def _pack_row(codes: np.ndarray, bits: int, per: int, out: np.ndarray) -> None:
             out[w] = acc
         return
     for c in range(k // 32):
-        acc = np.uint64(0)
+        acc64 = np.uint64(0)
         n_acc = 0
         w = c * bits
         for j in range(32):
-            acc |= np.uint64(codes[c * 32 + j]) << np.uint64(n_acc)
+            acc64 |= np.uint64(codes[c * 32 + j]) << np.uint64(n_acc)
             n_acc += bits
             if n_acc >= 32:
-                out[w] = np.uint32(acc & np.uint64(0xFFFFFFFF))
+                out[w] = np.uint32(acc64 & np.uint64(0xFFFFFFFF))
                 w += 1
-                acc >>= np.uint64(32)
+                acc64 >>= np.uint64(32)
                 n_acc -= 32
 
 
