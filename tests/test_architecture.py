@@ -327,3 +327,11 @@ def rewrite_dvc_deps() -> list[str]:
 
 if __name__ == "__main__":
     print("rewrote the deps of:", ", ".join(rewrite_dvc_deps()) or "nothing")
+
+
+def test_readme_lists_every_verb_with_its_help() -> None:
+    """The README's verb table is cli.VERBS, row for row (regenerate it from VERBS after a change)."""
+    from mintbuild.cli import VERBS
+
+    rows = re.findall(r"^\| `([a-z-]+)` \| (.+) \|$", (ROOT / "README.md").read_text(), re.M)
+    assert rows == list(VERBS.items())
