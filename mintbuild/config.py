@@ -289,11 +289,9 @@ def select_targets(params: Params, targets: list[str] | None, fmt: str | None = 
         raise MintError(f"unknown target(s) {unknown}; configured: {sorted(params.targets)}")
     other = [n for n in names if fmt is not None and target_format(params.targets[n], n) != fmt]
     if other:
-        t = params.targets[other[0]]
-        raise MintError(
-            f"target {other[0]!r} is a {target_format(t, other[0])} target; this verb builds {fmt} targets "
-            f"(GGUF targets: the *-gguf verbs)"
-        )
+        have = target_format(params.targets[other[0]], other[0])
+        verbs = "profile-gguf, pack-gguf, evaluate-gguf" if have == "gguf" else "profile, pack, evaluate"
+        raise MintError(f"target {other[0]!r} builds {have}, not {fmt}: its verbs are {verbs}")
     return names
 
 

@@ -242,7 +242,7 @@ def eval_params(root: Path, hf: Path, corpus_dir: Path, window: int, n_windows: 
     from mintbuild.config import EvalConfig, Params, TargetConfig
     from mintbuild.stages.model import import_model
 
-    p = Params(targets={"t": TargetConfig(bits_per_weight=5.0)})
+    p = Params(targets={"t": TargetConfig(bits_per_weight=5.0, formats=["gguf"])})
     p.model.source, p.model.path, p.model.out = "local", str(hf), str(root / "model")
     p.corpus.out = str(corpus_dir)
     p.eval = EvalConfig(window=window, n_windows=n_windows, threads=threads)
