@@ -137,3 +137,39 @@ def split_summary(placed: Placed) -> dict[str, Any]:
         "rel_gap": r.rel_gap,
         "optimal": bool(r.optimal),
     }
+
+
+def split_row(alloc: dict[str, Any]) -> dict[str, Any]:
+    """The report row's extra fields for a split allocation ({} for a one-budget one, whose row is unchanged)."""
+    s = alloc.get("split")
+    if not s:
+        return {}
+    return {"split": {side: {"bytes": s[side]["bytes"], "budget": s[side]["budget"]} for side in SIDE_NAMES}}
+
+
+def split_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: each split target's bytes and budget per side ([] when no row is split)."""
+    split = [r for r in rows if r.get("split")]
+    if not split:
+        return []
+    lines = ["", "Split targets (bytes per memory):", "", "| target | gpu | gpu budget | cpu | cpu budget |"]
+    lines.append("|---|---:|---:|---:|---:|")
+    for r in split:
+        g, c = r["split"]["gpu"], r["split"]["cpu"]
+        lines.append(
+            f"| {r['target']} | {format_size(g['bytes'])} | {format_size(g['budget'])} | "
+            f"{format_size(c['bytes'])} | {format_size(c['budget'])} |"
+        )
+    return lines
+
+
+def split_diff_rows(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """`mintbuild diff` table rows: each side's bytes of budget, before and after ([] if neither is split)."""
+    sa, sb = a.get("split"), b.get("split")
+    if not (sa or sb):
+        return []
+
+    def cell(s: dict[str, Any] | None, side: str) -> str:
+        return "-" if not s else f"{format_size(s[side]['bytes'])} of {format_size(s[side]['budget'])}"
+
+    return [f"| {side} bytes | {cell(sa, side)} | {cell(sb, side)} |" for side in SIDE_NAMES]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mintbuild.artifacts.model import write_local_manifest
-from mintbuild.budget import ModelFacts, resolve_budget, resolve_split_budget
+from mintbuild.budget import ModelFacts, format_size, resolve_budget, resolve_split_budget
 from mintbuild.config import (
     ConvertConfig,
     ImportanceConfig,
@@ -28,9 +28,9 @@ from mintbuild.config import (
 from mintbuild.errors import InfeasibleBudget, MintError
 from mintbuild.llamacpp.build import run_tool
 from mintbuild.llamacpp.placement import PLACEMENT_FILE, override_rules
-from mintbuild.placement import CPU, EITHER, GPU, where_for
+from mintbuild.placement import CPU, EITHER, GPU, split_diff_rows, split_table, where_for
 from mintbuild.solve.split import solve_split
-from mintbuild.stages import allocate, importance, pack, profile
+from mintbuild.stages import allocate, importance, pack, profile, report
 from mintbuild.stages.convert import convert
 from tests.dvcrepo import write_text
 from tests.gguf_synth import SMOLLM2_VOCAB, TOKENIZER_FILES, smollm2_tokenizer
@@ -272,6 +272,16 @@ def test_tiny_moe_split_target_builds_and_llama_cpp_places_every_tensor(
     if placement == "experts_on_cpu":
         assert all(d["side"] == "cpu" for d in alloc["decisions"] if d["role"] == "moe_experts")
     assert len({d["option"] for d in alloc["decisions"] if d["quantizable"]}) > 1
+
+    # The report and `mintbuild diff` show both sides' bytes.
+    row = report.row_of("s", alloc, None)
+    assert row["split"]["gpu"] == {"bytes": split["gpu"]["bytes"], "budget": gpu}
+    table = "\n".join(split_table([row]))
+    assert f"| s | {format_size(split['gpu']['bytes'])} | {format_size(gpu)} |" in table
+    assert (
+        split_diff_rows({}, alloc)[1]
+        == f"| cpu bytes | - | {format_size(split['cpu']['bytes'])} of {format_size(cpu)} |"
+    )
 
     out = Path(params.pack_out) / "s"
     pack.run(params, ["s"], progress=False)
