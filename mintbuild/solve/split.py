@@ -229,7 +229,14 @@ def _solve_model(model: _Model) -> tuple[np.ndarray | None, float, dict]:
     trials: list[tuple[np.ndarray, int]] = []
     support = model.a.any(axis=1)
     hard = [k for k in range(len(model.cap)) if k != model.soft and support[k]] or [0]
-    soft_prices = [0.0] if model.soft is None else sorted({0.0, model.soft_price})
+    # Most binding first (usage with every row at its cheapest option over capacity): the usual answer is
+    # proven by the first trial, and the rest are skipped.
+    cheapest = np.full(model.n_rows, np.inf)
+    np.minimum.at(cheapest, model.row, model.cost)
+    first = _lowest_index_per_row(model.row, model.cost <= cheapest[model.row], model.n_rows)
+    pressure = model.a[:, first].sum(axis=1) / np.maximum(model.cap, 1)
+    hard.sort(key=lambda k: -pressure[k])
+    soft_prices = [0.0] if model.soft is None else sorted({0.0, model.soft_price}, reverse=True)
     for k in hard:
         for price in soft_prices:
             y = np.zeros(len(model.cap))
@@ -238,22 +245,37 @@ def _solve_model(model: _Model) -> tuple[np.ndarray | None, float, dict]:
             trials.append((y, k))
     bound = -math.inf
     info: dict[str, Any] = {"lagrangian": []}
-    if model.row.size <= LP_MAX_CHOICES:
-        y, lp_info = _lp_duals(model, None, None)
-        lagr = model.cost + y @ model.a.astype(np.float64)
-        row_min = np.full(model.n_rows, np.inf)
-        np.minimum.at(row_min, model.row, lagr)
-        bound = math.fsum(row_min.tolist()) - float(y @ model.cap.astype(np.float64))
-        info.update(lp_info, lp_bound=bound)
-        trials.append((y, max(hard, key=lambda k: y[k])))
     best_pick, best_value = None, math.inf
-    for y, k in trials:
+
+    def attempt(y: np.ndarray, k: int) -> bool:
+        nonlocal bound, best_pick, best_value
         pick, b = _lagrangian_exact(model, y, k)
         info["lagrangian"].append({"kept": k, "bound": b})
         bound = max(bound, b)
         if pick is not None and model.fits(pick) and (v := model.value(pick)) < best_value:
             best_pick, best_value = pick, v
+        return best_value - bound <= max(REL_TOL * abs(best_value), ABS_TOL)  # proven: stop
+
+    if any(attempt(y, k) for y, k in trials):
+        return best_pick, bound, info
+    if model.row.size <= LP_MAX_CHOICES:
+        y, lp_info = _lp_duals(model, None, None)
+        lagr = model.cost + y @ model.a.astype(np.float64)
+        row_min = np.full(model.n_rows, np.inf)
+        np.minimum.at(row_min, model.row, lagr)
+        lp_bound = math.fsum(row_min.tolist()) - float(y @ model.cap.astype(np.float64))
+        bound = max(bound, lp_bound)
+        info.update(lp_info, lp_bound=lp_bound)
+        attempt(y, max(hard, key=lambda k: y[k]))
     return best_pick, bound, info
+
+
+def _lowest_index_per_row(row: np.ndarray, ok: np.ndarray, n_rows: int) -> np.ndarray:
+    """Per row, the lowest choice index where `ok` holds (every row has one)."""
+    idx = np.flatnonzero(ok)
+    out = np.empty(n_rows, dtype=np.int64)
+    out[row[idx[::-1]]] = idx[::-1]
+    return out
 
 
 def _lagrangian_exact(model: _Model, y: np.ndarray, k: int) -> tuple[np.ndarray | None, float]:
