@@ -295,6 +295,13 @@ def test_tiny_moe_split_target_builds_and_llama_cpp_places_every_tensor(
     assert over == cpu_names  # every planned cpu tensor, and nothing planned for the gpu
     # Control: without the rules llama.cpp overrides nothing (the check above can fail).
     assert _loaded_overrides(out / "model.gguf", [])[1] == set()
+    # A pair that cannot hold the model is refused before any work, naming each side's floor.
+    params.targets = {"tight": _split_target(gpu + kv, total // 20, placement=placement)}
+    with pytest.raises(
+        InfeasibleBudget, match=r"cpu floor .* > cpu budget .*gpu floor [0-9,]+ B, cpu floor"
+    ) as e:
+        allocate.run(params, None, moe["root"] / "x", Path(params.allocate_out), moe["model"])
+    assert len(str(e.value).splitlines()) == 1 and not (Path(params.allocate_out) / "tight").exists()
 
 
 def test_override_rules_match_exactly_the_names() -> None:

@@ -254,7 +254,7 @@ def _solve_model(model: _Model) -> tuple[np.ndarray | None, float, dict]:
         bound = max(bound, b)
         if pick is not None and model.fits(pick) and (v := model.value(pick)) < best_value:
             best_pick, best_value = pick, v
-        return best_value - bound <= max(REL_TOL * abs(best_value), ABS_TOL)  # proven: stop
+        return best_pick is not None and best_value - bound <= max(REL_TOL * abs(best_value), ABS_TOL)
 
     if any(attempt(y, k) for y, k in trials):
         return best_pick, bound, info
