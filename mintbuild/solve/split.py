@@ -12,17 +12,21 @@ cpu_budget, with a proven lower bound:
    pinned to the gpu, pinned to the cpu and free, R asks S_G <= B_gpu, S_C <= B_cpu, S_G + S_C + S_E <= B_gpu +
    B_cpu and prices cpu bytes as S_C + max(0, S_G + S_E - B_gpu). Every placed allocation is feasible in R at the
    same objective, so R's optimum bounds the real one from below. R has no "which side" choice, so no symmetry.
-2. R is solved exactly: its LP relaxation (HiGHS) gives byte prices y >= 0; for ANY y (the cpu-overflow price
-   capped at cpu_price) the Lagrangian L(y) = sum_i min_j (c_ij + y . a_ij) - y . b is a lower bound, recomputed
-   here in float64 from the duals. With reduced costs r_ij >= 0, an allocation cheaper than V uses only options
-   with r_ij < V - L, so rows are fixed at their Lagrangian option except the options with r_ij <= tau (the
-   core), HiGHS's MILP solves the core, and when its answer's V - L <= tau it is optimal for R (else tau grows
-   to V - L and the core is solved again). Answers are re-summed in integer bytes; a budget row HiGHS's
-   tolerance let over is tightened by the overshoot and re-solved.
-3. Placement: the free rows go to the gpu largest first while they fit, then smaller ones fill the gap; the rest
-   go to the cpu. The gap to R's bound is then the price of the gpu bytes left unused (reported).
-4. If no placement of R's options fits both sides (a free row too big for what is left on either side), the
-   whole problem, with a choice per (option, side), goes to the same core search (step 2); R's bound still holds.
+2. R by Lagrangian relaxation with the inner problem solved exactly: one hard constraint k is kept, the others
+   move into the costs at prices y >= 0 (the overflow row's at most cpu_price), and the one-budget knapsack on k
+   is solved by mintbuild.solve's proven-optimal `exact` method. Weak duality: its certified bound minus
+   y . (the moved capacities) bounds R for ANY such y. Prices tried, most binding constraint first, until an
+   answer that fits every constraint meets the bound: each constraint kept alone (overflow priced at cpu_price
+   or 0), then, up to LP_MAX_CHOICES choices, the LP relaxation's prices (HiGHS) and the LP's own bound.
+3. Placement: the free rows go to the gpu largest first while they fit, the rest to the cpu; one swap (a cpu row
+   for a smaller gpu row, or for none) closes an overflow. When R filled both sides together to the byte and no
+   packing splits them so, R is re-solved with an allowance of unused bytes (its first bound still holds). Two
+   more candidates: every free row on the gpu, and every free row on the cpu (each side then an exact one-budget
+   knapsack). The cheapest placed candidate is the answer; its distance to the bound is the reported gap.
+4. Problems up to FULL_SEARCH_ROWS rows whose answer is not proven optimal are solved with the side as a choice:
+   LP prices, reduced-cost fixing (an allocation cheaper than V uses only choices with reduced cost <= V - L),
+   HiGHS's MILP on the core, grown until V - L is covered; every answer re-summed in integer bytes and a budget
+   row HiGHS's tolerance let over is tightened by the overshoot and re-solved.
 
 The certificate: `bound` <= the optimum <= `objective`; `optimal` when the gap is within REL_TOL.
 """
@@ -259,7 +263,7 @@ def _solve_model(model: _Model) -> tuple[np.ndarray | None, float, dict]:
     if any(attempt(y, k) for y, k in trials):
         return best_pick, bound, info
     if model.row.size <= LP_MAX_CHOICES:
-        y, lp_info = _lp_duals(model, None, None)
+        y, lp_info = _lp_duals(model, None)
         lagr = model.cost + y @ model.a.astype(np.float64)
         row_min = np.full(model.n_rows, np.inf)
         np.minimum.at(row_min, model.row, lagr)
@@ -307,7 +311,7 @@ def _lagrangian_exact(model: _Model, y: np.ndarray, k: int) -> tuple[np.ndarray 
 
 def _reduced(model: _Model, time_limit: float | None) -> tuple[np.ndarray, float]:
     """Reduced costs and the Lagrangian bound at the LP's prices."""
-    y, _ = _lp_duals(model, time_limit, None)
+    y, _ = _lp_duals(model, time_limit)
     lagr = model.cost + y @ model.a.astype(np.float64)
     row_min = np.full(model.n_rows, np.inf)
     np.minimum.at(row_min, model.row, lagr)
@@ -315,15 +319,10 @@ def _reduced(model: _Model, time_limit: float | None) -> tuple[np.ndarray, float
     return np.maximum(lagr - row_min[model.row], 0.0), lower
 
 
-def _lp_duals(model: _Model, time_limit: float | None, mask: np.ndarray | None) -> tuple[np.ndarray, dict]:
-    """Byte prices (cost per byte) of the constraints in the LP relaxation over the `mask` choices; zeros if
-    HiGHS fails (L(0) is still a valid bound, only weaker). The soft row's price is capped at its overflow
-    price. Any prices give a valid bound: the LP's are the best."""
-    if mask is not None:
-        model = _Model(
-            model.row[mask], model.n_rows, model.cost[mask], model.a[:, mask], model.cap, model.soft,
-            model.soft_price,
-        )  # fmt: skip
+def _lp_duals(model: _Model, time_limit: float | None) -> tuple[np.ndarray, dict]:
+    """Byte prices (cost per byte) of the constraints in the LP relaxation; zeros if HiGHS fails (L(0) is still
+    a valid bound, only weaker). The soft row's price is capped at its overflow price. Any prices give a valid
+    bound: the LP's are the best."""
     cost, scale = _scaled(model.cost, model.row, model.n_rows)
     m = model.cost.size
     a_ub = model.a.astype(np.float64)
