@@ -10,6 +10,10 @@ A target states its budget in exactly one way:
     cache of `kv_context` tokens x `kv_batch` sequences, 2 x layers x kv_heads x head_dim x context x batch x
     `kv_bytes`, computed from the model's config.json.
 The budget covers every byte of the packed model's tensor data plus the safetensors header allowance.
+
+A split target names two memories, `memory: {gpu: 24GiB, cpu: 128GiB}` (and `reserve` per side, likewise):
+each side's budget is its memory minus its reserve, and the gpu side also minus the KV cache
+(`resolve_split_budget`); every tensor then lives on one side.
 """
 
 from __future__ import annotations
@@ -95,6 +99,11 @@ def resolve_budget(target: Any, facts: ModelFacts, name: str) -> tuple[int, str]
         how = "none" if not given else ", ".join(given)
         raise MintError(f"target {name!r}: give exactly one budget ({listed}); got {how}")
     way = given[0]
+    if way == "memory" and is_split(target):
+        raise MintError(
+            f"target {name!r} names two memories {dict(target.memory)}: a split target has two budgets "
+            "(resolve_split_budget), not one"
+        )
     if way == "size":
         b = parse_size(target.size, f"target {name!r} size")
         return b, f"size {target.size}"
@@ -124,3 +133,75 @@ def _device_budget(target: Any, facts: ModelFacts, name: str) -> tuple[int, str]
     if budget <= 0:
         raise MintError(f"target {name!r}: no memory left for weights ({why} = {budget:,} B)")
     return budget, why
+
+
+#: The two memories of a split target: gpu (device memory: the KV cache lives here) and cpu (system RAM).
+SIDES = ("gpu", "cpu")
+
+
+def is_split(target: Any) -> bool:
+    """Whether the target names several memories (`memory: {gpu: ..., cpu: ...}`)."""
+    return isinstance(getattr(target, "memory", None), dict)
+
+
+@dataclass(frozen=True)
+class SplitBudget:
+    """Bytes for weights on each side of a split target, and how each was derived."""
+
+    gpu: int
+    cpu: int
+    gpu_why: str
+    cpu_why: str
+    kv_bytes: int
+
+    def side(self, s: str) -> int:
+        return self.gpu if s == "gpu" else self.cpu
+
+
+def resolve_split_budget(target: Any, facts: ModelFacts, name: str) -> SplitBudget:
+    """Each side's weight budget: memory[side] - reserve[side], minus the KV cache on the gpu side. Refuses a
+    second budget way, unknown or missing sides, and a side with nothing left."""
+    others = [
+        k for k in ("size", "bits_per_weight", "fraction_of_16bit") if getattr(target, k) not in (None, "")
+    ]
+    if others:
+        raise MintError(f"target {name!r}: a split target's budget is its memories; drop {', '.join(others)}")
+    memory = _per_side(target.memory, name, "memory", required=True)
+    reserve = target.reserve
+    if reserve not in (None, "") and not isinstance(reserve, dict):
+        raise MintError(
+            f"target {name!r}: reserve {reserve!r}: give a split target's reserve per side, e.g. "
+            "{gpu: 1GiB, cpu: 8GiB}"
+        )
+    reserve = _per_side(reserve or {}, name, "reserve", required=False)
+    kv = kv_cache_bytes(
+        facts, int(target.kv_context or 0), int(target.kv_batch or 1), int(target.kv_bytes or 2)
+    )
+    out: dict[str, tuple[int, str]] = {}
+    for side in SIDES:
+        mem = parse_size(memory[side], f"target {name!r} memory.{side}")
+        res = parse_size(reserve[side], f"target {name!r} reserve.{side}") if side in reserve else 0
+        left = mem - res - (kv if side == "gpu" else 0)
+        why = f"{side} memory {memory[side]} - reserve {reserve.get(side, 0)}"
+        if side == "gpu":
+            why += f" - KV cache {format_size(kv)}"
+            if target.kv_context:
+                why += f" ({target.kv_context} tokens x {target.kv_batch or 1})"
+        if left <= 0:
+            raise MintError(f"target {name!r}: no {side} memory left for weights ({why} = {left:,} B)")
+        out[side] = (left, why)
+    return SplitBudget(out["gpu"][0], out["cpu"][0], out["gpu"][1], out["cpu"][1], kv)
+
+
+def _per_side(value: Any, name: str, what: str, required: bool) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MintError(f"target {name!r}: {what} {value!r}: name each side, e.g. {{gpu: 24GiB, cpu: 64GiB}}")
+    unknown = sorted(set(value) - set(SIDES))
+    missing = [s for s in SIDES if s not in value] if required else []
+    if unknown or missing:
+        raise MintError(
+            f"target {name!r}: {what} sides {sorted(value)}: a split target names exactly {list(SIDES)}"
+            + (f" (unknown: {unknown})" if unknown else "")
+            + (f" (missing: {missing})" if missing else "")
+        )
+    return dict(value)

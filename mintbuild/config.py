@@ -102,6 +102,16 @@ class ConvertConfig:
 
 
 @dataclass
+class PlacementRule:
+    """A split target's rule: tensors whose name matches `pattern` (re.search) or whose role is `role` live on
+    `side` (gpu or cpu). Rules are tried in order, before the target's `placement` preset."""
+
+    pattern: str | None = None
+    role: str | None = None
+    side: str = MISSING
+
+
+@dataclass
 class TargetConfig:
     """One hardware target. Give exactly one budget: size, bits_per_weight, fraction_of_16bit or memory."""
 
@@ -110,12 +120,22 @@ class TargetConfig:
     size: str | None = None
     bits_per_weight: float | None = None
     fraction_of_16bit: float | None = None
-    #: Device memory; the budget is memory - reserve - KV cache.
-    memory: str | None = None
-    reserve: str | None = None
+    #: Device memory; the budget is memory - reserve - KV cache. A split target names two memories,
+    #: {gpu: 24GiB, cpu: 64GiB}: each tensor then lives on one side, the KV cache is charged to the gpu side
+    #: and `reserve` may be given per side the same way (docs/split-budgets.md).
+    memory: Any = None
+    reserve: Any = None
+    #: KV cache: tokens of context per sequence, sequences (a server's parallel slots), bytes per value.
     kv_context: int = 0
     kv_batch: int = 1
     kv_bytes: int = 2
+    #: Split targets: which tensors may go where. "any" (either side) or "experts_on_cpu" (MoE expert tensors
+    #: in cpu memory, the rest free); `placement_rules` pin tensors first.
+    placement: str = "any"
+    placement_rules: list[PlacementRule] = field(default_factory=list)
+    #: Split targets: the objective's price of one GiB living in cpu memory (read at RAM bandwidth on every
+    #: token), in the solver objective's units; any positive price keeps tensors on the gpu while they fit.
+    cpu_price_per_gib: float = 1e-6
     #: "error" refuses a budget below the smallest feasible size; "min_safe" builds at that floor and says so.
     on_infeasible: str = "error"
     #: Runtimes to build for: mlx (an MLX folder) and/or gguf (a llama.cpp GGUF). `mintbuild compose` writes

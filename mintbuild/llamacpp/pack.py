@@ -28,6 +28,7 @@ from mintbuild.errors import MintError
 from mintbuild.formats import GGUF_OPTIONS
 from mintbuild.io import atomic_dir, atomic_write_json, sha256_file
 from mintbuild.llamacpp.imatrix import IMATRIX_GGUF
+from mintbuild.llamacpp.placement import write_placement
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,7 @@ def pack_gguf(
         for src in files:
             if src.name != "config.json":
                 shutil.copyfile(src, tmp / src.name)
+        write_placement(alloc, tmp, OUT_FILE, list(plan.types))  # a split target: -ot rules, launch scripts
         result.manifest = build_manifest(
             tmp, alloc, alloc_path, target=plan.target, budget=plan.budget, weights_bytes=facts["file_bytes"],
             header_bytes=facts["header_bytes"], parameters=plan.parameters, data_bytes=plan.data_bytes,

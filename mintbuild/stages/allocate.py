@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from mintbuild import __version__
 from mintbuild.artifacts.allocation import SCHEMA_VERSION, write_allocation
 from mintbuild.artifacts.model import resolve_weights_dir
 from mintbuild.artifacts.profile import Profile, load_profile
-from mintbuild.budget import format_size, resolve_budget
+from mintbuild.budget import format_size, is_split, resolve_budget
 from mintbuild.config import (
     Params,
     SolverConfig,
@@ -41,6 +42,7 @@ from mintbuild.errors import InfeasibleBudget, MintError
 from mintbuild.hf.checkpoint import fingerprint, open_checkpoint
 from mintbuild.io import hash_obj
 from mintbuild.knapsack import Problem, floor_bytes, infeasible_message, problem_for
+from mintbuild.placement import SIDE_NAMES, SPLIT_DEFAULTS, solve_placement, split_summary
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ def allocate_target(
     """(allocation document, metrics, timings) for one target."""
     from mintbuild.solve import solve_mckp
 
+    if is_split(target):
+        return allocate_split_target(problem, name, target, cfg, profile)
     budget, why = resolve_budget(target, problem.facts, name)
     notes = []
     tensor_budget = budget - problem.header_bytes
@@ -76,6 +80,31 @@ def allocate_target(
     doc = _document(problem, name, target, cfg, profile, budget, why, tensor_budget, res, notes)
     metrics = {**doc["totals"], "target": name}
     return doc, metrics, {"solve_seconds": round(seconds, 4)}
+
+
+def allocate_split_target(
+    problem: Problem, name: str, target: TargetConfig, cfg: SolverConfig, profile: Profile
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A gpu + cpu target: every decision sized and placed (mintbuild.placement); the document records each
+    decision's side and both sides' bytes (`split`)."""
+    placed = solve_placement(problem, target, name, profile.format)
+    r, b = placed.result, placed.budget
+    res = SimpleNamespace(
+        choice=r.option, objective=r.objective, bound=r.bound, gap=r.gap, optimal=r.optimal, method="split"
+    )
+    why = f"gpu: {b.gpu_why}; cpu: {b.cpu_why}"
+    total = b.gpu + b.cpu
+    doc = _document(problem, name, target, cfg, profile, total, why, total - placed.header_bytes, res, [])
+    for d, side in zip(doc["decisions"], r.side.tolist(), strict=True):
+        d["side"] = SIDE_NAMES[side]
+    doc["split"] = split_summary(placed)
+    metrics = {
+        **doc["totals"],
+        "target": name,
+        "gpu_bytes": r.gpu_bytes,
+        "cpu_bytes": doc["split"]["cpu"]["bytes"],
+    }
+    return doc, metrics, {"solve_seconds": round(r.solve_seconds, 4)}
 
 
 def _solver_opts(cfg: SolverConfig) -> dict[str, Any]:
@@ -138,7 +167,9 @@ def _document(problem, name, target, cfg, profile, budget, why, tensor_budget, r
         "target_config": {
             k: v
             for k, v in as_dict(target).items()
-            if k != "description" and not (k == "formats" and v == ["mlx"])
+            if k != "description"
+            and not (k == "formats" and v == ["mlx"])
+            and not (k in SPLIT_DEFAULTS and v == SPLIT_DEFAULTS[k])
         },
         "provenance": {
             "profile_hash": profile.hash,

@@ -21,6 +21,7 @@ import yaml
 from mintbuild.artifacts.curve import DEFAULT_CURVE
 from mintbuild.budget import format_size
 from mintbuild.errors import MintError
+from mintbuild.placement import split_diff_rows
 
 WORKSPACE = "workspace"
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def target_section(name: str, a: dict | None, b: dict | None, curve_a, curve_b, 
     lines.append(
         f"| bits/weight | {_num(tot_a.get('avg_bits_per_weight'))} | {_num(tot_b.get('avg_bits_per_weight'))} |"
     )
+    lines += split_diff_rows(ta, tb)
     ma, mb = (a or {}).get("metrics"), (b or {}).get("metrics")
     if ma or mb:
         lines.append(

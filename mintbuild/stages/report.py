@@ -32,6 +32,7 @@ from mintbuild.config import Params, load_params
 from mintbuild.curve import Curve, ObjectiveFit, fit_curve, fit_objective, leave_one_out
 from mintbuild.errors import MintError
 from mintbuild.io import atomic_dir, canonical_json
+from mintbuild.placement import split_row, split_table
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def row_of(name: str, alloc: dict[str, Any], metrics: dict[str, Any] | None) -> 
         "scope": objective_scope(t, alloc.get("provenance", {})),
         "ppl_mean": m.get("ppl_mean"), "ppl_median": m.get("ppl_median"),
         "note": "; ".join(alloc.get("notes", [])),
+        **split_row(alloc),
     }  # fmt: skip
 
 
@@ -158,6 +160,7 @@ def markdown(rows, baseline, pred: Predictors, title: str = "Budget curve") -> s
             f"{r['bpw']:.3f} | {_g(r.get('objective'))} | {_f(r.get('ppl_mean'))} | {_f(r.get('ppl_median'))} "
             f"| {_pred(r, 'loo_curve')} | {_pred(r, 'loo_objective')} | {r.get('note', '')} |"
         )
+    lines += split_table(rows)
     lines += ["", _verdict(pred), ""]
     return "\n".join(lines)
 
