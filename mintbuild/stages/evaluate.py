@@ -36,10 +36,11 @@ import torch
 from mintbuild.artifacts.metrics import BASELINE, SCHEMA_VERSION, read_baseline, write_metrics
 from mintbuild.artifacts.model import resolve_weights_dir
 from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
+from mintbuild.cluster import Executor, Resources, executor
 from mintbuild.config import EvalConfig, Params, as_dict, load_params
 from mintbuild.errors import MintError
 from mintbuild.hf.checkpoint import expert_parts, open_checkpoint, stack_experts, tied_lm_head
-from mintbuild.hf.streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden
+from mintbuild.hf.streaming import CheckpointSource, StreamedModel, block_bytes, check_fits, forward_hidden
 from mintbuild.io import sha256_text
 from mintbuild.llamacpp.perplexity import compare as llama_compare
 from mintbuild.llamacpp.source import GGUFSource
@@ -241,6 +242,31 @@ def streamed_nll(
     return out
 
 
+def _windows_on(
+    ex: Executor, model: StreamedModel, tokens: np.ndarray, windows: Windows, progress: bool
+) -> list[tuple[float, int]]:
+    """(NLL sum, tokens scored) per window, one task per window: each streams the model from its source's path
+    (a filesystem every node sees). A window's score does not depend on the others (streamed_nll runs each
+    window through a block on its own), so the results are the in-process ones, in window order."""
+    src = model.source
+    path = Path(getattr(src, "folder", None) or src.path).resolve()
+    one = Windows([0], windows.length, windows.prefix)
+    tasks = [(type(src), path, model.dtype, tokens[s : s + one.text_length], one) for s in windows.starts]
+    cfg = model.config
+    size = torch.empty((), dtype=model.dtype).element_size()
+    outer = 2 * cfg.vocab_size * cfg.hidden_size * size
+    acts = windows.length * (cfg.vocab_size * 4 + 2 * cfg.hidden_size * size)
+    memory = 3 * max(block_bytes(model, i) for i in range(model.n_blocks)) + outer + acts + (1 << 30)
+    return ex.map(_score_window, tasks, Resources(memory=memory), f"evaluate {path.name}", progress)
+
+
+def _score_window(task: tuple) -> tuple[float, int]:
+    """One cluster task: (NLL sum, tokens scored) of one window, the model streamed from its source's path."""
+    source_type, path, dtype, tokens, one = task
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return streamed_nll(StreamedModel(source_type(path), dtype), tokens, one, False)[0]
+
+
 def perplexity(
     model: torch.nn.Module | StreamedModel, tokens: np.ndarray, windows: Windows, progress: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -250,7 +276,9 @@ def perplexity(
 
     total_nll, total_tokens, per_window = 0.0, 0, []
     t0 = time.perf_counter()
-    if isinstance(model, StreamedModel):
+    if isinstance(model, StreamedModel) and executor().remote:
+        scored = _windows_on(executor(), model, tokens, windows, progress)
+    elif isinstance(model, StreamedModel):
         scored = streamed_nll(model, tokens, windows, progress)
     else:
         bar = tqdm(total=len(windows.starts), unit="window", disable=not progress)
