@@ -277,6 +277,18 @@ def _run_task(
     }
 
 
+def _connect(ray: Any, address: str) -> None:
+    """ray.init from the folder that holds this mintbuild package: Ray puts the driver's working directory
+    first on every worker's import path, and a DVC repository may carry its own copy of mintbuild/ (the node
+    check would refuse it when it differs, and a second copy also misses the numba kernel cache)."""
+    cwd = Path.cwd()
+    os.chdir(Path(__file__).resolve().parent.parent)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    finally:
+        os.chdir(cwd)
+
+
 class RayExecutor:
     """Tasks on the Ray cluster at `address`, after every node has been checked against this machine."""
 
@@ -294,7 +306,7 @@ class RayExecutor:
         self.retries = int(os.environ.get(ENV_RETRIES, "3"))
         if not ray.is_initialized():
             try:
-                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+                _connect(ray, address)
             except (ConnectionError, RuntimeError) as e:
                 raise MintError(
                     f"{ENV_CLUSTER}=ray: no Ray cluster at {address!r} ({str(e).splitlines()[0]}); start one "
