@@ -26,7 +26,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ import torch
 from mintbuild.artifacts.metrics import BASELINE, SCHEMA_VERSION, read_baseline, write_metrics
 from mintbuild.artifacts.model import resolve_weights_dir
 from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
-from mintbuild.cluster import Executor, Resources, executor
+from mintbuild.cluster import Executor, Resources, batches, executor
 from mintbuild.config import EvalConfig, Params, as_dict, load_params
 from mintbuild.errors import MintError
 from mintbuild.hf.checkpoint import expert_parts, open_checkpoint, stack_experts, tied_lm_head
@@ -245,26 +245,30 @@ def streamed_nll(
 def _windows_on(
     ex: Executor, model: StreamedModel, tokens: np.ndarray, windows: Windows, progress: bool
 ) -> list[tuple[float, int]]:
-    """(NLL sum, tokens scored) per window, one task per window: each streams the model from its source's path
-    (a filesystem every node sees). A window's score does not depend on the others (streamed_nll runs each
-    window through a block on its own), so the results are the in-process ones, in window order."""
+    """(NLL sum, tokens scored) per window, the windows split into one task per core (each task streams the
+    model from its source's path, a filesystem every node sees, once for its windows). A window's score does
+    not depend on the others (streamed_nll runs each window through a block on its own), so the results are
+    the in-process ones, reassembled in window order."""
     src = model.source
     path = Path(getattr(src, "folder", None) or src.path).resolve()
-    one = Windows([0], windows.length, windows.prefix)
-    tasks = [(type(src), path, model.dtype, tokens[s : s + one.text_length], one) for s in windows.starts]
+    parts = batches([1] * len(windows.starts), ex.slots)
+    tasks = [(type(src), path, model.dtype, tokens, replace(windows, starts=windows.starts[r.start : r.stop]))
+             for r in parts]  # fmt: skip
     cfg = model.config
     size = torch.empty((), dtype=model.dtype).element_size()
     outer = 2 * cfg.vocab_size * cfg.hidden_size * size
-    acts = windows.length * (cfg.vocab_size * 4 + 2 * cfg.hidden_size * size)
-    memory = 3 * max(block_bytes(model, i) for i in range(model.n_blocks)) + outer + acts + (1 << 30)
-    return ex.map(_score_window, tasks, Resources(memory=memory), f"evaluate {path.name}", progress)
+    acts = max(len(r) for r in parts) * 2 * windows.length * cfg.hidden_size * size
+    logits = windows.length * cfg.vocab_size * 4
+    memory = 3 * max(block_bytes(model, i) for i in range(model.n_blocks)) + outer + acts + logits + (1 << 30)
+    scored = ex.map(_score_windows, tasks, Resources(memory=memory), f"evaluate {path.name}", progress)
+    return [s for part in scored for s in part]
 
 
-def _score_window(task: tuple) -> tuple[float, int]:
-    """One cluster task: (NLL sum, tokens scored) of one window, the model streamed from its source's path."""
-    source_type, path, dtype, tokens, one = task
+def _score_windows(task: tuple) -> list[tuple[float, int]]:
+    """One cluster task: (NLL sum, tokens scored) of its windows, the model streamed from its source's path."""
+    source_type, path, dtype, tokens, windows = task
     torch.use_deterministic_algorithms(True, warn_only=True)
-    return streamed_nll(StreamedModel(source_type(path), dtype), tokens, one, False)[0]
+    return streamed_nll(StreamedModel(source_type(path), dtype), tokens, windows, False)
 
 
 def perplexity(
