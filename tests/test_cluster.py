@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,15 +75,16 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    """The tiny model's profile and baseline evaluation, built in process by `dvc repro` (equalization off:
-    it runs in process either way and only adds time)."""
+    """The tiny model's profile, importance (Hessians), allocation, GPTQ pack of one target and baseline
+    evaluation, built in process by `dvc repro` (equalization off: it runs in process either way and only adds
+    time)."""
     root = tmp_path_factory.mktemp("cluster")
     text = write_text(root / "text.txt")
     model = tiny_llama(root / "tiny-model", text.read_text())
     params = tiny_params(model, text, {"a": {"bits_per_weight": 4.5}})
     params["equalize"]["method"] = "none"
     repo = make_repo(root / "repo", params)
-    sh(repo, "dvc", "repro", "profile", "evaluate_baseline", env={ENV_CLUSTER: "local"})
+    sh(repo, "dvc", "repro", "pack@a", "evaluate_baseline", env={ENV_CLUSTER: "local"})
     return repo
 
 
@@ -143,6 +145,21 @@ def test_profile_on_the_cluster_has_the_same_out_hashes(cluster, repo) -> None:
     profile = json.loads((repo / "artifacts/.cluster/profile.json").read_text())
     assert len(profile["tasks_per_node"]) == 2, profile["tasks_per_node"]
     assert {t["threads"] for t in profile["tasks"]} == {1}
+
+
+def test_pack_gptq_on_the_cluster_has_the_same_out_hashes(cluster, repo, tmp_path) -> None:
+    """`dvc repro -f -s pack@a` on the cluster with an empty pack cache: every GPTQ tensor is rounded by a
+    cluster task into the cache, the unchanged writer reads them all back as hits, and the packed folder's hash
+    is the in-process one."""
+    before = out_hashes(repo)
+    env = ray_env(cluster, tmp_path, MINTBUILD_CACHE=str(tmp_path / "cache"))
+    log = sh(repo, "dvc", "repro", "-f", "-s", "pack@a", env=env)
+    assert ran(log) == {"pack@a"}
+    assert out_hashes(repo) == before
+    timings = json.loads((tmp_path / "pack_a.json").read_text())
+    hits = re.search(r"cache (\d+) hits / (\d+) misses", log)
+    # every GPTQ tensor was a cluster task and a cache hit for the writer (misses: round-to-nearest tensors)
+    assert hits and int(hits.group(1)) == len(timings["tasks"]) > 0, log[-2000:]
 
 
 def _worker_running_a_task(cluster) -> int | None:

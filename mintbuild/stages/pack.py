@@ -41,7 +41,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,9 @@ import torch
 import xxhash
 
 from mintbuild.artifacts.allocation import ALLOCATION_FILE, load_allocation
-from mintbuild.artifacts.importance import load_hessians, load_rounding_gains
+from mintbuild.artifacts.importance import HESSIAN_FILE, load_hessians, load_importance, load_rounding_gains
 from mintbuild.artifacts.model import resolve_weights_dir
+from mintbuild.cluster import Executor, Resources, executor
 from mintbuild.config import Params, load_params, select_targets
 from mintbuild.errors import MintError
 from mintbuild.formats import Option, parse_option
@@ -259,6 +260,38 @@ def tensor_payload(
     return parts
 
 
+def _gptq_on(
+    ex: Executor, plan: Plan, ckpt: Checkpoint, rounding: Rounding, cache: PackCache, importance: Path,
+    progress: bool,
+) -> None:  # fmt: skip
+    """The GPTQ codes of every tensor the plan rounds by GPTQ, one task per tensor, stored in the pack cache (a
+    folder every node sees) by tensor_payload itself: the writer then reads them as cache hits, and writes the
+    bytes it would have computed."""
+    items = [
+        i for i in plan.items if not i.option.passthrough and rounding.hessian(i.source, i.option) is not None
+    ]
+    if not items or cache.root is None:
+        return
+    keys = {n: t["key"] for n, t in load_importance(importance)["hessian"]["tensors"].items()}
+    file, root = (importance / HESSIAN_FILE).resolve(), Path(cache.root).resolve()
+    light = replace(rounding, hessians={})  # the Hessians travel as a file and a key, not in the task
+    tasks = [(Path(ckpt.folder).resolve(), i, file, keys[i.source], light, root) for i in items]
+    # the Hessian, its factor and a transposed copy (float32), the weight and its codes, plus the process
+    memory = max(12 * i.shape[-1] ** 2 + 8 * math.prod(i.shape) for i in items) + (1 << 30)
+    ex.map(_gptq_to_cache, tasks, Resources(memory=memory), f"pack {plan.target}", progress)
+
+
+def _gptq_to_cache(task: tuple) -> None:
+    """One cluster task: one tensor's GPTQ codes into the pack cache (nothing when the entry is there)."""
+    from safetensors import safe_open
+
+    folder, item, file, key, light, root = task
+    with safe_open(str(file), framework="pt") as f:
+        hessian = f.get_tensor(key)
+    rounding = replace(light, hessians={item.source: hessian})
+    tensor_payload(open_checkpoint(folder), item, PackCache(root), {}, rounding)
+
+
 def _bf16_bytes(t: torch.Tensor) -> bytes:
     return t.to(torch.bfloat16).contiguous().reshape(-1).view(torch.int16).numpy().astype("<i2").tobytes()
 
@@ -397,6 +430,8 @@ def pack_target(
         return result
     cache = PackCache(cache_dir if cache_dir is not None else default_cache_dir(out_root))
     t0 = time.perf_counter()
+    if executor().remote:
+        _gptq_on(executor(), plan, ckpt, rounding, cache, Path(params.importance.out), progress)
     with atomic_dir(out) as tmp:
         hashes: dict[str, str] = {}
         written, weights_sha = write_weights(
