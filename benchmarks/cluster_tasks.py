@@ -1,6 +1,7 @@
 """Per-task times for the cluster cost model (docs/cluster.md): one profile task (a tensor of a 70B-class
 model, measured by the profile stage's own code) and one GPTQ task (the packer's gptq_codes at 70B width), each
-on `--threads` torch/numba threads, as a cluster task runs them. Random bf16 weights with a few outliers (as
+on `--threads` torch/numba threads, as a cluster task runs them. Wall and CPU seconds are both reported: on a
+loaded machine the CPU time is what one dedicated core would take. Random bf16 weights with a few outliers (as
 tests/synth.py makes them) and a random SPD Hessian; times only, no result is judged here.
 
     python benchmarks/cluster_tasks.py --threads 1 --out bench_cluster_tasks.json
@@ -25,8 +26,9 @@ PROFILE_SHAPES = {
     "gate_proj": (28672, 8192),
     "down_proj": (8192, 28672),
 }
-#: GPTQ widths: the input dimension k sets the Hessian (k x k) and the cost (rows x k^2).
-GPTQ_SHAPES = {"q_proj": (8192, 8192), "k_proj": (1024, 8192)}
+#: GPTQ widths: the input dimension k sets the Hessian (k x k) and the cost (rows x k^2); 1024 rows is also the
+#: importance stage's row sample for one option's gain.
+GPTQ_SHAPES = {"q_proj": (8192, 8192), "k_proj": (1024, 8192), "expert": (1536, 3072)}
 
 
 def weights(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -36,8 +38,8 @@ def weights(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
-def profile_task(shape: tuple[int, int]) -> float:
-    """Seconds of the profile stage's per-tensor measurement (_profile_one) on one bf16 tensor."""
+def profile_task(shape: tuple[int, int]) -> tuple[float, float]:
+    """(wall, CPU) seconds of the profile stage's per-tensor measurement (_profile_one) on one bf16 tensor."""
     from mintbuild.config import ProfileConfig
     from mintbuild.formats import option_set
     from mintbuild.hf.checkpoint import TensorInfo, compile_rules
@@ -49,13 +51,13 @@ def profile_task(shape: tuple[int, int]) -> float:
 
     info = TensorInfo("model.layers.3.mlp.x.weight", "BF16", shape, Path("x"), 0, t.numel() * 2)
     cols = _new_columns(1, len(opts))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _profile_one(0, info, t, opts, compile_rules([]), cfg, cols)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def gptq_task(shape: tuple[int, int]) -> float:
-    """Seconds of gptq_codes (factor, clipped grid, rounding) of one tensor at one option, 4 bits / g64."""
+def gptq_task(shape: tuple[int, int]) -> tuple[float, float]:
+    """(wall, CPU) seconds of gptq_codes (factor, clipped grid, rounding) of one tensor at one option, 4 bits / g64."""
     from mintbuild.formats import parse_option
     from mintbuild.mlx.gptq import gptq_codes
 
@@ -64,9 +66,9 @@ def gptq_task(shape: tuple[int, int]) -> float:
     x = torch.randn(2 * k, k, generator=torch.Generator().manual_seed(1))
     h = x.T @ x / x.shape[0]
     del x
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     gptq_codes(w, h, parse_option("q4g64"), 0.1, 128)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -85,13 +87,15 @@ def main() -> None:
     profile_task((256, 256))  # compile / load the numba kernels before timing
     for name, shape in PROFILE_SHAPES.items():
         if name not in skip:
-            result["profile_seconds"][name] = round(profile_task(shape), 3)
-            log.info("profile %s %s: %.2f s", name, shape, result["profile_seconds"][name])
+            wall, cpu = profile_task(shape)
+            result["profile_seconds"][name] = {"wall": round(wall, 3), "cpu": round(cpu, 3)}
+            log.info("profile %s %s: %.2f s wall, %.2f s CPU", name, shape, wall, cpu)
     gptq_task((64, 256))
     for name, shape in GPTQ_SHAPES.items():
         if name not in skip:
-            result["gptq_seconds"][name] = round(gptq_task(shape), 3)
-            log.info("gptq %s %s: %.2f s", name, shape, result["gptq_seconds"][name])
+            wall, cpu = gptq_task(shape)
+            result["gptq_seconds"][name] = {"wall": round(wall, 3), "cpu": round(cpu, 3)}
+            log.info("gptq %s %s: %.2f s wall, %.2f s CPU", name, shape, wall, cpu)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))

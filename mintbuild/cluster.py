@@ -100,6 +100,11 @@ class Executor(Protocol):
         """Tasks of one core that can run at once (1 in process)."""
         ...
 
+    @property
+    def node_cpus(self) -> int:
+        """Cores of the largest node: the most one task can reserve."""
+        ...
+
     def map(
         self,
         fn: Callable[[T], R],
@@ -116,6 +121,7 @@ class InProcess:
     name = "local"
     remote = False
     slots = 1
+    node_cpus = 1
 
     def map(
         self,
@@ -320,6 +326,10 @@ class RayExecutor:
     @property
     def slots(self) -> int:
         return max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+
+    @property
+    def node_cpus(self) -> int:
+        return max([1] + [int(n.get("Resources", {}).get("CPU", 0)) for n in self._alive()])
 
     def _alive(self) -> list[dict[str, Any]]:
         return [n for n in self._ray.nodes() if n.get("Alive")]

@@ -245,8 +245,9 @@ def streamed_nll(
 def _windows_on(
     ex: Executor, model: StreamedModel, tokens: np.ndarray, windows: Windows, progress: bool
 ) -> list[tuple[float, int]]:
-    """(NLL sum, tokens scored) per window, the windows split into one task per core (each task streams the
-    model from its source's path, a filesystem every node sees, once for its windows). A window's score does
+    """(NLL sum, tokens scored) per window, the windows split into one task per core, or with fewer windows than
+    cores one task per window on a share of the cores (each task streams the model from its source's path, a
+    filesystem every node sees, once for its windows). A window's score does
     not depend on the others (streamed_nll runs each window through a block on its own), so the results are
     the in-process ones, reassembled in window order."""
     src = model.source
@@ -260,7 +261,9 @@ def _windows_on(
     acts = max(len(r) for r in parts) * 2 * windows.length * cfg.hidden_size * size
     logits = windows.length * cfg.vocab_size * 4
     memory = 3 * max(block_bytes(model, i) for i in range(model.n_blocks)) + outer + acts + logits + (1 << 30)
-    scored = ex.map(_score_windows, tasks, Resources(memory=memory), f"evaluate {path.name}", progress)
+    # fewer windows than cores: each task takes a share of the cores as threads (at most one node's)
+    cpus = max(1, min(ex.node_cpus, ex.slots // len(parts)))
+    scored = ex.map(_score_windows, tasks, Resources(cpus, memory), f"evaluate {path.name}", progress)
     return [s for part in scored for s in part]
 
 
