@@ -16,6 +16,9 @@ the same BOS rule as every target, so its ppl_mean is comparable with the MLX ta
 real client, llama-perplexity, scores the split's text with chunks of `window` tokens, `n_windows` of them, on
 `threads` threads; our evaluator scores exactly its chunks at its positions (mintbuild.llamacpp.perplexity), and
 metrics.json carries both numbers and their relative difference under `llama_perplexity`.
+
+One job: perplexity of a model folder on fixed windows (in process, or its windows as tasks on a cluster,
+mintbuild.cluster); the metrics files' format lives in artifacts/metrics.py.
 """
 
 from __future__ import annotations
@@ -245,11 +248,11 @@ def streamed_nll(
 def _windows_on(
     ex: Executor, model: StreamedModel, tokens: np.ndarray, windows: Windows, progress: bool
 ) -> list[tuple[float, int]]:
-    """(NLL sum, tokens scored) per window, the windows split into one task per core, or with fewer windows than
-    cores one task per window on a share of the cores (each task streams the model from its source's path, a
-    filesystem every node sees, once for its windows). A window's score does
-    not depend on the others (streamed_nll runs each window through a block on its own), so the results are
-    the in-process ones, reassembled in window order."""
+    """(NLL sum, tokens scored) per window: the windows split into one task per core, or, with fewer windows
+    than cores, one task per window on a share of the cores. Each task streams the model from its source's
+    path (a filesystem every node sees) once for its windows. A window's score does not depend on the others
+    (streamed_nll runs each window through a block on its own), so the results are the in-process ones,
+    reassembled in window order."""
     src = model.source
     path = Path(getattr(src, "folder", None) or src.path).resolve()
     parts = batches([1] * len(windows.starts), ex.slots)

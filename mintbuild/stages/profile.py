@@ -373,12 +373,21 @@ def profile_checkpoint(ckpt: Checkpoint, cfg: ProfileConfig, progress: bool = Tr
     return _assemble(ckpt, cfg, opts, metas, hashes, cols, total, seconds)
 
 
-#: Elements of one profile task on a cluster (a few seconds of measuring); more, smaller tasks when the
-#: cluster has more cores than that gives tasks.
+#: Elements of one profile task on a cluster at most (about a second of measuring and 0.5 GB of bf16 to read);
+#: smaller tasks when that gives fewer than 4 per cluster core.
 TASK_ELEMENTS = 1 << 28
 
 
-def _profile_on(ex: Executor, ckpt, names, opts, rules, cfg, cols, progress) -> tuple[list[dict], list[str]]:
+def _profile_on(
+    ex: Executor,
+    ckpt: Checkpoint,
+    names: list[str],
+    opts: tuple[Option, ...],
+    rules: list,
+    cfg: ProfileConfig,
+    cols: dict[str, np.ndarray],
+    progress: bool,
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The tensors profiled by `ex` in contiguous batches (each task reads its tensors from the checkpoint's
     path), reassembled into `cols` in name order: the same rows the in-process loop fills."""
     sizes = [ckpt.tensors[n].numel for n in names]
@@ -399,7 +408,7 @@ def _profile_on(ex: Executor, ckpt, names, opts, rules, cfg, cols, progress) -> 
     return metas, hashes
 
 
-def _profile_batch(task: tuple) -> tuple[list[dict], list[str], dict[str, np.ndarray]]:
+def _profile_batch(task: tuple) -> tuple[list[dict[str, Any]], list[str], dict[str, np.ndarray]]:
     """One cluster task: the named tensors of the checkpoint at `source`, measured as the in-process loop
     measures them: (metas, content hashes, their rows of the columns)."""
     source, names, opts, rules, cfg = task
