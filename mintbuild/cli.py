@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 
+from mintbuild.cluster import CHOICES, ENV_CLUSTER
+from mintbuild.cluster import choose as choose_cluster
 from mintbuild.errors import MintError
 
 #: Verb -> one-line help. Order is the pipeline order shown in --help; the module is mintbuild.stages.<verb>
@@ -60,6 +62,12 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.configure_parser(p)
+        p.add_argument(
+            "--cluster",
+            choices=CHOICES,
+            help=f"where heavy loops run: in this process (local, default) or on the Ray cluster at RAY_ADDRESS "
+            f"(ray); same outputs either way. Default: ${ENV_CLUSTER}, else local",
+        )
         p.set_defaults(func=mod.main)
     return parser
 
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        choose_cluster(getattr(args, "cluster", None))
         args.func(args)
     except MintError as e:
         print(f"mintbuild {args.verb}: error: {e}", file=sys.stderr)

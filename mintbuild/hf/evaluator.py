@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,11 @@ import torch
 from mintbuild.artifacts.metrics import BASELINE, read_baseline, target_metrics, write_metrics
 from mintbuild.artifacts.pack import verify_manifest
 from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
+from mintbuild.cluster import Executor, Resources, batches, executor
 from mintbuild.config import EvalConfig, Params, as_dict
 from mintbuild.errors import MintError
 from mintbuild.hf.checkpoint import expert_parts, open_checkpoint, stack_experts, tied_lm_head
-from mintbuild.hf.streaming import StreamedModel, check_fits, forward_hidden
+from mintbuild.hf.streaming import StreamedModel, block_bytes, check_fits, forward_hidden
 from mintbuild.io import sha256_text
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,38 @@ def streamed_nll(
     return out
 
 
+def _windows_on(
+    ex: Executor, model: StreamedModel, tokens: np.ndarray, windows: Windows, progress: bool
+) -> list[tuple[float, int]]:
+    """(NLL sum, tokens scored) per window: the windows split into one task per core, or, with fewer windows
+    than cores, one task per window on a share of the cores. Each task streams the model from its source's
+    path (a filesystem every node sees) once for its windows. A window's score does not depend on the others
+    (streamed_nll runs each window through a block on its own), so the results are the in-process ones,
+    reassembled in window order."""
+    src = model.source
+    path = Path(getattr(src, "folder", None) or getattr(src, "path")).resolve()  # noqa: B009 (WeightSource: no path)
+    parts = batches([1] * len(windows.starts), ex.slots)
+    tasks = [(type(src), path, model.dtype, tokens, replace(windows, starts=windows.starts[r.start : r.stop]))
+             for r in parts]  # fmt: skip
+    cfg = model.config
+    size = torch.empty((), dtype=model.dtype).element_size()
+    outer = 2 * cfg.vocab_size * cfg.hidden_size * size
+    acts = max(len(r) for r in parts) * 2 * windows.length * cfg.hidden_size * size
+    logits = windows.length * cfg.vocab_size * 4
+    memory = 3 * max(block_bytes(model, i) for i in range(model.n_blocks)) + outer + acts + logits + (1 << 30)
+    # fewer windows than cores: each task takes a share of the cores as threads (at most one node's)
+    cpus = max(1, min(ex.node_cpus, ex.slots // len(parts)))
+    scored = ex.map(_score_windows, tasks, Resources(cpus, memory), f"evaluate {path.name}", progress)
+    return [s for part in scored for s in part]
+
+
+def _score_windows(task: tuple) -> list[tuple[float, int]]:
+    """One cluster task: (NLL sum, tokens scored) of its windows, the model streamed from its source's path."""
+    source_type, path, dtype, tokens, windows = task
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return streamed_nll(StreamedModel(source_type(path), dtype), tokens, windows, False)
+
+
 def perplexity(
     model: torch.nn.Module | StreamedModel, tokens: np.ndarray, windows: Windows, progress: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -186,7 +219,9 @@ def perplexity(
 
     total_nll, total_tokens, per_window = 0.0, 0, []
     t0 = time.perf_counter()
-    if isinstance(model, StreamedModel):
+    if isinstance(model, StreamedModel) and executor().remote:
+        scored = _windows_on(executor(), model, tokens, windows, progress)
+    elif isinstance(model, StreamedModel):
         scored = streamed_nll(model, tokens, windows, progress)
     else:
         bar = tqdm(total=len(windows.starts), unit="window", disable=not progress)

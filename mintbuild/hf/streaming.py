@@ -64,6 +64,7 @@ class CheckpointSource:
     def __init__(self, folder: Path) -> None:
         from mintbuild.hf.checkpoint import open_checkpoint
 
+        self.folder = Path(folder)  # what a cluster task reopens
         self.ckpt = open_checkpoint(folder)
         self.config = self.ckpt.config
 

@@ -18,7 +18,7 @@ import itertools
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,13 @@ import numpy as np
 import torch
 import xxhash
 
-from mintbuild.artifacts.importance import load_hessians, load_rounding_gains
+from mintbuild.artifacts.importance import HESSIAN_FILE, load_hessians, load_importance, load_rounding_gains
 from mintbuild.artifacts.pack import MANIFEST_FILE
+from mintbuild.cluster import Executor, Resources
 from mintbuild.config import Params
 from mintbuild.errors import MintError
 from mintbuild.formats import Option, parse_option
-from mintbuild.hf.checkpoint import Checkpoint, content_hash, fingerprint
+from mintbuild.hf.checkpoint import Checkpoint, content_hash, fingerprint, open_checkpoint
 from mintbuild.mlx.folder import (
     WEIGHTS_FILE,
     Item,
@@ -221,6 +222,38 @@ def tensor_payload(
     parts = [memoryview(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))).cast("B") for a in arrays]  # type: ignore[arg-type]
     cache.put(key, item.option, parts)
     return parts
+
+
+def gptq_on_cluster(
+    ex: Executor, plan: Plan, ckpt: Checkpoint, rounding: Rounding, cache: PackCache, importance: Path,
+    progress: bool,
+) -> None:  # fmt: skip
+    """The GPTQ codes of every tensor the plan rounds by GPTQ, one task per tensor, stored in the pack cache (a
+    folder every node sees) by tensor_payload itself: the writer then reads them as cache hits, and writes the
+    bytes it would have computed."""
+    items = [
+        i for i in plan.items if not i.option.passthrough and rounding.hessian(i.source, i.option) is not None
+    ]
+    if not items or cache.root is None:
+        return
+    keys = {n: t["key"] for n, t in load_importance(importance)["hessian"]["tensors"].items()}
+    file, root = (importance / HESSIAN_FILE).resolve(), Path(cache.root).resolve()
+    light = replace(rounding, hessians={})  # the Hessians travel as a file and a key, not in the task
+    tasks = [(Path(ckpt.folder).resolve(), i, file, keys[i.source], light, root) for i in items]
+    # the Hessian, its factor and a transposed copy (float32), the weight and its codes, plus the process
+    memory = max(12 * i.shape[-1] ** 2 + 8 * math.prod(i.shape) for i in items) + (1 << 30)
+    ex.map(_gptq_to_cache, tasks, Resources(memory=memory), f"pack {plan.target}", progress)
+
+
+def _gptq_to_cache(task: tuple) -> None:
+    """One cluster task: one tensor's GPTQ codes into the pack cache (nothing when the entry is there)."""
+    from safetensors import safe_open
+
+    folder, item, file, key, light, root = task
+    with safe_open(str(file), framework="pt") as f:
+        hessian = f.get_tensor(key)
+    rounding = replace(light, hessians={item.source: hessian})
+    tensor_payload(open_checkpoint(folder), item, PackCache(root), {}, rounding)
 
 
 def _bf16_bytes(t: torch.Tensor) -> bytes:

@@ -26,6 +26,7 @@ from typing import Any
 from mintbuild.artifacts.allocation import ALLOCATION_FILE, load_allocation
 from mintbuild.artifacts.model import resolve_weights_dir
 from mintbuild.artifacts.pack import MANIFEST_FILE, check_tokenizer, tokenizer_files
+from mintbuild.cluster import executor
 from mintbuild.config import Params, load_params, select_targets
 from mintbuild.errors import MintError
 from mintbuild.hf.checkpoint import open_checkpoint
@@ -41,6 +42,7 @@ from mintbuild.mlx.pack import (
     check_checkpoint_hash,
     check_provenance,
     check_written,
+    gptq_on_cluster,
     load_rounding,
     make_plan,
     render_plan,
@@ -107,6 +109,8 @@ def pack_target(
         return result
     cache = PackCache(cache_dir if cache_dir is not None else default_cache_dir(out_root))
     t0 = time.perf_counter()
+    if executor().remote:
+        gptq_on_cluster(executor(), plan, ckpt, rounding, cache, Path(params.importance.out), progress)
     with atomic_dir(out) as tmp:
         hashes: dict[str, str] = {}
         written, weights_sha = write_weights(
