@@ -56,7 +56,6 @@ from mintbuild.errors import MintError
 from mintbuild.formats import Option
 from mintbuild.mlx.quant.reference import dequantize_codes, quantize_dequantize
 from mintbuild.mlx.quant.simd import W
-from mintbuild.mlx.quant.simd import bf16 as _bf16
 from mintbuild.mlx.quant.simd import mlx_scale_bias as _mlx_scale_bias
 from mintbuild.mlx.quant.simd import vbf16 as _vbf16
 from mintbuild.mlx.quant.simd import vfma as _vfma
@@ -66,6 +65,10 @@ from mintbuild.mlx.quant.simd import vmin as _vmin
 from mintbuild.mlx.quant.simd import vrint as _vrint
 from mintbuild.mlx.quant.simd import vsplat as _vsplat
 from mintbuild.mlx.quant.simd import vstore as _vstore
+from mintbuild.mlx.quant.simd64 import dload as _dload
+from mintbuild.mlx.quant.simd64 import dmuladd as _dmuladd
+from mintbuild.mlx.quant.simd64 import dstore as _dstore
+from mintbuild.mlx.quant.simd64 import dzero as _dzero
 from mintbuild.reproducible import one_torch_thread, sum64
 
 # The 8 x float32 vector type and its intrinsics are quant/simd.py's (every instruction carries `nsz` only, so no
@@ -268,6 +271,51 @@ def clipped_group_params(
     return torch.from_numpy(scales), torch.from_numpy(biases)
 
 
+#: Rows a `_clip_rows` task searches together: its lanes are (row, shrink) pairs, 8 rows x 8 shrinks.
+_CLIP_ROWS = 8
+
+
+@njit(inline="always")
+def _off32(h_blocks: np.ndarray, j: int, c: int, g: int, e: np.ndarray, o: int, off: np.ndarray) -> None:
+    """off[i] = sum over d in (c, g) of H_cd e[d, i] in order of d (each lane a chain of products and sums,
+    from 0), for the 32 lanes i from `o` of the flat (g x lanes) `e`: eight vectors of sums in registers."""
+    n = e.size // g
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = _dzero()
+    for d in range(c + 1, g):
+        h = h_blocks[j, c, d]
+        p = d * n + o
+        a0 = _dmuladd(a0, h, _dload(e, p))
+        a1 = _dmuladd(a1, h, _dload(e, p + 4))
+        a2 = _dmuladd(a2, h, _dload(e, p + 8))
+        a3 = _dmuladd(a3, h, _dload(e, p + 12))
+        a4 = _dmuladd(a4, h, _dload(e, p + 16))
+        a5 = _dmuladd(a5, h, _dload(e, p + 20))
+        a6 = _dmuladd(a6, h, _dload(e, p + 24))
+        a7 = _dmuladd(a7, h, _dload(e, p + 28))
+    _dstore(off, o, a0)
+    _dstore(off, o + 4, a1)
+    _dstore(off, o + 8, a2)
+    _dstore(off, o + 12, a3)
+    _dstore(off, o + 16, a4)
+    _dstore(off, o + 20, a5)
+    _dstore(off, o + 24, a6)
+    _dstore(off, o + 28, a7)
+
+
+@njit(inline="always")
+def _deq_group(
+    x: np.ndarray, o: int, g: int, s: np.float32, b: np.float32, n_bins: np.float32, deq: np.ndarray
+) -> None:
+    """deq[c] = bf16(bf16(q * bf16(s)) + bf16(b)) with q = clip(rint((x - b) / s), 0, n_bins) for the g weights
+    from flat index `o` of x: round-to-nearest on the grid (s, b) as stored, 8 lanes at a time."""
+    sv, bv = _vsplat(s), _vsplat(b)
+    s16, b16 = _vbf16(sv), _vbf16(bv)
+    zero, top = _vsplat(0.0), _vsplat(n_bins)
+    for c in range(0, g, _L):
+        q = _vmin(_vmax(_vrint((_vload(x, o + c) - bv) / sv), zero), top)
+        _vstore(deq, c, _vbf16(_vbf16(q * s16) + b16))
+
+
 @njit(parallel=True, cache=True)
 def _clip_rows(
     x: np.ndarray,
@@ -278,35 +326,55 @@ def _clip_rows(
     scales: np.ndarray,
     biases: np.ndarray,
 ) -> None:
-    """`clipped_group_params` row by row (float32 grids as MLX derives them; float64 errors)."""
+    """`clipped_group_params` for blocks of `_CLIP_ROWS` rows (float32 grids as MLX derives them; float64
+    errors). Per group, the errors of every (row, shrink) pair of the block are computed side by side, one
+    lane each, so that the quadratic form's inner loop is lane-wise vector arithmetic; each lane's error is the
+    same sequence of float64 operations as a scalar loop over the group (off_c = sum over d > c of H_cd e_d in
+    order of d; err = sum over c of e_c (H_cc e_c + 2 off_c) in order of c), whatever the block or thread."""
     rows, k = x.shape
-    zero = np.float32(0.0)
-    for r in prange(rows):
-        e = np.empty(g, np.float64)
+    n_s = shrinks.size
+    n_blk = (rows + _CLIP_ROWS - 1) // _CLIP_ROWS
+    lanes = (_CLIP_ROWS * n_s + 31) // 32 * 32  # whole runs of 32 lanes; the spare ones stay 0
+    for blk in prange(n_blk):
+        r0 = blk * _CLIP_ROWS
+        n = min(_CLIP_ROWS, rows - r0)
+        ef = np.zeros(g * lanes, np.float64)
+        e = ef.reshape((g, lanes))
+        off = np.empty(lanes, np.float64)
+        err = np.empty(lanes, np.float64)
+        s32 = np.ones(lanes, np.float32)
+        deq = np.empty(g, np.float32)
+        b32 = np.zeros(lanes, np.float32)
         for j in range(k // g):
             c0 = j * g
-            lo = x[r, c0]
-            hi = lo
-            for c in range(1, g):
-                lo = min(lo, x[r, c0 + c])
-                hi = max(hi, x[r, c0 + c])
-            best = np.inf
-            for i in range(shrinks.size):
-                s, b = _mlx_scale_bias(lo * shrinks[i], hi * shrinks[i], n_bins)
-                s16, b16 = _bf16(s), _bf16(b)
-                for c in range(g):
-                    q = min(max(np.rint((x[r, c0 + c] - b) / s), zero), n_bins)
-                    e[c] = np.float64(x[r, c0 + c]) - np.float64(_bf16(_bf16(q * s16) + b16))
-                err = 0.0
-                for c in range(g):
-                    off = 0.0
-                    for d in range(c + 1, g):
-                        off += h_blocks[j, c, d] * e[d]
-                    err += e[c] * (h_blocks[j, c, c] * e[c] + 2.0 * off)
-                if err < best or i == 0:  # the unshrunk grid stands even if an error is not finite
-                    best = err
-                    scales[r, j] = s
-                    biases[r, j] = b
+            for r in range(n):
+                lo = x[r0 + r, c0]
+                hi = lo
+                for c in range(1, g):
+                    lo = min(lo, x[r0 + r, c0 + c])
+                    hi = max(hi, x[r0 + r, c0 + c])
+                for i in range(n_s):
+                    lane = r * n_s + i
+                    s, b = _mlx_scale_bias(lo * shrinks[i], hi * shrinks[i], n_bins)
+                    s32[lane], b32[lane] = s, b
+                    _deq_group(x, (r0 + r) * k + c0, g, s, b, n_bins, deq)
+                    for c in range(g):
+                        e[c, lane] = np.float64(x[r0 + r, c0 + c]) - np.float64(deq[c])
+            err[:] = 0.0
+            for c in range(g):
+                for o in range(0, lanes, 32):
+                    _off32(h_blocks, j, c, g, ef, o, off)
+                hcc = h_blocks[j, c, c]
+                for lane in range(lanes):
+                    err[lane] += e[c, lane] * (hcc * e[c, lane] + 2.0 * off[lane])
+            for r in range(n):
+                best = np.inf
+                for i in range(n_s):
+                    lane = r * n_s + i
+                    if err[lane] < best or i == 0:  # the unshrunk grid stands even if an error is not finite
+                        best = err[lane]
+                        scales[r0 + r, j] = s32[lane]
+                        biases[r0 + r, j] = b32[lane]
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
