@@ -17,11 +17,64 @@ from collections.abc import Callable
 from typing import Any
 
 import numba
+import numpy as np
 import torch
+from numba import njit, prange
 
 from mintbuild.formats import Option
 from mintbuild.mlx.gptq import clipped_group_params, gptq_codes, output_error
 from mintbuild.mlx.quant.reference import dequantize_codes, quantize_dequantize
+from mintbuild.mlx.quant.simd import bf16 as _bf16
+from mintbuild.mlx.quant.simd import mlx_scale_bias as _mlx_scale_bias
+
+
+def reference_clipped_group_params(
+    w16: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, shrinks: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gptq.clipped_group_params` as the scalar loop of gptq-mlx-affine/3 (one row, group and shrink at a time,
+    the quadratic form a chain of float64 products and sums): the oracle of the lane-wise kernel."""
+    rows, k = w16.shape
+    n = k // g
+    idx = torch.arange(k).reshape(n, g)
+    h_blocks = hessian.to(torch.float64)[idx[:, :, None], idx[:, None, :]].contiguous().numpy()
+    scales, biases = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32)
+    x = w16.to(torch.bfloat16).float().contiguous().numpy()
+    _scalar_clip_rows(
+        x, h_blocks, np.array(shrinks, np.float32), np.float32((1 << bits) - 1), g, scales, biases
+    )
+    return torch.from_numpy(scales), torch.from_numpy(biases)
+
+
+@njit(parallel=True, cache=True)
+def _scalar_clip_rows(x, h_blocks, shrinks, n_bins, g, scales, biases):
+    rows, k = x.shape
+    zero = np.float32(0.0)
+    for r in prange(rows):
+        e = np.empty(g, np.float64)
+        for j in range(k // g):
+            c0 = j * g
+            lo = x[r, c0]
+            hi = lo
+            for c in range(1, g):
+                lo = min(lo, x[r, c0 + c])
+                hi = max(hi, x[r, c0 + c])
+            best = np.inf
+            for i in range(shrinks.size):
+                s, b = _mlx_scale_bias(lo * shrinks[i], hi * shrinks[i], n_bins)
+                s16, b16 = _bf16(s), _bf16(b)
+                for c in range(g):
+                    q = min(max(np.rint((x[r, c0 + c] - b) / s), zero), n_bins)
+                    e[c] = np.float64(x[r, c0 + c]) - np.float64(_bf16(_bf16(q * s16) + b16))
+                err = 0.0
+                for c in range(g):
+                    off = 0.0
+                    for d in range(c + 1, g):
+                        off += h_blocks[j, c, d] * e[d]
+                    err += e[c] * (h_blocks[j, c, c] * e[c] + 2.0 * off)
+                if err < best or i == 0:
+                    best = err
+                    scales[r, j] = s
+                    biases[r, j] = b
 
 
 def reference_gptq_codes(

@@ -202,6 +202,7 @@ def compute_hessians(
     overlapping them). With `spill` (a folder), the Hessians are kept there, not in memory."""
     import torch
 
+    from mintbuild.mlx.factor_cache import FactorCache
     from mintbuild.mlx.gptq import rounding_gain
 
     if cfg.hessians not in SCOPES:
@@ -211,14 +212,19 @@ def compute_hessians(
     wanted = {n for n, t in ckpt.tensors.items() if len(t.shape) == 2 and n != skip}
     gains: dict[str, dict[str, float]] = {}
 
+    factors = FactorCache()  # the even windows' H is factored once for all the tensors that read its input
+
     def done(names: list[str], full: Any, even: Any) -> None:
         held = full - even
+        fac = factors.get(even, pack.damp)
         for n in names:
             shape = tuple(ckpt.tensors[n].shape)
             options = [
                 o for o in OPTION_SETS["default"] if not o.passthrough and not o.unavailable_reason(shape)
             ]
-            gains[n] = rounding_gain(ckpt.read(n), even, held, options, pack.damp, pack.block, GAIN_ROWS)
+            gains[n] = rounding_gain(
+                ckpt.read(n), even, held, options, pack.damp, pack.block, GAIN_ROWS, fac=fac
+            )
 
     hessians = InputHessians(wanted, done, spill)
     with torch_settings(cfg.threads, cfg.seed):

@@ -47,6 +47,7 @@ what it gains and what it costs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -127,7 +128,7 @@ def _round_columns(
     k: int,
     b0: int,
     b1: int,
-    u: np.ndarray,
+    ud: np.ndarray,
     gidx: np.ndarray,
     n_grp: int,
     n_bins: np.float32,
@@ -143,11 +144,11 @@ def _round_columns(
         x = _vload(wt, o + j * _L)
         q = _vmin(_vmax(_vrint((x - bias) / scale), zero), top)
         deq = _vbf16(_vbf16(q * _vbf16(scale)) + _vbf16(bias))
-        e = (x - deq) / _vsplat(u[j, j])
+        e = (x - deq) / _vsplat(ud[j, j - b0])
         _vstore(et, oe + (j - b0) * _L, e)
         _vstore(wt, o + j * _L, q)
         for c in range(j + 1, b1):
-            _vstore(wt, o + c * _L, _vload(wt, o + c * _L) - e * _vsplat(u[j, c]))
+            _vstore(wt, o + c * _L, _vload(wt, o + c * _L) - e * _vsplat(ud[j, c - b0]))
 
 
 @njit
@@ -208,7 +209,7 @@ def _gptq_rows(
     perm: np.ndarray,
     scales: np.ndarray,
     biases: np.ndarray,
-    u: np.ndarray,
+    ud: np.ndarray,
     ut: np.ndarray,
     bits: int,
     group: int,
@@ -237,7 +238,7 @@ def _gptq_rows(
             for b0 in range(0, k, block):
                 b1 = min(b0 + block, k)
                 for p in range(n_pan):
-                    _round_columns(wt, et, st, bt, p, k, b0, b1, u, gidx, n_grp, n_bins)
+                    _round_columns(wt, et, st, bt, p, k, b0, b1, ud, gidx, n_grp, n_bins)
                 if b1 < k:
                     _carry(wt, et, ut, n_pan, k, b0, b1)
             _store_rows(wt, perm, r0, n, k, codes)
@@ -247,6 +248,18 @@ def _gptq_rows(
 
 #: How far `clipped_group_params` may shrink a group's range (1 = round-to-nearest's grid).
 CLIP_SHRINKS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)
+
+
+def diagonal_blocks(hessian: HessianRows, g: int) -> torch.Tensor:
+    """H's diagonal blocks of g x g as float64 [K/g, g, g] (read `_CHUNK_ROWS` rows at a time)."""
+    k = hessian.shape[0]
+    out = torch.empty((k // g, g, g), dtype=torch.float64)
+    step = max(_CHUNK_ROWS // g, 1) * g
+    for r0 in range(0, k, step):
+        rows = torch.as_tensor(hessian[r0 : r0 + step])
+        for j in range(r0 // g, min(r0 + step, k) // g):
+            out[j] = rows[j * g - r0 : (j + 1) * g - r0, j * g : (j + 1) * g]
+    return out
 
 
 def clipped_group_params(
@@ -262,7 +275,7 @@ def clipped_group_params(
     rows, k = w16.shape
     n = k // g
     idx = torch.arange(k).reshape(n, g)
-    h_blocks = hessian.to(torch.float64)[idx[:, :, None], idx[:, None, :]].contiguous().numpy()
+    h_blocks = diagonal_blocks(hessian, g).numpy()
     scales, biases = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32)
     x = w16.to(torch.bfloat16).float().contiguous().numpy()
     _clip_rows(
@@ -377,46 +390,103 @@ def _clip_rows(
                         biases[r0 + r, j] = b32[lane]
 
 
-def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32 (computed in float64).
+class HessianRows(Protocol):
+    """A square Hessian read by rows: a tensor, or a file read a few rows at a time (hessian_file.py)."""
+
+    shape: Any
+
+    def __getitem__(self, rows: Any) -> Any: ...
+
+
+def _diagonal(hessian: HessianRows) -> torch.Tensor:
+    if isinstance(hessian, torch.Tensor):
+        return torch.diagonal(hessian).to(torch.float64)
+    return hessian.diagonal()  # type: ignore[attr-defined]
+
+
+#: Rows of H converted at a time when it is copied into the factor's float64 buffer (bounds the transient).
+_CHUNK_ROWS = 1024
+
+
+def inverse_cholesky_t(hessian: HessianRows, damp: float, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """U^T (float32 [K, K], contiguous, zero above the diagonal) for U the upper Cholesky factor of
+    (H + damp * mean(diag H) * I)^-1 with H's rows and columns in the order `perm` (default: stored order),
+    computed in float64.
 
     The damping keeps H invertible when calibration tokens are fewer than inputs or an input is always zero;
     larger values move the result toward round-to-nearest. Computed on one thread, so that U, and with it every
-    code, is the same whatever the thread count.
+    code, is the same whatever the thread count. Memory: one float64 [K, K] buffer that the three LAPACK steps
+    (Cholesky, its inverse, the upper Cholesky of that) overwrite in place, plus the float32 result, filled and
+    emptied `_CHUNK_ROWS` rows at a time; H itself is only read by rows (it may wait on disk). In place or not,
+    LAPACK computes the same numbers (tests/test_gptq_cost.py checks it against torch's out-of-place calls).
     """
-    h = hessian.to(torch.float64).clone()
-    if h.ndim != 2 or h.shape[0] != h.shape[1]:
-        raise MintError(f"Hessian of shape {list(h.shape)} is not square")
-    diag = torch.diagonal(h)
+    k = hessian.shape[0]
+    if len(hessian.shape) != 2 or hessian.shape[1] != k:
+        raise MintError(f"Hessian of shape {list(hessian.shape)} is not square")
+    perm = torch.arange(k) if perm is None else perm
+    buf = torch.empty((k, k), dtype=torch.float64)
+    for i0 in range(0, k, _CHUNK_ROWS):
+        rows = hessian[perm[i0 : i0 + _CHUNK_ROWS]]
+        buf[i0 : i0 + _CHUNK_ROWS] = torch.as_tensor(rows)[:, perm].to(torch.float64)
+        del rows
+    diag = torch.diagonal(buf)
     dead = diag <= 0
     diag[dead] = 1.0  # an input that never fired: nothing to compensate through it
     diag += damp * float(diag.mean())
+    t = buf.mT  # H is symmetric: its column-major view is H, and LAPACK works on it in place
     try:
         with one_torch_thread():
-            lower = torch.linalg.cholesky(h)
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+            torch.linalg.cholesky(t, out=t)
+            torch.cholesky_inverse(t, out=t)
+            torch.linalg.cholesky(t, upper=True, out=t)
     except RuntimeError as e:  # torch raises _LinAlgError (a RuntimeError) for a non-positive-definite H
         raise MintError(f"Hessian is not positive definite even with damp {damp}: {e}") from None
+    # t's upper triangle is U, so buf's lower triangle is U^T (the rest is LAPACK's scratch)
+    ut = torch.empty((k, k), dtype=torch.float32)
+    for i0 in range(0, k, _CHUNK_ROWS):
+        ut[i0 : i0 + _CHUNK_ROWS] = torch.tril(buf[i0 : i0 + _CHUNK_ROWS], diagonal=i0)
+    return ut
 
 
-def act_order(hessian: torch.Tensor) -> torch.Tensor:
+def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """U (float32, upper) of `inverse_cholesky_t` for H in its stored order."""
+    return inverse_cholesky_t(hessian, damp).T.contiguous()
+
+
+def act_order(hessian: HessianRows) -> torch.Tensor:
     """The order GPTQ rounds the input columns in: loudest input first (diag H descending, ties by index), so
     that the columns whose error costs most are rounded while the most columns remain to take it up."""
-    return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    return torch.argsort(_diagonal(hessian), descending=True, stable=True)
 
 
 @dataclass(frozen=True)
 class Factor:
-    """What GPTQ needs of one Hessian, whatever the weight: the column order and U of the reordered H."""
+    """What GPTQ needs of one Hessian, whatever the weight: the column order and U^T (contiguous) for U the
+    upper Cholesky factor of the reordered, damped H^-1."""
 
     perm: torch.Tensor
-    u: torch.Tensor
+    ut: torch.Tensor
+
+    @property
+    def u(self) -> torch.Tensor:
+        return self.ut.T
 
 
-def factor(hessian: torch.Tensor, damp: float) -> Factor:
-    """`act_order(hessian)` and `inverse_cholesky` of H with its rows and columns in that order."""
+def factor(hessian: HessianRows, damp: float) -> Factor:
+    """`act_order(hessian)` and `inverse_cholesky_t` of H with its rows and columns in that order."""
     perm = act_order(hessian)
-    return Factor(perm, inverse_cholesky(hessian[perm][:, perm], damp))
+    return Factor(perm, inverse_cholesky_t(hessian, damp, perm))
+
+
+def _diagonal_u(ut: np.ndarray, block: int) -> np.ndarray:
+    """ud [K, block] with ud[j, c - b0] = U[j, c] for the columns c of j's column block [b0, b1): the part of U
+    the column loop reads (the rest is read as U^T by the block product)."""
+    k = ut.shape[0]
+    ud = np.zeros((k, block), np.float32)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        ud[b0:b1, : b1 - b0] = ut[b0:b1, b0:b1].T
+    return ud
 
 
 def gptq_codes(
@@ -449,10 +519,10 @@ def gptq_codes(
     codes = np.empty((rows, k), dtype=np.uint8)
     block = max(block // g, 1) * g
     n_part = max(1, min(-(-rows // _ROWS), 8 * get_num_threads()))
-    u_np = fac.u.contiguous().numpy()
+    ut = fac.ut.numpy()
     _gptq_rows(
         w16.view(torch.int16).numpy(), fac.perm.numpy(), scales.contiguous().numpy(), biases.contiguous().numpy(),
-        u_np, np.ascontiguousarray(u_np.T), bits, g, block, codes, n_part,
+        _diagonal_u(ut, block), ut, bits, g, block, codes, n_part,
     )  # fmt: skip
     return torch.from_numpy(codes), scales.to(torch.bfloat16), biases.to(torch.bfloat16)
 
@@ -473,18 +543,20 @@ def rounding_gain(
     block: int,
     rows: int = 1024,
     seed: int = 0,
+    fac: Factor | None = None,
 ) -> dict[str, float]:
     """Per option, the output error of GPTQ fitted on the Hessian `fit`, over round-to-nearest's, both measured
     on `held_out` (the Hessian of other tokens): below 1 when GPTQ helps on text it did not see.
 
     GPTQ rounds each row against the same H independently of the other rows, so the ratio is estimated on a
     seeded sample of `rows` rows. The allocator multiplies the tensor's fisher cost by it, so that it prices the
-    tensor as the packer will store it.
+    tensor as the packer will store it. `fac`: `factor(fit, damp)` when the caller has it (made once per
+    Hessian, shared by every option and every tensor reading the same input).
     """
     if w.shape[0] > rows:
         pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
         w = w[pick.sort().values]
-    h, fac = held_out.float(), factor(fit, damp)
+    h, fac = held_out.float(), factor(fit, damp) if fac is None else fac
     gains = {}
     for opt in options:
         q, s, b = gptq_codes(w, fit, opt, damp, block, fac)
