@@ -274,7 +274,6 @@ def clipped_group_params(
     The error counts the bf16 scale and bias as stored; it is summed in float64, in a fixed order per row."""
     rows, k = w16.shape
     n = k // g
-    idx = torch.arange(k).reshape(n, g)
     h_blocks = diagonal_blocks(hessian, g).numpy()
     scales, biases = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32)
     x = w16.to(torch.bfloat16).float().contiguous().numpy()
