@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import xxhash
 
-from mintbuild.mlx.gptq import Factor, factor
+from mintbuild.mlx.gptq import Factor, HessianRows, factor
 from mintbuild.mlx.rounding import GPTQ_VERSION
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,18 @@ log = logging.getLogger(__name__)
 CACHE_TAG = f"{GPTQ_VERSION}|factor/1"
 
 
-def hessian_digest(hessian: torch.Tensor) -> str:
-    """sha256 of the Hessian's dtype, shape and bytes (C order)."""
-    h = hessian.detach().contiguous()
-    sha = hashlib.sha256(f"{h.dtype}|{list(h.shape)}|".encode())
-    sha.update(memoryview(h.reshape(-1).view(torch.uint8).numpy()))
+def hessian_digest(hessian: HessianRows) -> str:
+    """sha256 of the Hessian's dtype, shape and bytes (C order); a HessianFile hashes as the float32 tensor it
+    holds, read a few rows at a time."""
+    if isinstance(hessian, torch.Tensor):
+        h = hessian.detach().contiguous()
+        sha = hashlib.sha256(f"{h.dtype}|{list(h.shape)}|".encode())
+        sha.update(memoryview(h.reshape(-1).view(torch.uint8).numpy()))
+        return sha.hexdigest()
+    k = hessian.shape[0]
+    sha = hashlib.sha256(f"{torch.float32}|{[k, k]}|".encode())
+    for i0 in range(0, k, 1024):
+        sha.update(memoryview(hessian[i0 : i0 + 1024].contiguous().reshape(-1).view(torch.uint8).numpy()))
     return sha.hexdigest()
 
 
@@ -47,10 +54,10 @@ class FactorCache:
         self.misses = 0
         self._memory: OrderedDict[str, Factor] = OrderedDict()
 
-    def key(self, hessian: torch.Tensor, damp: float) -> str:
+    def key(self, hessian: HessianRows, damp: float) -> str:
         return hashlib.sha256(f"{CACHE_TAG}|{hessian_digest(hessian)}|{damp!r}".encode()).hexdigest()
 
-    def get(self, hessian: torch.Tensor, damp: float) -> Factor:
+    def get(self, hessian: HessianRows, damp: float) -> Factor:
         """`gptq.factor(hessian, damp)`, from memory or disk when made before."""
         key = self.key(hessian, damp)
         fac = self._memory.get(key)

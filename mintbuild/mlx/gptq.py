@@ -57,6 +57,7 @@ from mintbuild.errors import MintError
 from mintbuild.formats import Option
 from mintbuild.mlx.quant.reference import dequantize_codes, quantize_dequantize
 from mintbuild.mlx.quant.simd import W
+from mintbuild.mlx.quant.simd import bf16 as _bf16
 from mintbuild.mlx.quant.simd import mlx_scale_bias as _mlx_scale_bias
 from mintbuild.mlx.quant.simd import vbf16 as _vbf16
 from mintbuild.mlx.quant.simd import vfma as _vfma
@@ -69,6 +70,7 @@ from mintbuild.mlx.quant.simd import vstore as _vstore
 from mintbuild.mlx.quant.simd64 import dload as _dload
 from mintbuild.mlx.quant.simd64 import dmuladd as _dmuladd
 from mintbuild.mlx.quant.simd64 import dstore as _dstore
+from mintbuild.mlx.quant.simd64 import dstore_diff as _dstore_diff
 from mintbuild.mlx.quant.simd64 import dzero as _dzero
 from mintbuild.reproducible import one_torch_thread, sum64
 
@@ -274,6 +276,8 @@ def clipped_group_params(
     The error counts the bf16 scale and bias as stored; it is summed in float64, in a fixed order per row."""
     rows, k = w16.shape
     n = k // g
+    if not 1 <= len(CLIP_SHRINKS) <= _L:
+        raise MintError(f"CLIP_SHRINKS has {len(CLIP_SHRINKS)} factors; the clip search takes 1 to {_L}")
     h_blocks = diagonal_blocks(hessian, g).numpy()
     scales, biases = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32)
     x = w16.to(torch.bfloat16).float().contiguous().numpy()
@@ -283,7 +287,7 @@ def clipped_group_params(
     return torch.from_numpy(scales), torch.from_numpy(biases)
 
 
-#: Rows a `_clip_rows` task searches together: its lanes are (row, shrink) pairs, 8 rows x 8 shrinks.
+#: Rows a `_clip_rows` task searches together: its lanes are (row, shrink) pairs, 8 rows x 8 shrink slots.
 _CLIP_ROWS = 8
 
 
@@ -314,20 +318,6 @@ def _off32(h_blocks: np.ndarray, j: int, c: int, g: int, e: np.ndarray, o: int, 
     _dstore(off, o + 28, a7)
 
 
-@njit(inline="always")
-def _deq_group(
-    x: np.ndarray, o: int, g: int, s: np.float32, b: np.float32, n_bins: np.float32, deq: np.ndarray
-) -> None:
-    """deq[c] = bf16(bf16(q * bf16(s)) + bf16(b)) with q = clip(rint((x - b) / s), 0, n_bins) for the g weights
-    from flat index `o` of x: round-to-nearest on the grid (s, b) as stored, 8 lanes at a time."""
-    sv, bv = _vsplat(s), _vsplat(b)
-    s16, b16 = _vbf16(sv), _vbf16(bv)
-    zero, top = _vsplat(0.0), _vsplat(n_bins)
-    for c in range(0, g, _L):
-        q = _vmin(_vmax(_vrint((_vload(x, o + c) - bv) / sv), zero), top)
-        _vstore(deq, c, _vbf16(_vbf16(q * s16) + b16))
-
-
 @njit(parallel=True, cache=True)
 def _clip_rows(
     x: np.ndarray,
@@ -346,7 +336,8 @@ def _clip_rows(
     rows, k = x.shape
     n_s = shrinks.size
     n_blk = (rows + _CLIP_ROWS - 1) // _CLIP_ROWS
-    lanes = (_CLIP_ROWS * n_s + 31) // 32 * 32  # whole runs of 32 lanes; the spare ones stay 0
+    lanes = _CLIP_ROWS * _L  # lane r * 8 + i: row r, shrink i (shrinks past n_s repeat the first, unused)
+    zero, top = _vsplat(0.0), _vsplat(n_bins)
     for blk in prange(n_blk):
         r0 = blk * _CLIP_ROWS
         n = min(_CLIP_ROWS, rows - r0)
@@ -355,8 +346,9 @@ def _clip_rows(
         off = np.empty(lanes, np.float64)
         err = np.empty(lanes, np.float64)
         s32 = np.ones(lanes, np.float32)
-        deq = np.empty(g, np.float32)
         b32 = np.zeros(lanes, np.float32)
+        s16 = np.ones(lanes, np.float32)
+        b16 = np.zeros(lanes, np.float32)
         for j in range(k // g):
             c0 = j * g
             for r in range(n):
@@ -365,13 +357,18 @@ def _clip_rows(
                 for c in range(1, g):
                     lo = min(lo, x[r0 + r, c0 + c])
                     hi = max(hi, x[r0 + r, c0 + c])
-                for i in range(n_s):
-                    lane = r * n_s + i
-                    s, b = _mlx_scale_bias(lo * shrinks[i], hi * shrinks[i], n_bins)
-                    s32[lane], b32[lane] = s, b
-                    _deq_group(x, (r0 + r) * k + c0, g, s, b, n_bins, deq)
-                    for c in range(g):
-                        e[c, lane] = np.float64(x[r0 + r, c0 + c]) - np.float64(deq[c])
+                for i in range(_L):
+                    a = shrinks[i] if i < n_s else shrinks[0]
+                    s, b = _mlx_scale_bias(lo * a, hi * a, n_bins)
+                    s32[r * _L + i], b32[r * _L + i] = s, b
+                    s16[r * _L + i], b16[r * _L + i] = _bf16(s), _bf16(b)
+                # the 8 shrinks' grids side by side: every weight of the row rounded on each, one lane each
+                sv, bv = _vload(s32, r * _L), _vload(b32, r * _L)
+                sv16, bv16 = _vload(s16, r * _L), _vload(b16, r * _L)
+                for c in range(g):
+                    xv = _vsplat(x[r0 + r, c0 + c])
+                    q = _vmin(_vmax(_vrint((xv - bv) / sv), zero), top)
+                    _dstore_diff(ef, c * lanes + r * _L, xv, _vbf16(_vbf16(q * sv16) + bv16))
             err[:] = 0.0
             for c in range(g):
                 for o in range(0, lanes, 32):
@@ -382,7 +379,7 @@ def _clip_rows(
             for r in range(n):
                 best = np.inf
                 for i in range(n_s):
-                    lane = r * n_s + i
+                    lane = r * _L + i
                     if err[lane] < best or i == 0:  # the unshrunk grid stands even if an error is not finite
                         best = err[lane]
                         scales[r0 + r, j] = s32[lane]
@@ -490,7 +487,7 @@ def _diagonal_u(ut: np.ndarray, block: int) -> np.ndarray:
 
 def gptq_codes(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: HessianRows,
     option: Option,
     damp: float,
     block: int = 128,
@@ -535,8 +532,8 @@ def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> f
 
 def rounding_gain(
     w: torch.Tensor,
-    fit: torch.Tensor,
-    held_out: torch.Tensor,
+    fit: HessianRows,
+    held_out: Any,
     options: list[Option],
     damp: float,
     block: int,
@@ -555,7 +552,9 @@ def rounding_gain(
     if w.shape[0] > rows:
         pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
         w = w[pick.sort().values]
-    h, fac = held_out.float(), factor(fit, damp) if fac is None else fac
+    # factored before the held-out H is read, so that the two need not be in memory together
+    fac = factor(fit, damp) if fac is None else fac
+    h = held_out.load() if hasattr(held_out, "load") else held_out.float()
     gains = {}
     for opt in options:
         q, s, b = gptq_codes(w, fit, opt, damp, block, fac)

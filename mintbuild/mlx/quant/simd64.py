@@ -5,7 +5,7 @@ intrinsics keep several such sums in vector registers. Every instruction is a pl
 `nsz` (which changes no result of a sum of products here), never contracted into an FMA and never reassociated,
 so a lane computes exactly what a scalar loop `acc = acc + h * x` computes.
 
-One job: the float64 vector type and the three operations the clip search needs.
+One job: the float64 vector type and the operations the clip search needs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, models, register_model
+
+from mintbuild.mlx.quant.simd import f32x8
 
 #: Lanes per vector (AVX2: 4 float64).
 W64 = 4
@@ -100,3 +102,20 @@ def dmuladd(typingctx, acc, h, x):
         return builder.fadd(args[0], builder.fmul(hv, args[2], flags=_FLAGS), flags=_FLAGS)
 
     return f64x4(acc, h, x), codegen
+
+
+@intrinsic
+def dstore_diff(typingctx, arr, i, a, b):
+    """arr[i : i + 8] = float64(a) - float64(b) lane by lane, for two 8 x float32 vectors (exact widening, then
+    one float64 difference per lane, as a scalar `np.float64(a) - np.float64(b)`)."""
+    if not (_is_f64_array(arr) and isinstance(i, types.Integer) and a is f32x8 and b is f32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        wide = ir.VectorType(_F64, 8)
+        d = builder.fsub(builder.fpext(args[2], wide), builder.fpext(args[3], wide), flags=_FLAGS)
+        ptr = builder.bitcast(_elem_ptr(context, builder, sig, args[:2]), wide.as_pointer())
+        builder.store(d, ptr, align=8)
+        return context.get_dummy_value()
+
+    return types.none(arr, i, a, b), codegen
