@@ -16,7 +16,9 @@ from mintbuild.formats import Option
 from mintbuild.mlx import gptq
 from mintbuild.mlx.factor_cache import FactorCache
 from mintbuild.mlx.gptq import GAIN_BOUND_SE, factor, gain_estimates, gptq_codes, rounding_gain
+from mintbuild.mlx.hessian_file import HessianFile
 from mintbuild.mlx.quant.reference import quantize_dequantize
+from mintbuild.reproducible import one_torch_thread
 from tests.test_gptq import tokens, weights
 
 
@@ -124,3 +126,37 @@ def test_pickable_options_skip_only_what_the_veto_removes() -> None:
         assert all(sqnr(o) < veto for o in opts if o not in kept), veto
         assert all(o in kept for o in opts if sqnr(o) >= veto), veto
     assert len(pickable_options(w, opts, 16.0)) < len(opts)  # not vacuous: some are skipped
+
+
+def test_factor_in_place_and_from_disk_is_the_dense_factor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wide-layer path's mechanism on a 1024-wide Hessian: H read from disk 100 rows at a time into the one
+    float64 buffer LAPACK overwrites in place gives, bit for bit, U of torch's out-of-place calls (the
+    arithmetic of gptq-mlx-affine/3) and the codes of the in-memory H."""
+    monkeypatch.setattr(gptq, "_CHUNK_ROWS", 100)
+    k, opt = 1024, Option(4, 64)
+    h = hessian(768, k, seed=5).float()  # fewer tokens than inputs: damping makes it invertible
+    h[7], h[:, 7] = 0, 0  # an input that never fired
+    path = tmp_path / "h.f32"
+    disk = HessianFile.write(path, h)
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    # the oracle: gptq-mlx-affine/3's factor, out of place
+    ref = h.to(torch.float64)[perm][:, perm].clone()
+    diag = torch.diagonal(ref)
+    diag[diag <= 0] = 1.0
+    diag += 0.1 * float(diag.mean())
+    with one_torch_thread():
+        want_u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True).float()
+    for source in (h, disk):
+        fac = factor(source, 0.1)
+        assert torch.equal(fac.perm, perm) and _same(fac.u, want_u)
+    assert torch.equal(disk.diagonal(), torch.diagonal(h).double())
+    w = head(50, k, 6)
+    got, want = gptq_codes(w, disk, opt, 0.1), gptq_codes(w, h, opt, 0.1)
+    assert all(_same(a, b) for a, b in zip(got, want, strict=True))
+    # the cache keys a file by its content: the same entry as the tensor
+    cache = FactorCache()
+    cache.get(h, 0.1)
+    cache.get(disk, 0.1)
+    assert (cache.misses, cache.hits) == (1, 1)
