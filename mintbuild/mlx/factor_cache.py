@@ -27,6 +27,8 @@ from mintbuild.mlx.rounding import GPTQ_VERSION
 log = logging.getLogger(__name__)
 
 CACHE_TAG = f"{GPTQ_VERSION}|factor/1"
+#: The factors' folder inside the pack cache (whose own entries sit in two-hex-digit folders).
+FACTOR_FOLDER = "gptq-factors"
 
 
 def hessian_digest(hessian: HessianRows) -> str:
@@ -116,9 +118,3 @@ class FactorCache:
             for part in parts:
                 f.write(part)
         os.replace(tmp, p)
-
-
-def default_factor_dir() -> Path | None:
-    """$MINTBUILD_CACHE/gptq-factors, or None (memory only) when MINTBUILD_CACHE is not set."""
-    env = os.environ.get("MINTBUILD_CACHE")
-    return Path(env) / "gptq-factors" if env else None

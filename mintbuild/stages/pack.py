@@ -57,7 +57,7 @@ from mintbuild.errors import MintError
 from mintbuild.formats import Option, parse_option
 from mintbuild.hf.checkpoint import Checkpoint, content_hash, fingerprint, open_checkpoint
 from mintbuild.io import atomic_dir, atomic_write_json, canonical_json
-from mintbuild.mlx.factor_cache import FactorCache, default_factor_dir
+from mintbuild.mlx.factor_cache import FACTOR_FOLDER, FactorCache
 from mintbuild.mlx.folder import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
@@ -92,7 +92,7 @@ class Rounding:
     damp: float = 0.1
     block: int = 128
     overfit: dict[str, frozenset[str]] = field(default_factory=dict)
-    factors: FactorCache = field(default_factory=lambda: FactorCache(default_factor_dir()), compare=False)
+    factors: FactorCache = field(default_factory=FactorCache, compare=False)
 
     def hessian(self, name: str, option: Option) -> torch.Tensor | None:
         """The Hessian to round `name` at `option` against by GPTQ, or None: round to nearest."""
@@ -399,6 +399,8 @@ def pack_target(
     if dry_run:
         return result
     cache = PackCache(cache_dir if cache_dir is not None else default_cache_dir(out_root))
+    if cache.root is not None:  # GPTQ's factors beside the tensors, for every target
+        rounding.factors.root = cache.root / FACTOR_FOLDER
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         hashes: dict[str, str] = {}
