@@ -31,7 +31,7 @@ from numba import njit, prange
 from mintbuild.calibration.hessians import GAIN_ROWS
 from mintbuild.formats import Option
 from mintbuild.mlx.factor_cache import FactorCache
-from mintbuild.mlx.gptq import clipped_group_params, factor, gptq_codes, output_error, rounding_gain
+from mintbuild.mlx.gptq import Factor, clipped_group_params, factor, gptq_codes, output_error, rounding_gain
 from mintbuild.mlx.hessian_file import HessianFile
 from mintbuild.mlx.quant.reference import dequantize_codes, quantize_dequantize
 from mintbuild.mlx.quant.simd import bf16 as _bf16
@@ -173,6 +173,17 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def synthetic_factor(cols: int, seed: int = 3) -> Factor:
+    """A valid factor of some positive-definite H' (a random upper-triangular U with a positive diagonal): for
+    timing gptq_codes only, whose work does not depend on U's values, where the real factor (~1.3 K^3 float64
+    flops on one thread) would take longer than the benchmark can wait."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.triu(torch.randn(cols, cols, generator=g) * 0.01, diagonal=1) + torch.diag(
+        torch.rand(cols, generator=g) + 0.5
+    )
+    return Factor(torch.randperm(cols, generator=g), u.T.contiguous())
+
+
 def one_shape(rows: int, cols: int, opt: Option, args: argparse.Namespace) -> float:
     """Time the dense matmul, the factor and gptq_codes (clip search included, factor given) of one shape;
     print them; return gptq_codes / matmul."""
@@ -180,7 +191,10 @@ def one_shape(rows: int, cols: int, opt: Option, args: argparse.Namespace) -> fl
     h = hessian(args.tokens, cols) if cols <= 1024 else wide_hessian(args.wide_tokens, cols)
     w32, h32 = w.float(), h.float()
     t_mm, _ = best_of(args.repeat, lambda: w32 @ h32)
-    t_fac, fac = best_of(1, lambda: factor(h, args.damp))
+    if cols > args.synthetic_factor_above:
+        t_fac, fac = float("nan"), synthetic_factor(cols)
+    else:
+        t_fac, fac = best_of(1, lambda: factor(h, args.damp))
     t_new, new = best_of(args.repeat, lambda: gptq_codes(w, h, opt, args.damp, args.block, fac))
     print(
         f"{rows:>7} x {cols:<6}: matmul W @ H {t_mm:8.3f} s | factor (once per Hessian) {t_fac:8.3f} s | "
@@ -250,6 +264,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="numba and torch threads (default: all)")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) torch column loop")
+    ap.add_argument(
+        "--synthetic-factor-above",
+        type=int,
+        default=1 << 30,
+        help="time gptq_codes of wider H with a synthetic factor (the factor is then not timed: nan)",
+    )
     ap.add_argument("--wide", action="store_true", help="only the 8,192 x 28,672 tensor: time and peak RSS")
     ap.add_argument("--wide-shape", default="8192x28672", help="rows x cols of the --wide tensor")
     ap.add_argument("--scratch", default=None, help="folder for the wide Hessians' files (default: $TMPDIR)")
