@@ -41,7 +41,9 @@ Which tensors get it is decided by the importance stage, which measures H for ev
 head only) and GPTQ's held-out gain on each tensor and option (`rounding_gain`); where that gain is not below 1
 (GPTQ fitted the calibration windows but does worse than rounding to nearest on the held-out ones,
 `rounding.gptq_helps`), pack rounds to nearest and the allocator prices round-to-nearest. The README's "Rounding" has
-what it gains and what it costs.
+what it gains and what it costs; docs/gptq-cost.md what each part costs and how memory stays bounded.
+
+One job: GPTQ rounding of one tensor against one Hessian (its grids, its factor, its kernel, its held-out gain).
 """
 
 from __future__ import annotations
