@@ -6,22 +6,85 @@ The head is random bf16 weights [rows, cols] with a few outliers; H = X^T X of `
 few loud channels, as a transformer's last hidden states have. Times are wall-clock seconds, best of `--repeat`
 (the reference runs once); nothing is asserted on them.
 
-Usage: .venv/bin/python benchmarks/bench_gptq.py [--rows 262144] [--cols 640] [--option 4,64] [--threads N]
+Three shapes by default: the 262,144 x 640 head and an 8B's 4096 x 14336 and 14336 x 4096 layers; for each, one
+dense float32 W @ H, the factor of H (made once per Hessian and cached, so timed apart) and gptq_codes given the
+factor (the clip search included), and the ratio gptq_codes / matmul. `--wide`: one 8,192 x 28,672 tensor with
+its 28,672^2 Hessians on disk, GPTQ and the held-out gain, with the peak RSS.
+
+Usage: .venv/bin/python benchmarks/bench_gptq.py [--shapes 262144x640,...] [--option 4,64] [--threads N] [--wide]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numba
+import numpy as np
 import torch
+from numba import njit, prange
 
+from mintbuild.calibration.hessians import GAIN_ROWS
 from mintbuild.formats import Option
-from mintbuild.mlx.gptq import clipped_group_params, gptq_codes, output_error
+from mintbuild.mlx.factor_cache import FactorCache
+from mintbuild.mlx.gptq import Factor, clipped_group_params, factor, gptq_codes, output_error, rounding_gain
+from mintbuild.mlx.hessian_file import HessianFile
 from mintbuild.mlx.quant.reference import dequantize_codes, quantize_dequantize
+from mintbuild.mlx.quant.simd import bf16 as _bf16
+from mintbuild.mlx.quant.simd import mlx_scale_bias as _mlx_scale_bias
+
+
+def reference_clipped_group_params(
+    w16: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, shrinks: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gptq.clipped_group_params` as the scalar loop of gptq-mlx-affine/3 (one row, group and shrink at a time,
+    the quadratic form a chain of float64 products and sums): the oracle of the lane-wise kernel."""
+    rows, k = w16.shape
+    n = k // g
+    idx = torch.arange(k).reshape(n, g)
+    h_blocks = hessian.to(torch.float64)[idx[:, :, None], idx[:, None, :]].contiguous().numpy()
+    scales, biases = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32)
+    x = w16.to(torch.bfloat16).float().contiguous().numpy()
+    _scalar_clip_rows(
+        x, h_blocks, np.array(shrinks, np.float32), np.float32((1 << bits) - 1), g, scales, biases
+    )
+    return torch.from_numpy(scales), torch.from_numpy(biases)
+
+
+@njit(parallel=True, cache=True)
+def _scalar_clip_rows(x, h_blocks, shrinks, n_bins, g, scales, biases):
+    rows, k = x.shape
+    zero = np.float32(0.0)
+    for r in prange(rows):
+        e = np.empty(g, np.float64)
+        for j in range(k // g):
+            c0 = j * g
+            lo = x[r, c0]
+            hi = lo
+            for c in range(1, g):
+                lo = min(lo, x[r, c0 + c])
+                hi = max(hi, x[r, c0 + c])
+            best = np.inf
+            for i in range(shrinks.size):
+                s, b = _mlx_scale_bias(lo * shrinks[i], hi * shrinks[i], n_bins)
+                s16, b16 = _bf16(s), _bf16(b)
+                for c in range(g):
+                    q = min(max(np.rint((x[r, c0 + c] - b) / s), zero), n_bins)
+                    e[c] = np.float64(x[r, c0 + c]) - np.float64(_bf16(_bf16(q * s16) + b16))
+                err = 0.0
+                for c in range(g):
+                    off = 0.0
+                    for d in range(c + 1, g):
+                        off += h_blocks[j, c, d] * e[d]
+                    err += e[c] * (h_blocks[j, c, c] * e[c] + 2.0 * off)
+                if err < best or i == 0:
+                    best = err
+                    scales[r, j] = s
+                    biases[r, j] = b
 
 
 def reference_gptq_codes(
@@ -95,50 +158,143 @@ def best_of(n: int, fn: Callable[[], Any]) -> tuple[float, Any]:
     return best, out
 
 
+def wide_hessian(tokens: int, cols: int, seed: int = 1) -> torch.Tensor:
+    """X^T X (float32) of inputs correlated through 64 shared factors, with four loud channels: cheap to make at
+    14,336 or 28,672 inputs (`hessian`'s full mixing matrix is not)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cols, generator=g)
+    x += torch.randn(tokens, 64, generator=g) @ (torch.randn(64, cols, generator=g) * 0.3)
+    x[:, :4] *= 20
+    return x.T @ x
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set so far (ru_maxrss, KiB on Linux), in GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def synthetic_factor(cols: int, seed: int = 3) -> Factor:
+    """A valid factor of some positive-definite H' (a random upper-triangular U with a positive diagonal): for
+    timing gptq_codes only, whose work does not depend on U's values, where the real factor (~1.3 K^3 float64
+    flops on one thread) would take longer than the benchmark can wait."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.triu(torch.randn(cols, cols, generator=g) * 0.01, diagonal=1) + torch.diag(
+        torch.rand(cols, generator=g) + 0.5
+    )
+    return Factor(torch.randperm(cols, generator=g), u.T.contiguous())
+
+
+def one_shape(rows: int, cols: int, opt: Option, args: argparse.Namespace) -> float:
+    """Time the dense matmul, the factor and gptq_codes (clip search included, factor given) of one shape;
+    print them; return gptq_codes / matmul."""
+    w = head(rows, cols)
+    h = hessian(args.tokens, cols) if cols <= 1024 else wide_hessian(args.wide_tokens, cols)
+    w32, h32 = w.float(), h.float()
+    t_mm, _ = best_of(args.repeat, lambda: w32 @ h32)
+    if cols > args.synthetic_factor_above:
+        t_fac, fac = float("nan"), synthetic_factor(cols)
+    else:
+        t_fac, fac = best_of(1, lambda: factor(h, args.damp))
+    t_new, new = best_of(args.repeat, lambda: gptq_codes(w, h, opt, args.damp, args.block, fac))
+    print(
+        f"{rows:>7} x {cols:<6}: matmul W @ H {t_mm:8.3f} s | factor (once per Hessian) {t_fac:8.3f} s | "
+        f"gptq_codes {t_new:8.3f} s = {t_new / t_mm:.2f} x the matmul ({(t_new + t_fac) / t_mm:.2f} x with "
+        f"the factor)",
+        flush=True,
+    )
+    if cols <= 1024:
+        deq = dequantize_codes(*new, opt.group)
+        rtn = output_error(w, quantize_dequantize(w, opt), h)
+        print(f"  output error on H: GPTQ / round-to-nearest = {output_error(w, deq, h) / rtn:.4f}")
+    if not args.no_reference and (rows, cols) == SHAPES[0]:
+        t_ref, ref = best_of(1, lambda: reference_gptq_codes(w, h, opt, args.damp, args.block))
+        print(f"  reference column loop: {t_ref:8.3f} s = {t_ref / t_mm:.2f} x the matmul")
+        same = [torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(new, ref, strict=True)]
+        print(f"  outputs identical to the reference (codes, scales, biases): {same}")
+    return t_new / t_mm
+
+
+def wide(opt: Option, args: argparse.Namespace) -> None:
+    """GPTQ and the gain of one 8,192 x 28,672 tensor (`--wide-shape`) with its 28,672^2 Hessian, both Hessians on disk (as the
+    importance stage spills them): time and peak RSS."""
+    import tempfile
+
+    rows, cols = (int(v) for v in args.wide_shape.split("x"))
+    with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
+        t0 = time.perf_counter()
+        fit = HessianFile.write(Path(tmp) / "fit.f32", wide_hessian(args.wide_tokens, cols, seed=1))
+        held = HessianFile.write(Path(tmp) / "held.f32", wide_hessian(args.wide_tokens, cols, seed=2))
+        w = head(rows, cols)
+        print(
+            f"inputs made in {time.perf_counter() - t0:.1f} s; peak RSS so far {peak_rss_gb():.2f} GB",
+            flush=True,
+        )
+        cache = FactorCache()
+        t0 = time.perf_counter()
+        fac = cache.get(fit, args.damp)
+        t_fac = time.perf_counter() - t0
+        print(f"factor {t_fac:.1f} s; peak RSS {peak_rss_gb():.2f} GB", flush=True)
+        t0 = time.perf_counter()
+        gptq_codes(w, fit, opt, args.damp, args.block, fac)
+        t_gptq = time.perf_counter() - t0
+        print(f"gptq_codes {t_gptq:.1f} s; peak RSS {peak_rss_gb():.2f} GB", flush=True)
+        t0 = time.perf_counter()
+        gains = rounding_gain(
+            w, fit, held, [opt], args.damp, args.block, GAIN_ROWS, fac=cache.get(fit, args.damp)
+        )
+        t_gain = time.perf_counter() - t0
+        print(
+            f"wide {rows} x {cols} {opt.name}: factor {t_fac:.1f} s, GPTQ {t_gptq:.1f} s, gain ({GAIN_ROWS} rows, "
+            f"factor reused: {cache.hits} hit) {t_gain:.1f} s = {gains}; peak RSS {peak_rss_gb():.2f} GB"
+        )
+
+
+#: The head benchmark and an 8B's two MLP shapes: rows x input columns.
+SHAPES = ((262_144, 640), (4096, 14_336), (14_336, 4096))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=262_144)
-    ap.add_argument("--cols", type=int, default=640)
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES), help="rows x cols, ...")
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens of H for the head (<= 1024 columns)")
+    ap.add_argument("--wide-tokens", type=int, default=2048, help="tokens of H for the wide shapes")
     ap.add_argument("--option", default="4,64", help="bits,group")
     ap.add_argument("--damp", type=float, default=0.1)
     ap.add_argument("--block", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="numba and torch threads (default: all)")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) torch column loop")
+    ap.add_argument(
+        "--synthetic-factor-above",
+        type=int,
+        default=1 << 30,
+        help="time gptq_codes of wider H with a synthetic factor (the factor is then not timed: nan)",
+    )
+    ap.add_argument("--wide", action="store_true", help="only the 8,192 x 28,672 tensor: time and peak RSS")
+    ap.add_argument("--wide-shape", default="8192x28672", help="rows x cols of the --wide tensor")
+    ap.add_argument("--scratch", default=None, help="folder for the wide Hessians' files (default: $TMPDIR)")
     args = ap.parse_args()
     if args.threads:
         numba.set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
     bits, group = (int(v) for v in args.option.split(","))
     opt = Option(bits, group)
-    w, h = head(args.rows, args.cols), hessian(args.tokens, args.cols)
     print(
-        f"head {args.rows} x {args.cols} bf16, H = X^T X of {args.tokens} tokens, {opt.name}, damp {args.damp}, "
-        f"block {args.block}; numba threads {numba.get_num_threads()}, torch threads {torch.get_num_threads()}"
+        f"{opt.name}, damp {args.damp}, block {args.block}; numba threads {numba.get_num_threads()}, torch "
+        f"threads {torch.get_num_threads()}",
+        flush=True,
     )
-    gptq_codes(w[:64], h, opt, args.damp, args.block)  # JIT (or load from numba's cache)
-    w32, h32 = w.float(), h.float()
-    t_mm, _ = best_of(args.repeat, lambda: w32 @ h32)
-    t_new, new = best_of(args.repeat, lambda: gptq_codes(w, h, opt, args.damp, args.block))
-    print(f"dense fp32 matmul W @ H : {t_mm:8.3f} s")
-    print(f"gptq_codes (numba)      : {t_new:8.3f} s = {t_new / t_mm:.2f} x the matmul")
-    deq = dequantize_codes(*new, group)
-    rtn = output_error(w, quantize_dequantize(w, opt), h)
-    print(f"output error on H: GPTQ / round-to-nearest = {output_error(w, deq, h) / rtn:.4f}")
-    if args.no_reference:
+    gptq_codes(
+        head(64, 640), hessian(256, 640), opt, args.damp, args.block
+    )  # JIT (or load from numba's cache)
+    if args.wide:
+        wide(opt, args)
         return
-    t_ref, ref = best_of(1, lambda: reference_gptq_codes(w, h, opt, args.damp, args.block))
-    print(f"reference column loop   : {t_ref:8.3f} s = {t_ref / t_mm:.2f} x the matmul")
-    print(f"speed-up reference / new: {t_ref / t_new:.1f} x")
-    same = [torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(new, ref, strict=True)]
-    print(f"outputs identical (codes, scales, biases): {same}")
-    if not all(same):
-        diff = float((new[0] != ref[0]).double().mean())
-        ref_err = output_error(w, dequantize_codes(*ref, group), h)
-        print(
-            f"codes that differ: {diff:.2e}; output error new / reference = {output_error(w, deq, h) / ref_err}"
-        )
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ratios = {s: one_shape(*s, opt, args) for s in shapes}
+    print(
+        "gptq_codes / dense fp32 W @ H: " + ", ".join(f"{r} x {c}: {v:.2f}" for (r, c), v in ratios.items())
+    )
 
 
 if __name__ == "__main__":

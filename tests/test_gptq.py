@@ -140,7 +140,7 @@ def test_act_order_rounds_the_loud_inputs_first(opt: Option, monkeypatch: pytest
     h_seen, h_unseen = (x.double().T @ x.double() for x in (loud_last(0), loud_last(1)))
     assert gptq.act_order(h_seen)[:4].sort().values.tolist() == [252, 253, 254, 255]
     rtn = output_error(w, quantize_dequantize(w, opt), h_unseen)
-    stored_order = gptq.Factor(torch.arange(256), gptq.inverse_cholesky(h_seen, 0.1))
+    stored_order = gptq.Factor(torch.arange(256), gptq.inverse_cholesky_t(h_seen, 0.1))
     gains = []
     for fac in (None, stored_order):
         q, s, b = gptq_codes(w, h_seen, opt, damp=0.1, fac=fac)

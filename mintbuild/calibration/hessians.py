@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: Rows of a tensor GPTQ's held-out gain is measured on (a seeded sample: GPTQ rounds each row alone).
 GAIN_ROWS = 512
+#: How far below the allocator's SQNR veto a sampled round-to-nearest SQNR must be for `pickable_options` to skip
+#: the option (3 dB: twice the veto's error; the row sample's SQNR is within a few tenths of a dB of the tensor's).
+VETO_MARGIN_DB = 3.0
 #: importance.hessians: every linear layer, or the output head only (an 8B's per-layer Hessians are ~33 GB).
 SCOPES = ("all", "head")
 
@@ -189,6 +193,34 @@ def measure(
     hessians.finish()
 
 
+def pickable_options(
+    w: Any, options: list[Any], veto_sqnr_db: float | None, rows: int = GAIN_ROWS, seed: int = 0
+) -> list[Any]:
+    """The options whose GPTQ gain is worth measuring for `w`: all of them without a veto; with the allocator's
+    SQNR veto (dB), those whose round-to-nearest SQNR on the gain's seeded row sample is at least
+    `veto_sqnr_db - VETO_MARGIN_DB`. The others the allocator vetoes (their SQNR over the whole tensor is below
+    the veto, the margin being far wider than the sample's error), so it never picks them and their gain is
+    never read; they are recorded as 1.0 (round to nearest, priced as such) by `compute_hessians`."""
+    import torch
+
+    from mintbuild.mlx.quant.reference import quantize_dequantize
+    from mintbuild.reproducible import sum_squares64
+
+    if veto_sqnr_db is None:
+        return list(options)
+    if w.shape[0] > rows:
+        pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
+        w = w[pick.sort().values]
+    w32 = w.to(torch.bfloat16).float()
+    norm = sum_squares64(w32)
+    keep = []
+    for o in options:
+        sse = sum_squares64(w32 - quantize_dequantize(w, o).float())
+        if sse <= 0 or 10 * math.log10(norm / sse) >= veto_sqnr_db - VETO_MARGIN_DB:
+            keep.append(o)
+    return keep
+
+
 def compute_hessians(
     model_dir: Path,
     corpus_dir: Path,
@@ -196,12 +228,15 @@ def compute_hessians(
     pack: PackConfig,
     progress: bool = True,
     spill: Path | None = None,
+    veto_sqnr_db: float | None = None,
 ) -> tuple[dict[str, Any], HessianStore, dict[str, dict[str, float]]]:
     """(record for importance.json, {key: float32 H}, {weight name: {option: GPTQ's held-out gain}}) from
     `hessian_windows` forward-only windows of the train split (seeded like the Fisher windows, possibly
-    overlapping them). With `spill` (a folder), the Hessians are kept there, not in memory."""
+    overlapping them). With `spill` (a folder), the Hessians are kept there, not in memory. With
+    `veto_sqnr_db` (the allocator's SQNR veto), gains are measured only for `pickable_options`."""
     import torch
 
+    from mintbuild.mlx.factor_cache import FactorCache
     from mintbuild.mlx.gptq import rounding_gain
 
     if cfg.hessians not in SCOPES:
@@ -211,14 +246,20 @@ def compute_hessians(
     wanted = {n for n, t in ckpt.tensors.items() if len(t.shape) == 2 and n != skip}
     gains: dict[str, dict[str, float]] = {}
 
+    factors = FactorCache()  # the even windows' H is factored once for all the tensors that read its input
+
     def done(names: list[str], full: Any, even: Any) -> None:
         held = full - even
+        fac = factors.get(even, pack.damp)
         for n in names:
             shape = tuple(ckpt.tensors[n].shape)
             options = [
                 o for o in OPTION_SETS["default"] if not o.passthrough and not o.unavailable_reason(shape)
             ]
-            gains[n] = rounding_gain(ckpt.read(n), even, held, options, pack.damp, pack.block, GAIN_ROWS)
+            w = ckpt.read(n)
+            measured = pickable_options(w, options, veto_sqnr_db)
+            gains[n] = {o.name: 1.0 for o in options}  # not measured: rounded to nearest, priced as such
+            gains[n].update(rounding_gain(w, even, held, measured, pack.damp, pack.block, GAIN_ROWS, fac=fac))
 
     hessians = InputHessians(wanted, done, spill)
     with torch_settings(cfg.threads, cfg.seed):

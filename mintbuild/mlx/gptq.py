@@ -40,11 +40,15 @@ head only) and GPTQ's held-out gain on each tensor and option (`rounding_gain`);
 (GPTQ fitted the calibration windows but does worse than rounding to nearest on the held-out ones,
 `rounding.gptq_helps`), pack rounds to nearest and the allocator prices round-to-nearest. docs/method.md ("Rounding") says
 why, docs/results.md what it gains and what it costs.
+docs/gptq-cost.md says what each part costs and how memory stays bounded.
+
+One job: GPTQ rounding of one tensor against one Hessian (its grids, its factor, its kernel, its held-out gain).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -64,6 +68,11 @@ from mintbuild.mlx.quant.simd import vmin as _vmin
 from mintbuild.mlx.quant.simd import vrint as _vrint
 from mintbuild.mlx.quant.simd import vsplat as _vsplat
 from mintbuild.mlx.quant.simd import vstore as _vstore
+from mintbuild.mlx.quant.simd64 import dload as _dload
+from mintbuild.mlx.quant.simd64 import dmuladd as _dmuladd
+from mintbuild.mlx.quant.simd64 import dstore as _dstore
+from mintbuild.mlx.quant.simd64 import dstore_diff as _dstore_diff
+from mintbuild.mlx.quant.simd64 import dzero as _dzero
 from mintbuild.reproducible import one_torch_thread, sum64
 
 # The 8 x float32 vector type and its intrinsics are quant/simd.py's (every instruction carries `nsz` only, so no
@@ -122,7 +131,7 @@ def _round_columns(
     k: int,
     b0: int,
     b1: int,
-    u: np.ndarray,
+    ud: np.ndarray,
     gidx: np.ndarray,
     n_grp: int,
     n_bins: np.float32,
@@ -138,11 +147,11 @@ def _round_columns(
         x = _vload(wt, o + j * _L)
         q = _vmin(_vmax(_vrint((x - bias) / scale), zero), top)
         deq = _vbf16(_vbf16(q * _vbf16(scale)) + _vbf16(bias))
-        e = (x - deq) / _vsplat(u[j, j])
+        e = (x - deq) / _vsplat(ud[j, j - b0])
         _vstore(et, oe + (j - b0) * _L, e)
         _vstore(wt, o + j * _L, q)
         for c in range(j + 1, b1):
-            _vstore(wt, o + c * _L, _vload(wt, o + c * _L) - e * _vsplat(u[j, c]))
+            _vstore(wt, o + c * _L, _vload(wt, o + c * _L) - e * _vsplat(ud[j, c - b0]))
 
 
 @njit
@@ -203,7 +212,7 @@ def _gptq_rows(
     perm: np.ndarray,
     scales: np.ndarray,
     biases: np.ndarray,
-    u: np.ndarray,
+    ud: np.ndarray,
     ut: np.ndarray,
     bits: int,
     group: int,
@@ -232,7 +241,7 @@ def _gptq_rows(
             for b0 in range(0, k, block):
                 b1 = min(b0 + block, k)
                 for p in range(n_pan):
-                    _round_columns(wt, et, st, bt, p, k, b0, b1, u, gidx, n_grp, n_bins)
+                    _round_columns(wt, et, st, bt, p, k, b0, b1, ud, gidx, n_grp, n_bins)
                 if b1 < k:
                     _carry(wt, et, ut, n_pan, k, b0, b1)
             _store_rows(wt, perm, r0, n, k, codes)
@@ -244,8 +253,20 @@ def _gptq_rows(
 CLIP_SHRINKS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)
 
 
+def diagonal_blocks(hessian: HessianRows, g: int) -> torch.Tensor:
+    """H's diagonal blocks of g x g as float64 [K/g, g, g] (read `_CHUNK_ROWS` rows at a time)."""
+    k = hessian.shape[0]
+    out = torch.empty((k // g, g, g), dtype=torch.float64)
+    step = max(_CHUNK_ROWS // g, 1) * g
+    for r0 in range(0, k, step):
+        rows = torch.as_tensor(hessian[r0 : r0 + step])
+        for j in range(r0 // g, min(r0 + step, k) // g):
+            out[j] = rows[j * g - r0 : (j + 1) * g - r0, j * g : (j + 1) * g]
+    return out
+
+
 def clipped_group_params(
-    w16: torch.Tensor, hessian: torch.Tensor, bits: int, g: int
+    w16: torch.Tensor, hessian: HessianRows, bits: int, g: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (scales, biases) [R, K/g] of the bf16 weights `w16` [R, K]: per group, MLX's scale and bias from its
     min and max shrunk by the `CLIP_SHRINKS` factor whose round-to-nearest output error on the group's own
@@ -256,14 +277,46 @@ def clipped_group_params(
     The error counts the bf16 scale and bias as stored; it is summed in float64, in a fixed order per row."""
     rows, k = w16.shape
     n = k // g
-    idx = torch.arange(k).reshape(n, g)
-    h_blocks = hessian.to(torch.float64)[idx[:, :, None], idx[:, None, :]].contiguous().numpy()
+    if not 1 <= len(CLIP_SHRINKS) <= _L:
+        raise MintError(f"CLIP_SHRINKS has {len(CLIP_SHRINKS)} factors; the clip search takes 1 to {_L}")
+    h_blocks = diagonal_blocks(hessian, g).numpy()
     scales, biases = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32)
     x = w16.to(torch.bfloat16).float().contiguous().numpy()
     _clip_rows(
         x, h_blocks, np.array(CLIP_SHRINKS, np.float32), np.float32((1 << bits) - 1), g, scales, biases
     )
     return torch.from_numpy(scales), torch.from_numpy(biases)
+
+
+#: Rows a `_clip_rows` task searches together: its lanes are (row, shrink) pairs, 8 rows x 8 shrink slots.
+_CLIP_ROWS = 8
+
+
+@njit(inline="always")
+def _off32(h_blocks: np.ndarray, j: int, c: int, g: int, e: np.ndarray, o: int, off: np.ndarray) -> None:
+    """off[i] = sum over d in (c, g) of H_cd e[d, i] in order of d (each lane a chain of products and sums,
+    from 0), for the 32 lanes i from `o` of the flat (g x lanes) `e`: eight vectors of sums in registers."""
+    n = e.size // g
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = _dzero()
+    for d in range(c + 1, g):
+        h = h_blocks[j, c, d]
+        p = d * n + o
+        a0 = _dmuladd(a0, h, _dload(e, p))
+        a1 = _dmuladd(a1, h, _dload(e, p + 4))
+        a2 = _dmuladd(a2, h, _dload(e, p + 8))
+        a3 = _dmuladd(a3, h, _dload(e, p + 12))
+        a4 = _dmuladd(a4, h, _dload(e, p + 16))
+        a5 = _dmuladd(a5, h, _dload(e, p + 20))
+        a6 = _dmuladd(a6, h, _dload(e, p + 24))
+        a7 = _dmuladd(a7, h, _dload(e, p + 28))
+    _dstore(off, o, a0)
+    _dstore(off, o + 4, a1)
+    _dstore(off, o + 8, a2)
+    _dstore(off, o + 12, a3)
+    _dstore(off, o + 16, a4)
+    _dstore(off, o + 20, a5)
+    _dstore(off, o + 24, a6)
+    _dstore(off, o + 28, a7)
 
 
 @njit(parallel=True, cache=True)
@@ -276,82 +329,166 @@ def _clip_rows(
     scales: np.ndarray,
     biases: np.ndarray,
 ) -> None:
-    """`clipped_group_params` row by row (float32 grids as MLX derives them; float64 errors)."""
+    """`clipped_group_params` for blocks of `_CLIP_ROWS` rows (float32 grids as MLX derives them; float64
+    errors). Per group, the errors of every (row, shrink) pair of the block are computed side by side, one
+    lane each, so that the quadratic form's inner loop is lane-wise vector arithmetic; each lane's error is the
+    same sequence of float64 operations as a scalar loop over the group (off_c = sum over d > c of H_cd e_d in
+    order of d; err = sum over c of e_c (H_cc e_c + 2 off_c) in order of c), whatever the block or thread."""
     rows, k = x.shape
-    zero = np.float32(0.0)
-    for r in prange(rows):
-        e = np.empty(g, np.float64)
+    n_s = shrinks.size
+    n_blk = (rows + _CLIP_ROWS - 1) // _CLIP_ROWS
+    lanes = _CLIP_ROWS * _L  # lane r * 8 + i: row r, shrink i (shrinks past n_s repeat the first, unused)
+    zero, top = _vsplat(0.0), _vsplat(n_bins)
+    for blk in prange(n_blk):
+        r0 = blk * _CLIP_ROWS
+        n = min(_CLIP_ROWS, rows - r0)
+        ef = np.zeros(g * lanes, np.float64)
+        e = ef.reshape((g, lanes))
+        off = np.empty(lanes, np.float64)
+        err = np.empty(lanes, np.float64)
+        s32 = np.ones(lanes, np.float32)
+        b32 = np.zeros(lanes, np.float32)
+        s16 = np.ones(lanes, np.float32)
+        b16 = np.zeros(lanes, np.float32)
         for j in range(k // g):
             c0 = j * g
-            lo = x[r, c0]
-            hi = lo
-            for c in range(1, g):
-                lo = min(lo, x[r, c0 + c])
-                hi = max(hi, x[r, c0 + c])
-            best = np.inf
-            for i in range(shrinks.size):
-                s, b = _mlx_scale_bias(lo * shrinks[i], hi * shrinks[i], n_bins)
-                s16, b16 = _bf16(s), _bf16(b)
+            for r in range(n):
+                lo = x[r0 + r, c0]
+                hi = lo
+                for c in range(1, g):
+                    lo = min(lo, x[r0 + r, c0 + c])
+                    hi = max(hi, x[r0 + r, c0 + c])
+                for i in range(_L):
+                    a = shrinks[i] if i < n_s else shrinks[0]
+                    s, b = _mlx_scale_bias(lo * a, hi * a, n_bins)
+                    s32[r * _L + i], b32[r * _L + i] = s, b
+                    s16[r * _L + i], b16[r * _L + i] = _bf16(s), _bf16(b)
+                # the 8 shrinks' grids side by side: every weight of the row rounded on each, one lane each
+                sv, bv = _vload(s32, r * _L), _vload(b32, r * _L)
+                sv16, bv16 = _vload(s16, r * _L), _vload(b16, r * _L)
                 for c in range(g):
-                    q = min(max(np.rint((x[r, c0 + c] - b) / s), zero), n_bins)
-                    e[c] = np.float64(x[r, c0 + c]) - np.float64(_bf16(_bf16(q * s16) + b16))
-                err = 0.0
-                for c in range(g):
-                    off = 0.0
-                    for d in range(c + 1, g):
-                        off += h_blocks[j, c, d] * e[d]
-                    err += e[c] * (h_blocks[j, c, c] * e[c] + 2.0 * off)
-                if err < best or i == 0:  # the unshrunk grid stands even if an error is not finite
-                    best = err
-                    scales[r, j] = s
-                    biases[r, j] = b
+                    xv = _vsplat(x[r0 + r, c0 + c])
+                    q = _vmin(_vmax(_vrint((xv - bv) / sv), zero), top)
+                    _dstore_diff(ef, c * lanes + r * _L, xv, _vbf16(_vbf16(q * sv16) + bv16))
+            err[:] = 0.0
+            for c in range(g):
+                for o in range(0, lanes, 32):
+                    _off32(h_blocks, j, c, g, ef, o, off)
+                hcc = h_blocks[j, c, c]
+                for lane in range(lanes):
+                    err[lane] += e[c, lane] * (hcc * e[c, lane] + 2.0 * off[lane])
+            for r in range(n):
+                best = np.inf
+                for i in range(n_s):
+                    lane = r * _L + i
+                    if err[lane] < best or i == 0:  # the unshrunk grid stands even if an error is not finite
+                        best = err[lane]
+                        scales[r0 + r, j] = s32[lane]
+                        biases[r0 + r, j] = b32[lane]
 
 
-def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32 (computed in float64).
+class HessianRows(Protocol):
+    """A square Hessian read by rows: a tensor, or a file read a few rows at a time (hessian_file.py)."""
+
+    shape: Any
+
+    def __getitem__(self, rows: Any) -> Any: ...
+
+
+def _diagonal(hessian: HessianRows) -> torch.Tensor:
+    if isinstance(hessian, torch.Tensor):
+        return torch.diagonal(hessian).to(torch.float64)
+    return hessian.diagonal()  # type: ignore[attr-defined]
+
+
+#: Rows of H converted at a time when it is copied into the factor's float64 buffer (bounds the transient).
+_CHUNK_ROWS = 1024
+
+
+def inverse_cholesky_t(hessian: HessianRows, damp: float, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """U^T (float32 [K, K], contiguous, zero above the diagonal) for U the upper Cholesky factor of
+    (H + damp * mean(diag H) * I)^-1 with H's rows and columns in the order `perm` (default: stored order),
+    computed in float64.
 
     The damping keeps H invertible when calibration tokens are fewer than inputs or an input is always zero;
     larger values move the result toward round-to-nearest. Computed on one thread, so that U, and with it every
-    code, is the same whatever the thread count.
+    code, is the same whatever the thread count. Memory: one float64 [K, K] buffer that the three LAPACK steps
+    (Cholesky, its inverse, the upper Cholesky of that) overwrite in place, plus the float32 result, filled and
+    emptied `_CHUNK_ROWS` rows at a time; H itself is only read by rows (it may wait on disk). In place or not,
+    LAPACK computes the same numbers (tests/test_gptq_cost.py checks it against torch's out-of-place calls).
     """
-    h = hessian.to(torch.float64).clone()
-    if h.ndim != 2 or h.shape[0] != h.shape[1]:
-        raise MintError(f"Hessian of shape {list(h.shape)} is not square")
-    diag = torch.diagonal(h)
+    k = hessian.shape[0]
+    if len(hessian.shape) != 2 or hessian.shape[1] != k:
+        raise MintError(f"Hessian of shape {list(hessian.shape)} is not square")
+    perm = torch.arange(k) if perm is None else perm
+    buf = torch.empty((k, k), dtype=torch.float64)
+    for i0 in range(0, k, _CHUNK_ROWS):
+        rows = hessian[perm[i0 : i0 + _CHUNK_ROWS]]
+        buf[i0 : i0 + _CHUNK_ROWS] = torch.as_tensor(rows)[:, perm].to(torch.float64)
+        del rows
+    diag = torch.diagonal(buf)
     dead = diag <= 0
     diag[dead] = 1.0  # an input that never fired: nothing to compensate through it
     diag += damp * float(diag.mean())
+    t = buf.mT  # H is symmetric: its column-major view is H, and LAPACK works on it in place
     try:
         with one_torch_thread():
-            lower = torch.linalg.cholesky(h)
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+            torch.linalg.cholesky(t, out=t)
+            torch.cholesky_inverse(t, out=t)
+            torch.linalg.cholesky(t, upper=True, out=t)
     except RuntimeError as e:  # torch raises _LinAlgError (a RuntimeError) for a non-positive-definite H
         raise MintError(f"Hessian is not positive definite even with damp {damp}: {e}") from None
+    # t's upper triangle is U, so buf's lower triangle is U^T (the rest is LAPACK's scratch)
+    ut = torch.empty((k, k), dtype=torch.float32)
+    for i0 in range(0, k, _CHUNK_ROWS):
+        ut[i0 : i0 + _CHUNK_ROWS] = torch.tril(buf[i0 : i0 + _CHUNK_ROWS], diagonal=i0)
+    return ut
 
 
-def act_order(hessian: torch.Tensor) -> torch.Tensor:
+def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """U (float32, upper) of `inverse_cholesky_t` for H in its stored order."""
+    return inverse_cholesky_t(hessian, damp).T.contiguous()
+
+
+def act_order(hessian: HessianRows) -> torch.Tensor:
     """The order GPTQ rounds the input columns in: loudest input first (diag H descending, ties by index), so
     that the columns whose error costs most are rounded while the most columns remain to take it up."""
-    return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    return torch.argsort(_diagonal(hessian), descending=True, stable=True)
 
 
 @dataclass(frozen=True)
 class Factor:
-    """What GPTQ needs of one Hessian, whatever the weight: the column order and U of the reordered H."""
+    """What GPTQ needs of one Hessian, whatever the weight: the column order and U^T (contiguous) for U the
+    upper Cholesky factor of the reordered, damped H^-1."""
 
     perm: torch.Tensor
-    u: torch.Tensor
+    ut: torch.Tensor
+
+    @property
+    def u(self) -> torch.Tensor:
+        return self.ut.T
 
 
-def factor(hessian: torch.Tensor, damp: float) -> Factor:
-    """`act_order(hessian)` and `inverse_cholesky` of H with its rows and columns in that order."""
+def factor(hessian: HessianRows, damp: float) -> Factor:
+    """`act_order(hessian)` and `inverse_cholesky_t` of H with its rows and columns in that order."""
     perm = act_order(hessian)
-    return Factor(perm, inverse_cholesky(hessian[perm][:, perm], damp))
+    return Factor(perm, inverse_cholesky_t(hessian, damp, perm))
+
+
+def _diagonal_u(ut: np.ndarray, block: int) -> np.ndarray:
+    """ud [K, block] with ud[j, c - b0] = U[j, c] for the columns c of j's column block [b0, b1): the part of U
+    the column loop reads (the rest is read as U^T by the block product)."""
+    k = ut.shape[0]
+    ud = np.zeros((k, block), np.float32)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        ud[b0:b1, : b1 - b0] = ut[b0:b1, b0:b1].T
+    return ud
 
 
 def gptq_codes(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: HessianRows,
     option: Option,
     damp: float,
     block: int = 128,
@@ -379,10 +516,10 @@ def gptq_codes(
     codes = np.empty((rows, k), dtype=np.uint8)
     block = max(block // g, 1) * g
     n_part = max(1, min(-(-rows // _ROWS), 8 * get_num_threads()))
-    u_np = fac.u.contiguous().numpy()
+    ut = fac.ut.numpy()
     _gptq_rows(
         w16.view(torch.int16).numpy(), fac.perm.numpy(), scales.contiguous().numpy(), biases.contiguous().numpy(),
-        u_np, np.ascontiguousarray(u_np.T), bits, g, block, codes, n_part,
+        _diagonal_u(ut, block), ut, bits, g, block, codes, n_part,
     )  # fmt: skip
     return torch.from_numpy(codes), scales.to(torch.bfloat16), biases.to(torch.bfloat16)
 
@@ -394,30 +531,91 @@ def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> f
     return sum64((e @ hessian.float()) * e)
 
 
-def rounding_gain(
+#: The stated bound of a row-sampled gain: within this many of its standard errors of the gain over every row.
+#: The delta method's standard error under-estimates when the rows' errors are heavy-tailed (outlier rows):
+#: measured rms deviation 1.7-1.9 standard errors, largest 5.4 (tests/test_gptq_cost.py's data, 64 draws).
+GAIN_BOUND_SE = 6.0
+
+
+@dataclass(frozen=True)
+class GainEstimate:
+    """GPTQ's held-out gain of one tensor at one option, estimated on a row sample, with its standard error."""
+
+    gain: float
+    #: Standard error of `gain` as an estimate of the gain over every row of the tensor (the ratio estimator's,
+    #: by the delta method, with the finite-population correction; 0 when every row was used).
+    stderr: float
+
+
+def _row_errors(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(`output_error`, the same product's float64 sum per row)."""
+    e = w.float() - deq.float()
+    p = (e @ hessian.float()) * e
+    return sum64(p), sum64(p, axis=1)
+
+
+def _ratio_stderr(a: torch.Tensor, b: torch.Tensor, population: int) -> float:
+    """Standard error of sum(a) / sum(b) for n rows drawn without replacement from `population` rows."""
+    n = a.numel()
+    if n >= population or n < 2 or float(b.sum()) <= 0:
+        return 0.0
+    r = float(a.sum() / b.sum())
+    d = a - r * b
+    var = float((d * d).sum()) / (n - 1) * (1 - n / population) / n
+    return var**0.5 / float(b.mean())
+
+
+def gain_estimates(
     w: torch.Tensor,
-    fit: torch.Tensor,
-    held_out: torch.Tensor,
+    fit: HessianRows,
+    held_out: Any,
     options: list[Option],
     damp: float,
     block: int,
     rows: int = 1024,
     seed: int = 0,
-) -> dict[str, float]:
+    fac: Factor | None = None,
+) -> dict[str, GainEstimate]:
     """Per option, the output error of GPTQ fitted on the Hessian `fit`, over round-to-nearest's, both measured
     on `held_out` (the Hessian of other tokens): below 1 when GPTQ helps on text it did not see.
 
     GPTQ rounds each row against the same H independently of the other rows, so the ratio is estimated on a
-    seeded sample of `rows` rows. The allocator multiplies the tensor's fisher cost by it, so that it prices the
-    tensor as the packer will store it.
+    seeded sample of `rows` rows (all of them when there are no more), with its standard error: the sampled gain
+    is within GAIN_BOUND_SE standard errors of the gain over every row (tests/test_gptq_cost.py measures it). `fac`:
+    `factor(fit, damp)` when the caller has it (made once per Hessian, shared by every option and every tensor
+    reading the same input).
     """
-    if w.shape[0] > rows:
-        pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
+    population = w.shape[0]
+    if population > rows:
+        pick = torch.randperm(population, generator=torch.Generator().manual_seed(seed))[:rows]
         w = w[pick.sort().values]
-    h, fac = held_out.float(), factor(fit, damp)
-    gains = {}
+    # factored before the held-out H is read, so that the two need not be in memory together
+    fac = factor(fit, damp) if fac is None else fac
+    h = held_out.load() if hasattr(held_out, "load") else held_out.float()
+    out = {}
     for opt in options:
         q, s, b = gptq_codes(w, fit, opt, damp, block, fac)
-        rtn = output_error(w, quantize_dequantize(w, opt), h)
-        gains[opt.name] = output_error(w, dequantize_codes(q, s, b, opt.group), h) / rtn if rtn > 0 else 1.0
-    return gains
+        rtn, rtn_rows = _row_errors(w, quantize_dequantize(w, opt), h)
+        err, err_rows = _row_errors(w, dequantize_codes(q, s, b, opt.group), h)
+        if rtn > 0:
+            out[opt.name] = GainEstimate(err / rtn, _ratio_stderr(err_rows, rtn_rows, population))
+        else:
+            out[opt.name] = GainEstimate(1.0, 0.0)
+    return out
+
+
+def rounding_gain(
+    w: torch.Tensor,
+    fit: HessianRows,
+    held_out: Any,
+    options: list[Option],
+    damp: float,
+    block: int,
+    rows: int = 1024,
+    seed: int = 0,
+    fac: Factor | None = None,
+) -> dict[str, float]:
+    """`gain_estimates`' gains: what the allocator multiplies the tensor's fisher cost by, so that it prices the
+    tensor as the packer will store it."""
+    est = gain_estimates(w, fit, held_out, options, damp, block, rows, seed, fac)
+    return {name: e.gain for name, e in est.items()}

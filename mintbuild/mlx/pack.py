@@ -33,6 +33,7 @@ from mintbuild.config import Params
 from mintbuild.errors import MintError
 from mintbuild.formats import Option, parse_option
 from mintbuild.hf.checkpoint import Checkpoint, content_hash, fingerprint, open_checkpoint
+from mintbuild.mlx.factor_cache import FactorCache
 from mintbuild.mlx.folder import (
     WEIGHTS_FILE,
     Item,
@@ -61,6 +62,7 @@ class Rounding:
     damp: float = 0.1
     block: int = 128
     overfit: dict[str, frozenset[str]] = field(default_factory=dict)
+    factors: FactorCache = field(default_factory=FactorCache, compare=False)
 
     def hessian(self, name: str, option: Option) -> torch.Tensor | None:
         """The Hessian to round `name` at `option` against by GPTQ, or None: round to nearest."""
@@ -111,7 +113,8 @@ def gptq_pack(
     wshape, sshape = packed_shapes(option, tuple(w.shape))
     if not torch.isfinite(w).all():
         raise MintError(f"{int((~torch.isfinite(w)).sum())} NaN or Inf value(s)")
-    q, scales, biases = gptq_codes(w, hessian, option, rounding.damp, rounding.block)
+    fac = rounding.factors.get(hessian, rounding.damp)  # one factor per distinct Hessian, for every target
+    q, scales, biases = gptq_codes(w, hessian, option, rounding.damp, rounding.block, fac)
     as_u16 = [
         t.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(sshape) for t in (scales, biases)
     ]

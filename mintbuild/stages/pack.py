@@ -31,6 +31,7 @@ from mintbuild.config import Params, load_params, select_targets
 from mintbuild.errors import MintError
 from mintbuild.hf.checkpoint import open_checkpoint
 from mintbuild.io import atomic_dir, atomic_write_json, canonical_json
+from mintbuild.mlx.factor_cache import FACTOR_FOLDER
 from mintbuild.mlx.folder import (
     WEIGHTS_FILE,
     Plan,
@@ -108,6 +109,8 @@ def pack_target(
     if dry_run:
         return result
     cache = PackCache(cache_dir if cache_dir is not None else default_cache_dir(out_root))
+    if cache.root is not None:  # GPTQ's factors beside the tensors, for every target
+        rounding.factors.root = cache.root / FACTOR_FOLDER
     t0 = time.perf_counter()
     if executor().remote:
         gptq_on_cluster(executor(), plan, ckpt, rounding, cache, Path(params.importance.out), progress)
