@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -128,8 +129,8 @@ def test_local_folder_gives_a_manifest(tmp_path: Path, dtype: torch.dtype, shard
     assert manifest["source"] == "local" and manifest["path"] == str(src.resolve())
     assert set(manifest["files"]) == expected
     for name, info in manifest["files"].items():
-        st = (src / name).stat()
-        assert info == {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        data = (src / name).read_bytes()
+        assert info == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert json.loads((out / "manifest.json").read_text()) == manifest
     # The small files are copied, the weights are not.
     assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
@@ -138,12 +139,18 @@ def test_local_folder_gives_a_manifest(tmp_path: Path, dtype: torch.dtype, shard
     assert resolve_weights_dir(out) == src.resolve()
 
 
-def test_local_manifest_changes_when_the_weights_change(tmp_path: Path) -> None:
+def test_local_manifest_follows_the_weights_bytes_not_their_mtime(tmp_path: Path) -> None:
     src = _tiny_llama(tmp_path / "ckpt", torch.bfloat16, shard=False)
     cfg = ModelConfig(source="local", path=str(src))
     first = import_model(cfg, tmp_path / "out")
-    st = (src / "model.safetensors").stat()
-    os.utime(src / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    weights = src / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert import_model(cfg, tmp_path / "out") == first
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor, same size, written in place
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert import_model(cfg, tmp_path / "out") != first
 
 
