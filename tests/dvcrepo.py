@@ -56,6 +56,15 @@ def ran(log: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", log)) - ALWAYS_RUN
 
 
+def stale(repo: Path) -> set[str]:
+    """The stages `dvc status` says are out of date (the always-run fingerprint's "always changed" left out)."""
+    import json
+
+    r = subprocess.run(["dvc", "status", "--json"], cwd=repo, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return {k for k, v in json.loads(r.stdout or "{}").items() if v != ["always changed"]}
+
+
 def write_text(path: Path, docs: int = 8, words: int = 600) -> Path:
     """A small deterministic corpus: `docs` documents of `words` words."""
     path.write_text(
