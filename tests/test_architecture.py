@@ -138,6 +138,8 @@ def test_a_stage_imports_libraries_only(verb: str) -> None:
 @pytest.mark.parametrize("stage", sorted(dvc_stages()))
 def test_dvc_deps_name_every_module_the_stage_runs(stage: str) -> None:
     definition = dvc_stages()[stage]
+    if definition.get("always_changed"):
+        pytest.skip(f"{stage} runs on every repro (always_changed): code deps would change nothing")
     verb = stage_verb(definition)
     # cli.py only parses arguments and dispatches to the verb's module; it never touches an artifact.
     want = files_of(closure(f"mintbuild.stages.{verb}"))

@@ -249,3 +249,42 @@ def test_dvc_exp_run_composes_conf_and_reruns_only_the_overridden_target(repo) -
     assert rerun == {"allocate@a", "pack@a", "evaluate@a", "report"}
     assert yaml.safe_load((repo_dir / "params.yaml").read_text())["targets"]["a"]["bits_per_weight"] == 4.75
     assert "targets.a.bits_per_weight" in sh(repo_dir, "dvc", "exp", "show", "--csv")
+
+
+def _ppl_row(md: str, target: str, row: str) -> tuple[str, str]:
+    section = md.split(f"### `{target}`", 1)[1].split("### ", 1)[0]
+    match = re.search(rf"\| {row} \| ([^|]+) \| ([^|]+) \|", section)
+    assert match, section
+    return match.group(1).strip(), match.group(2).strip()
+
+
+def test_diff_never_shows_a_stale_measurement(repo) -> None:
+    """The reviewer's scenario: a branch changes one target's bits_per_weight and re-allocates only. The diff
+    shows main's measurement as main's, the branch's as "not built" beside the prediction; once the branch is
+    evaluated, its own figure, and main's still (read from DVC's cache after the workspace file is rebuilt)."""
+    import json
+
+    repo_dir, params = repo
+    sh(repo_dir, "dvc", "repro")
+    sh(repo_dir, "git", "add", "-A")
+    sh(repo_dir, "git", "commit", "-qm", "main", "--allow-empty")
+    main_ppl = json.loads((repo_dir / "artifacts/evaluate/a/metrics.json").read_text())["ppl_mean"]
+    old_bpw = params["targets"]["a"]["bits_per_weight"]
+    params["targets"]["a"]["bits_per_weight"] = old_bpw + 0.25
+    write_params(repo_dir, params)
+    assert ran(sh(repo_dir, "dvc", "repro", "allocate@a")) == {"allocate@a"}
+    md = sh(repo_dir, "mintbuild", "diff", "HEAD")
+    assert _ppl_row(md, "a", "measured PPL") == (f"{main_ppl:.3f}", "not built"), md
+    predicted = _ppl_row(md, "a", "predicted PPL")
+    assert all(re.fullmatch(r"[0-9.]+", v) for v in predicted), predicted
+    assert "### `b`" not in md  # untouched targets stay out of the comment
+
+    sh(repo_dir, "dvc", "repro")
+    new_ppl = json.loads((repo_dir / "artifacts/evaluate/a/metrics.json").read_text())["ppl_mean"]
+    assert new_ppl != main_ppl
+    md = sh(repo_dir, "mintbuild", "diff", "HEAD")
+    assert _ppl_row(md, "a", "measured PPL") == (f"{main_ppl:.3f}", f"{new_ppl:.3f}"), md
+
+    params["targets"]["a"]["bits_per_weight"] = old_bpw  # back to main
+    write_params(repo_dir, params)
+    sh(repo_dir, "dvc", "repro")

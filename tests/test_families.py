@@ -161,3 +161,26 @@ def test_mlx_lm_runs_the_weights_we_evaluate(built: tuple[str, dict[str, Any]]) 
     # Same weights, dense float32 layers: what is left is the two frameworks' arithmetic order.
     rel = np.sqrt(np.mean((dense - ours) ** 2)) / np.sqrt(np.mean(ours**2))
     assert rel < 0.05, (family, rel)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_passes_validation_and_a_missing_tensor_is_named(family: str, tmp_path: Path) -> None:
+    """The checkpoint check accepts each family as transformers saves it (MoE experts per expert, tied heads
+    left out) and names the file, the tensor and its expected shape when one tensor is gone."""
+    from safetensors.torch import load_file, save_file
+
+    from mintbuild.errors import MintError
+    from mintbuild.hf.validate import validate_checkpoint
+
+    src = tiny_family(tmp_path / "src", family, "the model fits the budget of every device " * 200)
+    validate_checkpoint(src)
+    path = src / "model.safetensors"
+    tensors = dict(load_file(path))
+    victim = sorted(n for n in tensors if n.startswith("model.layers.1."))[-1]
+    shape = list(tensors.pop(victim).shape)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(
+        MintError,
+        match=rf"src/config\.json: tensor {re.escape(victim)} \(shape {re.escape(str(shape))}\) is missing",
+    ):
+        validate_checkpoint(src)

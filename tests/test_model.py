@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -135,8 +136,8 @@ def test_local_folder_gives_a_manifest(tmp_path: Path, dtype: torch.dtype, shard
     assert manifest["source"] == "local" and manifest["path"] == str(src.resolve())
     assert set(manifest["files"]) == expected
     for name, info in manifest["files"].items():
-        st = (src / name).stat()
-        assert info == {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        data = (src / name).read_bytes()
+        assert info == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert json.loads((out / "manifest.json").read_text()) == manifest
     # The small files are copied, the weights are not.
     assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
@@ -145,12 +146,18 @@ def test_local_folder_gives_a_manifest(tmp_path: Path, dtype: torch.dtype, shard
     assert resolve_weights_dir(out) == src.resolve()
 
 
-def test_local_manifest_changes_when_the_weights_change(tmp_path: Path) -> None:
+def test_local_manifest_follows_the_weights_bytes_not_their_mtime(tmp_path: Path) -> None:
     src = _tiny_llama(tmp_path / "ckpt", torch.bfloat16, shard=False)
     cfg = ModelConfig(source="local", path=str(src))
     first = import_model(cfg, tmp_path / "out")
-    st = (src / "model.safetensors").stat()
-    os.utime(src / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    weights = src / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert import_model(cfg, tmp_path / "out") == first
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor, same size, written in place
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert import_model(cfg, tmp_path / "out") != first
 
 
@@ -282,3 +289,86 @@ def test_an_unsupported_architecture_is_one_line_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert "model_type 't5' is not a causal LM" in err[-1] and "llama" in err[-1]
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- tensors that disagree with config.json
+
+
+def _rewrite(folder: Path, edit) -> None:
+    """Rewrite the single-file checkpoint in `folder` with `edit(tensors)` applied."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = dict(load_file(path))
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _set_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _refused(folder: Path, tmp_path: Path, pattern: str) -> str:
+    with pytest.raises(MintError, match=pattern) as err:
+        import_model(_local(folder), tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # refused before any work
+    return str(err.value)
+
+
+def test_untied_config_without_a_head_is_refused(tmp_path: Path) -> None:
+    src = _tiny_llama(tmp_path / "ckpt", torch.bfloat16, shard=False)  # untied, vocabulary 256, hidden 64
+    _rewrite(src, lambda t: t.pop("lm_head.weight"))
+    _refused(
+        src, tmp_path, r"ckpt/config\.json: tensor lm_head\.weight \(shape \[256, 64\]\) is missing.*random"
+    )
+
+
+def test_tied_config_with_a_different_head_is_refused_and_an_equal_copy_accepted(tmp_path: Path) -> None:
+    src = _tiny_llama(tmp_path / "ckpt", torch.bfloat16, shard=False)
+    _set_config(src, tie_word_embeddings=True)
+    _refused(
+        src,
+        tmp_path,
+        r"ckpt/model\.safetensors: tensor lm_head\.weight differs from model\.embed_tokens\.weight",
+    )
+    _rewrite(src, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].clone()))
+    assert import_model(_local(src), tmp_path / "out")["source"] == "local"
+
+
+def test_a_missing_layer_and_an_extra_layer_are_refused(tmp_path: Path) -> None:
+    src = _tiny_llama(tmp_path / "ckpt", torch.bfloat16, shard=False)  # 2 layers
+    _set_config(src, num_hidden_layers=3)
+    _refused(
+        src,
+        tmp_path,
+        r"config\.json: tensor model\.layers\.2\.\S+ \(shape \[\d+(, \d+)?\]\) is missing.*num_hidden_layers 3",
+    )
+    _set_config(src, num_hidden_layers=1)
+    _refused(
+        src,
+        tmp_path,
+        r"model\.safetensors: tensor model\.layers\.1\.\S+ \(shape .*\) is not in the model config\.json describes",
+    )
+
+
+def test_a_shape_that_disagrees_with_the_config_is_refused(tmp_path: Path) -> None:
+    src = _tiny_llama(tmp_path / "ckpt", torch.bfloat16, shard=False)
+    _set_config(src, intermediate_size=96)  # the checkpoint's MLP is 128 wide
+    _refused(
+        src,
+        tmp_path,
+        r"model\.safetensors: tensor model\.layers\.0\.mlp\.down_proj\.weight has shape \[64, 128\], config\.json expects \[64, 96\]",
+    )
+
+
+def test_a_sharded_checkpoint_names_the_shard(tiny_sharded: Path, tmp_path: Path) -> None:
+    _set_config(tiny_sharded, vocab_size=300)
+    msg = _refused(
+        tiny_sharded,
+        tmp_path,
+        r"model-\d+-of-\d+\.safetensors: tensor \S+ has shape \[256, 64\], config\.json expects \[300, 64\]",
+    )
+    assert "embed_tokens" in msg or "lm_head" in msg

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mintbuild.errors import MintError
+from mintbuild.hf.fingerprint import file_digests
 from mintbuild.io import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,9 @@ def write_local_manifest(path: str | Path, out: Path) -> dict[str, Any]:
             "schema_version": MANIFEST_SCHEMA,
             "source": "local",
             "path": str(folder),
-            # Size and mtime (not a hash: weights can be many GB) so a changed checkpoint changes this file.
-            "files": {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in weights},
+            # Size and sha256 (memoised by stat identity: a many-GB folder is hashed once) so that a changed
+            # checkpoint, and only a changed one, changes this file.
+            "files": file_digests(weights),
         }
         atomic_write_json(dst / MANIFEST, manifest)
     log.info("model folder %s: %d weight file(s); manifest in %s", folder, len(weights), out)

@@ -1,10 +1,14 @@
 """`mintbuild diff <rev-a> [<rev-b>]`: a Markdown comment for a pull request that changes targets.
 
 For every target in either revision: the budget change, bytes, average bits/weight, the measured perplexity
-change when both sides were evaluated (else the prediction of the fitted curve, when a report exists), and
-the tensors whose storage choice changed (count and the largest by bytes). Each revision's params.yaml comes
-from git; its allocations and metrics from DVC's cache (`dvc.api.read`), or from the working tree when the
-revision is omitted or given as `workspace`.
+when that side evaluated the allocation it shows, the prediction of the fitted curve (when a report exists),
+and the tensors whose storage choice changed (count and the largest by bytes). Each revision's params.yaml
+comes from git; its allocations and metrics by the hashes its dvc.lock records (git, DVC's cache, or a working
+tree file with those bytes), or from the working tree when the revision is omitted or given as `workspace`.
+
+A figure is never stale: a side shows an allocation or a measurement only if the stages that wrote it are up
+to date for that side (`dvc status` for the working tree, the lock's own consistency with its params for a
+revision; mintbuild/artifacts/provenance.py); otherwise "not built", beside the prediction.
 """
 
 from __future__ import annotations
@@ -12,55 +16,56 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mintbuild.artifacts.curve import DEFAULT_CURVE
+from mintbuild.artifacts.provenance import (
+    WORKSPACE,
+    lock_is_current,
+    read_lock,
+    read_out,
+    stale_workspace_stages,
+    workspace_is_current,
+)
 from mintbuild.budget import format_size
 from mintbuild.errors import MintError
 from mintbuild.placement import split_diff_rows
 
-WORKSPACE = "workspace"
 log = logging.getLogger(__name__)
-
-
-def read_text(path: str, rev: str) -> str | None:
-    """A file at a revision: git for tracked files, DVC's cache for pipeline outputs; None if unavailable."""
-    if rev == WORKSPACE:
-        p = Path(path)
-        return p.read_text() if p.exists() else None
-    r = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
-    if r.returncode == 0:
-        return r.stdout
-    try:
-        import dvc.api
-
-        return dvc.api.read(path, repo=".", rev=rev)
-    except Exception as e:  # not built at that revision, or not in the local cache
-        log.debug("%s@%s unavailable: %s", path, rev, e)
-        return None
+NOT_BUILT = "not built"
 
 
 def load_side(rev: str) -> dict[str, Any]:
-    text = read_text("params.yaml", rev)
+    lock = read_lock(rev)
+    text = read_out("params.yaml", rev, lock)
     if text is None:
         raise MintError(f"no params.yaml at revision {rev!r}")
     params = yaml.safe_load(text) or {}
+    stale = stale_workspace_stages() if rev == WORKSPACE else None
+
+    def current(name: str, upto: str) -> bool:
+        if rev == WORKSPACE:
+            return workspace_is_current(stale, name, upto)
+        return lock_is_current(lock, params, name, upto)
+
     side: dict[str, Any] = {"params": params, "targets": {}}
     alloc_root = params.get("allocate_out", "artifacts/allocate")
     eval_root = params.get("eval_out", "artifacts/evaluate")
     for name in sorted(params.get("targets") or {}):
-        alloc = read_text(f"{alloc_root}/{name}/allocation.json", rev)
-        metrics = read_text(f"{eval_root}/{name}/metrics.json", rev)
+        alloc = (
+            read_out(f"{alloc_root}/{name}/allocation.json", rev, lock) if current(name, "allocate") else None
+        )
+        metrics = (
+            read_out(f"{eval_root}/{name}/metrics.json", rev, lock) if current(name, "evaluate") else None
+        )
         side["targets"][name] = {
             "config": params["targets"][name],
             "allocation": json.loads(alloc) if alloc else None,
             "metrics": json.loads(metrics) if metrics else None,
         }
-    report = read_text(DEFAULT_CURVE, rev)
+    report = read_out(DEFAULT_CURVE, rev, lock)
     side["curve"] = json.loads(report) if report else None
     return side
 
@@ -104,12 +109,10 @@ def target_section(name: str, a: dict | None, b: dict | None, curve_a, curve_b, 
         f"| bits/weight | {_num(tot_a.get('avg_bits_per_weight'))} | {_num(tot_b.get('avg_bits_per_weight'))} |"
     )
     lines += split_diff_rows(ta, tb)
-    ma, mb = (a or {}).get("metrics"), (b or {}).get("metrics")
-    if ma or mb:
-        lines.append(
-            f"| measured PPL | {_num((ma or {}).get('ppl_mean'))} | {_num((mb or {}).get('ppl_mean'))} |"
-        )
-    pa, pb = _predict(curve_a, _budget(tot_a)), _predict(curve_b or curve_a, _budget(tot_b))
+    lines.append(f"| measured PPL | {_measured(a)} | {_measured(b)} |")
+    budget_a = _budget(tot_a) or _params_budget(a)
+    budget_b = _budget(tot_b) or _params_budget(b)
+    pa, pb = _predict(curve_a, budget_a), _predict(curve_b or curve_a, budget_b)
     if pa is not None or pb is not None:
         lines.append(f"| predicted PPL | {_num(pa)} | {_num(pb)} |")
     notes = tb.get("notes") or ta.get("notes") or []
@@ -123,6 +126,29 @@ def target_section(name: str, a: dict | None, b: dict | None, curve_a, curve_b, 
     elif not tb and b is not None:
         lines += ["", "_Not built at this revision (run `dvc repro`)._"]
     return [*lines, ""]
+
+
+def _measured(side: dict | None) -> str:
+    """The side's measured mean PPL, "not built" when that side has no current evaluation, "-" without it."""
+    if side is None:
+        return "-"
+    metrics = side.get("metrics")
+    return _num(metrics.get("ppl_mean")) if metrics else NOT_BUILT
+
+
+def _params_budget(side: dict | None) -> int | None:
+    """The budget a target's params state in bytes (`size`), when its allocation is not built."""
+    if not side:
+        return None
+    size = (side.get("config") or {}).get("size")
+    if size is None:
+        return None
+    from mintbuild.budget import parse_size
+
+    try:
+        return int(parse_size(size))
+    except (MintError, ValueError, TypeError):
+        return None
 
 
 def _budget(totals: dict[str, Any]) -> int | None:

