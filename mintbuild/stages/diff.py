@@ -2,7 +2,8 @@
 
 For every target in either revision: the budget change, bytes, average bits/weight, the measured perplexity
 change when both sides were evaluated (else the prediction of the fitted curve, when a report exists), and
-the tensors whose storage choice changed (count and the largest by bytes). Each revision's params.yaml comes
+the tensors whose storage choice changed (count and the largest by bytes); and, at the end, every target of the
+head revision built at its floor (the floor named) or not built (and why). Each revision's params.yaml comes
 from git; its allocations and metrics from DVC's cache (`dvc.api.read`), or from the working tree when the
 revision is omitted or given as `workspace`.
 """
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from mintbuild.artifacts.curve import DEFAULT_CURVE
+from mintbuild.artifacts.not_built import is_built, note_of
 from mintbuild.budget import format_size
 from mintbuild.errors import MintError
 
@@ -66,7 +68,7 @@ def load_side(rev: str) -> dict[str, Any]:
 
 def changed_tensors(a: dict | None, b: dict | None) -> list[tuple[str, str, str, int]]:
     """(decision, option at a, option at b, bytes at b) for every decision whose option differs."""
-    if not a or not b:
+    if not a or not b or not is_built(a) or not is_built(b):
         return []
     da = {d["name"]: d for d in a["decisions"]}
     out = []
@@ -112,6 +114,8 @@ def target_section(name: str, a: dict | None, b: dict | None, curve_a, curve_b, 
         lines.append(f"| predicted PPL | {_num(pa)} | {_num(pb)} |")
     notes = tb.get("notes") or ta.get("notes") or []
     lines += ["", *[f"_Note: {n}._" for n in notes]] if notes else []
+    why = status_line(tb or None)
+    lines += ["", f"_{why}._"] if why else []
     changed = changed_tensors(ta or None, tb or None)
     if changed:
         lines += ["", f"{len(changed)} tensor choices changed; largest:", ""]
@@ -121,6 +125,20 @@ def target_section(name: str, a: dict | None, b: dict | None, curve_a, curve_b, 
     elif not tb and b is not None:
         lines += ["", "_Not built at this revision (run `dvc repro`)._"]
     return [*lines, ""]
+
+
+def status_line(alloc: dict[str, Any] | None) -> str | None:
+    """One line when a target is not what it asked for: not built (and why), or built at its floor (named);
+    None for a target built within its budget or not built yet."""
+    if alloc is None:
+        return None
+    note = note_of(alloc)
+    if note is not None:
+        return f"Not built: {note}"
+    t = alloc.get("totals", {})
+    if _budget(t) is not None and t.get("budget") is not None and _budget(t) > t["budget"]:
+        return f"Built at the floor {format_size(_budget(t))} (asked {format_size(t['budget'])})"
+    return None
 
 
 def _budget(totals: dict[str, Any]) -> int | None:
@@ -154,6 +172,12 @@ def render(rev_a: str, rev_b: str, top: int = 5) -> str:
         out += target_section(name, ta, tb, a["curve"], b["curve"], top)
     if not touched:
         out.append("No target changed.")
+    # every target of the head that is not what it asked for, changed or not
+    odd = [(n, status_line(t["allocation"])) for n, t in sorted(b["targets"].items())]
+    odd = [(n, why) for n, why in odd if why]
+    if odd:
+        out += ["", f"Targets at {rev_b} that are not what they asked for:", ""]
+        out += [f"- `{n}`: {why}" for n, why in odd]
     return "\n".join(out) + "\n"
 
 
