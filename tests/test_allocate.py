@@ -156,7 +156,12 @@ def test_on_infeasible_does_not_change_a_feasible_allocation(setup, tmp_path) ->
     allocation (so pack and evaluate do not rerun), and where it is below, the record says min_safe."""
     _, prof_dir = setup
     for policy in ("error", "min_safe"):
-        run(_params(a=TargetConfig(bits_per_weight=4.25, on_infeasible=policy)), None, prof_dir, tmp_path / policy)
+        run(
+            _params(a=TargetConfig(bits_per_weight=4.25, on_infeasible=policy)),
+            None,
+            prof_dir,
+            tmp_path / policy,
+        )
     error, min_safe = ((tmp_path / p / "a/allocation.json").read_bytes() for p in ("error", "min_safe"))
     assert error == min_safe and json.loads(error)["target_config"]["on_infeasible"] == "error"
     doc = run(_params(x=TargetConfig(size="1KB", on_infeasible="min_safe")), None, prof_dir, tmp_path)["x"]

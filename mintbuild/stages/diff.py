@@ -137,7 +137,7 @@ def status_line(alloc: dict[str, Any] | None) -> str | None:
         return f"Not built: {note}"
     t = alloc.get("totals", {})
     if _budget(t) is not None and t.get("budget") is not None and _budget(t) > t["budget"]:
-        return f"Built at the floor {format_size(_budget(t))} (asked {format_size(t['budget'])})"
+        return f"Built at the floor {format_size(_budget(t))}, the minimum safe size (asked {format_size(t['budget'])})"
     return None
 
 

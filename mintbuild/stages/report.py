@@ -67,9 +67,9 @@ def row_of(name: str, alloc: dict[str, Any], metrics: dict[str, Any] | None) -> 
     at_floor = effective > t["budget"]
     notes = list(alloc.get("notes", []))
     if at_floor:  # the floor, named (the allocation's note predates it and stays as it was)
-        notes = [f"built at the floor {format_size(effective)} (asked {format_size(t['budget'])})"] + [
-            n for n in notes if not n.endswith("built at the minimum safe size instead")
-        ]
+        notes = [
+            f"built at the floor {format_size(effective)}, the minimum safe size (asked {format_size(t['budget'])})"
+        ] + [n for n in notes if not n.endswith("built at the minimum safe size instead")]
     return {
         "target": name, "format": alloc.get("format", "mlx"),
         "budget": effective, "bytes": t["bytes"], "bytes_on_disk": m.get("bytes_on_disk"),
