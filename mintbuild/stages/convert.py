@@ -129,7 +129,9 @@ def run_converter(python_dir: Path, model_dir: Path, outfile: Path, outtype: str
                     log.debug("%s", line)
         code = proc.wait()
     if code != 0:
-        raise ConverterRefused(f"{CONVERTER} failed (exit {code}): {_last_error(list(tail))}")
+        # an error the converter raised is about the model; a signal (killed, out of memory) is about the machine
+        error = ConverterRefused if code > 0 else MintError
+        raise error(f"{CONVERTER} failed (exit {code}): {_last_error(list(tail))}")
 
 
 def gguf_facts(path: Path) -> dict[str, Any]:
