@@ -56,15 +56,6 @@ def write_metrics(
     return metrics
 
 
-def write_not_built_metrics(root: Path, target: str, note: dict[str, Any]) -> None:
-    """`root`/`target`/metrics.json and settings.json of a target that is not built: its not-built record
-    (mintbuild.artifacts.not_built), so that every out exists and `dvc metrics show` says why."""
-    with atomic_dir(Path(root) / target) as tmp:
-        (tmp / METRICS_FILE).write_text(canonical_json(note), encoding="utf-8")
-        (tmp / "settings.json").write_text(canonical_json(note), encoding="utf-8")
-    log.warning("%s: not built: %s", target, note.get("note"))
-
-
 def target_metrics(
     target: str, manifest: dict[str, Any], scores: dict[str, Any], baseline: dict[str, Any]
 ) -> dict[str, Any]:

@@ -79,9 +79,10 @@ def load_profile(path: str | Path) -> Profile:
 
     path = Path(path)
     file = path / PROFILE_FILE if path.is_dir() else path
-    note = unavailable_note(path)
-    if note is not None:
-        raise MintError(f"{path}: no GGUF profile: {note}")
+    if path.is_dir() and (path / DISABLED_FILE).is_file():
+        raise MintError(
+            f"{path}: no GGUF profile: convert.enabled is false; set it to true to build GGUF targets"
+        )
     if not file.exists():
         raise MintError(f"{file}: no profile here (run `mintbuild profile` / `dvc repro profile` first)")
     try:
@@ -104,30 +105,6 @@ def load_profile(path: str | Path) -> Profile:
         summary=doc["summary"],
         format=doc.get("format", "mlx"),
     )
-
-
-def write_unavailable(folder: Path, doc: dict[str, Any]) -> None:
-    """The profile_gguf stage's out when there is no GGUF to profile: DISABLED_FILE holding `doc` (its "note"
-    says why: convert.enabled false, or the converter's reason; "converted": false for the latter)."""
-    (Path(folder) / DISABLED_FILE).write_text(canonical_json(doc))
-
-
-def unavailable_note(folder: str | Path) -> str | None:
-    """Why there is no profile in `folder` (the note the profile_gguf stage wrote instead), else None."""
-    path = Path(folder) / DISABLED_FILE
-    if not path.is_file():
-        return None
-    return str(json.loads(path.read_text(encoding="utf-8")).get("note", "no GGUF profile"))
-
-
-def model_refused(folder: str | Path) -> str | None:
-    """The converter's reason when `folder` holds no GGUF profile because the model could not be converted
-    (its GGUF targets are then not built), else None (a profile, or convert.enabled false: a config error)."""
-    path = Path(folder) / DISABLED_FILE
-    if not path.is_file():
-        return None
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    return str(doc.get("note")) if doc.get("converted") is False else None
 
 
 def render_summary(p: Profile) -> str:

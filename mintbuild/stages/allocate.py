@@ -28,8 +28,8 @@ import numpy as np
 from mintbuild import __version__
 from mintbuild.artifacts.allocation import SCHEMA_VERSION, write_allocation
 from mintbuild.artifacts.model import resolve_weights_dir
-from mintbuild.artifacts.not_built import not_built_allocation, record
-from mintbuild.artifacts.profile import Profile, load_profile, model_refused
+from mintbuild.artifacts.not_built import not_built_allocation, profile_refused, record
+from mintbuild.artifacts.profile import Profile, load_profile
 from mintbuild.budget import format_size, resolve_budget
 from mintbuild.config import (
     Params,
@@ -222,7 +222,7 @@ def run(
     results = {}
     for name in names:
         fmt = target_format(params.targets[name], name)
-        refused = model_refused(dirs[fmt])
+        refused = profile_refused(dirs[fmt])
         if (
             refused is not None
         ):  # no profile of this format for this model: the target says why, the build goes on

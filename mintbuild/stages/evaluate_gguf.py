@@ -16,8 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mintbuild.artifacts.metrics import write_not_built_metrics
-from mintbuild.artifacts.not_built import read_note
+from mintbuild.artifacts.not_built import read_note, write_not_built_metrics
 from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
 from mintbuild.config import Params, load_params, select_targets
 from mintbuild.errors import MintError

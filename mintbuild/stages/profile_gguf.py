@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 
 from mintbuild.artifacts.model import resolve_weights_dir
-from mintbuild.artifacts.profile import DISABLED_FILE, Profile, write_unavailable
+from mintbuild.artifacts.not_built import write_profile_note
+from mintbuild.artifacts.profile import DISABLED_FILE, Profile
 from mintbuild.config import ProfileConfig, load_params
 from mintbuild.errors import MintError
 from mintbuild.hf.checkpoint import (
@@ -48,13 +49,13 @@ def run(
 
     if is_disabled(convert_dir):  # no GGUF target: a note for DVC, no profile
         with atomic_dir(out) as tmp:
-            write_unavailable(tmp, {"enabled": False, "note": DISABLED})
+            write_profile_note(tmp, {"enabled": False, "note": DISABLED})
         log.info("convert.enabled is false: no GGUF profile (%s)", out / DISABLED_FILE)
         return None
     refused = failure_note(convert_dir)
     if refused is not None:  # the converter did not take the model: its GGUF targets will say why
         with atomic_dir(out) as tmp:
-            write_unavailable(tmp, {"converted": False, "note": refused})
+            write_profile_note(tmp, {"converted": False, "note": refused})
         log.warning("no GGUF profile (the model was not converted): %s", refused)
         return None
     doc = load_convert(convert_dir)
