@@ -63,3 +63,33 @@ def tiny_convertible(
         if (tokenizer / name).is_file():
             shutil.copyfile(tokenizer / name, out / name)
     return out
+
+
+def tiny_family_convertible(out: Path, family: str, tokenizer: Path) -> Path:
+    """A random-init model of `family` as tests/synth.py's family matrix builds it (hidden 64, 2 blocks, the
+    family's own settings), with SmolLM2's vocabulary and tokenizer so that llama.cpp's converter recognises
+    the tokenizer (whether it takes the family is the converter's business); a bf16 HF folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .synth import FAMILIES
+
+    base = {
+        "vocab_size": SMOLLM2_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+    }
+    cfg = AutoConfig.for_model(family, **{**base, **FAMILIES[family]})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (tokenizer / name).is_file():
+            shutil.copyfile(tokenizer / name, out / name)
+    return out

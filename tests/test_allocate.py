@@ -151,6 +151,48 @@ def test_below_floor_refuses_before_work_or_builds_at_floor(setup, tmp_path) -> 
     assert doc["totals"]["bytes"] <= floor
 
 
+def test_on_infeasible_does_not_change_a_feasible_allocation(setup, tmp_path) -> None:
+    """The default targets ask for min_safe; where the budget is above the floor that changes no byte of the
+    allocation (so pack and evaluate do not rerun), and where it is below, the record says min_safe."""
+    _, prof_dir = setup
+    for policy in ("error", "min_safe"):
+        run(
+            _params(a=TargetConfig(bits_per_weight=4.25, on_infeasible=policy)),
+            None,
+            prof_dir,
+            tmp_path / policy,
+        )
+    error, min_safe = ((tmp_path / p / "a/allocation.json").read_bytes() for p in ("error", "min_safe"))
+    assert error == min_safe and json.loads(error)["target_config"]["on_infeasible"] == "error"
+    doc = run(_params(x=TargetConfig(size="1KB", on_infeasible="min_safe")), None, prof_dir, tmp_path)["x"]
+    assert doc["target_config"]["on_infeasible"] == "min_safe"
+    assert doc["totals"]["effective_budget"] > doc["totals"]["budget"]
+    with pytest.raises(MintError, match="on_infeasible 'minsafe'"):
+        run(_params(x=TargetConfig(size="1KB", on_infeasible="minsafe")), None, prof_dir, tmp_path)
+
+
+def test_the_shipped_default_targets_build_at_the_floor(setup, tmp_path) -> None:
+    """Every target conf/config.yaml puts in the default build asks for min_safe: on a model whose floor is
+    above every budget (bits_per_weight 0.5 here), each builds at the floor instead of failing the build."""
+    from dataclasses import replace
+
+    from mintbuild.config import load_params
+    from mintbuild.stages.compose import compose_text
+
+    _, prof_dir = setup
+    text = compose_text(Path(__file__).resolve().parents[1] / "conf")
+    (tmp_path / "params.yaml").write_text(text)
+    shipped = load_params(tmp_path / "params.yaml").targets
+    mlx = {n: t for n, t in shipped.items() if t.formats == ["mlx"]}
+    assert {t.on_infeasible for t in shipped.values()} == {"min_safe"} and len(mlx) >= 6
+    tiny = {n: replace(t, bits_per_weight=0.5, fraction_of_16bit=None) for n, t in mlx.items()}
+    docs = run(_params(**tiny), None, prof_dir, tmp_path / "out")
+    pb = build_problem(load_profile(prof_dir), published_solver())
+    floor = floor_bytes(pb) + pb.header_bytes
+    assert {d["totals"]["bytes"] for d in docs.values()} == {floor}
+    assert all("minimum safe size" in d["notes"][0] for d in docs.values())
+
+
 def test_budget_above_16bit_keeps_everything_16bit(setup, tmp_path) -> None:
     _, prof_dir = setup
     doc = run(_params(big=TargetConfig(fraction_of_16bit=1.5)), None, prof_dir, tmp_path)["big"]

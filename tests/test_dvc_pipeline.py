@@ -104,6 +104,8 @@ def test_min_safe_builds_at_the_floor_end_to_end(repo) -> None:
     and the note."""
     import json
 
+    from mintbuild.budget import format_size
+
     repo_dir, params = repo
     sh(repo_dir, "dvc", "repro")
     sh(repo_dir, "git", "add", "-A")
@@ -121,6 +123,7 @@ def test_min_safe_builds_at_the_floor_end_to_end(repo) -> None:
     assert "minimum safe size" in (repo_dir / "artifacts/report/report.md").read_text()
     md = sh(repo_dir, "mintbuild", "diff", "HEAD")
     assert "### `m` (added)" in md and "minimum safe size" in md
+    assert f"- `m`: Built at the floor {format_size(totals['effective_budget'])}" in md  # the closing list
     params["targets"].pop("m")  # leave the repo as the later tests expect it: built, without `m`
     write_params(repo_dir, params)
     for stage in ("allocate", "pack", "evaluate"):

@@ -123,6 +123,36 @@ def test_predict_allocates_an_unmeasured_budget_and_predicts_from_its_objective(
     assert got["predictor"] == "objective" and got["predicted"] == pytest.approx(row["predicted"], rel=1e-9)
 
 
+def test_targets_built_at_the_floor_or_not_built_are_explained_in_one_line_each() -> None:
+    """The report lists a target built at its floor (the floor and the asked budget named) and a target not
+    built (its reason) below the table; `mintbuild diff` says the same of the head revision's allocations."""
+    from mintbuild.artifacts.not_built import not_built_allocation
+    from mintbuild.stages.diff import status_line
+    from mintbuild.stages.report import explained, markdown, row_of
+
+    totals = {"budget": 1_000, "effective_budget": 1_500, "bytes": 1_480, "avg_bits_per_weight": 6.0,
+              "objective": 1.0, "objective_kind": "nrmse"}  # fmt: skip
+    floored = {
+        "totals": totals,
+        "notes": ["budget 1000 B is below the floor; built at the minimum safe size instead"],
+    }
+    feasible = {"totals": {**totals, "budget": 2_000, "effective_budget": 2_000}, "notes": []}
+    reason = "convert_hf_to_gguf.py failed (exit 1): ValueError: Error: Missing /m/tokenizer.model"
+    gone = not_built_allocation("g", "gguf", reason, {"bits_per_weight": 5.0})
+    rows = [row_of("f", floored, None), row_of("ok", feasible, None)]
+    lines = explained(rows, [{"target": "g", "format": "gguf", "note": reason}])
+    assert "- `f` (mlx): built at the floor 1.50 KB, the minimum safe size (asked 1.00 KB)" in lines
+    assert f"- `g` (gguf): {reason}" in lines and not any("`ok`" in ln for ln in lines)
+    assert [r["at_floor"] for r in rows] == [True, False]
+    md = markdown(
+        rows, None, fit_predictors(rows, None), not_built=[{"target": "g", "format": "gguf", "note": reason}]
+    )
+    assert "Not built:" in md and reason in md
+    assert status_line(gone) == f"Not built: {reason}"
+    assert status_line(floored) == "Built at the floor 1.50 KB, the minimum safe size (asked 1.00 KB)"
+    assert status_line(feasible) is None and status_line(None) is None
+
+
 # --- dvc plots -------------------------------------------------------------------------------------------------
 
 

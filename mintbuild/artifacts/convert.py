@@ -23,12 +23,27 @@ def is_disabled(folder: Path) -> bool:
     return path.is_file() and read_json(path, "").get("enabled") is False
 
 
+def failure_record(note: str) -> dict[str, Any]:
+    """convert.json of a model llama.cpp's converter refused: no GGUF, and the converter's own one-line reason,
+    which every GGUF target of the build then reports as why it is not built."""
+    return {"schema_version": SCHEMA_VERSION, "converted": False, "note": note}
+
+
+def failure_note(folder: Path) -> str | None:
+    """The converter's reason when the convert stage at `folder` could not convert the model, else None."""
+    path = Path(folder) / CONVERT_FILE
+    doc = read_json(path, "") if path.is_file() else {}
+    return str(doc.get("note")) if doc.get("converted") is False else None
+
+
 def load_convert(folder: Path) -> dict[str, Any]:
     """`folder`/convert.json, after checking that model.gguf is there with the size it records."""
     folder = Path(folder)
     doc = read_json(folder / CONVERT_FILE, "no converted model; run `mintbuild convert` first")
     if doc.get("enabled") is False:
         raise MintError(f"{folder / CONVERT_FILE}: {DISABLED}")
+    if doc.get("converted") is False:
+        raise MintError(f"{folder / CONVERT_FILE}: no GGUF: {doc.get('note')}")
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise MintError(
             f"{folder / CONVERT_FILE}: schema_version {doc.get('schema_version')!r} (expected "

@@ -9,7 +9,9 @@ allocation.json (deterministic: what pack reads) and metrics.json (figures for `
 
 Each target builds one format (config.target_format): an MLX target is allocated from the MLX profile, a GGUF
 target from the GGUF profile (profile_gguf: ggml types, the GGUF header as the fixed bytes); a GGUF allocation
-records "format": "gguf" and whether the profile measured with the imatrix pack must then use.
+records "format": "gguf" and whether the profile measured with the imatrix pack must then use. A target
+whose format has no profile for this model (llama.cpp's converter did not take it) is written as a not-built
+record with the converter's reason (mintbuild.artifacts.not_built), so that the rest of the build goes on.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from mintbuild import __version__
 from mintbuild.artifacts.allocation import SCHEMA_VERSION, write_allocation
 from mintbuild.artifacts.model import resolve_weights_dir
+from mintbuild.artifacts.not_built import not_built_allocation, profile_refused, record
 from mintbuild.artifacts.profile import Profile, load_profile
 from mintbuild.budget import format_size, is_split, resolve_budget
 from mintbuild.config import (
@@ -46,6 +49,9 @@ from mintbuild.placement import SIDE_NAMES, SPLIT_DEFAULTS, solve_placement, spl
 
 log = logging.getLogger(__name__)
 
+#: What a target does when its budget is below the floor: refuse (the default), or build at the floor.
+ON_INFEASIBLE = ("error", "min_safe")
+
 
 # --- budgets and the floor -----------------------------------------------------------------------------------
 
@@ -62,6 +68,10 @@ def allocate_target(
     if is_split(target):
         return allocate_split_target(problem, name, target, cfg, profile)
     budget, why = resolve_budget(target, problem.facts, name)
+    if target.on_infeasible not in ON_INFEASIBLE:
+        raise MintError(
+            f"target {name!r}: on_infeasible {target.on_infeasible!r}: choose {' or '.join(ON_INFEASIBLE)}"
+        )
     notes = []
     tensor_budget = budget - problem.header_bytes
     floor = floor_bytes(problem)
@@ -71,6 +81,10 @@ def allocate_target(
         notes.append(
             f"budget {format_size(budget)} is below the floor; built at the minimum safe size instead"
         )
+        log.warning(
+            "%s: budget %s (%s) is below this model's floor %s in %s: built at the floor (on_infeasible: "
+            "min_safe)", name, format_size(budget), why, format_size(floor + problem.header_bytes), profile.format,
+        )  # fmt: skip
         tensor_budget = floor
     if budget >= problem.sizes[:, problem.k16].sum() + problem.header_bytes:
         notes.append("budget is at or above the 16-bit size: every tensor stays 16-bit")
@@ -163,14 +177,8 @@ def _document(problem, name, target, cfg, profile, budget, why, tensor_budget, r
         # the runtime: absent for MLX, so an MLX allocation does not depend on the GGUF code path at all
         **gguf,
         # The description is for people: editing it must not change the artifact (nor rebuild pack/evaluate).
-        # The default format, mlx, is implicit: an MLX target's allocation does not record it.
-        "target_config": {
-            k: v
-            for k, v in as_dict(target).items()
-            if k != "description"
-            and not (k == "formats" and v == ["mlx"])
-            and not (k in SPLIT_DEFAULTS and v == SPLIT_DEFAULTS[k])
-        },
+        # (and the default format, mlx, is implicit: MLX allocations stay as they were before GGUF existed)
+        "target_config": target_record(target, floored=effective > int(budget)),
         "provenance": {
             "profile_hash": profile.hash,
             "checkpoint_hash": profile.provenance["checkpoint_hash"],
@@ -183,6 +191,25 @@ def _document(problem, name, target, cfg, profile, budget, why, tensor_budget, r
         "roles": role_summary(decisions),
         "decisions": decisions,
     }
+
+
+def target_record(target: TargetConfig, floored: bool) -> dict[str, Any]:
+    """The target as its allocation records it: the fields that decide the allocation. The description is for
+    people, the default format (mlx) is implicit, and `on_infeasible` is recorded only where it took effect (the
+    budget was below the floor); elsewhere it is at its default, so that a feasible target allocates to the same
+    bytes whatever it would have done below its floor (and pack and evaluate do not rerun when it changes)."""
+    doc = {
+        k: v
+        for k, v in as_dict(target).items()
+        if k != "description"
+        and not (k == "formats" and v == ["mlx"])
+        and not (
+            k in SPLIT_DEFAULTS and v == SPLIT_DEFAULTS[k]
+        )  # a one-budget target records no split fields
+    }
+    if not floored:
+        doc["on_infeasible"] = TargetConfig.on_infeasible
+    return doc
 
 
 def role_summary(decisions: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
@@ -228,6 +255,16 @@ def run(
     results = {}
     for name in names:
         fmt = target_format(params.targets[name], name)
+        refused = profile_refused(dirs[fmt])
+        if (
+            refused is not None
+        ):  # no profile of this format for this model: the target says why, the build goes on
+            t = params.targets[name]
+            doc = not_built_allocation(name, fmt, refused, target_record(t, floored=False))
+            write_allocation(out_root / name, doc, record(name, fmt, refused))
+            log.warning("%s: not built (%s): %s", name, fmt, refused)
+            results[name] = doc
+            continue
         if fmt not in problems:
             profile = load_profile(dirs[fmt])
             if profile.format != fmt:

@@ -5,7 +5,10 @@ subprocess on the weights folder with `--outtype bf16` (it reads tensors lazily,
 came out. Every GGUF option of `mintbuild profile --format gguf` and of `mintbuild pack` is quantized from this
 file by llama.cpp's own code, so names, shapes, Q/K row order and metadata are the converter's.
 
-A model whose architecture the converter does not know is refused before any work, with its model type named.
+A model the converter does not take (an architecture it does not know, named with its model type before any
+work; or the converter's own error, e.g. a tokenizer file it needs) is a fact about the model, not a failed
+build: convert.json records the converter's one-line reason, a warning says so, and every GGUF target of the
+build is recorded as not built with that reason (mintbuild.artifacts.not_built) while the MLX targets build.
 With `convert.enabled: false` (a build with no GGUF target) the stage only writes convert.json saying so.
 The output folder (model.gguf + convert.json: the sha256 of the input weights and config, the converter's
 version, the file's sha256, its data offset and tensor count) replaces the previous one atomically.
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mintbuild import __version__
-from mintbuild.artifacts.convert import CONVERT_FILE, DISABLED, GGUF_FILE, SCHEMA_VERSION
+from mintbuild.artifacts.convert import CONVERT_FILE, DISABLED, GGUF_FILE, SCHEMA_VERSION, failure_record
 from mintbuild.artifacts.model import resolve_weights_dir
 from mintbuild.config import ConvertConfig, load_params
 from mintbuild.errors import MintError
@@ -37,6 +40,13 @@ from mintbuild.io import atomic_dir, canonical_json, sha256_file
 log = logging.getLogger(__name__)
 
 CONVERTER = "convert_hf_to_gguf.py"
+
+
+class ConverterRefused(MintError):
+    """llama.cpp's converter does not take this model (its architecture, its tokenizer, ...): a fact about the
+    model, recorded in convert.json, not a failure of the build."""
+
+
 #: Output types the converter writes that mintbuild quantizes from (16-bit, lossless for a bf16 checkpoint).
 OUTTYPES = ("bf16", "f16", "f32")
 
@@ -77,11 +87,11 @@ def check_convertible(model_dir: Path, python_dir: Path) -> str:
     arch = model_architecture(config)
     model_type = config.get("model_type", "(none)")
     if arch is None:
-        raise MintError(
+        raise ConverterRefused(
             f"{path}: model type {model_type!r} names no architecture; llama.cpp cannot convert it"
         )
     if arch not in supported_architectures(python_dir):
-        raise MintError(
+        raise ConverterRefused(
             f"{path}: model type {model_type!r} (architecture {arch}) is not one llama.cpp's converter knows; "
             "no GGUF can be built for it"
         )
@@ -120,7 +130,9 @@ def run_converter(python_dir: Path, model_dir: Path, outfile: Path, outtype: str
                     log.debug("%s", line)
         code = proc.wait()
     if code != 0:
-        raise MintError(f"{CONVERTER} failed (exit {code}): {_last_error(list(tail))}")
+        # an error the converter raised is about the model; a signal (killed, out of memory) is about the machine
+        error = ConverterRefused if code > 0 else MintError
+        raise error(f"{CONVERTER} failed (exit {code}): {_last_error(list(tail))}")
 
 
 def gguf_facts(path: Path) -> dict[str, Any]:
@@ -142,7 +154,7 @@ def gguf_facts(path: Path) -> dict[str, Any]:
 
 def convert(model_dir: Path, cfg: ConvertConfig, out: Path) -> dict[str, Any]:
     """Convert `model_dir` (an HF folder) into `out`/model.gguf with llama.cpp's converter; returns convert.json."""
-    from mintbuild.llamacpp.build import build_name, ensure_llamacpp
+    from mintbuild.llamacpp.build import ensure_llamacpp
 
     if not cfg.enabled:
         doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "enabled": False, "note": DISABLED}
@@ -154,36 +166,52 @@ def convert(model_dir: Path, cfg: ConvertConfig, out: Path) -> dict[str, Any]:
         raise MintError(f"convert.outtype {cfg.outtype!r}: choose one of {list(OUTTYPES)}")
     model_dir = Path(model_dir)
     paths = ensure_llamacpp()
-    arch = check_convertible(model_dir, paths.python_dir)
     ckpt = open_checkpoint(model_dir)
     if ckpt.config.get("quantization_config"):
         raise MintError(f"{model_dir}/config.json has a quantization_config: convert a 16-bit checkpoint")
+    try:
+        arch = check_convertible(model_dir, paths.python_dir)
+        with atomic_dir(out) as tmp:
+            return _convert(paths.python_dir, model_dir, ckpt, arch, cfg, out, tmp)
+    except ConverterRefused as e:  # the model, not the build: MLX targets go on, GGUF targets say why
+        doc = failure_record(str(e))
+        with atomic_dir(out) as tmp:
+            (tmp / CONVERT_FILE).write_text(canonical_json(doc), encoding="utf-8")
+        log.warning("no GGUF for this model, its GGUF targets will not be built: %s", e)
+        return doc
+
+
+def _convert(
+    python_dir: Path, model_dir: Path, ckpt: Any, arch: str, cfg: ConvertConfig, out: Path, tmp: Path
+) -> dict[str, Any]:
+    """Run the converter into `tmp` (the folder that replaces `out`) and write convert.json there."""
+    from mintbuild.llamacpp.build import build_name
+
     t0 = time.perf_counter()
     log.info("converting %s (%s) to a %s GGUF with llama.cpp's converter", model_dir, arch, cfg.outtype)
-    with atomic_dir(out) as tmp:
-        run_converter(paths.python_dir, model_dir, tmp / GGUF_FILE, cfg.outtype)
-        seconds = time.perf_counter() - t0
-        facts = gguf_facts(tmp / GGUF_FILE)
-        doc = {
-            "schema_version": SCHEMA_VERSION,
-            "architecture": arch,
-            "outtype": cfg.outtype,
-            "provenance": {
-                "model_folder": model_dir.name,
-                "model_fingerprint": fingerprint(ckpt),
-                "inputs_sha256": input_hash(model_dir),
-                "converter": f"llama.cpp {build_name()} {CONVERTER}",
-                "mintbuild_version": __version__,
-            },
-            "gguf": {
-                "file": GGUF_FILE,
-                "bytes": (tmp / GGUF_FILE).stat().st_size,
-                "sha256": sha256_file(tmp / GGUF_FILE),
-                **facts,
-            },
-        }
-        # (the converter's time is logged, not written: the folder is one DVC out, hashed whole)
-        (tmp / CONVERT_FILE).write_text(canonical_json(doc), encoding="utf-8")
+    run_converter(python_dir, model_dir, tmp / GGUF_FILE, cfg.outtype)
+    seconds = time.perf_counter() - t0
+    facts = gguf_facts(tmp / GGUF_FILE)
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "architecture": arch,
+        "outtype": cfg.outtype,
+        "provenance": {
+            "model_folder": model_dir.name,
+            "model_fingerprint": fingerprint(ckpt),
+            "inputs_sha256": input_hash(model_dir),
+            "converter": f"llama.cpp {build_name()} {CONVERTER}",
+            "mintbuild_version": __version__,
+        },
+        "gguf": {
+            "file": GGUF_FILE,
+            "bytes": (tmp / GGUF_FILE).stat().st_size,
+            "sha256": sha256_file(tmp / GGUF_FILE),
+            **facts,
+        },
+    }
+    # (the converter's time is logged, not written: the folder is one DVC out, hashed whole)
+    (tmp / CONVERT_FILE).write_text(canonical_json(doc), encoding="utf-8")
     log.info(
         "wrote %s: %s, %d tensors, %s B in %.1f s",
         out / GGUF_FILE,

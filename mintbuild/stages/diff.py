@@ -8,7 +8,8 @@ tree file with those bytes), or from the working tree when the revision is omitt
 
 A figure is never stale: a side shows an allocation or a measurement only if the stages that wrote it are up
 to date for that side (`dvc status` for the working tree, the lock's own consistency with its params for a
-revision; mintbuild/artifacts/provenance.py); otherwise "not built", beside the prediction.
+revision; mintbuild/artifacts/provenance.py); otherwise "not built", beside the prediction. At the end, every
+target of the head revision built at its floor (the floor named) or not built (and why).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from mintbuild.artifacts.curve import DEFAULT_CURVE
+from mintbuild.artifacts.not_built import is_built, note_of
 from mintbuild.artifacts.provenance import (
     WORKSPACE,
     lock_is_current,
@@ -72,7 +74,7 @@ def load_side(rev: str) -> dict[str, Any]:
 
 def changed_tensors(a: dict | None, b: dict | None) -> list[tuple[str, str, str, int]]:
     """(decision, option at a, option at b, bytes at b) for every decision whose option differs."""
-    if not a or not b:
+    if not a or not b or not is_built(a) or not is_built(b):
         return []
     da = {d["name"]: d for d in a["decisions"]}
     out = []
@@ -117,6 +119,8 @@ def target_section(name: str, a: dict | None, b: dict | None, curve_a, curve_b, 
         lines.append(f"| predicted PPL | {_num(pa)} | {_num(pb)} |")
     notes = tb.get("notes") or ta.get("notes") or []
     lines += ["", *[f"_Note: {n}._" for n in notes]] if notes else []
+    why = status_line(tb or None)
+    lines += ["", f"_{why}._"] if why else []
     changed = changed_tensors(ta or None, tb or None)
     if changed:
         lines += ["", f"{len(changed)} tensor choices changed; largest:", ""]
@@ -151,6 +155,21 @@ def _params_budget(side: dict | None) -> int | None:
         return None
 
 
+def status_line(alloc: dict[str, Any] | None) -> str | None:
+    """One line when a target is not what it asked for: not built (and why), or built at its floor (named);
+    None for a target built within its budget or not built yet."""
+    if alloc is None:
+        return None
+    note = note_of(alloc)
+    if note is not None:
+        return f"Not built: {note}"
+    t = alloc.get("totals", {})
+    built = _budget(t)
+    if built is not None and t.get("budget") is not None and built > t["budget"]:
+        return f"Built at the floor {format_size(built)}, the minimum safe size (asked {format_size(t['budget'])})"
+    return None
+
+
 def _budget(totals: dict[str, Any]) -> int | None:
     """The budget the build was held to: the minimum safe size for a min_safe target below its floor."""
     return totals.get("effective_budget", totals.get("budget"))
@@ -182,6 +201,12 @@ def render(rev_a: str, rev_b: str, top: int = 5) -> str:
         out += target_section(name, ta, tb, a["curve"], b["curve"], top)
     if not touched:
         out.append("No target changed.")
+    # every target of the head that is not what it asked for, changed or not
+    odd = [(n, status_line(t["allocation"])) for n, t in sorted(b["targets"].items())]
+    odd = [(n, why) for n, why in odd if why]
+    if odd:
+        out += ["", f"Targets at {rev_b} that are not what they asked for:", ""]
+        out += [f"- `{n}`: {why}" for n, why in odd]
     return "\n".join(out) + "\n"
 
 

@@ -5,7 +5,8 @@ own dequantization, one tensor at a time) on the same windows with the same BOS 
 ppl_mean is comparable with the MLX targets' and the baseline's. And the real client, llama-perplexity, scores
 the split's text with chunks of `window` tokens, `n_windows` of them, on `threads` threads; our evaluator scores
 exactly its chunks at its positions (mintbuild.llamacpp.perplexity), and metrics.json carries both numbers and
-their relative difference under `llama_perplexity`.
+their relative difference under `llama_perplexity`. A target whose pack folder is a not-built record gets that
+record as its metrics.json and settings.json.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from mintbuild.artifacts.not_built import read_note, write_not_built_metrics
 from mintbuild.calibration.windows import load_tokenizer, sequence_prefix
 from mintbuild.config import Params, load_params, select_targets
 from mintbuild.errors import MintError
@@ -98,4 +100,8 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     out = Path(args.out) if args.out else None
     for name in select_targets(params, args.target, "gguf"):
+        note = read_note(Path(params.pack_out) / name)
+        if note is not None:  # not built (no GGUF of this model): its metrics say why
+            write_not_built_metrics(out or Path(params.eval_out), name, note)
+            continue
         run_target(params, name, out, progress=not args.no_progress)

@@ -4,7 +4,8 @@ llama.cpp's own llama-quantize writes artifacts/pack/<target>/model.gguf from th
 every tensor's planned type and the profile's imatrix (mintbuild.llamacpp.pack); the output is read back and
 held to the plan's types and bytes, and the folder gets the model's config.json, the tokenizer files and
 mintbuild-pack.json (mintbuild.artifacts.pack, with "format": "gguf"), the same contract as an MLX folder.
-Atomic: on any error nothing is left behind. MLX targets: `mintbuild pack`.
+Atomic: on any error nothing is left behind. A target recorded as not built (its allocation says why: no GGUF of
+this model) gets not-built.json as its folder. MLX targets: `mintbuild pack`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from mintbuild.artifacts.allocation import ALLOCATION_FILE, load_allocation
 from mintbuild.artifacts.model import resolve_weights_dir
+from mintbuild.artifacts.not_built import note_of, write_note
 from mintbuild.config import Params, load_params, select_targets
 from mintbuild.errors import MintError
 from mintbuild.llamacpp.pack import GGUFPackResult, pack_gguf, render_plan
@@ -54,9 +56,17 @@ def pack_target(
 def run(
     params: Params, targets: list[str] | None = None, dry_run: bool = False, **kwargs: Any
 ) -> list[GGUFPackResult]:
-    return [
-        pack_target(params, n, dry_run=dry_run, **kwargs) for n in select_targets(params, targets, "gguf")
-    ]
+    """Pack every (requested) GGUF target; a target whose allocation is a not-built record gets the same record
+    as its pack folder (not-built.json) and no result."""
+    results = []
+    for name in select_targets(params, targets, "gguf"):
+        note = note_of(load_allocation(Path(kwargs.get("alloc_root") or params.allocate_out), name))
+        if note is None:
+            results.append(pack_target(params, name, dry_run=dry_run, **kwargs))
+        elif not dry_run:
+            write_note(Path(kwargs.get("out_root") or params.pack_out) / name, name, "gguf", note)
+            log.warning("%s: not built: %s", name, note)
+    return results
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

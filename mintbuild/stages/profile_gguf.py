@@ -5,7 +5,8 @@ GGUF alignment) and the error of ggml's own quantize/dequantize (mintbuild.llama
 llama-quantize runs) with llama-quantize's imatrix weights for the tensor, so that the profiled error is the
 packed file's error; the fixed header the allocation adds is the one llama-quantize will write. It also writes
 the imatrix file (llama.cpp's format, from the importance stage's input squares) that pack-gguf hands to
-llama-quantize. With `convert.enabled: false` it writes a note instead of a profile.
+llama-quantize. With `convert.enabled: false`, or a model the converter did not take, it writes a note instead
+of a profile (disabled.json; for the latter with the converter's reason, which the GGUF targets report).
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ import logging
 from pathlib import Path
 
 from mintbuild.artifacts.model import resolve_weights_dir
-from mintbuild.artifacts.profile import (
-    DISABLED_FILE,
-    Profile,
-)
+from mintbuild.artifacts.not_built import write_profile_note
+from mintbuild.artifacts.profile import DISABLED_FILE, Profile
 from mintbuild.config import ProfileConfig, load_params
 from mintbuild.errors import MintError
 from mintbuild.hf.checkpoint import (
     fingerprint,
     open_checkpoint,
 )
-from mintbuild.io import atomic_dir, canonical_json, sha256_file
+from mintbuild.io import atomic_dir, sha256_file
 from mintbuild.llamacpp.profile import profile_gguf
 
 log = logging.getLogger(__name__)
@@ -44,14 +43,20 @@ def run(
     llama-quantize)."""
     import os
 
-    from mintbuild.artifacts.convert import DISABLED, GGUF_FILE, is_disabled, load_convert
+    from mintbuild.artifacts.convert import DISABLED, GGUF_FILE, failure_note, is_disabled, load_convert
     from mintbuild.artifacts.importance import load_importance, load_input_squares
     from mintbuild.llamacpp.imatrix import IMATRIX_GGUF, gguf_entries, read_imatrix, write_imatrix
 
     if is_disabled(convert_dir):  # no GGUF target: a note for DVC, no profile
         with atomic_dir(out) as tmp:
-            (tmp / DISABLED_FILE).write_text(canonical_json({"enabled": False, "note": DISABLED}))
+            write_profile_note(tmp, {"enabled": False, "note": DISABLED})
         log.info("convert.enabled is false: no GGUF profile (%s)", out / DISABLED_FILE)
+        return None
+    refused = failure_note(convert_dir)
+    if refused is not None:  # the converter did not take the model: its GGUF targets will say why
+        with atomic_dir(out) as tmp:
+            write_profile_note(tmp, {"converted": False, "note": refused})
+        log.warning("no GGUF profile (the model was not converted): %s", refused)
         return None
     doc = load_convert(convert_dir)
     ckpt = open_checkpoint(model_dir)

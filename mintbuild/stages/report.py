@@ -10,6 +10,8 @@ and writes artifacts/report/:
 - rows.json (every row) and budget_curve.json (the measured targets as `dvc plots` data: bytes, mean PPL,
   the 16-bit line and both predictions; dvc.yaml's top-level `plots:` declares it);
 - budget_curve.png (the same plot for a reader without DVC; none when nothing is measured or predicted).
+Below the table, one line per target that is not what it asked for: built at the floor (its budget was below the
+model's smallest safe size; the floor is named), or not built (e.g. no GGUF of this model: the converter's reason).
 `mintbuild sweep` writes the same files for a multirun's jobs (`render`).
 """
 
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mintbuild.artifacts.curve import PLOT_FILE, objective_scope, write_curve, write_predictor
+from mintbuild.artifacts.not_built import is_built, note_of
 from mintbuild.budget import format_size
 from mintbuild.config import Params, load_params
 from mintbuild.curve import Curve, ObjectiveFit, fit_curve, fit_objective, leave_one_out
@@ -40,29 +43,41 @@ log = logging.getLogger(__name__)
 BASELINE_SERIES = "16-bit"
 
 
-def collect(params: Params) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    rows = []
+def collect(params: Params) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[dict[str, Any]]]:
+    """(rows of the built targets by bytes, the baseline's metrics, the not-built records by target name)."""
+    rows, not_built = [], []
     for name in sorted(params.targets):
         alloc = read_if_exists(Path(params.allocate_out) / name / "allocation.json")
         metrics = read_if_exists(Path(params.eval_out) / name / "metrics.json")
         if alloc is None:
             continue
+        if not is_built(alloc):
+            not_built.append({"target": name, "format": alloc.get("format", "mlx"), "note": note_of(alloc)})
+            continue
         rows.append(row_of(name, alloc, metrics))
     baseline = read_if_exists(Path(params.eval_out) / "baseline" / "metrics.json")
-    return sorted(rows, key=lambda r: r["bytes"]), baseline
+    return sorted(rows, key=lambda r: r["bytes"]), baseline, not_built
 
 
 def row_of(name: str, alloc: dict[str, Any], metrics: dict[str, Any] | None) -> dict[str, Any]:
-    """A table row from an allocation document and (when evaluated) its metrics."""
+    """A table row from an allocation document and (when evaluated) its metrics. `at_floor`: the budget was
+    below the model's floor in its format and the target was built at the floor (on_infeasible: min_safe)."""
     t = alloc["totals"]
     m = metrics or {}
+    effective = t.get("effective_budget", t["budget"])
+    at_floor = effective > t["budget"]
+    notes = list(alloc.get("notes", []))
+    if at_floor:  # the floor, named (the allocation's note predates it and stays as it was)
+        notes = [
+            f"built at the floor {format_size(effective)}, the minimum safe size (asked {format_size(t['budget'])})"
+        ] + [n for n in notes if not n.endswith("built at the minimum safe size instead")]
     return {
         "target": name, "format": alloc.get("format", "mlx"),
-        "budget": t.get("effective_budget", t["budget"]), "bytes": t["bytes"], "bytes_on_disk": m.get("bytes_on_disk"),
+        "budget": effective, "bytes": t["bytes"], "bytes_on_disk": m.get("bytes_on_disk"),
         "bpw": t["avg_bits_per_weight"], "objective": t["objective"],
         "scope": objective_scope(t, alloc.get("provenance", {})),
         "ppl_mean": m.get("ppl_mean"), "ppl_median": m.get("ppl_median"),
-        "note": "; ".join(alloc.get("notes", [])),
+        "at_floor": at_floor, "note": "; ".join(notes),
         **split_row(alloc),
     }  # fmt: skip
 
@@ -137,7 +152,13 @@ def _errors(rows: list[dict[str, Any]], key: str) -> dict[str, float | None]:
     return {"max_abs_pct": max(err), "mean_abs_pct": float(np.mean(err)), "n": len(err)}
 
 
-def markdown(rows, baseline, pred: Predictors, title: str = "Budget curve") -> str:
+def markdown(
+    rows,
+    baseline,
+    pred: Predictors,
+    title: str = "Budget curve",
+    not_built: list[dict[str, Any]] | None = None,
+) -> str:
     lines = [f"# {title}", ""]
     if baseline:
         lines.append(
@@ -162,7 +183,25 @@ def markdown(rows, baseline, pred: Predictors, title: str = "Budget curve") -> s
         )
     lines += split_table(rows)
     lines += ["", _verdict(pred), ""]
+    lines += explained(rows, not_built or [])
     return "\n".join(lines)
+
+
+def explained(rows: list[dict[str, Any]], not_built: list[dict[str, Any]]) -> list[str]:
+    """The targets that are not what they asked for, one line each: built at the floor (the budget was below
+    the model's smallest safe size in its format), or not built and why."""
+    floor = [r for r in rows if r.get("at_floor")]
+    lines = []
+    if floor:
+        lines += [
+            "Built at the floor (the budget is below this model's smallest safe size in its format):",
+            "",
+        ]
+        lines += [f"- `{r['target']}` ({r.get('format', 'mlx')}): {r['note']}" for r in floor] + [""]
+    if not_built:
+        lines += ["Not built:", ""]
+        lines += [f"- `{r['target']}` ({r['format']}): {r['note']}" for r in not_built] + [""]
+    return lines
 
 
 def _verdict(pred: Predictors) -> str:
@@ -262,11 +301,11 @@ def plot(rows, baseline, pred: Predictors, path: Path) -> None:
 
 
 def run(params: Params, out: Path) -> str:
-    rows, baseline = collect(params)
-    if not rows:
+    rows, baseline, not_built = collect(params)
+    if not rows and not not_built:
         raise MintError(f"no allocations under {params.allocate_out}: run `dvc repro` first")
     with atomic_dir(out) as tmp:
-        return render(rows, baseline, tmp, "report.md")
+        return render(rows, baseline, tmp, "report.md", not_built=not_built)
 
 
 def render(
@@ -275,12 +314,13 @@ def render(
     folder: Path,
     md_name: str,
     title: str = "Budget curve",
+    not_built: list[dict[str, Any]] | None = None,
 ) -> str:
     """Fit both predictors to the measured rows and write `md_name`, rows.json, budget_curve.json (plot data),
     curve.json and predictor.json (when fitted) and budget_curve.png into `folder` (the caller's temporary
     folder). Rows: target, budget, bytes, bytes_on_disk, bpw, objective, scope, ppl_mean, ppl_median, note."""
     pred = fit_predictors(rows, baseline)
-    text = markdown(rows, baseline, pred, title)
+    text = markdown(rows, baseline, pred, title, not_built)
     (folder / md_name).write_text(text)
     (folder / "rows.json").write_text(canonical_json(_finite(rows)))
     (folder / PLOT_FILE).write_text(canonical_json(plot_rows(rows, baseline)))
