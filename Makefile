@@ -53,7 +53,7 @@ build: setup llamacpp
 
 ## test: lint, then the whole test suite
 test: setup lint llamacpp
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -n 2 --dist loadfile --durations=15
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -n 2 --dist loadfile --durations=15 -m "not nightly"
 
 ## test-fast: the unit tests only (about two minutes): every test marked e2e (the real model, DVC, llama.cpp,
 ## mlx-lm or over ~5 s) is skipped; `make test` runs them

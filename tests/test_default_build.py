@@ -28,7 +28,7 @@ from .gguf_synth import smollm2_tokenizer, tiny_family_convertible
 from .synth import FAMILIES
 
 #: one `dvc repro` of 28 stages per family: minutes on a busy 2-core machine
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 #: Calibration and evaluation sizes only: the default targets and stages stay the shipped ones.
 SMALL = [
@@ -81,15 +81,19 @@ KNOWN_FAILING = {
 }
 
 
-@pytest.mark.parametrize(
-    "family",
-    [
-        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILING[f]))
-        if f in KNOWN_FAILING
-        else f
-        for f in sorted(FAMILIES)
-    ],
-)
+#: Run by `make test` (CI): one family whose default targets fall below its floor and one llama.cpp's converter
+#: refuses; every family runs with `make test-nightly` (one build is minutes, too many for CI's budget).
+IN_CI = {"gemma3_text", "phi3"}
+
+
+def _marks(family: str) -> list[pytest.MarkDecorator]:
+    marks = [] if family in IN_CI else [pytest.mark.nightly]
+    if family in KNOWN_FAILING:
+        marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILING[family]))
+    return marks
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=_marks(f)) for f in sorted(FAMILIES)])
 def test_the_default_build_finishes_with_every_target_built_or_explained(
     family: str, tokenizer: Path, tmp_path: Path
 ) -> None:
