@@ -16,7 +16,7 @@ LOCKENV := $(CURDIR)/.cache/lockenv
 PIP_COMPILE := CUSTOM_COMPILE_COMMAND='make lock' $(LOCKENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra test \
 	--no-emit-index-url --no-emit-find-links -o requirements.lock
 
-.PHONY: setup lock lock-upgrade llamacpp build test test-fast lint bench quality clean
+.PHONY: setup lock lock-upgrade llamacpp build test test-fast test-nightly lint bench quality clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,10 @@ test: setup lint llamacpp
 ## mlx-lm or over ~5 s) is skipped; `make test` runs them
 test-fast: setup llamacpp
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m "not e2e" --durations=10
+
+## test-nightly: the builds too long for CI (every family's default build through dvc repro; ~5 min each)
+test-nightly: setup llamacpp
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m nightly --durations=10
 
 ## lint: ruff, then mypy over the package (configured in pyproject.toml)
 lint: setup
