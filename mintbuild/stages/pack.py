@@ -51,7 +51,6 @@ from mintbuild.mlx.pack import (
 )
 from mintbuild.mlx.pack_cache import PackCache, default_cache_dir
 
-HELP = "write each target's MLX model folder"
 log = logging.getLogger(__name__)
 
 

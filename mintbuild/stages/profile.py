@@ -23,8 +23,6 @@ from mintbuild.hf.checkpoint import (
 from mintbuild.io import atomic_dir
 from mintbuild.mlx.measure import profile_checkpoint
 
-HELP = "measure bytes and quantization error of every tensor x storage option (one CPU pass, no data)"
-
 log = logging.getLogger(__name__)
 
 
