@@ -177,6 +177,8 @@ def measure(
 
     top, _ = forward_hidden(model, [w.ids for w in windows], progress, "hessians: blocks",
                             watch=watch if blocks else None)  # fmt: skip
+    log.info("hessians: the output head %s (%d x %d): its Hessian, then its GPTQ gains", name,
+             head.weight.shape[0], k)  # fmt: skip
     handle = head.register_forward_pre_hook(hook)
     try:
         with torch.inference_mode():
