@@ -214,6 +214,7 @@ def compute_hessians(
     gains: dict[str, dict[str, float]] = {}
 
     def done(names: list[str], full: Any, even: Any) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
         held = full - even
         for n in names:
             shape = tuple(ckpt.tensors[n].shape)
@@ -221,6 +222,8 @@ def compute_hessians(
                 o for o in OPTION_SETS["default"] if not o.passthrough and not o.unavailable_reason(shape)
             ]
             gains[n] = rounding_gain(ckpt.read(n), even, held, options, pack.damp, pack.block, GAIN_ROWS)
+        log.info("hessians: GPTQ gains of %s (input %d wide) in %.1f s (%.1f CPU s)", ", ".join(names),
+                 full.shape[0], time.perf_counter() - t0, time.process_time() - c0)  # fmt: skip
 
     hessians = InputHessians(wanted, done, spill)
     with torch_settings(cfg.threads, cfg.seed):
