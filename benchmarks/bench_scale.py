@@ -295,7 +295,7 @@ def _vm_rss(pid: int) -> int:
 
 def bound(a: argparse.Namespace, stage: str, params: dict) -> int:
     """The stated bound of a stage's peak RSS, bytes (`params`: the run's params.yaml)."""
-    h, _inter, layers, _, _, _, _ = shape(a.size, a.layers)
+    h, inter, layers, _, _, _, _ = shape(a.size, a.layers)
     shapes = shapes_of(a.size, a.layers)
     sizes = sorted((math.prod(s) for s in shapes.values()), reverse=True)
     block = sum(math.prod(s) for n, s in shapes.items() if n.startswith("model.layers.0."))
@@ -303,10 +303,24 @@ def bound(a: argparse.Namespace, stage: str, params: dict) -> int:
     tokens = cal["n_windows"] * cal["window"]
     boundaries = layers + 2 if stage == "importance" else 2
     acts = boundaries * tokens * h * 4
-    if stage == "importance":
-        imp = params["importance"]
-        acts = max(acts, 2 * imp["hessian_windows"] * imp["window"] * h * 4)
-    return 4 * (sizes[0] + sizes[1]) + 4 * block + acts + int(1.5 * GB)
+    base = 4 * (sizes[0] + sizes[1]) + 4 * block + acts + int(1.5 * GB)
+    imp = params["importance"]
+    if stage != "importance" or not imp["hessian_windows"] or imp["hessians"] != "all":
+        return base
+    # The Hessian pass is headless and drops the embedding while the blocks run: one block, the Hessian
+    # windows' activations in and out of it, and the block's Hessians and gains (a Llama block's distinct
+    # inputs: q/k/v, o, gate/up read h-wide inputs, down the intermediate).
+    hessian_pass = 4 * block + 2 * imp["hessian_windows"] * imp["window"] * h * 4 + int(1.5 * GB)
+    return max(base, hessian_pass + hessian_bytes([h, h, h, inter]))
+
+
+def hessian_bytes(inputs: list[int]) -> int:
+    """What the Hessians and gains of one block add to the importance stage's peak (every linear layer's
+    Hessian), bytes: the block's float64 accumulators (all windows and the even ones: 16 k^2 per distinct input
+    of width k, all alive until the block ends) and the gain of the widest input k: its held-out difference
+    (8 k^2), the float32 copy the errors are measured with (4 k^2), and factoring the fitted H in float64 (the
+    act-order permuted copy, the damped copy, its Cholesky factor, the inverse, the inverse's factor: 40 k^2)."""
+    return 16 * sum(k * k for k in inputs) + 52 * max(inputs) ** 2
 
 
 def main(argv: list[str] | None = None) -> None:
