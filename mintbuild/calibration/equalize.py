@@ -406,12 +406,15 @@ def screened_search(
        (`search_rows`), a = 0 (the base) and a walk from the screen's best to a local minimum of the grid
        (`descend`): the full search's answer whenever the error has no other minimum on the grid between the
        two, whatever the screen's noise.
-    `screen_rows: 0`, or a group whose linears all have at most `screen_rows` rows, is searched exhaustively."""
+    `screen_rows: 0`, or a group whose screen would measure more than a quarter of its search rows (SmolLM2's
+    576-960-row groups: the screen and the walk would cost more evaluations than the grid), is searched
+    exhaustively."""
     import torch
 
     metric = Metric.of(stats.sample, cfg.rank, cfg.seed)
     full = [search_rows(w, cfg.search_rows, cfg.seed, g, j) for j, w in enumerate(weights)]
-    if not cfg.screen_rows or all(f.shape[0] <= cfg.screen_rows for f in full):
+    screened_rows = sum(min(f.shape[0], cfg.screen_rows) for f in full)
+    if not cfg.screen_rows or 4 * screened_rows > sum(f.shape[0] for f in full):
         a, s, ratio = search(full, stats, g, option, cfg.grid, cfg.rank, cfg.seed, restrict, metric)
         return a, s, ratio, ratio, False
     sample = [search_rows(f, cfg.screen_rows, cfg.seed + 1, g, j) for j, f in enumerate(full)]
