@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,11 +48,20 @@ TARGETS = {"bpw4p5": 4.5, "bpw6": 6.0}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder blocks (default: the shape's); a few blocks measure the per-block time and memory, "
+                   "and the whole model is extrapolated from them (see --per-block)")  # fmt: skip
     p.add_argument(
         "--dir", type=Path, default=Path("/work/.cache_scale"), help="cache folder (outside the repo)"
     )
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--default", action="store_true",
+                   help="the default configuration: params.yaml's windows, hessian windows and equalize search for "
+                   "every stage, every linear layer's Hessian (--windows, --window, --hessian-windows, --hessians, "
+                   "--grid and --search-rows are ignored)")  # fmt: skip
     p.add_argument("--windows", type=int, default=1, help="windows per calibration / evaluation stage")
+    p.add_argument("--equalize-method", default=None, choices=["awq", "none"],
+                   help="equalize.method (none: a manifest naming the model, for runs of the later stages alone)")  # fmt: skip
     p.add_argument("--window", type=int, default=128, help="tokens per window")
     p.add_argument("--hessian-windows", type=int, default=2)
     p.add_argument("--hessians", default="head", choices=["head", "all"],
@@ -69,8 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------- the checkpoint
 
 
-def shapes_of(size: str) -> dict[str, tuple[int, ...]]:
-    h, inter, layers, heads, kv_heads, vocab, tied = SHAPES[size]
+def shape(size: str, layers: int | None = None) -> tuple[int, int, int, int, int, int, bool]:
+    """SHAPES[size], with `layers` decoder blocks when given."""
+    h, inter, n, heads, kv_heads, vocab, tied = SHAPES[size]
+    return h, inter, layers or n, heads, kv_heads, vocab, tied
+
+
+def shapes_of(size: str, n_layers: int | None = None) -> dict[str, tuple[int, ...]]:
+    h, inter, layers, heads, kv_heads, vocab, tied = shape(size, n_layers)
     kv = kv_heads * (h // heads)
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
     for i in range(layers):
@@ -92,8 +108,8 @@ def shapes_of(size: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def config_of(size: str) -> dict:
-    h, inter, layers, heads, kv_heads, vocab, tied = SHAPES[size]
+def config_of(size: str, n_layers: int | None = None) -> dict:
+    h, inter, layers, heads, kv_heads, vocab, tied = shape(size, n_layers)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -115,7 +131,7 @@ def config_of(size: str) -> dict:
 
 
 def checkpoint_folder(a: argparse.Namespace) -> Path:
-    return a.dir / f"llama-{a.size}"
+    return a.dir / (f"llama-{a.size}" + (f"-L{a.layers}" if a.layers else ""))
 
 
 def tokenizer_source(a: argparse.Namespace) -> Path:
@@ -136,7 +152,7 @@ def generate(a: argparse.Namespace) -> None:
 
     folder = checkpoint_folder(a)
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = shapes_of(a.size)
+    shapes = shapes_of(a.size, a.layers)
     gen = torch.Generator().manual_seed(0)
     shards: list[list[str]] = [[]]
     filled = 0
@@ -167,7 +183,7 @@ def generate(a: argparse.Namespace) -> None:
     for f in src.iterdir():
         if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
             shutil.copy2(f, folder / f.name)
-    (folder / "config.json").write_text(json.dumps(config_of(a.size), indent=1))
+    (folder / "config.json").write_text(json.dumps(config_of(a.size, a.layers), indent=1))
 
 
 def ensure_checkpoint(a: argparse.Namespace) -> Path:
@@ -175,6 +191,7 @@ def ensure_checkpoint(a: argparse.Namespace) -> Path:
     if not (folder / "config.json").is_file():
         print(f"generating {folder} (once) ...", flush=True)
         argv = ["--size", a.size, "--dir", str(a.dir), "--generate-only"]
+        argv += ["--layers", str(a.layers)] if a.layers else []
         subprocess.run([sys.executable, __file__, *argv], check=True, cwd=ROOT)
     return folder
 
@@ -188,13 +205,20 @@ def write_params(a: argparse.Namespace, model: Path, work: Path) -> Path:
                         "out": str(work / "model")}  # fmt: skip
     params["corpus"]["out"] = str(a.dir / "corpus")
     for stage in ("equalize", "importance"):
-        params[stage] |= {"n_windows": a.windows, "window": a.window, "threads": a.threads,
-                          "out": str(work / stage)}  # fmt: skip
-    params["importance"] |= {"hessian_windows": a.hessian_windows, "hessians": a.hessians}
-    for key, value in (("grid", a.grid), ("search_rows", a.search_rows)):
-        if value is not None:
-            params["equalize"][key] = value
-    params["eval"] |= {"n_windows": a.windows, "window": a.window, "threads": a.threads}
+        params[stage] |= {"threads": a.threads, "out": str(work / stage)}
+        if not a.default:
+            params[stage] |= {"n_windows": a.windows, "window": a.window}
+    params["eval"] |= {"threads": a.threads}
+    if a.equalize_method:
+        params["equalize"]["method"] = a.equalize_method
+    if a.default:
+        params["importance"]["hessians"] = "all"
+    else:
+        params["importance"] |= {"hessian_windows": a.hessian_windows, "hessians": a.hessians}
+        for key, value in (("grid", a.grid), ("search_rows", a.search_rows)):
+            if value is not None:
+                params["equalize"][key] = value
+        params["eval"] |= {"n_windows": a.windows, "window": a.window}
     if a.eval_dtype:
         params["eval"]["dtype"] = a.eval_dtype
     params["profile"]["out"] = str(work / "profile")
@@ -204,6 +228,7 @@ def write_params(a: argparse.Namespace, model: Path, work: Path) -> Path:
     params["targets"] = {
         k: {"bits_per_weight": v, "description": f"{v} bits per weight"} for k, v in TARGETS.items()
     }
+    params["by_format"] = {"mlx": sorted(TARGETS), "gguf": []}  # what `mintbuild compose` derives
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=True))
     return path
@@ -221,27 +246,81 @@ def commands(stage: str, params: Path) -> list[list[str]]:
     return [[*base, stage, *p, *extra]]
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS bytes from the OS, exit code) of one child process."""
+def run_measured(cmd: list[str]) -> tuple[float, float, int, int]:
+    """(wall seconds, CPU seconds (user + system, all threads), peak RSS bytes from the OS, exit code) of one
+    child process. CPU seconds are what a shared machine's load does not inflate (wall = CPU / threads on an
+    idle machine when the stage keeps its threads busy)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, bufsize=1)
+    peak = {"rss": 0, "at": 0.0, "after": ""}
+    last = {"line": "(start)"}
+
+    def sample() -> None:  # the RSS every 0.2 s: where in the stage the peak falls
+        while proc.poll() is None:
+            rss = _vm_rss(proc.pid)
+            if rss > peak["rss"]:
+                peak.update(rss=rss, at=time.perf_counter() - t0, after=last["line"])
+            time.sleep(0.2)
+
+    def relay() -> None:  # the child's log, each line with its time and the RSS then
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            last["line"] = line.strip()[:120]
+            sys.stderr.write(f"[{time.perf_counter() - t0:7.1f} s {_vm_rss(proc.pid) / GB:5.2f} GB] {line}")
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (sample, relay)]
+    for t in threads:
+        t.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    for t in threads:
+        t.join(timeout=5)
+    print(
+        f"  sampled peak {peak['rss'] / GB:.2f} GB at {peak['at']:.1f} s, after: {peak['after']}", flush=True
+    )
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - t0, usage.ru_maxrss * 1024, proc.returncode
+    cpu = usage.ru_utime + usage.ru_stime
+    return time.perf_counter() - t0, cpu, usage.ru_maxrss * 1024, proc.returncode
 
 
-def bound(a: argparse.Namespace, stage: str) -> int:
-    """The stated bound of a stage's peak RSS, bytes."""
-    h, _, layers, _, _, _, _ = SHAPES[a.size]
-    shapes = shapes_of(a.size)
+def _vm_rss(pid: int) -> int:
+    """The resident set of process `pid` now, bytes (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def bound(a: argparse.Namespace, stage: str, params: dict) -> int:
+    """The stated bound of a stage's peak RSS, bytes (`params`: the run's params.yaml)."""
+    h, inter, layers, _, _, _, _ = shape(a.size, a.layers)
+    shapes = shapes_of(a.size, a.layers)
     sizes = sorted((math.prod(s) for s in shapes.values()), reverse=True)
     block = sum(math.prod(s) for n, s in shapes.items() if n.startswith("model.layers.0."))
-    tokens = a.windows * a.window
+    cal = params["importance" if stage == "importance" else "equalize" if stage == "equalize" else "eval"]
+    tokens = cal["n_windows"] * cal["window"]
     boundaries = layers + 2 if stage == "importance" else 2
     acts = boundaries * tokens * h * 4
-    if stage == "importance":
-        acts = max(acts, 2 * a.hessian_windows * a.window * h * 4)
-    return 4 * (sizes[0] + sizes[1]) + 4 * block + acts + int(1.5 * GB)
+    base = 4 * (sizes[0] + sizes[1]) + 4 * block + acts + int(1.5 * GB)
+    imp = params["importance"]
+    if stage != "importance" or not imp["hessian_windows"] or imp["hessians"] != "all":
+        return base
+    # The Hessian pass is headless and drops the embedding while the blocks run: one block, the Hessian
+    # windows' activations in and out of it, and the block's Hessians and gains (a Llama block's distinct
+    # inputs: q/k/v, o, gate/up read h-wide inputs, down the intermediate).
+    hessian_pass = 4 * block + 2 * imp["hessian_windows"] * imp["window"] * h * 4 + int(1.5 * GB)
+    return max(base, hessian_pass + hessian_bytes([h, h, h, inter]))
+
+
+def hessian_bytes(inputs: list[int]) -> int:
+    """What the Hessians and gains of one block add to the importance stage's peak (every linear layer's
+    Hessian), bytes: the block's float64 accumulators (all windows and the even ones: 16 k^2 per distinct input
+    of width k, all alive until the block ends) and the gain of the widest input k: its held-out difference
+    (8 k^2), the float32 copy the errors are measured with (4 k^2), and factoring the fitted H in float64 (the
+    act-order permuted copy, the damped copy, its Cholesky factor, the inverse, the inverse's factor: 40 k^2)."""
+    return 16 * sum(k * k for k in inputs) + 52 * max(inputs) ** 2
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -254,32 +333,39 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     model = ensure_checkpoint(a)
     gen_s = time.perf_counter() - t0
-    n_params = sum(math.prod(s) for s in shapes_of(a.size).values())
-    work = a.dir / f"run-{a.size}"
+    n_params = sum(math.prod(s) for s in shapes_of(a.size, a.layers).values())
+    work = a.dir / ("run-" + checkpoint_folder(a).name.removeprefix("llama-"))
     work.mkdir(exist_ok=True)
     params = write_params(a, model, work)
     print(f"# {a.size}: {n_params / 1e9:.2f}B parameters, {model} (ready in {gen_s:.0f} s); params {params}")
-    eq = yaml.safe_load(params.read_text())["equalize"]
-    print(f"# windows: {a.windows} x {a.window} tokens per calibration/eval stage, {a.hessian_windows} Hessian "
-          f"windows; equalize grid {eq['grid']}, search_rows {eq['search_rows']}; targets {TARGETS}; "
-          f"threads {a.threads}; eval.dtype {yaml.safe_load(params.read_text())['eval'].get('dtype')}; "
-          f"env {env_note}")  # fmt: skip
+    run_params = yaml.safe_load(params.read_text())
+    eq, imp, ev = run_params["equalize"], run_params["importance"], run_params["eval"]
+    print(f"# windows (n x tokens): equalize {eq['n_windows']} x {eq['window']}, importance {imp['n_windows']} x "
+          f"{imp['window']} + {imp['hessian_windows']} Hessian windows ({imp['hessians']}), eval {ev['n_windows']} "
+          f"x {ev['window']}; equalize grid {eq['grid']}, search_rows {eq['search_rows']}, screen_rows "
+          f"{eq.get('screen_rows', 'default')}; pack.rounding {run_params['pack']['rounding']}; targets {TARGETS}; "
+          f"threads {a.threads}; eval.dtype {ev.get('dtype')}; env {env_note}")  # fmt: skip
     rows = []
     for stage in [s for s in a.stages.split(",") if s]:
         if stage not in STAGES:
             raise SystemExit(f"unknown stage {stage!r}; choose from {STAGES}")
         for cmd in commands(stage, params):
             label = stage + (f" {cmd[cmd.index('--target') + 1]}" if "--target" in cmd else "")
-            wall, rss, rc = run_measured(cmd)
-            b = bound(a, stage)
-            rows.append((label, wall, rss, b, rc))
-            print(f"{label:20s} wall {wall:8.1f} s  peak RSS {rss / GB:6.2f} GB  bound {b / GB:6.2f} GB  "
+            wall, cpu, rss, rc = run_measured(cmd)
+            b = bound(a, stage, run_params)
+            rows.append((label, wall, cpu, rss, b, rc))
+            print(f"{label:20s} wall {wall:8.1f} s  CPU {cpu:8.1f} s  peak RSS {rss / GB:6.2f} GB  bound {b / GB:6.2f} GB  "
                   f"{'OK' if rss <= b else 'OVER'}{'' if rc == 0 else f'  FAILED (exit {rc})'}", flush=True)  # fmt: skip
             if rc:
                 break
-    print("\n| stage | wall (s) | peak RSS (GB) | bound (GB) |\n|---|---|---|---|")
-    for label, wall, rss, b, rc in rows:
-        print(f"| {label} | {wall:.0f} | {rss / GB:.2f} | {b / GB:.2f} |" + ("" if rc == 0 else " failed |"))
+        if rows and rows[-1][-1]:
+            break  # a later stage needs this one's output
+    print("\n| stage | wall (s) | CPU (s) | peak RSS (GB) | bound (GB) |\n|---|---|---|---|---|")
+    for label, wall, cpu, rss, b, rc in rows:
+        print(
+            f"| {label} | {wall:.0f} | {cpu:.0f} | {rss / GB:.2f} | {b / GB:.2f} |"
+            + ("" if rc == 0 else " failed |")
+        )
 
 
 if __name__ == "__main__":

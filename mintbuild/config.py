@@ -264,6 +264,12 @@ class EqualizeConfig:
     #: error adds to the sum, so a sample ranks the exponents as all rows do, at a fraction of the cost on
     #: wide models); 0 = every row.
     search_rows: int = 4096
+    #: Rows per linear the screen measures every exponent on (a seeded sample of the search rows); the screen's
+    #: best is then walked to a local minimum on the search rows. 0 = every exponent on the search rows.
+    screen_rows: int = 256
+    #: A group whose screened error ratio is above 1 - skip_below keeps plain RTN (s = 1) without the rest of
+    #: the search: it cannot gain more than about this share of its output error.
+    skip_below: float = 0.01
     #: The quantizer the search measures (MLX affine bits / group).
     bits: int = 4
     group: int = 64

@@ -131,7 +131,8 @@ def fisher_pass(
     window's gradient of every parameter is exactly the whole model's (up to float summation order).
     """
     import torch
-    from tqdm import tqdm
+
+    from mintbuild.progress import track
 
     t0 = time.perf_counter()
     ids = [torch.tensor(w.ids, dtype=torch.long)[None] for w in windows]
@@ -164,10 +165,11 @@ def fisher_pass(
         losses.append(float(loss.detach()))
     per_window: dict[str, list[float]] = defaultdict(list)
     model.drop_outer()  # the walk down needs no embedding or head; the outer pass reads them again
-    for b in tqdm(reversed(range(model.n_blocks)), total=model.n_blocks, unit="block",
-                  desc="importance: backward", disable=not progress):  # fmt: skip
+    for b in track(reversed(range(model.n_blocks)), "importance: backward", "block", progress,
+                   total=model.n_blocks):  # fmt: skip
         _block_backward(model, b, saved.pop(), [c[b] for c in calls], grads, per_window, squares)
     model.reload_outer()
+    log.info("importance: the embedding's and the head's gradients, %d windows", len(ids))
     _outer_pass(model, ids, top, grads, per_window, squares)
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(w.ids) for w in windows)

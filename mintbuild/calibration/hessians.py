@@ -181,6 +181,8 @@ def measure(
 
     top, _ = forward_hidden(model, [w.ids for w in windows], progress, "hessians: blocks",
                             watch=watch if blocks else None)  # fmt: skip
+    log.info("hessians: the output head %s (%d x %d): its Hessian, then its GPTQ gains", name,
+             head.weight.shape[0], k)  # fmt: skip
     handle = head.register_forward_pre_hook(hook)
     try:
         with torch.inference_mode():
@@ -249,6 +251,7 @@ def compute_hessians(
     factors = FactorCache()  # the even windows' H is factored once for all the tensors that read its input
 
     def done(names: list[str], full: Any, even: Any) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
         held = full - even
         fac = factors.get(even, pack.damp)
         for n in names:
@@ -260,6 +263,8 @@ def compute_hessians(
             measured = pickable_options(w, options, veto_sqnr_db)
             gains[n] = {o.name: 1.0 for o in options}  # not measured: rounded to nearest, priced as such
             gains[n].update(rounding_gain(w, even, held, measured, pack.damp, pack.block, GAIN_ROWS, fac=fac))
+        log.info("hessians: GPTQ gains of %s (input %d wide) in %.1f s (%.1f CPU s)", ", ".join(names),
+                 full.shape[0], time.perf_counter() - t0, time.process_time() - c0)  # fmt: skip
 
     hessians = InputHessians(wanted, done, spill)
     with torch_settings(cfg.threads, cfg.seed):

@@ -324,7 +324,7 @@ def forward_hidden(
     `watch(l, block)` is entered around block l's run of every window and may yield a callable that is told
     each window's index before it runs (for hooks on the block's layers). Returns (outputs, per-window block
     calls). No graph is kept."""
-    from tqdm import tqdm
+    from mintbuild.progress import track
 
     with torch.no_grad():
         hidden, calls = [], []
@@ -334,7 +334,7 @@ def forward_hidden(
             calls.append(c)
         model.drop_outer()  # the walk needs no embedding or head: read again for the head after it
         try:
-            for i in tqdm(range(model.n_blocks), unit="block", desc=desc, disable=not progress):
+            for i in track(range(model.n_blocks), desc, "block", progress):
                 if keep is not None:
                     keep(i, hidden)
                 with model.block(i) as blk, (watch or _unwatched)(i, blk) as each:

@@ -191,12 +191,12 @@ def profile_gguf(
     tensor occupies in the file (padded to the alignment) and the error of ggml's quantize/dequantize with the
     tensor's imatrix weights (`imatrix`: an imatrix.ImatrixFile, or None), one tensor at a time."""
     import gguf
-    from tqdm import tqdm
 
     from mintbuild.formats import GGUF_PASSTHROUGH, gguf_option_set, gguf_padded
     from mintbuild.llamacpp.imatrix import quantize_weights
     from mintbuild.llamacpp.layout import quantized_header_bytes
     from mintbuild.llamacpp.names import gguf_to_hf, hf_to_gguf
+    from mintbuild.progress import progress as reporter
 
     opts = gguf_option_set(list(cfg.gguf_option_list) if cfg.gguf_option_list else cfg.gguf_options)
     reader = gguf.GGUFReader(str(gguf_path))
@@ -215,7 +215,7 @@ def profile_gguf(
     total = sum(int(t.n_elements) for t in tensors)
     n_layers = max((layer_index(n) for n in ckpt.names), default=-1) + 1
     t0 = time.perf_counter()
-    bar = tqdm(total=total, unit="param", unit_scale=True, disable=not progress, desc="profile gguf")
+    bar = reporter(total, "profile gguf", "param", progress, unit_scale=True)
     for i, t in enumerate(tensors):
         shape = tuple(int(s) for s in reversed(t.shape))
         source = t.tensor_type.name
@@ -280,6 +280,7 @@ def profile_gguf(
             "unavailable": reasons,
         })  # fmt: skip
         del x
+        bar.set_postfix_str(f"{i + 1}/{len(tensors)} tensors")
         bar.update(int(t.n_elements))
     bar.close()
     seconds = time.perf_counter() - t0

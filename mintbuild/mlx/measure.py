@@ -269,7 +269,7 @@ def tensor_meta(info: TensorInfo, role: str, opts: tuple[Option, ...]) -> tuple[
 
 
 def profile_checkpoint(ckpt: Checkpoint, cfg: ProfileConfig, progress: bool = True) -> Profile:
-    from tqdm import tqdm
+    from mintbuild.progress import progress as reporter
 
     opts = option_set(list(cfg.option_list) if cfg.option_list else cfg.options)
     rules = compile_rules([(r.role, r.pattern) for r in cfg.role_rules])
@@ -291,7 +291,7 @@ def profile_checkpoint(ckpt: Checkpoint, cfg: ProfileConfig, progress: bool = Tr
             meta["tied_to"] = ["lm_head.weight"] if tied and meta["role"] == "embedding" else []
             meta["last_layer"] = meta["layer"] == n_layers - 1 and meta["layer"] >= 0
         return _assemble(ckpt, cfg, opts, metas, hashes, cols, total, time.perf_counter() - t0)
-    bar = tqdm(total=total, unit="param", unit_scale=True, disable=not progress, desc="profile")
+    bar = reporter(total, "profile", "param", progress, unit_scale=True)
     # One helper thread hashes tensor i+1 while tensor i is measured: hashing is the first read of the
     # memory map, so it also takes the page faults (or the disk reads) off the measuring path.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profile-hash") as pool:
@@ -306,8 +306,8 @@ def profile_checkpoint(ckpt: Checkpoint, cfg: ProfileConfig, progress: bool = Tr
             meta["last_layer"] = meta["layer"] == n_layers - 1 and meta["layer"] >= 0
             metas.append(meta)
             hashes.append(digest)
-            bar.update(info.numel)
             bar.set_postfix_str(f"{i + 1}/{len(names)} tensors")
+            bar.update(info.numel)
     bar.close()
     seconds = time.perf_counter() - t0
     return _assemble(ckpt, cfg, opts, metas, hashes, cols, total, seconds)
