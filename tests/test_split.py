@@ -30,7 +30,7 @@ from mintbuild.llamacpp.build import run_tool
 from mintbuild.llamacpp.placement import PLACEMENT_FILE, override_rules
 from mintbuild.placement import CPU, EITHER, GPU, split_diff_rows, split_table, where_for
 from mintbuild.solve.split import solve_split
-from mintbuild.stages import allocate, importance, pack, profile, report
+from mintbuild.stages import allocate, importance, pack_gguf, profile_gguf, report
 from mintbuild.stages.convert import convert
 from tests.dvcrepo import write_text
 from tests.gguf_synth import SMOLLM2_VOCAB, TOKENIZER_FILES, smollm2_tokenizer
@@ -218,7 +218,7 @@ def moe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cal = ImportanceConfig(n_windows=2, window=64, seed=0, threads=1, hessian_windows=0)
     importance.run(model, corpus, cal, root / "importance", progress=False)
     cfg = ProfileConfig(gguf_option_list=OPTIONS)
-    profile.run_gguf(root / "convert", model, root / "importance", cfg, root / "profile_gguf", progress=False)
+    profile_gguf.run(root / "convert", model, root / "importance", cfg, root / "profile_gguf", progress=False)
     write_local_manifest(model, root / "equalize")
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     params.equalize.out, params.convert.out = str(root / "equalize"), str(root / "convert")
@@ -284,7 +284,7 @@ def test_tiny_moe_split_target_builds_and_llama_cpp_places_every_tensor(
     )
 
     out = Path(params.pack_out) / "s"
-    pack.run(params, ["s"], progress=False)
+    pack_gguf.run(params, ["s"])
     record = json.loads((out / PLACEMENT_FILE).read_text())
     cpu_names = {m for d in on["cpu"] for m in d["members"]}
     gpu_names = {m for d in on["gpu"] for m in d["members"]}

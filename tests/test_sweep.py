@@ -117,6 +117,10 @@ def _queue_repo(root: Path, profile: Path) -> Path:
     and a one-stage pipeline allocating every target from a committed tiny profile."""
     repo = root / "repo"
     shutil.copytree(ROOT / "conf", repo / "conf")
+    # conf/config.yaml's by_format resolver, which DVC's own composition loads as a Hydra plugin
+    shutil.copytree(
+        ROOT / "hydra_plugins", repo / "hydra_plugins", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copytree(profile, repo / "profile")
     cfg = yaml.safe_load((ROOT / "conf/config.yaml").read_text())
     cfg["defaults"] = [d for d in cfg["defaults"] if not (isinstance(d, dict) and "target@" in next(iter(d)))]
