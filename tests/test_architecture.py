@@ -170,11 +170,9 @@ def _status(repo: Path) -> dict[str, set[str]]:
     return {k: v for k, v in changed.items() if v}
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("library", ["mintbuild/calibration/windows.py", "mintbuild/artifacts/profile.py"])
-def test_editing_a_library_reruns_exactly_the_stages_that_import_it(tmp_path: Path, library: str) -> None:
-    """A real DVC repo holding this dvc.yaml and a lock whose code hashes are current: editing `library`
-    makes `dvc status` (what `dvc repro` acts on) flag exactly the stages whose code imports it."""
+def locked_repo(tmp_path: Path) -> Path:
+    """A real DVC repo holding this checkout's mintbuild/, dvc.yaml and params.yaml, with a lock whose code
+    hashes are current (nothing built)."""
     repo = tmp_path / "repo"
     shutil.copytree(PKG, repo / "mintbuild", ignore=shutil.ignore_patterns("__pycache__"))
     for f in ("dvc.yaml", "params.yaml"):
@@ -182,6 +180,15 @@ def test_editing_a_library_reruns_exactly_the_stages_that_import_it(tmp_path: Pa
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True,
                    env={**os.environ, "DVC_NO_ANALYTICS": "1"})  # fmt: skip
     (repo / "dvc.lock").write_text(yaml.safe_dump(built_lock(repo), sort_keys=False))
+    return repo
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("library", ["mintbuild/calibration/windows.py", "mintbuild/artifacts/profile.py"])
+def test_editing_a_library_reruns_exactly_the_stages_that_import_it(tmp_path: Path, library: str) -> None:
+    """A real DVC repo holding this dvc.yaml and a lock whose code hashes are current: editing `library`
+    makes `dvc status` (what `dvc repro` acts on) flag exactly the stages whose code imports it."""
+    repo = locked_repo(tmp_path)
     assert _status(repo) == {}
     with open(repo / library, "a") as f:
         f.write("\n# edited\n")
@@ -218,13 +225,7 @@ def test_a_backend_edit_reruns_no_target_of_the_other_format(
     """Real `dvc status` on this dvc.yaml and params.yaml (the default build: MLX targets and a GGUF target):
     editing a module of one backend flags stages of its own format (and the shared ones that import it), never
     an allocate, pack or evaluate of the other format's targets."""
-    repo = tmp_path / "repo"
-    shutil.copytree(PKG, repo / "mintbuild", ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / f, repo / f)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True,
-                   env={**os.environ, "DVC_NO_ANALYTICS": "1"})  # fmt: skip
-    (repo / "dvc.lock").write_text(yaml.safe_dump(built_lock(repo), sort_keys=False))
+    repo = locked_repo(tmp_path)
     with open(repo / library, "a") as f:
         f.write("\n# edited\n")
     flagged = set(_status(repo))
