@@ -338,3 +338,12 @@ def test_readme_lists_every_verb_with_its_help() -> None:
 
     rows = re.findall(r"^\| `([a-z-]+)` \| (.+) \|$", (ROOT / "README.md").read_text(), re.M)
     assert rows == list(VERBS.items())
+
+
+def test_the_default_llamacpp_cache_is_the_checkouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without $MINTBUILD_CACHE llama.cpp is built once into the checkout's .cache/mintbuild (the Makefile's
+    default too), wherever the backend's module sits in the package."""
+    from mintbuild.llamacpp.build import cache_root
+
+    monkeypatch.delenv("MINTBUILD_CACHE", raising=False)
+    assert cache_root() == ROOT / ".cache" / "mintbuild"

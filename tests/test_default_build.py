@@ -74,23 +74,14 @@ def read(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-#: Families whose default build does not finish yet, and why (a bug of its own, not this test's subject).
-KNOWN_FAILING = {
-    "qwen2_moe": "evaluate-gguf: mintbuild.llamacpp.source maps no stacked-expert tensor "
-    "(mlp.experts.gate_up_proj / down_proj) to the GGUF's ffn_*_exps: the GGUF is packed but not scored",
-}
-
-
-#: Run by `make test` (CI): one family whose default targets fall below its floor and one llama.cpp's converter
-#: refuses; every family runs with `make test-nightly` (one build is minutes, too many for CI's budget).
-IN_CI = {"gemma3_text", "phi3"}
+#: Run by `make test` (CI): a mixture of experts whose GGUF default target falls below its floor (scored through
+#: the stacked-expert GGUF mapping) and one llama.cpp's converter refuses; every family runs with
+#: `make test-nightly` (one build is minutes, too many for CI's budget).
+IN_CI = {"qwen2_moe", "phi3"}
 
 
 def _marks(family: str) -> list[pytest.MarkDecorator]:
-    marks = [] if family in IN_CI else [pytest.mark.nightly]
-    if family in KNOWN_FAILING:
-        marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILING[family]))
-    return marks
+    return [] if family in IN_CI else [pytest.mark.nightly]
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=_marks(f)) for f in sorted(FAMILIES)])

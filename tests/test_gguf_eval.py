@@ -183,6 +183,53 @@ def test_tied_head_falls_back_to_the_embedding(families: dict[str, dict[str, Pat
     assert torch.equal(head, src.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"])
 
 
+def test_stacked_experts_read_back_the_checkpoint(
+    smollm_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A mixture of experts (qwen2_moe): transformers' stacked `experts.gate_up_proj` [E, 2I, H] and
+    `experts.down_proj` [E, H, I] come from the converter's merged ffn_{gate,up,down}_exps. Oracle: the
+    checkpoint's per-expert tensors, stacked here by hand (gate rows then up rows per expert); every other
+    parameter is the checkpoint's as stored, the shared-expert gate in the model's [1, H] shape. A Q4_K_M file
+    reads the same tensors as gguf-py dequantizes them."""
+    from gguf import dequantize
+
+    from .gguf_synth import tiny_family_convertible
+
+    root = tmp_path_factory.mktemp("qwen2_moe")
+    hf = tiny_family_convertible(root / "hf", "qwen2_moe", smollm_tokenizer)
+    bf16 = to_gguf(hf, root / "bf16.gguf")
+    cfg = json.loads((hf / "config.json").read_text())
+    src = GGUFSource(bf16, cfg)
+    ckpt = CheckpointSource(hf)
+    stored = ckpt.ckpt.names
+    n_experts, stacked = cfg["num_experts"], 0
+    for name, shape in src._shapes.items():
+        got = src.read([name])[name]
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            stem, kind = name.rsplit(".", 1)
+            parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+            want = torch.stack([
+                torch.cat([ckpt.read([f"{stem}.{e}.{p}.weight"])[f"{stem}.{e}.{p}.weight"] for p in parts])
+                for e in range(n_experts)
+            ])  # fmt: skip
+            stacked += 1
+        else:
+            assert name in stored, name
+            want = ckpt.read([name])[name]
+        assert tuple(got.shape) == shape == tuple(want.shape), name
+        assert torch.equal(got.float(), want.float()), name
+    assert stacked == 2 * cfg["num_hidden_layers"]
+    assert src.parts["model.layers.0.mlp.experts.gate_up_proj"] == (
+        "blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight",
+    )  # fmt: skip
+    q4 = GGUFSource(quantize(bf16, root / "q4.gguf"), cfg)
+    raw = {t.name: t for t in q4.reader.tensors}
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    ref = np.concatenate([dequantize(raw[g].data, raw[g].tensor_type) for g in q4.parts[name]], axis=1)
+    assert {raw[g].tensor_type.name for g in q4.parts[name]} != {"BF16"}
+    assert np.array_equal(q4.read([name])[name].float().numpy(), ref.astype(np.float32))
+
+
 def test_a_gguf_the_architecture_does_not_fit_is_refused(families: dict[str, dict[str, Path]]) -> None:
     """gemma3's GGUF (q/k norms, four norms per block) read as a llama: one line naming the file and tensors."""
     f = families["gemma3_text"]

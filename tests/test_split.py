@@ -321,3 +321,85 @@ def test_mlx_split_target_is_refused_in_one_line() -> None:
     with pytest.raises(MintError, match="unified memory") as e:
         solve_placement(None, t, "m", "mlx")
     assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.e2e
+def test_a_split_target_builds_through_dvc_repro(tmp_path: Path) -> None:
+    """The user's path: a split target in params, `dvc repro` (convert, imatrix, GGUF profile, split allocate,
+    pack with its -ot rules, evaluate). Held to the byte on the file itself: the GGUF's tensors planned for the
+    GPU fit the GPU's weight budget, and everything else in the file (RAM-resident through the mmap: CPU
+    tensors, header, padding) fits the CPU's; llama.cpp places exactly the plan; the target is scored; a second
+    repro runs nothing."""
+    import gguf
+    from safetensors import safe_open
+
+    from .dvcrepo import make_repo, ran, sh, tiny_params
+
+    model = _tiny_qwen2_moe(tmp_path / "model", smollm2_tokenizer(tmp_path / "tokenizer"))
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        names = list(f.keys())  # a safetensors handle is not iterable
+        total = sum(2 * math.prod(f.get_slice(k).get_shape()) for k in names)
+    gpu, cpu, kv = int(total * 0.25), int(total * 0.45), 2 * 2 * 2 * 64 * 256 * 2
+    target = {"memory": {"gpu": f"{gpu + kv}B", "cpu": f"{cpu}B"}, "kv_context": 256,
+              "placement": "experts_on_cpu", "formats": ["gguf"]}  # fmt: skip
+    params = tiny_params(model, write_text(tmp_path / "text.txt", docs=12, words=400), {"s": target})
+    params["convert"]["enabled"] = True
+    params["equalize"]["method"] = "none"  # the GGUF path is under test: the cheapest MLX-side calibration
+    params["profile"]["option_list"] = ["q8g64"]
+    params["importance"]["hessian_windows"] = 0
+    repo = make_repo(tmp_path / "repo", params)
+
+    first = ran(sh(repo, "dvc", "repro"))
+    assert {"convert", "profile_gguf", "allocate_gguf@s", "pack_gguf@s", "evaluate_gguf@s"} <= first
+    alloc = json.loads((repo / "artifacts/allocate/s/allocation.json").read_text())
+    assert alloc["split"]["gpu"]["budget"] == gpu and alloc["split"]["cpu"]["budget"] == cpu
+    out = repo / "artifacts/pack/s"
+    record = json.loads((out / PLACEMENT_FILE).read_text())
+    sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    on_gpu = sum(sizes[n] for n in record["gpu_tensors"])
+    assert set(record["gpu_tensors"]) | set(record["cpu_tensors"]) == set(sizes)
+    assert 0 < on_gpu == alloc["split"]["gpu"]["bytes"] <= gpu
+    assert 0 < (out / "model.gguf").stat().st_size - on_gpu <= cpu
+    assert {n for n in sizes if "_exps" in n} <= set(record["cpu_tensors"])
+    loaded, over = _loaded_overrides(out / "model.gguf", record["override_tensor"])
+    assert set(sizes) <= loaded and over == set(record["cpu_tensors"])
+    metrics = json.loads((repo / "artifacts/evaluate/s/metrics.json").read_text())
+    assert math.isfinite(metrics["ppl_mean"]) and math.isfinite(metrics["llama_perplexity"]["ppl"])
+    assert "gpu" in (repo / "artifacts/report/report.md").read_text()
+    assert ran(sh(repo, "dvc", "repro")) == set()
+
+
+@pytest.mark.e2e
+def test_a_tied_head_stays_on_the_cpu_with_the_embedding(tmp_path: Path) -> None:
+    """A tied model's GGUF has no output.weight: llama.cpp loads token_embd a second time as the output head,
+    under the same name. The cpu rule the plan writes for token_embd (a runtime pin) overrides both loads, so no
+    copy of it reaches the GPU side (nothing to charge there) and the cpu side holds the one mmap'd tensor.
+    Control: without the rule neither load is overridden."""
+    import gguf
+
+    from mintbuild.artifacts.convert import GGUF_FILE
+    from mintbuild.llamacpp.placement import override_rules
+
+    from .gguf_synth import tiny_convertible
+
+    model = tiny_convertible(tmp_path / "model", smollm2_tokenizer(tmp_path / "tokenizer"))
+    convert(model, ConvertConfig(), tmp_path / "convert")
+    path = tmp_path / "convert" / GGUF_FILE
+    names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names
+
+    def loads(rules: list[str]) -> tuple[int, int]:
+        """(loads of token_embd, of them overridden to CPU); llama-completion may load the model more than once."""
+        args = ["-m", path, "-ngl", "99", "-n", "1", "-p", "hi", "-lv", "5", "--no-warmup", "-no-cnv"]
+        log = run_tool("llama-completion", args + (["-ot", ",".join(rules)] if rules else []))
+        text = (log.stdout or "") + (log.stderr or "")
+        heads = text.count("loading tensor output.weight")  # asked for, then token_embd loaded in its place
+        embd = text.count("loading tensor token_embd.weight")
+        assert heads >= 1 and embd == 2 * heads
+        over = re.findall(r"tensor (\S+) \([^)]*\) buffer type overridden to CPU", text)
+        assert set(over) <= {"token_embd.weight"}
+        return embd, len(over)
+
+    embd, over = loads([f"{r}=CPU" for r in override_rules(["token_embd.weight"])])
+    assert over == embd  # both copies, every load
+    assert loads([])[1] == 0

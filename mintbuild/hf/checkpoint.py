@@ -333,14 +333,14 @@ def tied_lm_head(ckpt: Checkpoint) -> str | None:
 
 #: A stacked MoE expert parameter of transformers' model classes; checkpoints store it one tensor per expert
 #: (`...experts.<e>.gate_proj.weight`, `up_proj`, `down_proj`), which transformers and mlx-lm stack on load.
-_STACKED = re.compile(r"^(?P<stem>.+\.experts)\.(?P<what>gate_up_proj|down_proj)$")
+STACKED_EXPERTS = re.compile(r"^(?P<stem>.+\.experts)\.(?P<what>gate_up_proj|down_proj)$")
 
 
 def expert_parts(name: str, has: Callable[[str], bool]) -> list[list[str]] | None:
     """For a stacked expert parameter (`...experts.gate_up_proj` [E, 2I, H], `...experts.down_proj` [E, H, I])
     that the checkpoint stores per expert: per expert, the checkpoint tensors concatenated along dim 0 to make
     its slice (gate then up, as the model chunks them; down alone). None when `name` is not one."""
-    m = _STACKED.match(name)
+    m = STACKED_EXPERTS.match(name)
     if not m:
         return None
     parts = ("gate_proj", "up_proj") if m["what"] == "gate_up_proj" else ("down_proj",)

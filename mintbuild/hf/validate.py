@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from mintbuild.errors import MintError
-from mintbuild.hf.checkpoint import Checkpoint, open_checkpoint
+from mintbuild.hf.checkpoint import STACKED_EXPERTS, Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
 
-_STACKED = re.compile(r"^(?P<stem>.+\.experts)\.(?P<what>gate_up_proj|down_proj)$")
 #: Tensors older exports carry that no model reads (transformers ignores them on load).
 _ALWAYS_IGNORED = (re.compile(r"rotary_emb\.inv_freq$"),)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -67,7 +66,7 @@ def expected_shapes(model: Any, stored: set[str]) -> dict[str, list[int]]:
     for name, tensor in model.state_dict().items():
         if name == head:
             continue
-        m = _STACKED.match(name)
+        m = STACKED_EXPERTS.match(name)
         if m and tensor.ndim == 3 and name not in stored:
             n_exp, rows, cols = _shape(tensor.shape)
             parts = ("gate_proj", "up_proj") if m["what"] == "gate_up_proj" else ("down_proj",)

@@ -137,7 +137,7 @@ class Paths:
 def cache_root() -> Path:
     """$MINTBUILD_CACHE, else `.cache/mintbuild` under the checkout."""
     env = os.environ.get("MINTBUILD_CACHE")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / ".cache" / "mintbuild"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / ".cache" / "mintbuild"
 
 
 def build_name() -> str:

@@ -7,6 +7,10 @@ layout the way transformers loads a GGUF (transformers.modeling_gguf_pytorch_uti
 per-family inverse transforms (llama's Q/K rows un-permuted; Gemma's norms stored as 1 + w, so w = stored - 1).
 Values are float32 (what ggml computes with), or bfloat16 for BF16 tensors (exact either way).
 
+Stacked expert parameters (transformers' `...experts.gate_up_proj` [E, 2I, H] and `...experts.down_proj`
+[E, H, I]) read the converter's merged tensors: gate_up is `ffn_gate_exps` then `ffn_up_exps` concatenated along
+the rows, as transformers' Qwen2-MoE GGUF loader interleaves them; down is `ffn_down_exps` as stored.
+
 llama.cpp uses token_embd as the output head when the file has no output.weight, so does this source. A model
 whose parameters the file does not cover, or a file tensor the model has no place for, is refused up front with
 the names: that is an architecture this evaluator cannot build from this GGUF.
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from mintbuild.errors import MintError
+from mintbuild.hf.checkpoint import STACKED_EXPERTS
 from mintbuild.llamacpp import ggml
 
 log = logging.getLogger(__name__)
@@ -69,8 +74,8 @@ def hf_to_gguf_names(params: Sequence[str], architecture: str, n_blocks: int, pa
     out = {}
     for name in params:
         stem, dot, suffix = name.rpartition(".")
-        if suffix not in ("weight", "bias"):
-            stem, dot, suffix = name, "", ""
+        if suffix not in ("weight", "bias"):  # a bare parameter (a stacked expert tensor) is a weight
+            stem, dot, suffix = name, ".", "weight"
         parts = stem.split(".")
         for i in range(len(parts)):
             g = name_map.get_name(".".join(parts[i:]))
@@ -78,6 +83,14 @@ def hf_to_gguf_names(params: Sequence[str], architecture: str, n_blocks: int, pa
                 out[name] = g + dot + suffix
                 break
     return out
+
+
+def _fused_experts(params: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """{stacked `...experts.gate_up_proj`: its gate and up parts under the converter's per-kind names}."""
+    return {
+        n: (f"{m['stem']}.gate_proj", f"{m['stem']}.up_proj")
+        for n in params if (m := STACKED_EXPERTS.match(n)) and m["what"] == "gate_up_proj"
+    }  # fmt: skip
 
 
 class GGUFSource:
@@ -111,11 +124,22 @@ class GGUFSource:
         model_type = self.config.get("model_type")
         self._check_hparams(model.config)
         params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+        fused = _fused_experts(params)
         to_gguf = hf_to_gguf_names(
-            params, self.architecture, int(self.config["num_hidden_layers"]), self.path
-        )
+            [*params, *(p for ps in fused.values() for p in ps)], self.architecture,
+            int(self.config["num_hidden_layers"]), self.path,
+        )  # fmt: skip
         wanted = set(params)
-        self.names: dict[str, str] = {hf: g for hf, g in to_gguf.items() if g in self._tensors}
+        #: the GGUF tensors concatenated (along the rows) into a fused HF parameter, in order
+        self.parts: dict[str, tuple[str, ...]] = {
+            hf: tuple(to_gguf[p] for p in ps) for hf, ps in fused.items()
+            if all(to_gguf.get(p) in self._tensors for p in ps)
+        }  # fmt: skip
+        self.names: dict[str, str] = {
+            hf: g for hf, g in to_gguf.items() if g in self._tensors and hf in wanted
+        }
+        self.names.update({hf: gs[0] for hf, gs in self.parts.items()})
         head = next((hf for hf, g in to_gguf.items() if g == OUTPUT), None)
         if head and head not in self.names and TOKEN_EMBD in self._tensors:
             self.names[head] = TOKEN_EMBD  # llama.cpp's fallback: the embedding is the output head
@@ -129,7 +153,7 @@ class GGUFSource:
                 f"{self.path}: the {model_type} architecture needs {len(missing)} tensor(s) this "
                 f"{self.architecture} GGUF does not provide under gguf-py's names, e.g. {missing[:3]}"
             )
-        used = set(self.names.values())
+        used = set(self.names.values()).union(*self.parts.values())
         extra = sorted(g for g in self._tensors if g not in used and g not in NOT_WEIGHTS)
         if extra:
             raise MintError(
@@ -191,7 +215,21 @@ class GGUFSource:
         return buf
 
     def _read(self, name: str) -> torch.Tensor:
-        g = self.gguf_name(name)
+        if name in self.parts:  # a fused stacked-expert parameter: [E, rows, cols] parts, rows concatenated
+            out = torch.cat([self._read_gguf(g) for g in self.parts[name]], dim=1)
+        else:
+            out = self._read_gguf(self.gguf_name(name))
+        # the model's shape where only unit dimensions differ (a gate vector stored 1-D or 2-D, to which
+        # transformers' processor adds one)
+        want = self._shapes.get(name, tuple(out.shape))
+        if tuple(out.shape) != want and math.prod(want) == out.numel():
+            out = out.reshape(want)
+        if tuple(out.shape) != want:
+            raise MintError(f"{self.path}: tensor {self.names[name]} has shape {list(out.shape)}, "
+                            f"the model's {name} {list(want)}")  # fmt: skip
+        return out
+
+    def _read_gguf(self, g: str) -> torch.Tensor:
         t = self._tensors[g]
         kind = t.tensor_type.name
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # ggml lists ne[0] (the row) first
