@@ -20,10 +20,8 @@ neither its DVC params nor its outputs: the cluster is chosen by the environment
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import platform
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -32,8 +30,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from mintbuild import __version__
 from mintbuild.errors import MintError
+from mintbuild.node_report import node_report, report_difference
 
 #: Environment variable choosing the executor: unset/"local" (in process) or "ray".
 ENV_CLUSTER = "MINTBUILD_CLUSTER"
@@ -42,9 +40,6 @@ ENV_CLUSTER = "MINTBUILD_CLUSTER"
 ENV_TIMINGS = "MINTBUILD_CLUSTER_TIMINGS"
 #: Retries of a task whose worker or node died (default 3, Ray's own default made explicit).
 ENV_RETRIES = "MINTBUILD_CLUSTER_RETRIES"
-#: TEST ONLY: a version string the node report gives instead of mintbuild's own, so that a test can start a
-#: node that looks like another release and check that the cluster is refused. Never set it on a real node.
-ENV_TEST_VERSION = "MINTBUILD_TEST_VERSION_OVERRIDE"
 #: TEST ONLY: seconds every task waits before its work (read on the driver), so that a test can kill a worker
 #: while it holds a task. Never set it for a real build.
 ENV_TEST_DELAY = "MINTBUILD_TEST_TASK_DELAY"
@@ -52,24 +47,6 @@ CHOICES = ("local", "ray")
 DEFAULT_TIMINGS = Path("artifacts/.cluster")
 #: Seconds a node may take to answer the version probe (a fresh worker imports nothing heavy for it).
 PROBE_TIMEOUT = 120.0
-
-#: Libraries whose version can change a result's bits (mlx only where installed).
-LIBRARIES = ("torch", "numpy", "numba", "llvmlite", "transformers", "gguf", "safetensors", "mlx")
-#: /proc/cpuinfo flags that steer torch's, oneDNN's, MKL's, numpy's and numba's kernel dispatch.
-DISPATCH_FLAGS = frozenset({
-    "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-    "avx512cd", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx512vbmi", "amx_tile", "amx_bf16", "amx_int8",
-    "asimd", "sve", "sve2",
-})  # fmt: skip
-#: Variables that force one dispatch (DESIGN.md section 2): a node that sets them differently computes other
-#: bits even on the same CPU.
-DISPATCH_ENV = (
-    "ATEN_CPU_CAPABILITY",
-    "ONEDNN_MAX_CPU_ISA",
-    "MKL_CBWR",
-    "NPY_DISABLE_CPU_FEATURES",
-    "NUMBA_CPU_NAME",
-)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -202,74 +179,6 @@ def batches(weights: Sequence[int], parts: int) -> list[range]:
             start = i + 1
     out.append(range(start, n))
     return [r for r in out if len(r)]
-
-
-# ---------------------------------------------------------------- what a node reports
-
-
-@cache
-def source_hash() -> str:
-    """sha256 over the mintbuild package's .py files (relative path and bytes, in path order)."""
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0")
-        h.update(path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
-def cpu_flags() -> list[str]:
-    """The dispatch-relevant flags of this CPU (from /proc/cpuinfo; empty where it is not readable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    m = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.MULTILINE)
-    return sorted(set(m.group(1).split()) & DISPATCH_FLAGS) if m else []
-
-
-def node_report() -> dict[str, str]:
-    """What must be equal on every node for a task's bytes to be this machine's: mintbuild's version and
-    source hash, Python's and the numeric libraries' versions, the CPU's dispatch flags and the variables that
-    force a dispatch. Reads package metadata only (imports none of the libraries)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    report = {
-        "mintbuild": os.environ.get(ENV_TEST_VERSION) or __version__,
-        "mintbuild source": source_hash(),
-        "python": platform.python_version(),
-    }
-    for lib in LIBRARIES:
-        try:
-            report[lib] = version(lib)
-        except PackageNotFoundError:
-            report[lib] = "absent"
-    report["cpu flags"] = " ".join(cpu_flags())
-    for var in DISPATCH_ENV:
-        report[var] = os.environ.get(var, "")
-    return report
-
-
-def report_difference(mine: dict[str, str], theirs: dict[str, str]) -> list[str]:
-    """Human-readable differences of a node's report from this machine's ('key theirs != mine')."""
-    out = []
-    for key in sorted(set(mine) | set(theirs)):
-        a, b = mine.get(key, "absent"), theirs.get(key, "absent")
-        if a == b:
-            continue
-        if key == "cpu flags":
-            extra = sorted(set(b.split()) - set(a.split()))
-            missing = sorted(set(a.split()) - set(b.split()))
-            parts = ([f"has {' '.join(extra)}"] if extra else []) + (
-                [f"lacks {' '.join(missing)}"] if missing else []
-            )
-            out.append(f"cpu flags: {'; '.join(parts)}")
-        else:
-            out.append(f"{key} {b or '(unset)'} != {a or '(unset)'}")
-    return out
-
-
-# ---------------------------------------------------------------- Ray
 
 
 def _probe() -> tuple[dict[str, str], str]:

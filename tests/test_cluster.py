@@ -22,15 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from mintbuild.cluster import (
-    ENV_CLUSTER,
-    ENV_TEST_DELAY,
-    ENV_TEST_VERSION,
-    ENV_TIMINGS,
-    batches,
-    node_report,
-    report_difference,
-)
+from mintbuild.cluster import ENV_CLUSTER, ENV_TEST_DELAY, ENV_TIMINGS, batches
+from mintbuild.node_report import ENV_TEST_VERSION, node_report, report_difference
 
 from .dvcrepo import ENV, make_repo, out_hashes, ran, sh, tiny_params, write_text
 from .synth import tiny_llama
