@@ -48,7 +48,8 @@ PENDING_BYTES = 64 << 30
 #: importance.hessians: every linear layer, or the output head only (an 8B's per-layer Hessians are ~33 GB).
 SCOPES = ("all", "head")
 
-#: done(weight names sharing the input, H over all windows, H over the even-numbered ones)
+#: done(weight names sharing the input, H over all windows (kept already: done may overwrite it), H over the
+#: even-numbered ones)
 Done = Callable[[list[str], Any, Any], None]
 
 
@@ -127,11 +128,13 @@ class InputHessians:
         self.parity, self._last = index % 2, None
 
     def finish(self) -> None:
-        """Hand every open Hessian to `done` and keep it in float32."""
-        for key, (full, even) in sorted(self._acc.items()):
-            self.done(sorted(n for n, k in self.key_of.items() if k == key), full, even)
+        """Keep every open Hessian in float32, then hand it to `done` (which may overwrite `full`: it is kept),
+        freeing each input's accumulators before the next input's gains."""
+        for key in sorted(self._acc):
+            full, even = self._acc.pop(key)
             self.kept.put(key, full)
-        self._acc.clear()
+            self.done(sorted(n for n, k in self.key_of.items() if k == key), full, even)
+            del full, even
         self._last = None
 
     @contextlib.contextmanager
@@ -259,7 +262,8 @@ def compute_hessians(
 
     def done(names: list[str], full: Any, even: Any) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
-        held = full - even
+        with torch.inference_mode():  # the accumulators may be inference tensors (the head's pass)
+            held = full.sub_(even)  # `full` is kept already: the held-out tokens' H takes its place
         measured: dict[str, list[Any]] = {}
         for n in names:
             shape = tuple(ckpt.tensors[n].shape)
