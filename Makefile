@@ -58,7 +58,7 @@ test: setup lint llamacpp
 ## test-fast: the unit tests only (about two minutes): every test marked e2e (the real model, DVC, llama.cpp,
 ## mlx-lm or over ~5 s) is skipped; `make test` runs them
 test-fast: setup llamacpp
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m "not e2e" --durations=10
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -n 2 -m "not e2e" --durations=10
 
 ## test-nightly: the builds too long for CI (every family's default build through dvc repro; ~5 min each)
 test-nightly: setup llamacpp

@@ -316,11 +316,16 @@ def bound(a: argparse.Namespace, stage: str, params: dict) -> int:
 
 def hessian_bytes(inputs: list[int]) -> int:
     """What the Hessians and gains of one block add to the importance stage's peak (every linear layer's
-    Hessian), bytes: the block's float64 accumulators (all windows and the even ones: 16 k^2 per distinct input
-    of width k, all alive until the block ends) and the gain of the widest input k: its held-out difference
-    (8 k^2), the float32 copy the errors are measured with (4 k^2), and factoring the fitted H in float64 (the
-    act-order permuted copy, the damped copy, its Cholesky factor, the inverse, the inverse's factor: 40 k^2)."""
-    return 16 * sum(k * k for k in inputs) + 52 * max(inputs) ** 2
+    Hessian), bytes. While the block's windows run: two float64 accumulators per distinct input of width k
+    (all windows and the even ones, 16 k^2 each) and one window's product x^T x in float32 and float64 (12 k^2,
+    the widest input's at most). Then the inputs are finished narrowest first, each one's
+    accumulators freed before the next: input i's gains run with the accumulators of i and the inputs after it
+    alive (16 k_j^2 each, the held-out H taken in place of the full one) plus its working set: the float32
+    held-out copy (4 k^2), the factor's float64 buffer (8 k^2) and its float32 result (4 k^2), 16 k_i^2 in all.
+    The widest input's gains thus run alone: 32 k_max^2."""
+    ks = sorted(inputs)
+    walk = 16 * sum(k * k for k in ks) + 12 * ks[-1] ** 2
+    return max(walk, *(16 * sum(k * k for k in ks[i:]) + 16 * ks[i] ** 2 for i in range(len(ks))))
 
 
 def main(argv: list[str] | None = None) -> None:
