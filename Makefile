@@ -55,7 +55,7 @@ build: setup llamacpp
 test: setup lint llamacpp
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -n 2 --dist loadfile --durations=15 -m "not nightly"
 
-## test-fast: the unit tests only (about two minutes): every test marked e2e (the real model, DVC, llama.cpp,
+## test-fast: the unit tests only (about three minutes on 2 cores): every test marked e2e (the real model, DVC, llama.cpp,
 ## mlx-lm or over ~5 s) is skipped; `make test` runs them
 test-fast: setup llamacpp
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -n 2 -m "not e2e" --durations=10

@@ -119,7 +119,7 @@ class InProcess:
         label: str = "tasks",
         progress: bool = True,
     ) -> list[R]:
-        return [fn(item) for item in items]
+        return self.submit(fn, items, resources, label, progress)()
 
     def submit(
         self,
