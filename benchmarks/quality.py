@@ -373,7 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     params = load_params(args.params)
     with tempfile.TemporaryDirectory(prefix="mintbuild-quality-") as tmp:
         bench, model_dir = setup(params, Path(tmp), args.windows)
-        rows = [baseline_row(bench, model_dir)]
+        rows = [baseline_row(bench, model_dir, args.baseline)]
         refs = reference_rows(bench, model_dir, args.refs.split(","), rows)
         rows += refs
         peers = parse_peers(args.peers, refs)
@@ -387,12 +387,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(row)
                 log.info("  %-40s %s  PPL %.3f  %s", label, format_size(row.bytes), row.ppl_mean, row.note)
         measured, gguf_settings = quality_gguf.gguf_rows(
-            bench, quality_gguf.parse_mixes(args.gguf), solver_config(params.solver, "exact", "fisher")
+            bench,
+            quality_gguf.parse_mixes(args.gguf),
+            solver_config(params.solver, "exact", "fisher"),
+            args.gguf_scorer,
         )
         rows += [gguf_row(bench, m) for m in measured]
     seconds = time.perf_counter() - t_start
     st = {**settings(bench, args), "blas": blas, **({"gguf": gguf_settings} if gguf_settings else {})}
-    return {"rows": rows, "seconds": seconds, "settings": st, "gguf_goals": quality_gguf.goals(rows)}
+    l16 = gguf_settings.get("llama_perplexity_16bit", {}).get("ppl", math.nan)
+    return {"rows": rows, "seconds": seconds, "settings": st, "gguf_goals": quality_gguf.goals(rows, l16)}
 
 
 def gguf_row(bench: Bench, m: quality_gguf.Measured) -> Row:
@@ -400,13 +404,17 @@ def gguf_row(bench: Bench, m: quality_gguf.Measured) -> Row:
                m.ppl_mean, m.ppl_median, m.seconds, m.note, m.extra, format="gguf", llama_ppl=m.llama_ppl)  # fmt: skip
 
 
-def baseline_row(bench: Bench, model_dir: Path) -> Row:
+def baseline_row(bench: Bench, model_dir: Path, score: bool = True) -> Row:
+    """The 16-bit model's row (its PPL NaN when not `score`d: `--no-baseline`)."""
     t0 = time.perf_counter()
     weights = resolve_weights_dir(model_dir)
-    model = load_baseline(weights, torch.float32)
-    s, _ = perplexity(model, bench.tokens, bench.windows, progress=False)
-    row = Row("16-bit", "16-bit", "", weights_bytes(weights), 16.0, s["ppl_mean"], s["ppl_median"],
-              format="safetensors")  # fmt: skip
+    mean = median = math.nan
+    if score:
+        model = load_baseline(weights, torch.float32)
+        s, _ = perplexity(model, bench.tokens, bench.windows, progress=False)
+        mean, median = s["ppl_mean"], s["ppl_median"]
+        del model
+    row = Row("16-bit", "16-bit", "", weights_bytes(weights), 16.0, mean, median, format="safetensors")
     row.seconds = time.perf_counter() - t0
     log.info("16-bit: %s, PPL %.3f", format_size(row.bytes), row.ppl_mean)
     return row
@@ -535,7 +543,7 @@ def markdown(result: dict[str, Any]) -> str:
         "allocated at the reference's bytes, packed by `mintbuild pack` (rounding: "
         f"{st.get('pack_rounding', 'rtn')}) and never larger on disk (checked).",
         "",
-        f"16-bit: {format_size(base.bytes)}, mean PPL {base.ppl_mean:.3f}.",
+        f"16-bit: {format_size(base.bytes)}, mean PPL {_f(base.ppl_mean)}.",
         "",
         *peer_note(rows, st),
         *mlx_section(rows),
@@ -598,7 +606,8 @@ def plot(rows: list[Row], path: Path) -> None:
         pts = sorted((r.bytes / 1e6, r.ppl_mean) for r in rows if r.series == s and r.bytes)
         if pts:
             ax.plot(*zip(*pts, strict=True), marker=styles[i % len(styles)], ls="-", alpha=0.8, label=s)
-    ax.axhline(rows[0].ppl_mean, color="gray", ls="--", label="16-bit")
+    if math.isfinite(rows[0].ppl_mean):
+        ax.axhline(rows[0].ppl_mean, color="gray", ls="--", label="16-bit")
     ax.set_xlabel("weights on disk (MB)")
     ax.set_ylabel("perplexity (mean over tokens)")
     ax.set_yscale("log")
@@ -635,6 +644,16 @@ def main(argv: list[str] | None = None) -> None:
                     "awq,gptq,dynamic_quant[@bits/weight] (bare: at each reference's), or none")  # fmt: skip
     ap.add_argument("--gguf", default=",".join(quality_gguf.DEFAULT_MIXES), help="llama.cpp stock mixes as "
                     "GGUF rows (each with the imatrix and without, mintbuild at each file's bytes), or none")  # fmt: skip
+    ap.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="score the 16-bit "
+        "model with our evaluator (--no-baseline: skip it, e.g. for GGUF rows scored by llama alone)",
+    )
+    ap.add_argument("--gguf-scorer", choices=quality_gguf.SCORERS, default="both", help="both: every GGUF by our "
+                    "evaluator and by llama-perplexity; llama: llama-perplexity alone (minutes per GGUF of a 1B+ "
+                    "model instead of ~10 min)")  # fmt: skip
     ap.add_argument("--out", default="artifacts/quality", help="output folder (default: artifacts/quality)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

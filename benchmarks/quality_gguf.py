@@ -63,6 +63,14 @@ OURS_SERIES = "mintbuild GGUF (exact, fisher)"
 SERIES = (*STOCK_SERIES.values(), OURS_SERIES)
 #: Goal of issue 17: mintbuild's PPL below the stock mix's at its size by at least this fraction.
 GOALS = {"Q3_K_M": 0.08, "Q4_K_M": 0.03}
+#: Goal of issue 31: at Q3_K_M's size and below, mintbuild removes at least this share of the stock mix's
+#: quantization loss (its PPL over the 16-bit model's): (stock - mintbuild) / (stock - 16-bit).
+SHARE_GOAL = 0.5
+SHARE_GOAL_MIXES = frozenset({"Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "IQ3_S", "IQ3_M", "IQ3_XS", "IQ3_XXS"})
+#: How each GGUF is scored: "both" (our evaluator on the benchmark's windows, and llama-perplexity with ours on
+#: its chunks) or "llama" (llama-perplexity alone: our float32 evaluator takes ~10 min per GGUF of a 1.5B model
+#: at 16 x 512 tokens on 2 cores, llama-perplexity a few).
+SCORERS = ("both", "llama")
 #: llama-quantize's per-tensor warning when a row is not a multiple of the type's block (it then stores another
 #: type): "ncols 576 not divisible by 256 (required for type q3_K)".
 _FALLBACK = re.compile(r"ncols\s+\d+ not divisible by\s+\d+ \(required for type\s+(\w+)\)")
@@ -257,24 +265,42 @@ def quantized_types(types: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in types.items() if k != "F32")
 
 
-def score_gguf(bench: BenchLike, path: Path, config: dict[str, Any]) -> Scored:
+def _text(bench: BenchLike) -> str:
+    p = bench.params
+    return (Path(p.corpus.out) / f"{p.eval.split}.txt").read_text(encoding="utf-8")
+
+
+def llama_only(bench: BenchLike, path: Path) -> Scored:
+    """llama-perplexity alone on the split's text, as many chunks of the window length as there are windows."""
+    from mintbuild.llamacpp.perplexity import TOLERANCE, run_llama_perplexity
+
+    w = bench.windows
+    run = run_llama_perplexity(path, _text(bench), w.length, len(w.starts), bench.params.eval.threads)
+    llama = {"ppl": run.ppl, "ppl_stderr": run.ppl_stderr, "chunks": run.chunks, "ctx": run.ctx,
+             "scored_tokens": run.scored_tokens, "ours_same_chunks": None, "rel_diff": None,
+             "tolerance": TOLERANCE}  # fmt: skip
+    return Scored(math.nan, math.nan, llama, {"llama_perplexity_seconds": run.seconds})
+
+
+def score_gguf(bench: BenchLike, path: Path, config: dict[str, Any], scorer: str = "both") -> Scored:
     """Our PPL on the benchmark's windows (gguf_source, layer-streamed) and llama-perplexity's on the split's
-    text with ours on its chunks."""
+    text with ours on its chunks; with scorer "llama", llama-perplexity's alone (`llama_only`)."""
     from mintbuild.hf.evaluator import perplexity, setup_torch
     from mintbuild.hf.streaming import StreamedModel
     from mintbuild.llamacpp.perplexity import compare
     from mintbuild.llamacpp.source import GGUFSource
     from mintbuild.stages.evaluate_gguf import check_bos
 
+    if scorer == "llama":
+        return llama_only(bench, path)
     p = bench.params
     dtype = setup_torch(p.eval)
     source = GGUFSource(path, config)
     check_bos(source, Path(p.model.out))
     model = StreamedModel(source, dtype)
     scores, t = perplexity(model, bench.tokens, bench.windows, progress=False)
-    text = (Path(p.corpus.out) / f"{p.eval.split}.txt").read_text(encoding="utf-8")
     w = bench.windows
-    lp, lt = compare(model, path, text, bench.tokens.tolist(), list(w.prefix), w.length, len(w.starts),
+    lp, lt = compare(model, path, _text(bench), bench.tokens.tolist(), list(w.prefix), w.length, len(w.starts),
                      p.eval.threads)  # fmt: skip
     return Scored(scores["ppl_mean"], scores["ppl_median"], lp, {"ours_seconds": t["seconds"], **lt})
 
@@ -297,7 +323,7 @@ def _llama_extra(s: Scored) -> dict[str, Any]:
 
 
 def stock_row(bench: BenchLike, original: Path, mix: str, imatrix: Path | None, config: dict[str, Any],
-              out: Path) -> Measured:  # fmt: skip
+              out: Path, scorer: str = "both") -> Measured:  # fmt: skip
     """llama-quantize `mix` (with `imatrix` or without) on the original bf16 GGUF, scored."""
     from mintbuild.llamacpp.build import run_tool
 
@@ -311,13 +337,13 @@ def stock_row(bench: BenchLike, original: Path, mix: str, imatrix: Path | None, 
     fallbacks = Counter(t.upper() for t in _FALLBACK.findall(proc.stdout + proc.stderr))
     size = out.stat().st_size
     types = tensor_types(out)
-    s = score_gguf(bench, out, config)
+    s = score_gguf(bench, out, config, scorer)
     label = f"{mix}{' + imatrix' if imatrix else ''}"
     m = Measured(STOCK_SERIES[imatrix is not None], label, "", size, s.ppl_mean, s.ppl_median, s.llama["ppl"],
                  seconds, extra={"mix": mix, "imatrix": imatrix is not None, "tensor_types": types,
                                  "fallbacks": dict(fallbacks), "sha256": sha256_file(out), **_llama_extra(s)})  # fmt: skip
-    log.info("%s: %s B (%s), PPL %.3f, llama-perplexity %.3f (ours on its chunks %+.2f%%), %.0f s; fallbacks %s",
-             label, f"{size:,}", quantized_types(types), s.ppl_mean, s.llama["ppl"], 100 * s.llama["rel_diff"],
+    log.info("%s: %s B (%s), PPL %.3f, llama-perplexity %s, %.0f s; fallbacks %s",
+             label, f"{size:,}", quantized_types(types), s.ppl_mean, _llama_text(s.llama),
              time.perf_counter() - t0, dict(fallbacks) or "none")  # fmt: skip
     return m
 
@@ -329,17 +355,18 @@ class Ours:
     profile: Profile
     problem: Any
     cfg: SolverConfig
+    scorer: str = "both"
     done: dict[tuple[str, ...], Measured] = field(default_factory=dict)
 
 
-def our_setup(bench: BenchLike, cfg: SolverConfig) -> Ours:
+def our_setup(bench: BenchLike, cfg: SolverConfig, scorer: str = "both") -> Ours:
     from mintbuild.knapsack import build_problem, load_importance
 
     profile = load_profile(Path(bench.params.profile.gguf_out))
     if profile.format != "gguf":
         raise MintError(f"{bench.params.profile.gguf_out}: a {profile.format} profile, not the GGUF profile")
     alpha = load_importance(Path(cfg.importance), profile) if cfg.objective == "fisher" else None
-    return Ours(profile, build_problem(profile, cfg, alpha, None), cfg)
+    return Ours(profile, build_problem(profile, cfg, alpha, None), cfg, scorer)
 
 
 def our_row(bench: BenchLike, ours: Ours, ref: Measured, config: dict[str, Any]) -> Measured:
@@ -367,7 +394,7 @@ def our_row(bench: BenchLike, ours: Ours, ref: Measured, config: dict[str, Any])
     size = path.stat().st_size
     if size > ref.bytes:
         raise MintError(f"{name}: {size:,} B on disk exceeds the stock {ref.label}'s {ref.bytes:,} B")
-    s = score_gguf(bench, path, config)
+    s = score_gguf(bench, path, config, ours.scorer)
     t = doc["totals"]
     m = Measured(OURS_SERIES, name, ref.label, size, s.ppl_mean, s.ppl_median, s.llama["ppl"], seconds,
                  extra={"tensor_types": res.manifest["tensor_types"], "objective": t["objective"],
@@ -375,19 +402,24 @@ def our_row(bench: BenchLike, ours: Ours, ref: Measured, config: dict[str, Any])
                         **_llama_extra(s)})  # fmt: skip
     ours.done[key] = m
     shutil.rmtree(pack_root / name)
-    log.info("  %s: %s B (%s), PPL %.3f, llama-perplexity %.3f (ours on its chunks %+.2f%%), %.0f s", name,
-             f"{size:,}", quantized_types(res.manifest["tensor_types"]), s.ppl_mean, s.llama["ppl"],
-             100 * s.llama["rel_diff"], time.perf_counter() - t0)  # fmt: skip
+    log.info("  %s: %s B (%s), PPL %.3f, llama-perplexity %s, %.0f s", name, f"{size:,}",
+             quantized_types(res.manifest["tensor_types"]), s.ppl_mean, _llama_text(s.llama),
+             time.perf_counter() - t0)  # fmt: skip
     return m
 
 
-def gguf_rows(bench: BenchLike, mixes: list[str], cfg: SolverConfig) -> tuple[list[Measured], dict[str, Any]]:
-    """Every GGUF row (per mix: stock + imatrix, stock without, mintbuild at each one's bytes) and the settings."""
+def gguf_rows(
+    bench: BenchLike, mixes: list[str], cfg: SolverConfig, scorer: str = "both"
+) -> tuple[list[Measured], dict[str, Any]]:
+    """Every GGUF row (per mix: stock + imatrix, stock without, mintbuild at each one's bytes) and the settings,
+    with llama-perplexity of the original bf16 GGUF (the 16-bit reference of the share of loss removed)."""
     from mintbuild.artifacts.pack import read_config
     from mintbuild.llamacpp.build import build_name
 
     if not mixes:
         return [], {}
+    if scorer not in SCORERS:
+        raise MintError(f"GGUF scorer {scorer!r} is not one of {', '.join(SCORERS)}")
     p = bench.params
     equalized, imatrix = check_inputs(p)
     config = read_config(Path(p.model.out))
@@ -398,12 +430,14 @@ def gguf_rows(bench: BenchLike, mixes: list[str], cfg: SolverConfig) -> tuple[li
              format_size(original.stat().st_size))  # fmt: skip
     im_original = work / "imatrix-original.gguf"
     im_record = original_imatrix(imatrix, equalized, original, im_original)
-    ours = our_setup(bench, cfg)
+    bf16 = llama_only(bench, original).llama
+    log.info("original bf16 GGUF: llama-perplexity %.4f", bf16["ppl"])
+    ours = our_setup(bench, cfg, scorer)
     rows: list[Measured] = []
     for mix in mixes:
         for with_im in (True, False):
             out = work / f"{mix}{'-imatrix' if with_im else ''}.gguf"
-            stock = stock_row(bench, original, mix, im_original if with_im else None, config, out)
+            stock = stock_row(bench, original, mix, im_original if with_im else None, config, out, scorer)
             rows.append(stock)
             out.unlink()
             rows.append(our_row(bench, ours, stock, config))
@@ -415,6 +449,8 @@ def gguf_rows(bench: BenchLike, mixes: list[str], cfg: SolverConfig) -> tuple[li
         "imatrix": {"file": str(imatrix), "sha256": sha256_file(imatrix), "original": im_record},
         "llama_perplexity_chunks": len(bench.windows.starts),
         "llama_perplexity_ctx": bench.windows.length,
+        "llama_perplexity_16bit": {k: bf16[k] for k in ("ppl", "ppl_stderr", "chunks", "ctx")},
+        "scorer": scorer,
         "threads": p.eval.threads,
         "solver": {"method": cfg.method, "objective": cfg.objective},
         "option_set": [o.name for o in ours.profile.options],
@@ -425,26 +461,58 @@ def gguf_rows(bench: BenchLike, mixes: list[str], cfg: SolverConfig) -> tuple[li
 # ---------------------------------------------------------------- goals and the markdown section
 
 
-def goals(rows: list[Any]) -> list[dict[str, Any]]:
-    """Per stock row whose mix has a goal: mintbuild's PPL change against it (ours and llama-perplexity's)."""
+def goals(rows: list[Any], llama_16bit: float = math.nan) -> list[dict[str, Any]]:
+    """Per stock row: mintbuild's PPL change against it (ours and llama-perplexity's; a goal for the mixes in
+    GOALS) and the share of the stock mix's quantization loss that mintbuild removes at its bytes (the 16-bit
+    PPL: the "16-bit" row for ours, `llama_16bit` for llama-perplexity; a goal for SHARE_GOAL_MIXES)."""
+    ppl_16 = next((r.ppl_mean for r in rows if r.series == "16-bit"), math.nan)
     out = []
     for r in rows:
         mix = r.extra.get("mix") if r.series in STOCK_SERIES.values() else None
-        if mix not in GOALS:
+        if mix is None:
             continue
+        g: dict[str, Any] = {"stock": r.label, "mix": mix}
+        if mix in GOALS:
+            g["goal_pct"] = -100 * GOALS[mix]
+        if mix in SHARE_GOAL_MIXES:
+            g["share_goal"] = SHARE_GOAL
         match = [o for o in rows if o.series == OURS_SERIES and o.ref == r.label and o.bytes]
         if not match:
-            out.append({"stock": r.label, "goal_pct": -100 * GOALS[mix], "note": "no mintbuild row"})
+            out.append({**g, "note": "no mintbuild row"})
             continue
         o = match[0]
-        ours_pct = 100 * (o.ppl_mean / r.ppl_mean - 1)
-        llama_pct = 100 * (o.llama_ppl / r.llama_ppl - 1)
-        out.append({
-            "stock": r.label, "stock_bytes": r.bytes, "ours_bytes": o.bytes, "goal_pct": -100 * GOALS[mix],
-            "ppl_change_pct": round(ours_pct, 2), "llama_ppl_change_pct": round(llama_pct, 2),
-            "met": ours_pct <= -100 * GOALS[mix], "met_llama": llama_pct <= -100 * GOALS[mix],
+        ours_pct, llama_pct = _change(o.ppl_mean, r.ppl_mean), _change(o.llama_ppl, r.llama_ppl)
+        g.update({
+            "stock_bytes": r.bytes, "ours_bytes": o.bytes,
+            "ppl_change_pct": ours_pct, "llama_ppl_change_pct": llama_pct,
+            "share_removed": _share(r.ppl_mean, o.ppl_mean, ppl_16),
+            "share_removed_llama": _share(r.llama_ppl, o.llama_ppl, llama_16bit),
         })  # fmt: skip
+        if "goal_pct" in g:
+            g["met"] = None if ours_pct is None else ours_pct <= g["goal_pct"]
+            g["met_llama"] = None if llama_pct is None else llama_pct <= g["goal_pct"]
+        if "share_goal" in g:
+            g["share_met"] = _at_least(g["share_removed"], SHARE_GOAL)
+            g["share_met_llama"] = _at_least(g["share_removed_llama"], SHARE_GOAL)
+        out.append(g)
     return out
+
+
+def _change(ours: float, stock: float) -> float | None:
+    """Ours over the stock file's PPL, in percent (None when either was not measured)."""
+    return round(100 * (ours / stock - 1), 2) if math.isfinite(ours) and math.isfinite(stock) else None
+
+
+def _share(stock: float, ours: float, base: float) -> float | None:
+    """(stock - ours) / (stock - base): the share of the stock file's loss over `base` that ours removes (None
+    when a figure is missing or the stock file loses nothing)."""
+    if not all(math.isfinite(v) for v in (stock, ours, base)) or stock <= base:
+        return None
+    return round((stock - ours) / (stock - base), 4)
+
+
+def _at_least(v: float | None, goal: float) -> bool | None:
+    return None if v is None else v >= goal
 
 
 def _pct(a: float, b: float) -> str:
@@ -499,19 +567,44 @@ def markdown(rows: list[Any], settings: dict[str, Any], goal_list: list[dict[str
 
 def _llama_cell(r: Any) -> str:
     lp = r.extra.get("llama_perplexity", {})
-    return f"{r.llama_ppl:.3f} ({100 * lp.get('rel_diff', math.nan):+.2f}%)" if lp else "-"
+    return _llama_text({"ppl": r.llama_ppl, **lp}) if lp else "-"
+
+
+def _llama_text(lp: dict[str, Any]) -> str:
+    """'12.345 (+0.12%)': llama-perplexity's PPL and ours on its chunks against it (when ours ran)."""
+    rel = lp.get("rel_diff")
+    return f"{lp['ppl']:.3f}" + ("" if rel is None else f" ({100 * rel:+.2f}%)")
 
 
 def goal_lines(goal_list: list[dict[str, Any]]) -> list[str]:
     lines = []
     for g in goal_list:
-        if "ppl_change_pct" not in g:
-            lines.append(f"- Goal at {g['stock']}'s size ({g['goal_pct']:+.0f}%): {g['note']}.")
+        if "note" in g:
+            lines.append(f"- At {g['stock']}'s size: {g['note']}.")
             continue
-        lines.append(
-            f"- Goal at {g['stock']}'s size ({g['stock_bytes']:,} B; mintbuild {g['ours_bytes']:,} B): PPL "
-            f"{g['goal_pct']:+.0f}% or better. Measured {g['ppl_change_pct']:+.2f}% (ours), "
-            f"{g['llama_ppl_change_pct']:+.2f}% (llama-perplexity): "
-            f"{'met' if g['met'] else 'not met'} / {'met' if g['met_llama'] else 'not met'}."
+        head = (
+            f"- At {g['stock']}'s size ({g['stock_bytes']:,} B; mintbuild {g['ours_bytes']:,} B): PPL change "
         )
+        head += f"{_fmt_pct(g['ppl_change_pct'])} (ours), {_fmt_pct(g['llama_ppl_change_pct'])} (llama-perplexity)"
+        if "goal_pct" in g:
+            head += f", goal {g['goal_pct']:+.0f}%: {_met(g['met'])} / {_met(g['met_llama'])}"
+        head += (f"; share of the stock loss removed {_fmt_share(g['share_removed'])} (ours), "
+                 f"{_fmt_share(g['share_removed_llama'])} (llama-perplexity)")  # fmt: skip
+        if "share_goal" in g:
+            head += (
+                f", goal {100 * g['share_goal']:.0f}%: {_met(g['share_met'])} / {_met(g['share_met_llama'])}"
+            )
+        lines.append(head + ".")
     return lines
+
+
+def _fmt_pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.2f}%"
+
+
+def _fmt_share(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _met(v: bool | None) -> str:
+    return "not measured" if v is None else ("met" if v else "not met")

@@ -69,15 +69,36 @@ def test_quality_benchmark_gguf_rows(repo: Path) -> None:
     assert stock["Q4_K_M"]["extra"]["sha256"] != stock["Q4_K_M + imatrix"]["extra"]["sha256"]
     goals = {g["stock"]: g for g in doc["gguf_goals"]}
     assert set(goals) == set(stock)
-    for label, g in goals.items():
-        want = 100 * (ours[label]["ppl_mean"] / stock[label]["ppl_mean"] - 1)
-        assert g["ppl_change_pct"] == pytest.approx(want, abs=0.01)
+    base = next(r for r in doc["rows"] if r["series"] == "16-bit")["ppl_mean"]
     st = doc["settings"]["gguf"]
+    l16 = st["llama_perplexity_16bit"]
+    assert l16["chunks"] == 2 and math.isfinite(l16["ppl"])
+    for label, g in goals.items():
+        o, s = ours[label], stock[label]
+        want = 100 * (o["ppl_mean"] / s["ppl_mean"] - 1)
+        assert g["ppl_change_pct"] == pytest.approx(want, abs=0.01)
+        for key, a, b, ref in (("share_removed", "ppl_mean", "ppl_mean", base),
+                               ("share_removed_llama", "llama_ppl", "llama_ppl", l16["ppl"])):  # fmt: skip
+            share = (s[a] - o[b]) / (s[a] - ref) if s[a] > ref else None
+            assert (g[key] is None) if share is None else g[key] == pytest.approx(share, abs=1e-4), (key, g)
     assert "original" in st["stock_source"] and st["llama_perplexity_chunks"] == 2
     carried = st["imatrix"]["original"]  # the imatrix in the original model's coordinates: every entry
     assert carried["tensors"] == 2 * 7 + 1 and carried["chunk_size"] == 64  # 7 linears per block, tied head
     md = (repo / "artifacts/quality_gguf/quality.md").read_text()
-    assert "## GGUF (llama.cpp)" in md and "| Q4_K_M + imatrix |" in md and "Goal at Q4_K_M" in md
+    assert "## GGUF (llama.cpp)" in md and "| Q4_K_M + imatrix |" in md and "At Q4_K_M" in md
+    assert "share of the stock loss removed" in md
+
+    # llama-perplexity alone (the scorer for 1B+ models), no 16-bit row scored: the same files, the same numbers
+    sh(repo, sys.executable, str(script), "--refs", "none", "--methods", "fisher", "--windows", "2", "--peers",
+       "none", "--gguf", "Q4_K_M", "--gguf-scorer", "llama", "--no-baseline", "--out", "artifacts/q_llama")  # fmt: skip
+    fast = json.loads((repo / "artifacts/q_llama/quality.json").read_text())
+    assert fast["settings"]["gguf"]["scorer"] == "llama"
+    assert fast["settings"]["gguf"]["llama_perplexity_16bit"] == l16
+    for r in fast["rows"]:
+        assert r["ppl_mean"] is None  # NaN in the JSON: our evaluator ran on nothing
+        if r["format"] == "gguf":
+            both = next(x for x in rows if (x["series"], x["label"]) == (r["series"], r["label"]))
+            assert r["bytes"] == both["bytes"] and r["llama_ppl"] == both["llama_ppl"], r["label"]
 
 
 def test_imatrix_carried_to_the_original_by_exact_power_of_two_scales() -> None:
