@@ -228,6 +228,12 @@ class ImportanceConfig:
     #: Which layers get a Hessian (and GPTQ rounding): all (every linear layer and the head) | head (the output
     #: head only: the per-layer Hessians of an 8B are ~33 GB on disk in float32).
     hessians: str = "all"
+    #: Rows of each tensor GPTQ's held-out gain is measured on (a seeded sample, with a stated error bound:
+    #: mlx/gptq.py GAIN_BOUND_SE); 0 = every row.
+    gain_rows: int = 512
+    #: Which options get a measured gain: all, or pickable (skip those the allocator's SQNR veto,
+    #: solver.veto_sqnr_db, removes: their sampled round-to-nearest SQNR is 3 dB or more below it; recorded as 1.0).
+    gain_options: str = "all"
     out: str = "artifacts/importance"
 
 

@@ -547,3 +547,41 @@ def test_where_gptq_overfits_pack_rounds_to_nearest_and_prices_it(
     assert all(r < 1 for r in measured.values()), measured
     lowered = build_problem(profile, fisher, alpha, {head: measured}).costs
     assert not np.array_equal(lowered, priced.costs)
+
+
+@pytest.mark.e2e
+def test_gain_rows_and_gain_options_reach_every_gain(tmp_path: Path, corpus_dir: Path) -> None:
+    """importance.gain_rows: 0 measures every row (the same gains as a sample as large as the widest tensor), a
+    small sample other gains; gain_options pickable measures exactly the options the veto leaves (the others
+    1.0) and gives the 'all' run's gains for those."""
+    from mintbuild.calibration.hessians import gain_veto, pickable_options
+    from mintbuild.formats import parse_option
+    from mintbuild.hf.checkpoint import open_checkpoint
+    from tests.synth import tiny_llama
+
+    text = (corpus_dir / "train.txt").read_text(encoding="utf-8")[:200_000]
+    model_dir = tiny_llama(tmp_path / "model", text)
+    ckpt = open_checkpoint(model_dir)
+    widest = max(t.shape[0] for t in ckpt.tensors.values())
+
+    def gains(veto: float | None = None, **kw: Any) -> dict[str, dict[str, float]]:
+        cfg = replace(TINY, **kw)
+        return compute_hessians(model_dir, corpus_dir, cfg, PackConfig(), False, None, gain_veto(cfg, veto))[
+            2
+        ]
+
+    every = gains(gain_rows=0)
+    assert every == gains(gain_rows=widest)
+    assert every != gains(gain_rows=8)  # a sample of 8 rows is another estimate
+    veto = 16.0
+    sampled = gains(gain_rows=512)
+    assert gains(veto, gain_options="all") == sampled  # "all" ignores the veto
+    picked = gains(veto, gain_options="pickable")
+    skipped = 0
+    for n, by_option in picked.items():
+        options = [parse_option(k) for k in by_option]
+        kept = {o.name for o in pickable_options(ckpt.read(n), options, veto)}
+        for name, g in by_option.items():
+            assert g == (sampled[n][name] if name in kept else 1.0), (n, name)
+        skipped += len(by_option) - len(kept)
+    assert 0 < skipped < sum(map(len, picked.values())), skipped  # some options skipped, not all

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -232,6 +233,24 @@ def pickable_options(
     return keep
 
 
+#: importance.gain_options: a gain for every option, or only for those the SQNR veto can leave.
+GAIN_OPTIONS = ("all", "pickable")
+
+
+def gain_rows(cfg: ImportanceConfig) -> int:
+    """Rows each gain is measured on: importance.gain_rows, 0 meaning every row (of any tensor)."""
+    if cfg.gain_rows < 0:
+        raise MintError(f"importance.gain_rows {cfg.gain_rows}: a row count, or 0 for every row")
+    return cfg.gain_rows or sys.maxsize
+
+
+def gain_veto(cfg: ImportanceConfig, veto_sqnr_db: float | None) -> float | None:
+    """The SQNR veto `compute_hessians` skips options by: the solver's with gain_options pickable, else none."""
+    if cfg.gain_options not in GAIN_OPTIONS:
+        raise MintError(f"importance.gain_options {cfg.gain_options!r}: choose {' or '.join(GAIN_OPTIONS)}")
+    return veto_sqnr_db if cfg.gain_options == "pickable" else None
+
+
 def compute_hessians(
     model_dir: Path,
     corpus_dir: Path,
@@ -244,7 +263,8 @@ def compute_hessians(
     """(record for importance.json, {key: float32 H}, {weight name: {option: GPTQ's held-out gain}}) from
     `hessian_windows` forward-only windows of the train split (seeded like the Fisher windows, possibly
     overlapping them). With `spill` (a folder), the Hessians are kept there, not in memory. With
-    `veto_sqnr_db` (the allocator's SQNR veto), gains are measured only for `pickable_options`."""
+    `veto_sqnr_db` (the allocator's SQNR veto), gains are measured only for `pickable_options`. Gains are
+    measured on `gain_rows(cfg)` sampled rows of each tensor."""
     import torch
 
     from mintbuild.mlx.factor_cache import FactorCache
@@ -252,6 +272,7 @@ def compute_hessians(
 
     if cfg.hessians not in SCOPES:
         raise MintError(f"importance.hessians {cfg.hessians!r}: choose {' or '.join(SCOPES)}")
+    rows = gain_rows(cfg)
     ckpt, windows, _ = calibration_windows(model_dir, corpus_dir, cfg.hessian_windows, cfg.window, cfg.seed)
     skip = tied_lm_head(ckpt)
     wanted = {n for n, t in ckpt.tensors.items() if len(t.shape) == 2 and n != skip}
@@ -260,7 +281,7 @@ def compute_hessians(
     factors = FactorCache()  # the even windows' H is factored once for all the tensors that read its input
     ex = executor()
     # on a cluster each input's gains are a task reading the spilled Hessians; the walk goes on meanwhile
-    remote = RemoteGains(ex, model_dir, pack, spill, 2 * ex.slots) if ex.remote and spill else None
+    remote = RemoteGains(ex, model_dir, pack, spill, 2 * ex.slots, rows) if ex.remote and spill else None
 
     def done(names: list[str], full: Any, even: Any) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -272,7 +293,7 @@ def compute_hessians(
             options = [
                 o for o in OPTION_SETS["default"] if not o.passthrough and not o.unavailable_reason(shape)
             ]
-            measured[n] = pickable_options(ckpt.read(n), options, veto_sqnr_db)
+            measured[n] = pickable_options(ckpt.read(n), options, veto_sqnr_db, rows)
             gains[n] = {o.name: 1.0 for o in options}  # not measured: rounded to nearest, priced as such
         if remote:
             remote.submit(measured, even, held)
@@ -280,7 +301,7 @@ def compute_hessians(
             fac = factors.get(even, pack.damp)
             for n, opts in measured.items():
                 w = ckpt.read(n)
-                gains[n].update(rounding_gain(w, even, held, opts, pack.damp, pack.block, GAIN_ROWS, fac=fac))
+                gains[n].update(rounding_gain(w, even, held, opts, pack.damp, pack.block, rows, fac=fac))
         log.info("hessians: GPTQ gains of %s (input %d wide) in %.1f s (%.1f CPU s)", ", ".join(names),
                  full.shape[0], time.perf_counter() - t0, time.process_time() - c0)  # fmt: skip
 
@@ -324,8 +345,10 @@ class RemoteGains:
     spilled Hessians (12 k^2 bytes each), wait at once: past that the walk waits for the oldest; `collect`
     gives every gain."""
 
-    def __init__(self, ex: Executor, model_dir: Path, pack: PackConfig, spill: Path, window: int) -> None:
-        self.ex, self.model_dir, self.pack = ex, Path(model_dir).resolve(), pack
+    def __init__(
+        self, ex: Executor, model_dir: Path, pack: PackConfig, spill: Path, window: int, rows: int = GAIN_ROWS
+    ) -> None:
+        self.ex, self.model_dir, self.pack, self.rows = ex, Path(model_dir).resolve(), pack, rows
         self.work = spill / "gains"
         self.window = max(1, window)
         self.pending: list[tuple[Path, int, Callable[[], list[Any]]]] = []
@@ -341,7 +364,7 @@ class RemoteGains:
         np.ascontiguousarray(even.double().numpy()).tofile(folder / "fit.f64")
         np.ascontiguousarray(held.float().numpy()).tofile(folder / "held.f32")
         k = int(even.shape[0])
-        task = (self.model_dir, measured, folder.resolve(), k, self.pack.damp, self.pack.block)
+        task = (self.model_dir, measured, folder.resolve(), k, self.pack.damp, self.pack.block, self.rows)
         # both Hessians, the factor and the clip search's float32 copy of H, the weights, plus the process
         res = Resources(memory=24 * k * k + (1 << 30))
         label = f"gains {next(iter(measured), '')}"
@@ -371,12 +394,12 @@ def _gains_task(task: tuple) -> dict[str, dict[str, float]]:
     from mintbuild.mlx.factor_cache import FactorCache
     from mintbuild.mlx.gptq import rounding_gain
 
-    folder, measured, spill, k, damp, block = task
+    folder, measured, spill, k, damp, block, rows = task
     fit = torch.from_numpy(np.fromfile(spill / "fit.f64", dtype=np.float64).reshape(k, k))
     held = torch.from_numpy(np.fromfile(spill / "held.f32", dtype=np.float32).reshape(k, k))
     fac = FactorCache().get(fit, damp)
     ckpt = open_checkpoint(folder)
     return {
-        n: rounding_gain(ckpt.read(n), fit, held, opts, damp, block, GAIN_ROWS, fac=fac)
+        n: rounding_gain(ckpt.read(n), fit, held, opts, damp, block, rows, fac=fac)
         for n, opts in measured.items()
     }
