@@ -391,6 +391,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             quality_gguf.parse_mixes(args.gguf),
             solver_config(params.solver, "exact", "fisher"),
             args.gguf_scorer,
+            args.gguf_without_imatrix,
         )
         rows += [gguf_row(bench, m) for m in measured]
     seconds = time.perf_counter() - t_start
@@ -651,6 +652,8 @@ def main(argv: list[str] | None = None) -> None:
         help="score the 16-bit "
         "model with our evaluator (--no-baseline: skip it, e.g. for GGUF rows scored by llama alone)",
     )
+    ap.add_argument("--gguf-without-imatrix", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the stock mixes made without the imatrix (--no-gguf-without-imatrix: only with it)")  # fmt: skip
     ap.add_argument("--gguf-scorer", choices=quality_gguf.SCORERS, default="both", help="both: every GGUF by our "
                     "evaluator and by llama-perplexity; llama: llama-perplexity alone (minutes per GGUF of a 1B+ "
                     "model instead of ~10 min)")  # fmt: skip

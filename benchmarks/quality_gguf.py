@@ -409,10 +409,11 @@ def our_row(bench: BenchLike, ours: Ours, ref: Measured, config: dict[str, Any])
 
 
 def gguf_rows(
-    bench: BenchLike, mixes: list[str], cfg: SolverConfig, scorer: str = "both"
+    bench: BenchLike, mixes: list[str], cfg: SolverConfig, scorer: str = "both", without_imatrix: bool = True
 ) -> tuple[list[Measured], dict[str, Any]]:
-    """Every GGUF row (per mix: stock + imatrix, stock without, mintbuild at each one's bytes) and the settings,
-    with llama-perplexity of the original bf16 GGUF (the 16-bit reference of the share of loss removed)."""
+    """Every GGUF row (per mix: stock + imatrix, stock without unless not `without_imatrix`, mintbuild at each
+    one's bytes) and the settings, with llama-perplexity of the original bf16 GGUF (the 16-bit reference of the
+    share of loss removed)."""
     from mintbuild.artifacts.pack import read_config
     from mintbuild.llamacpp.build import build_name
 
@@ -435,7 +436,7 @@ def gguf_rows(
     ours = our_setup(bench, cfg, scorer)
     rows: list[Measured] = []
     for mix in mixes:
-        for with_im in (True, False):
+        for with_im in (True, False) if without_imatrix else (True,):
             out = work / f"{mix}{'-imatrix' if with_im else ''}.gguf"
             stock = stock_row(bench, original, mix, im_original if with_im else None, config, out, scorer)
             rows.append(stock)

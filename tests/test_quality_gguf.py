@@ -88,11 +88,15 @@ def test_quality_benchmark_gguf_rows(repo: Path) -> None:
     assert "## GGUF (llama.cpp)" in md and "| Q4_K_M + imatrix |" in md and "At Q4_K_M" in md
     assert "share of the stock loss removed" in md
 
-    # llama-perplexity alone (the scorer for 1B+ models), no 16-bit row scored: the same files, the same numbers
+    # llama-perplexity alone (the scorer for 1B+ models), no 16-bit row scored, the stock mix with the imatrix
+    # only: the same files, the same numbers
     sh(repo, sys.executable, str(script), "--refs", "none", "--methods", "fisher", "--windows", "2", "--peers",
-       "none", "--gguf", "Q4_K_M", "--gguf-scorer", "llama", "--no-baseline", "--out", "artifacts/q_llama")  # fmt: skip
+       "none", "--gguf", "Q4_K_M", "--gguf-scorer", "llama", "--no-baseline", "--no-gguf-without-imatrix",
+       "--out", "artifacts/q_llama")  # fmt: skip
     fast = json.loads((repo / "artifacts/q_llama/quality.json").read_text())
     assert fast["settings"]["gguf"]["scorer"] == "llama"
+    fast_stock = [r["label"] for r in fast["rows"] if r["series"] in quality_gguf.STOCK_SERIES.values()]
+    assert fast_stock == ["Q4_K_M + imatrix"]  # the stock mix made with the imatrix only
     assert fast["settings"]["gguf"]["llama_perplexity_16bit"] == l16
     for r in fast["rows"]:
         assert r["ppl_mean"] is None  # NaN in the JSON: our evaluator ran on nothing
