@@ -234,8 +234,9 @@ def assert_same_rounding(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor
     ids=str,
 )
 def test_kernel_equals_the_torch_column_loop(opt: Option, data: str, block: int) -> None:
-    # 75 rows: a partial row block, a partial tile of panels and a partial panel (lanes past the last row).
-    w = (weights if data == "random" else edge_weights)(75, 384, opt.bits + opt.group)
+    # 203 rows: a whole row block, then a partial one with a partial tile of panels and a partial panel (lanes
+    # past the last row).
+    w = (weights if data == "random" else edge_weights)(203, 384, opt.bits + opt.group)
     h = tokens(1024, 384, 6).double()
     h = h.T @ h
     if data == "edge":
