@@ -229,10 +229,12 @@ def wide(opt: Option, args: argparse.Namespace) -> None:
             f"inputs made in {time.perf_counter() - t0:.1f} s; peak RSS so far {peak_rss_gb():.2f} GB",
             flush=True,
         )
-        cache = FactorCache()
         t0 = time.perf_counter()
-        fac = cache.get(fit, args.damp)
-        t_fac = time.perf_counter() - t0
+        if cols > args.synthetic_factor_above:  # GPTQ's and the gain's time and memory do not depend on U's values
+            t_fac, fac = float("nan"), synthetic_factor(cols)
+        else:
+            fac = FactorCache().get(fit, args.damp)
+            t_fac = time.perf_counter() - t0
         print(f"factor {t_fac:.1f} s; peak RSS {peak_rss_gb():.2f} GB", flush=True)
         t0 = time.perf_counter()
         gptq_codes(w, fit, opt, args.damp, args.block, fac)
