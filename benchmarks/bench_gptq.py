@@ -174,14 +174,14 @@ def peak_rss_gb() -> float:
 
 
 def synthetic_factor(cols: int, seed: int = 3) -> Factor:
-    """A valid factor of some positive-definite H' (a random upper-triangular U with a positive diagonal): for
+    """A valid factor of some positive-definite H' (a random lower-triangular U^T with a positive diagonal): for
     timing gptq_codes only, whose work does not depend on U's values, where the real factor (~1.3 K^3 float64
-    flops on one thread) would take longer than the benchmark can wait."""
+    flops on one thread) would take longer than the benchmark can wait. Made in place: its one K x K float32
+    buffer is all the memory it takes (the peak RSS then measures GPTQ, not this)."""
     g = torch.Generator().manual_seed(seed)
-    u = torch.triu(torch.randn(cols, cols, generator=g) * 0.01, diagonal=1) + torch.diag(
-        torch.rand(cols, generator=g) + 0.5
-    )
-    return Factor(torch.randperm(cols, generator=g), u.T.contiguous())
+    ut = torch.randn(cols, cols, generator=g).mul_(0.01).tril_(-1)
+    ut.diagonal().copy_(torch.rand(cols, generator=g) + 0.5)
+    return Factor(torch.randperm(cols, generator=g), ut)
 
 
 def one_shape(rows: int, cols: int, opt: Option, args: argparse.Namespace) -> float:
@@ -230,7 +230,9 @@ def wide(opt: Option, args: argparse.Namespace) -> None:
             flush=True,
         )
         t0 = time.perf_counter()
-        if cols > args.synthetic_factor_above:  # GPTQ's and the gain's time and memory do not depend on U's values
+        if (
+            cols > args.synthetic_factor_above
+        ):  # GPTQ's and the gain's time and memory do not depend on U's values
             t_fac, fac = float("nan"), synthetic_factor(cols)
         else:
             fac = FactorCache().get(fit, args.damp)
