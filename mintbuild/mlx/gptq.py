@@ -31,7 +31,8 @@ How the kernel (`_gptq_rows`) is fast: rows are taken 128 at a time (a row block
 so that a column of 8 rows is one 8-lane vector and every step above is lane-wise vector math. Within a column
 block each panel runs the column loop on its own (the rank-1 updates stay in L1); the block's error is then
 carried to the later columns by a register-tiled product (16 rows x 4 columns of accumulators), 4 columns at a
-time for every panel of the block, so that U^T is read from memory once per row block. Row blocks are shared among numba's threads (prange). A row's result is the same
+time for every panel of the block, so that U^T is read from memory once per row block. Row blocks are shared
+among numba's threads (prange). A row's result is the same
 sequence of IEEE float32 operations whatever block, lane or thread computes it, and U is factored on one thread,
 so the output depends neither on the thread count nor on how rows are split; the kernel calls no BLAS.
 
@@ -192,7 +193,7 @@ def _carry(wt: np.ndarray, et: np.ndarray, ut: np.ndarray, n_pan: int, k: int, b
             _vstore(wt, o1 + (c + 1) * _L, _vload(wt, o1 + (c + 1) * _L) - a11)
             _vstore(wt, o1 + (c + 2) * _L, _vload(wt, o1 + (c + 2) * _L) - a12)
             _vstore(wt, o1 + (c + 3) * _L, _vload(wt, o1 + (c + 3) * _L) - a13)
-    for p in range(0, n_pan, 2):
+    for p in range(0, n_pan, 2):  # columns left over when K - b1 is not a multiple of 4
         o0, o1 = p * k * _L, (p + 1) * k * _L
         e0, e1 = p * bw * _L, (p + 1) * bw * _L
         for c in range(c4, k):
