@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None,
                    help="decoder blocks (default: the shape's); a few blocks measure the per-block time and memory, "
                    "and the whole model is extrapolated from them (see --per-block)")  # fmt: skip
+    p.add_argument("--per-block", action="store_true",
+                   help="run the stages with 1 and with 2 decoder blocks (a run whose results.json in its run folder "
+                   "has the same params and stages is read, not rerun) and extrapolate every stage to the shape's "
+                   "block count: whole = t(1) + (blocks - 1) x (t(2) - t(1)), in CPU and wall seconds")  # fmt: skip
     p.add_argument(
         "--dir", type=Path, default=Path("/work/.cache_scale"), help="cache folder (outside the repo)"
     )
@@ -235,8 +239,12 @@ def write_params(a: argparse.Namespace, model: Path, work: Path) -> Path:
 
 
 def commands(stage: str, params: Path) -> list[list[str]]:
+    """Each stage's subprocesses; pack's tensor cache is the run's own (`<run>/pack-cache`, emptied before the
+    run), so a run measures a cold build, not one warmed by another run's identical first block."""
     base = [sys.executable, "-m", "mintbuild.cli"]
     p = ["--params", str(params)]
+    if stage == "pack":
+        p += ["--cache", str(params.parent / "pack-cache")]
     if stage in ("allocate", "pack", "evaluate"):
         return [[*base, stage, *p, "--target", t, *(["--no-progress"] if stage != "allocate" else [])]
                 for t in TARGETS]  # fmt: skip
@@ -328,11 +336,9 @@ def hessian_bytes(inputs: list[int]) -> int:
     return max(walk, *(16 * sum(k * k for k in ks[i:]) + 16 * ks[i] ** 2 for i in range(len(ks))))
 
 
-def main(argv: list[str] | None = None) -> None:
-    a = parse_args(argv)
-    if a.generate_only:
-        generate(a)
-        return
+def run(a: argparse.Namespace) -> list[tuple]:
+    """Run the stages on a.layers blocks; print and return (label, wall, CPU, peak RSS, bound, exit code) per
+    stage command, also written to the run folder's results.json (with the params and stages they used)."""
     env_note = {k: os.environ.get(k) for k in ("MINTBUILD_CACHE", "NUMBA_CACHE_DIR")}
     a.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -342,15 +348,26 @@ def main(argv: list[str] | None = None) -> None:
     work = a.dir / ("run-" + checkpoint_folder(a).name.removeprefix("llama-"))
     work.mkdir(exist_ok=True)
     params = write_params(a, model, work)
-    print(f"# {a.size}: {n_params / 1e9:.2f}B parameters, {model} (ready in {gen_s:.0f} s); params {params}")
     run_params = yaml.safe_load(params.read_text())
+    record = work / "results.json"
+    if a.per_block and record.is_file():
+        saved = json.loads(record.read_text())
+        if (
+            saved["params"] == run_params
+            and saved["stages"] == a.stages
+            and all(r[-1] == 0 for r in saved["rows"])
+        ):
+            print(f"# {a.size}, {a.layers} block(s): read {record}")
+            return [tuple(r) for r in saved["rows"]]
+    print(f"# {a.size}: {n_params / 1e9:.2f}B parameters, {model} (ready in {gen_s:.0f} s); params {params}")
     eq, imp, ev = run_params["equalize"], run_params["importance"], run_params["eval"]
     print(f"# windows (n x tokens): equalize {eq['n_windows']} x {eq['window']}, importance {imp['n_windows']} x "
           f"{imp['window']} + {imp['hessian_windows']} Hessian windows ({imp['hessians']}), eval {ev['n_windows']} "
           f"x {ev['window']}; equalize grid {eq['grid']}, search_rows {eq['search_rows']}, screen_rows "
           f"{eq.get('screen_rows', 'default')}; pack.rounding {run_params['pack']['rounding']}; targets {TARGETS}; "
           f"threads {a.threads}; eval.dtype {ev.get('dtype')}; env {env_note}")  # fmt: skip
-    rows = []
+    shutil.rmtree(work / "pack-cache", ignore_errors=True)
+    rows: list[tuple] = []
     for stage in [s for s in a.stages.split(",") if s]:
         if stage not in STAGES:
             raise SystemExit(f"unknown stage {stage!r}; choose from {STAGES}")
@@ -365,12 +382,43 @@ def main(argv: list[str] | None = None) -> None:
                 break
         if rows and rows[-1][-1]:
             break  # a later stage needs this one's output
+    record.write_text(json.dumps({"params": run_params, "stages": a.stages, "rows": rows}, indent=1))
     print("\n| stage | wall (s) | CPU (s) | peak RSS (GB) | bound (GB) |\n|---|---|---|---|---|")
     for label, wall, cpu, rss, b, rc in rows:
         print(
             f"| {label} | {wall:.0f} | {cpu:.0f} | {rss / GB:.2f} | {b / GB:.2f} |"
             + ("" if rc == 0 else " failed |")
         )
+    return rows
+
+
+def extrapolate(a: argparse.Namespace, one: list[tuple], two: list[tuple]) -> None:
+    """Print each stage at the shape's block count from its 1- and 2-block runs: t(1) + (L - 1)(t(2) - t(1))."""
+    blocks = SHAPES[a.size][2]
+    print(f"\n## {a.size} at {blocks} blocks, extrapolated from 1 and 2 blocks\n")
+    print("| stage | CPU s, 1 block | CPU s, 2 blocks | CPU s per block | CPU h, whole | wall h, whole | "
+          "peak RSS GB (2 blocks) |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    total_cpu = total_wall = 0.0
+    for r1, r2 in zip(one, two, strict=True):
+        per_cpu, per_wall = r2[2] - r1[2], r2[1] - r1[1]
+        cpu, wall = r1[2] + (blocks - 1) * per_cpu, r1[1] + (blocks - 1) * per_wall
+        total_cpu, total_wall = total_cpu + cpu, total_wall + wall
+        print(f"| {r1[0]} | {r1[2]:.0f} | {r2[2]:.0f} | {per_cpu:.0f} | {cpu / 3600:.2f} | {wall / 3600:.2f} | "
+              f"{r2[3] / GB:.2f} |")  # fmt: skip
+    print(f"| **all** | | | | **{total_cpu / 3600:.1f}** | **{total_wall / 3600:.1f}** | |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    if a.generate_only:
+        generate(a)
+        return
+    if not a.per_block:
+        run(a)
+        return
+    runs = [run(argparse.Namespace(**{**vars(a), "layers": n})) for n in (1, 2)]
+    if all(r[-1] == 0 for rows in runs for r in rows) and len(runs[0]) == len(runs[1]):
+        extrapolate(a, *runs)
 
 
 if __name__ == "__main__":
