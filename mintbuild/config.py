@@ -231,9 +231,10 @@ class ImportanceConfig:
     #: Rows of each tensor GPTQ's held-out gain is measured on (a seeded sample, with a stated error bound:
     #: mlx/gptq.py GAIN_BOUND_SE); 0 = every row.
     gain_rows: int = 512
-    #: Which options get a measured gain: all, or pickable (skip those the allocator's SQNR veto,
-    #: solver.veto_sqnr_db, removes: their sampled round-to-nearest SQNR is 3 dB or more below it; recorded as 1.0).
-    gain_options: str = "all"
+    #: None: a measured gain for every option. A number (dB, at most solver.veto_sqnr_db): no gain for the
+    #: options whose sampled round-to-nearest SQNR is 3 dB or more below it, the allocator's veto removing them
+    #: (recorded as 1.0). Its own key, so that the solver's veto can change without recalibrating.
+    gain_veto_sqnr_db: float | None = None
     out: str = "artifacts/importance"
 
 

@@ -551,11 +551,11 @@ def test_where_gptq_overfits_pack_rounds_to_nearest_and_prices_it(
 
 
 @pytest.mark.e2e
-def test_gain_rows_and_gain_options_reach_every_gain(tmp_path: Path, corpus_dir: Path) -> None:
+def test_gain_rows_and_gain_veto_reach_every_gain(tmp_path: Path, corpus_dir: Path) -> None:
     """importance.gain_rows: 0 measures every row (the same gains as a sample as large as the widest tensor), a
-    small sample other gains; gain_options pickable measures exactly the options the veto leaves (the others
-    1.0) and gives the 'all' run's gains for those."""
-    from mintbuild.calibration.hessians import gain_veto, pickable_options
+    small sample other gains; importance.gain_veto_sqnr_db measures exactly the options the veto leaves (the
+    others 1.0) and gives the unvetoed run's gains for those."""
+    from mintbuild.calibration.hessians import pickable_options
     from mintbuild.formats import parse_option
     from mintbuild.hf.checkpoint import open_checkpoint
     from tests.synth import tiny_llama
@@ -565,19 +565,15 @@ def test_gain_rows_and_gain_options_reach_every_gain(tmp_path: Path, corpus_dir:
     ckpt = open_checkpoint(model_dir)
     widest = max(t.shape[0] for t in ckpt.tensors.values())
 
-    def gains(veto: float | None = None, **kw: Any) -> dict[str, dict[str, float]]:
-        cfg = replace(TINY, **kw)
-        return compute_hessians(model_dir, corpus_dir, cfg, PackConfig(), False, None, gain_veto(cfg, veto))[
-            2
-        ]
+    def gains(**kw: Any) -> dict[str, dict[str, float]]:
+        return compute_hessians(model_dir, corpus_dir, replace(TINY, **kw), PackConfig(), False, None)[2]
 
     every = gains(gain_rows=0)
     assert every == gains(gain_rows=widest)
     assert every != gains(gain_rows=8)  # a sample of 8 rows is another estimate
     veto = 16.0
     sampled = gains(gain_rows=512)
-    assert gain_veto(replace(TINY, gain_options="all"), veto) is None  # "all" ignores the veto
-    picked = gains(veto, gain_options="pickable")
+    picked = gains(gain_veto_sqnr_db=veto)
     skipped = 0
     for n, by_option in picked.items():
         options = [parse_option(k) for k in by_option]

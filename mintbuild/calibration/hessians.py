@@ -233,22 +233,11 @@ def pickable_options(
     return keep
 
 
-#: importance.gain_options: a gain for every option, or only for those the SQNR veto can leave.
-GAIN_OPTIONS = ("all", "pickable")
-
-
 def gain_rows(cfg: ImportanceConfig) -> int:
     """Rows each gain is measured on: importance.gain_rows, 0 meaning every row (of any tensor)."""
     if cfg.gain_rows < 0:
         raise MintError(f"importance.gain_rows {cfg.gain_rows}: a row count, or 0 for every row")
     return cfg.gain_rows or sys.maxsize
-
-
-def gain_veto(cfg: ImportanceConfig, veto_sqnr_db: float | None) -> float | None:
-    """The SQNR veto `compute_hessians` skips options by: the solver's with gain_options pickable, else none."""
-    if cfg.gain_options not in GAIN_OPTIONS:
-        raise MintError(f"importance.gain_options {cfg.gain_options!r}: choose {' or '.join(GAIN_OPTIONS)}")
-    return veto_sqnr_db if cfg.gain_options == "pickable" else None
 
 
 def compute_hessians(
@@ -258,12 +247,11 @@ def compute_hessians(
     pack: PackConfig,
     progress: bool = True,
     spill: Path | None = None,
-    veto_sqnr_db: float | None = None,
 ) -> tuple[dict[str, Any], HessianStore, dict[str, dict[str, float]]]:
     """(record for importance.json, {key: float32 H}, {weight name: {option: GPTQ's held-out gain}}) from
     `hessian_windows` forward-only windows of the train split (seeded like the Fisher windows, possibly
     overlapping them). With `spill` (a folder), the Hessians are kept there, not in memory. With
-    `veto_sqnr_db` (the allocator's SQNR veto), gains are measured only for `pickable_options`. Gains are
+    importance.gain_veto_sqnr_db set, gains are measured only for `pickable_options` by it. Gains are
     measured on `gain_rows(cfg)` sampled rows of each tensor."""
     import torch
 
@@ -293,7 +281,7 @@ def compute_hessians(
             options = [
                 o for o in OPTION_SETS["default"] if not o.passthrough and not o.unavailable_reason(shape)
             ]
-            measured[n] = pickable_options(ckpt.read(n), options, veto_sqnr_db, rows)
+            measured[n] = pickable_options(ckpt.read(n), options, cfg.gain_veto_sqnr_db, rows)
             gains[n] = {o.name: 1.0 for o in options}  # not measured: rounded to nearest, priced as such
         if remote:
             remote.submit(measured, even, held)

@@ -18,7 +18,7 @@ from typing import Any
 
 from mintbuild.artifacts.importance import write_importance
 from mintbuild.calibration.fisher import SquareSums, compute_importance, imatrix_arrays
-from mintbuild.calibration.hessians import compute_hessians, gain_veto
+from mintbuild.calibration.hessians import compute_hessians
 from mintbuild.calibration.windows import (
     calibration_args,
     calibration_parser,
@@ -37,12 +37,10 @@ def run(
     out: Path,
     progress: bool = True,
     pack: PackConfig | None = None,
-    veto_sqnr_db: float | None = None,
 ) -> dict[str, Any]:
     """Compute the importance (and the linear layers' input Hessians and GPTQ gains unless `hessian_windows` is
     0, and the imatrix) and write `out`/importance.json (+ hessian.safetensors, imatrix.safetensors) atomically: the
-    folder is replaced whole. `veto_sqnr_db`: the allocator's SQNR veto, which importance.gain_options pickable
-    skips options by."""
+    folder is replaced whole."""
     squares = SquareSums()
     result = compute_importance(model_dir, corpus_dir, cfg, progress, squares)
     names = list(result["alpha"])
@@ -53,7 +51,7 @@ def run(
         # the Hessians wait on disk inside the artifact's temporary (removed with it on any failure)
         spill = tmp / ".hessians"
         record, hessians, gains = (
-            compute_hessians(model_dir, corpus_dir, cfg, pack, progress, spill, gain_veto(cfg, veto_sqnr_db))
+            compute_hessians(model_dir, corpus_dir, cfg, pack, progress, spill)
             if cfg.hessian_windows
             else ({}, {}, {})
         )
@@ -72,5 +70,4 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     params, model_dir, corpus_dir = calibration_args(args, "equalize")
     out = Path(args.out or params.importance.out)
-    run(model_dir, corpus_dir, params.importance, out, not args.no_progress, params.pack,
-        params.solver.veto_sqnr_db)  # fmt: skip
+    run(model_dir, corpus_dir, params.importance, out, not args.no_progress, params.pack)
