@@ -325,14 +325,16 @@ def bound(a: argparse.Namespace, stage: str, params: dict) -> int:
 def hessian_bytes(inputs: list[int]) -> int:
     """What the Hessians and gains of one block add to the importance stage's peak (every linear layer's
     Hessian), bytes. While the block's windows run: two float64 accumulators per distinct input of width k
-    (all windows and the even ones, 16 k^2 each) and one window's product x^T x in float32 and float64 (12 k^2,
-    the widest input's at most). Then the inputs are finished narrowest first, each one's
+    (all windows and the even ones, 16 k^2 each) and one window's product x^T x in float32 and float64, a block
+    of PRODUCT_ROWS rows at a time (12 k min(k, PRODUCT_ROWS), the widest input's at most). Then the inputs are finished narrowest first, each one's
     accumulators freed before the next: input i's gains run with the accumulators of i and the inputs after it
     alive (16 k_j^2 each, the held-out H taken in place of the full one) plus its working set: the float32
     held-out copy (4 k^2), the factor's float64 buffer (8 k^2) and its float32 result (4 k^2), 16 k_i^2 in all.
     The widest input's gains thus run alone: 32 k_max^2."""
+    from mintbuild.calibration.hessians import PRODUCT_ROWS
+
     ks = sorted(inputs)
-    walk = 16 * sum(k * k for k in ks) + 12 * ks[-1] ** 2
+    walk = 16 * sum(k * k for k in ks) + 12 * ks[-1] * min(ks[-1], PRODUCT_ROWS)
     return max(walk, *(16 * sum(k * k for k in ks[i:]) + 16 * ks[i] ** 2 for i in range(len(ks))))
 
 

@@ -235,6 +235,34 @@ def test_streamed_fisher_equals_whole_model_untied_bos(corpus_dir: Path, tmp_pat
         np.testing.assert_allclose(streamed[k], whole[k], rtol=STREAM_RTOL, err_msg=k)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wide_input_hessians_by_row_blocks_are_the_whole_products(threads: int) -> None:
+    """An input wider than PRODUCT_ROWS (a 14,336-wide down_proj's, scaled down) accumulates x^T x a block of
+    rows at a time; both accumulators (all windows, even windows) equal the sums of the whole products, bit for
+    bit, on 1 and 2 threads."""
+    from mintbuild.calibration.hessians import PRODUCT_ROWS
+
+    k = PRODUCT_ROWS + PRODUCT_ROWS // 2 + 7  # one full block and a partial one
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, 96, k, generator=gen) * torch.rand(k, generator=gen) for _ in range(3)]
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hs = InputHessians({"w"}, lambda names, full, even: seen.update({names[0]: (full.clone(), even.clone())}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for i, x in enumerate(xs):
+            hs.window(i)
+            hs.add("w", x)
+        hs.finish()
+        products = [(x[0].T @ x[0]).double() for x in xs]
+    finally:
+        torch.set_num_threads(before)
+    full, even = seen["w"]
+    assert torch.equal(full, products[0] + products[1] + products[2])
+    assert torch.equal(even, products[0] + products[2])
+    assert torch.equal(hs.kept["w"], full.float())
+
+
 @pytest.mark.parametrize("hidden", [96, 100])
 def test_head_gradient_by_row_blocks_equals_the_whole_gradient(hidden: int) -> None:
     """The head's weight gradient formed a block of vocabulary rows at a time (with the tied embedding's sparse
