@@ -6,6 +6,7 @@ equal the single file's; a file missing a tensor the config needs is refused by 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,19 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return smollm2_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def gguf_of(tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """family -> its quantized tiny GGUF, made once per module."""
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = _quantized_gguf(tmp_path_factory.mktemp(family), family, tokenizer)
+        return made[family]
+
+    return get
 
 
 def _quantized_gguf(tmp: Path, family: str, tokenizer: Path, qtype: str = "Q4_0") -> Path:
@@ -63,11 +77,11 @@ def _same_folder(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize(("family", "arch"), [("llama", "llama"), ("gemma3_text", "gemma3")])
 def test_streamed_import_is_transformers_whole_load_byte_for_byte(
-    family: str, arch: str, tokenizer: Path, tmp_path: Path
+    family: str, arch: str, gguf_of: Callable[[str], Path], tmp_path: Path
 ) -> None:
     """llama (q/k rows un-permuted), gemma3 (norms stored plus one by llama.cpp), tied heads. (Families whose
     converter needs a SentencePiece tokenizer.model, or rejects SmolLM2's tokenizer, cannot be made here.)"""
-    gguf = _quantized_gguf(tmp_path, family, tokenizer)
+    gguf = gguf_of(family)
     assert gguf_import.architecture(gguf) == arch and gguf_import.streams(arch)
     _same_folder(_whole(gguf, tmp_path / "whole"), _streamed(gguf, tmp_path / "streamed"))
 
@@ -79,8 +93,10 @@ def test_the_embedded_q4_1_file_imports_as_transformers_loads_it(tmp_path: Path)
     _same_folder(_whole(gguf, tmp_path / "whole"), _streamed(gguf, tmp_path / "streamed"))
 
 
-def test_shards_hold_the_single_files_tensors_under_a_standard_index(tokenizer: Path, tmp_path: Path) -> None:
-    gguf = _quantized_gguf(tmp_path, "llama", tokenizer)
+def test_shards_hold_the_single_files_tensors_under_a_standard_index(
+    gguf_of: Callable[[str], Path], tmp_path: Path
+) -> None:
+    gguf = gguf_of("llama")
     single = _streamed(gguf, tmp_path / "single")
     model = gguf_import.empty_model(gguf.parent, gguf.name)
     (tmp_path / "sharded").mkdir()
@@ -98,10 +114,12 @@ def test_shards_hold_the_single_files_tensors_under_a_standard_index(tokenizer: 
     assert not list((tmp_path / "sharded").glob(".shard-*"))
 
 
-def test_a_file_without_a_tensor_the_config_needs_is_refused_by_name(tokenizer: Path, tmp_path: Path) -> None:
+def test_a_file_without_a_tensor_the_config_needs_is_refused_by_name(
+    gguf_of: Callable[[str], Path], tmp_path: Path
+) -> None:
     """The model built from a config with a third block asks for tensors the 2-block file lacks: transformers
     would initialise them at random; the import names the first missing one."""
-    gguf = _quantized_gguf(tmp_path, "llama", tokenizer)
+    gguf = gguf_of("llama")
     model = gguf_import.empty_model(gguf.parent, gguf.name)
     from transformers import AutoModelForCausalLM
 
