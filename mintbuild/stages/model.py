@@ -185,14 +185,16 @@ def _convert_gguf(folder: Path, gguf_name: str, dtype: str, dst: Path) -> None:
     """The GGUF in `folder` as a dense `dtype` model folder in `dst`: tokenizer, generation config, config and
     weights. One tensor at a time (mintbuild.hf.gguf_import) where the architecture allows it, else the whole
     model in float32 through transformers (its mixture-of-experts conversions)."""
-    arch = gguf_import.architecture(folder / gguf_name)
-    if not gguf_import.streams(arch):
-        log.info("%s: transformers converts %s GGUFs whole (the model in float32 in memory)", gguf_name, arch)
-        model = _load_gguf(folder, gguf_name, dst)
-        _write_config(model, dtype, dst)
-        _write_weights(model, dtype, dst / "model.safetensors")
-        return
-    with _memoised_gguf_parsing():
+    with _memoised_gguf_parsing():  # one parse of the file for the architecture, tokenizer, config, weights
+        arch = gguf_import.architecture(folder / gguf_name)
+        if not gguf_import.streams(arch):
+            log.info(
+                "%s: transformers converts %s GGUFs whole (the model in float32 in memory)", gguf_name, arch
+            )
+            model = _load_gguf(folder, gguf_name, dst)
+            _write_config(model, dtype, dst)
+            _write_weights(model, dtype, dst / "model.safetensors")
+            return
         try:
             model = gguf_import.empty_model(folder, gguf_name)
         except (ValueError, KeyError, NotImplementedError) as e:
