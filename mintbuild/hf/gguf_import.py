@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 #: Bytes of output-dtype tensors gathered before a shard is written.
 SHARD_BYTES = 2 << 30
 
-#: GGUF architectures whose transformers tensor processor maps each GGUF tensor to at most one HF tensor (the
-#: base processor, llama's q/k un-permutation, gemma's norm offset, nemotron's, lfm2's reshapes).
+#: GGUF architectures converted whole: transformers' processors for them build HF tensors from several GGUF
+#: tensors (experts) or were not checked one tensor at a time. Every other architecture's processor maps each GGUF
+#: tensor to at most one HF tensor (the base processor, llama's q/k un-permutation, gemma's norm offset, ...).
 _NOT_STREAMED = ("qwen2moe", "qwen3moe", "gpt_oss", "gpt-oss", "minimax-m2", "bloom", "t5", "t5encoder")
 
 
