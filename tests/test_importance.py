@@ -344,8 +344,9 @@ def test_windows_of_the_real_corpus_avoid_the_test_split(smollm2_dir: Path, corp
 def test_real_smollm2_small_calibration(smollm2_dir: Path, corpus_dir: Path, tmp_path: Path) -> None:
     from mintbuild.hf.checkpoint import fingerprint
 
-    # One thread: on a busy 2-core machine two OpenMP threads spin-wait and run several times slower.
-    cfg = ImportanceConfig(n_windows=2, window=128, seed=0, threads=1)
+    # One thread: on a busy 2-core machine two OpenMP threads spin-wait and run several times slower. The head's
+    # Hessian only: every linear layer's Hessians and gains run on every family's checkpoint (test_families.py).
+    cfg = ImportanceConfig(n_windows=2, window=128, seed=0, threads=1, hessian_windows=2, hessians="head")
     res = run(smollm2_dir, corpus_dir, cfg, tmp_path / "imp", progress=False)
     saved = json.loads((tmp_path / "imp" / FILENAME).read_text(encoding="utf-8"))
     assert saved == res
