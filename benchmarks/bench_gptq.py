@@ -41,12 +41,12 @@ from mintbuild.mlx.quant.simd import mlx_scale_bias as _mlx_scale_bias
 def reference_clipped_group_params(
     w16: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, shrinks: tuple[float, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gptq.clipped_group_params` as the scalar loop of gptq-mlx-affine/3 (one row, group and shrink at a time,
-    the quadratic form a chain of float64 products and sums): the oracle of the lane-wise kernel."""
+    """`gptq.clipped_group_params` as a scalar loop (one row, group and shrink at a time, the quadratic form a
+    chain of float32 products and sums, each rounded on its own): the oracle of the lane-wise kernel."""
     rows, k = w16.shape
     n = k // g
     idx = torch.arange(k).reshape(n, g)
-    h_blocks = hessian.to(torch.float64)[idx[:, :, None], idx[:, None, :]].contiguous().numpy()
+    h_blocks = hessian.to(torch.float32)[idx[:, :, None], idx[:, None, :]].contiguous().numpy()
     scales, biases = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32)
     x = w16.to(torch.bfloat16).float().contiguous().numpy()
     _scalar_clip_rows(
@@ -58,9 +58,9 @@ def reference_clipped_group_params(
 @njit(parallel=True, cache=True)
 def _scalar_clip_rows(x, h_blocks, shrinks, n_bins, g, scales, biases):
     rows, k = x.shape
-    zero = np.float32(0.0)
+    zero, two = np.float32(0.0), np.float32(2.0)
     for r in prange(rows):
-        e = np.empty(g, np.float64)
+        e = np.empty(g, np.float32)
         for j in range(k // g):
             c0 = j * g
             lo = x[r, c0]
@@ -74,13 +74,13 @@ def _scalar_clip_rows(x, h_blocks, shrinks, n_bins, g, scales, biases):
                 s16, b16 = _bf16(s), _bf16(b)
                 for c in range(g):
                     q = min(max(np.rint((x[r, c0 + c] - b) / s), zero), n_bins)
-                    e[c] = np.float64(x[r, c0 + c]) - np.float64(_bf16(_bf16(q * s16) + b16))
-                err = 0.0
+                    e[c] = x[r, c0 + c] - _bf16(_bf16(q * s16) + b16)
+                err = zero
                 for c in range(g):
-                    off = 0.0
+                    off = zero
                     for d in range(c + 1, g):
-                        off += h_blocks[j, c, d] * e[d]
-                    err += e[c] * (h_blocks[j, c, c] * e[c] + 2.0 * off)
+                        off = off + h_blocks[j, c, d] * e[d]
+                    err = err + e[c] * (h_blocks[j, c, c] * e[c] + two * off)
                 if err < best or i == 0:
                     best = err
                     scales[r, j] = s
@@ -98,16 +98,12 @@ def reference_gptq_codes(
     """`gptq.gptq_codes` as a torch column loop over all rows at once (the loop of commit 5cd3f65, before the
     numba kernel, with the columns in act order on round-to-nearest's group grids since gptq-mlx-affine/2, on
     the grids `clipped_group_params` picks since gptq-mlx-affine/3): the block's error carried to the later
-    columns by one float32 matmul (MKL's sgemm), U factored on torch's threads (`fac` is ignored: always
-    factored here)."""
+    columns by one float32 matmul (MKL's sgemm). The order and U are `gptq.factor`'s (tested against its own
+    oracle in tests/test_gptq_cost.py), so that the two loops round against the same numbers."""
     bits, g = option.bits, option.group
     rows, k = w.shape
-    perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
-    h = hessian.to(torch.float64)[perm][:, perm].clone()
-    diag = torch.diagonal(h)
-    diag[diag <= 0] = 1.0
-    diag += damp * float(diag.mean())
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    fac = factor(hessian, damp) if fac is None else fac
+    perm, u = fac.perm, fac.u
     w16 = w.to(torch.bfloat16).float()
     scales, biases = clipped_group_params(w.to(torch.bfloat16), hessian, bits, g)
     s16, b16 = scales.to(torch.bfloat16).float(), biases.to(torch.bfloat16).float()

@@ -25,7 +25,8 @@ columns in act order), in float32, with w's columns in act order and g(j) the gr
 
 which is, operation for operation, the torch column loop kept as the reference in benchmarks/bench_gptq.py (the
 block product there is MKL's sgemm, which, measured, sums in exactly that order). The format tag
-(`rounding.GPTQ_VERSION`, gptq-mlx-affine/3) names this arithmetic: act order on clipped grids.
+(`rounding.GPTQ_VERSION`, gptq-mlx-affine/4) names this arithmetic: act order on clipped grids searched in
+float32, U from one Cholesky factorization and one triangular inverse.
 
 How the kernel (`_gptq_rows`) is fast: rows are taken 128 at a time (a row block), as 8-row panels transposed
 so that a column of 8 rows is one 8-lane vector and every step above is lane-wise vector math. Within a column
@@ -69,11 +70,6 @@ from mintbuild.mlx.quant.simd import vmin as _vmin
 from mintbuild.mlx.quant.simd import vrint as _vrint
 from mintbuild.mlx.quant.simd import vsplat as _vsplat
 from mintbuild.mlx.quant.simd import vstore as _vstore
-from mintbuild.mlx.quant.simd64 import dload as _dload
-from mintbuild.mlx.quant.simd64 import dmuladd as _dmuladd
-from mintbuild.mlx.quant.simd64 import dstore as _dstore
-from mintbuild.mlx.quant.simd64 import dstore_diff as _dstore_diff
-from mintbuild.mlx.quant.simd64 import dzero as _dzero
 from mintbuild.reproducible import one_torch_thread, sum64
 
 # The 8 x float32 vector type and its intrinsics are quant/simd.py's (every instruction carries `nsz` only, so no
@@ -282,12 +278,14 @@ def clipped_group_params(
 
     Clipping a group's outliers coarsens them but refines the grid every other weight sits on; which wins
     depends on how loud each input is, so it is judged by output error, not weight error (measured worse).
-    The error counts the bf16 scale and bias as stored; it is summed in float64, in a fixed order per row."""
+    The error counts the bf16 scale and bias as stored. It is float32 arithmetic in a fixed order per row, every
+    product and sum rounded on its own, so a grid can win over one whose exact error is lower only when the two
+    differ by less than that rounding (|e|^T |H_gg| |e| times (g + 2) float32 epsilons; tests/test_gptq.py)."""
     rows, k = w16.shape
     n = k // g
     if not 1 <= len(CLIP_SHRINKS) <= _L:
         raise MintError(f"CLIP_SHRINKS has {len(CLIP_SHRINKS)} factors; the clip search takes 1 to {_L}")
-    h_blocks = diagonal_blocks(hessian, g).numpy()
+    h_blocks = diagonal_blocks(hessian, g).float().numpy()
     scales, biases = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32)
     x = w16.to(torch.bfloat16).float().contiguous().numpy()
     _clip_rows(
@@ -301,30 +299,39 @@ _CLIP_ROWS = 8
 
 
 @njit(inline="always")
-def _off32(h_blocks: np.ndarray, j: int, c: int, g: int, e: np.ndarray, o: int, off: np.ndarray) -> None:
-    """off[i] = sum over d in (c, g) of H_cd e[d, i] in order of d (each lane a chain of products and sums,
-    from 0), for the 32 lanes i from `o` of the flat (g x lanes) `e`: eight vectors of sums in registers."""
-    n = e.size // g
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = _dzero()
+def _lane_err(err: np.ndarray, e: np.ndarray, p: int, i: int, hcc: Any, off: Any) -> None:
+    """err[8i : 8i + 8] += e_c (H_cc e_c + 2 off_c) for the 8 lanes from 8i of the column at `p` of `e`."""
+    v = _vload(e, p + i * _L)
+    _vstore(err, i * _L, _vload(err, i * _L) + v * (hcc * v + _vsplat(2.0) * off))
+
+
+@njit(inline="always")
+def _quad_column(h_blocks: np.ndarray, j: int, c: int, g: int, e: np.ndarray, err: np.ndarray) -> None:
+    """Column c's part of e^T H_jj e for the 64 lanes of the flat (g x 64) float32 `e`: off_c = sum over d in
+    (c, g) of H_cd e_d in order of d (each lane a chain of products and sums from 0, eight vectors in
+    registers), then err += e_c (H_cc e_c + 2 off_c)."""
+    n = _CLIP_ROWS * _L
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = _vsplat(0.0)
     for d in range(c + 1, g):
-        h = h_blocks[j, c, d]
-        p = d * n + o
-        a0 = _dmuladd(a0, h, _dload(e, p))
-        a1 = _dmuladd(a1, h, _dload(e, p + 4))
-        a2 = _dmuladd(a2, h, _dload(e, p + 8))
-        a3 = _dmuladd(a3, h, _dload(e, p + 12))
-        a4 = _dmuladd(a4, h, _dload(e, p + 16))
-        a5 = _dmuladd(a5, h, _dload(e, p + 20))
-        a6 = _dmuladd(a6, h, _dload(e, p + 24))
-        a7 = _dmuladd(a7, h, _dload(e, p + 28))
-    _dstore(off, o, a0)
-    _dstore(off, o + 4, a1)
-    _dstore(off, o + 8, a2)
-    _dstore(off, o + 12, a3)
-    _dstore(off, o + 16, a4)
-    _dstore(off, o + 20, a5)
-    _dstore(off, o + 24, a6)
-    _dstore(off, o + 28, a7)
+        h = _vsplat(h_blocks[j, c, d])
+        p = d * n
+        a0 = a0 + h * _vload(e, p)
+        a1 = a1 + h * _vload(e, p + 8)
+        a2 = a2 + h * _vload(e, p + 16)
+        a3 = a3 + h * _vload(e, p + 24)
+        a4 = a4 + h * _vload(e, p + 32)
+        a5 = a5 + h * _vload(e, p + 40)
+        a6 = a6 + h * _vload(e, p + 48)
+        a7 = a7 + h * _vload(e, p + 56)
+    hcc, p = _vsplat(h_blocks[j, c, c]), c * n
+    _lane_err(err, e, p, 0, hcc, a0)
+    _lane_err(err, e, p, 1, hcc, a1)
+    _lane_err(err, e, p, 2, hcc, a2)
+    _lane_err(err, e, p, 3, hcc, a3)
+    _lane_err(err, e, p, 4, hcc, a4)
+    _lane_err(err, e, p, 5, hcc, a5)
+    _lane_err(err, e, p, 6, hcc, a6)
+    _lane_err(err, e, p, 7, hcc, a7)
 
 
 @njit(parallel=True, cache=True)
@@ -337,11 +344,12 @@ def _clip_rows(
     scales: np.ndarray,
     biases: np.ndarray,
 ) -> None:
-    """`clipped_group_params` for blocks of `_CLIP_ROWS` rows (float32 grids as MLX derives them; float64
-    errors). Per group, the errors of every (row, shrink) pair of the block are computed side by side, one
-    lane each, so that the quadratic form's inner loop is lane-wise vector arithmetic; each lane's error is the
-    same sequence of float64 operations as a scalar loop over the group (off_c = sum over d > c of H_cd e_d in
-    order of d; err = sum over c of e_c (H_cc e_c + 2 off_c) in order of c), whatever the block or thread."""
+    """`clipped_group_params` for blocks of `_CLIP_ROWS` rows (grids as MLX derives them, errors in float32).
+    Per group, the errors of every (row, shrink) pair of the block are computed side by side, one lane each, so
+    that the quadratic form's inner loop is lane-wise vector arithmetic; each lane's error is the same sequence
+    of float32 operations as a scalar loop over the group (off_c = sum over d > c of H_cd e_d in order of d;
+    err = sum over c of e_c (H_cc e_c + 2 off_c) in order of c, every product and sum rounded on its own),
+    whatever the block or thread."""
     rows, k = x.shape
     n_s = shrinks.size
     n_blk = (rows + _CLIP_ROWS - 1) // _CLIP_ROWS
@@ -350,10 +358,8 @@ def _clip_rows(
     for blk in prange(n_blk):
         r0 = blk * _CLIP_ROWS
         n = min(_CLIP_ROWS, rows - r0)
-        ef = np.zeros(g * lanes, np.float64)
-        e = ef.reshape((g, lanes))
-        off = np.empty(lanes, np.float64)
-        err = np.empty(lanes, np.float64)
+        e = np.zeros(g * lanes, np.float32)
+        err = np.empty(lanes, np.float32)
         s32 = np.ones(lanes, np.float32)
         b32 = np.zeros(lanes, np.float32)
         s16 = np.ones(lanes, np.float32)
@@ -377,14 +383,10 @@ def _clip_rows(
                 for c in range(g):
                     xv = _vsplat(x[r0 + r, c0 + c])
                     q = _vmin(_vmax(_vrint((xv - bv) / sv), zero), top)
-                    _dstore_diff(ef, c * lanes + r * _L, xv, _vbf16(_vbf16(q * sv16) + bv16))
+                    _vstore(e, c * lanes + r * _L, xv - _vbf16(_vbf16(q * sv16) + bv16))
             err[:] = 0.0
             for c in range(g):
-                for o in range(0, lanes, 32):
-                    _off32(h_blocks, j, c, g, ef, o, off)
-                hcc = h_blocks[j, c, c]
-                for lane in range(lanes):
-                    err[lane] += e[c, lane] * (hcc * e[c, lane] + 2.0 * off[lane])
+                _quad_column(h_blocks, j, c, g, e, err)
             for r in range(n):
                 best = np.inf
                 for i in range(n_s):
@@ -419,38 +421,68 @@ def inverse_cholesky_t(hessian: HessianRows, damp: float, perm: torch.Tensor | N
     computed in float64.
 
     The damping keeps H invertible when calibration tokens are fewer than inputs or an input is always zero;
-    larger values move the result toward round-to-nearest. Computed on one thread, so that U, and with it every
-    code, is the same whatever the thread count. Memory: one float64 [K, K] buffer that the three LAPACK steps
-    (Cholesky, its inverse, the upper Cholesky of that) overwrite in place, plus the float32 result, filled and
-    emptied `_CHUNK_ROWS` rows at a time; H itself is only read by rows (it may wait on disk). In place or not,
-    LAPACK computes the same numbers (tests/test_gptq_cost.py checks it against torch's out-of-place calls).
+    larger values move the result toward round-to-nearest. U comes from one Cholesky factorization and one
+    triangular inverse (1/3 K^3 flops, half of inverting H and factoring the inverse): with J the order
+    reversal, J H J = L L^T gives H = (J L J)(J L J)^T, so H^-1 = U^T U with U = J L^-1 J upper triangular with
+    a positive diagonal, which is the unique Cholesky factor of H^-1. Computed on one thread, so that U, and
+    with it every code, is the same whatever the thread count. Memory: one float64 [K, K] buffer that the
+    Cholesky factorization and the triangular inverse overwrite in place, plus the float32 result and
+    transients of `_CHUNK_ROWS` rows; H itself is only read by rows (it may wait on disk). tests/test_gptq_cost.py
+    checks U against inverting H and factoring the inverse.
     """
     k = hessian.shape[0]
     if len(hessian.shape) != 2 or hessian.shape[1] != k:
         raise MintError(f"Hessian of shape {list(hessian.shape)} is not square")
-    perm = torch.arange(k) if perm is None else perm
+    rev = (torch.arange(k) if perm is None else perm).flip(0)
     buf = torch.empty((k, k), dtype=torch.float64)
     for i0 in range(0, k, _CHUNK_ROWS):
-        rows = hessian[perm[i0 : i0 + _CHUNK_ROWS]]
-        buf[i0 : i0 + _CHUNK_ROWS] = torch.as_tensor(rows)[:, perm].to(torch.float64)
+        rows = hessian[rev[i0 : i0 + _CHUNK_ROWS]]
+        buf[i0 : i0 + _CHUNK_ROWS] = torch.as_tensor(rows)[:, rev].to(torch.float64)
         del rows
     diag = torch.diagonal(buf)
     dead = diag <= 0
     diag[dead] = 1.0  # an input that never fired: nothing to compensate through it
     diag += damp * float(diag.mean())
-    t = buf.mT  # H is symmetric: its column-major view is H, and LAPACK works on it in place
+    t = buf.mT  # J H J is symmetric: its column-major view is itself, and LAPACK works on it in place
     try:
         with one_torch_thread():
             torch.linalg.cholesky(t, out=t)
-            torch.cholesky_inverse(t, out=t)
-            torch.linalg.cholesky(t, upper=True, out=t)
+            _invert_lower(t)
     except RuntimeError as e:  # torch raises _LinAlgError (a RuntimeError) for a non-positive-definite H
         raise MintError(f"Hessian is not positive definite even with damp {damp}: {e}") from None
-    # t's upper triangle is U, so buf's lower triangle is U^T (the rest is LAPACK's scratch)
+    # t's lower triangle is L^-1, so buf[a, b] = L^-1[b, a] for b >= a, and U^T[i, c] = buf[K-1-i, K-1-c]
     ut = torch.empty((k, k), dtype=torch.float32)
     for i0 in range(0, k, _CHUNK_ROWS):
-        ut[i0 : i0 + _CHUNK_ROWS] = torch.tril(buf[i0 : i0 + _CHUNK_ROWS], diagonal=i0)
+        i1 = min(i0 + _CHUNK_ROWS, k)
+        ut[i0:i1] = torch.tril(buf[k - i1 : k - i0].flip(0, 1), diagonal=i0)
     return ut
+
+
+#: Below this size `_invert_lower` inverts a diagonal block by one triangular solve against the identity.
+_TRI_BASE = 256
+
+
+def _invert_lower(t: torch.Tensor) -> None:
+    """Overwrite the lower triangle of the square float64 view `t` (a lower triangular L; the upper triangle is
+    not read and may be overwritten) with L^-1: recursively, [A 0; B C]^-1 = [A^-1 0; -C^-1 B A^-1 C^-1], the
+    off-diagonal block by two triangular solves before A and C are inverted (1/6 K^3 multiply-adds in all),
+    `_CHUNK_ROWS` rows or columns of it at a time."""
+    n = t.shape[0]
+    if n <= _TRI_BASE:
+        t.copy_(torch.linalg.solve_triangular(t, torch.eye(n, dtype=t.dtype), upper=False))
+        return
+    h = n // 2
+    a, b, c = t[:h, :h], t[h:, :h], t[h:, h:]
+    for r0 in range(0, n - h, _CHUNK_ROWS):  # B A^-1, row by row
+        b[r0 : r0 + _CHUNK_ROWS] = torch.linalg.solve_triangular(
+            a, b[r0 : r0 + _CHUNK_ROWS], upper=False, left=False
+        )
+    for c0 in range(0, h, _CHUNK_ROWS):  # -C^-1 (B A^-1), column by column
+        b[:, c0 : c0 + _CHUNK_ROWS] = torch.linalg.solve_triangular(
+            c, b[:, c0 : c0 + _CHUNK_ROWS], upper=False
+        ).neg_()
+    _invert_lower(a)
+    _invert_lower(c)
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
