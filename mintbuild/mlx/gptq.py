@@ -422,7 +422,7 @@ def inverse_cholesky_t(hessian: HessianRows, damp: float, perm: torch.Tensor | N
 
     The damping keeps H invertible when calibration tokens are fewer than inputs or an input is always zero;
     larger values move the result toward round-to-nearest. U comes from one Cholesky factorization and one
-    triangular inverse (1/3 K^3 flops, half of inverting H and factoring the inverse): with J the order
+    triangular inverse (2/3 K^3 flops, half the 4/3 K^3 of inverting H and factoring the inverse): with J the order
     reversal, J H J = L L^T gives H = (J L J)(J L J)^T, so H^-1 = U^T U with U = J L^-1 J upper triangular with
     a positive diagonal, which is the unique Cholesky factor of H^-1. Computed on one thread, so that U, and
     with it every code, is the same whatever the thread count. Memory: one float64 [K, K] buffer that the
