@@ -32,6 +32,10 @@ AVX2: dict[str, str] = {
     "NUMBA_CPU_NAME": "haswell",
     # OpenBLAS (numpy's and scipy's BLAS/LAPACK) picks its kernels by cpuid too: the Haswell (AVX2) ones
     "OPENBLAS_CORETYPE": "Haswell",
+    # MKL's reproducibility for a given thread count holds only if it never lowers the count itself
+    # (reproducible.torch_threads: GPTQ's factor always runs on two threads)
+    "MKL_DYNAMIC": "FALSE",
+    "OMP_DYNAMIC": "FALSE",
 }
 
 #: Set to "native" to keep the libraries' own dispatch.

@@ -4,7 +4,7 @@ value that steers a discrete choice (an equalization exponent, a knapsack cost, 
 Measured on torch's CPU build (MKL): float32 and float64 matmuls and same-dtype reductions give identical bits
 with 1 and 2 threads, but a float32 tensor reduced with ``dtype=torch.float64`` and LAPACK (Cholesky, SVD,
 eigh) do not. So: sums that must be exact to the last bit are taken by numpy in float64 (one thread, a fixed
-pairwise order), and LAPACK calls run on one torch thread.
+pairwise order), and LAPACK calls run on a fixed number of torch threads (one, or GPTQ's factor's two).
 """
 
 from __future__ import annotations
@@ -17,16 +17,23 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch (and MKL's LAPACK under it) on one thread, then restore the thread count."""
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch (and MKL under it) on exactly `n` threads, whatever the machine's cores, then restore the thread
+    count. MKL gives the same bits for the same thread count (its conditional numerical reproducibility, with the
+    code path and MKL_DYNAMIC pinned: dispatch.py), so a LAPACK call made here is the same on every machine."""
     import torch
 
     saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def one_torch_thread() -> contextlib.AbstractContextManager[None]:
+    """Run torch (and MKL's LAPACK under it) on one thread, then restore the thread count."""
+    return torch_threads(1)
 
 
 def _float64(t: Any) -> np.ndarray:

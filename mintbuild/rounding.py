@@ -11,7 +11,7 @@ from __future__ import annotations
 
 #: The GPTQ arithmetic (gptq.py) the gains were measured with and the packer rounds with: recorded with the
 #: importance stage's gains, in the packer's cache key and manifest; bump whenever gptq.py's numbers change.
-GPTQ_VERSION = "gptq-mlx-affine/4"
+GPTQ_VERSION = "gptq-mlx-affine/5"
 
 
 def gptq_helps(gain: float) -> bool:

@@ -51,6 +51,22 @@ def test_clip_search_is_the_scalar_loop(
         assert not torch.equal(got[0], reference_clipped_group_params(w, h, opt.bits, opt.group, (1.0,))[0])
 
 
+def test_factor_is_the_same_whatever_the_callers_threads() -> None:
+    """The factor's LAPACK calls run on FACTOR_THREADS threads whatever the caller set, so U is the same bits on
+    a machine of any core count. At K = 1536 the thread count matters to MKL (measured: U on one thread differs
+    from U on two), so a factor that took the caller's count would fail here."""
+    h = hessian(1536, 1536, seed=5).float()
+    saved = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got.append(factor(h, 0.1).ut)
+    finally:
+        torch.set_num_threads(saved)
+    assert all(torch.equal(got[0], u) for u in got[1:])
+
+
 @pytest.mark.parametrize("k", [5, 257, 777])
 def test_lower_triangular_inverse_in_place(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """`_invert_lower` leaves L^-1 in the lower triangle whatever the upper one held (LAPACK's scratch there),

@@ -25,8 +25,8 @@ columns in act order), in float32, with w's columns in act order and g(j) the gr
 
 which is, operation for operation, the torch column loop kept as the reference in benchmarks/bench_gptq.py (the
 block product there is MKL's sgemm, which, measured, sums in exactly that order). The format tag
-(`rounding.GPTQ_VERSION`, gptq-mlx-affine/4) names this arithmetic: act order on clipped grids searched in
-float32, U from one Cholesky factorization and one triangular inverse.
+(`rounding.GPTQ_VERSION`, gptq-mlx-affine/5) names this arithmetic: act order on clipped grids searched in
+float32, U from one Cholesky factorization and one triangular inverse on two threads.
 
 How the kernel (`_gptq_rows`) is fast: rows are taken 128 at a time (a row block), as 8-row panels transposed
 so that a column of 8 rows is one 8-lane vector and every step above is lane-wise vector math. Within a column
@@ -34,7 +34,7 @@ block each panel runs the column loop on its own (the rank-1 updates stay in L1)
 carried to the later columns by a register-tiled product (16 rows x 4 columns of accumulators), 4 columns at a
 time for every panel of the block, so that U^T is read from memory once per row block. Row blocks are shared
 among numba's threads (prange). A row's result is the same
-sequence of IEEE float32 operations whatever block, lane or thread computes it, and U is factored on one thread,
+sequence of IEEE float32 operations whatever block, lane or thread computes it, and U is factored on a fixed thread count,
 so the output depends neither on the thread count nor on how rows are split; the kernel calls no BLAS.
 
 Which tensors get it is decided by the importance stage, which measures H for every linear layer (or the output
@@ -70,7 +70,7 @@ from mintbuild.mlx.quant.simd import vmin as _vmin
 from mintbuild.mlx.quant.simd import vrint as _vrint
 from mintbuild.mlx.quant.simd import vsplat as _vsplat
 from mintbuild.mlx.quant.simd import vstore as _vstore
-from mintbuild.reproducible import one_torch_thread, sum64
+from mintbuild.reproducible import sum64, torch_threads
 
 # The 8 x float32 vector type and its intrinsics are quant/simd.py's (every instruction carries `nsz` only, so no
 # caller can let LLVM reassociate these operations or contract a product and a difference into an FMA).
@@ -411,6 +411,11 @@ def _diagonal(hessian: HessianRows) -> torch.Tensor:
     return hessian.diagonal()  # type: ignore[attr-defined]
 
 
+#: Threads of the factor's LAPACK calls, on every machine: MKL computes the same bits for the same thread count
+#: (reproducible.torch_threads), so U, and every code, does not depend on the machine's cores; two run the
+#: factor 1.6x faster than one (K = 4096-8192), and a one-core machine only waits longer.
+FACTOR_THREADS = 2
+
 #: Rows of H converted at a time when it is copied into the factor's float64 buffer (bounds the transient).
 _CHUNK_ROWS = 1024
 
@@ -424,8 +429,8 @@ def inverse_cholesky_t(hessian: HessianRows, damp: float, perm: torch.Tensor | N
     larger values move the result toward round-to-nearest. U comes from one Cholesky factorization and one
     triangular inverse (2/3 K^3 flops, half the 4/3 K^3 of inverting H and factoring the inverse): with J the order
     reversal, J H J = L L^T gives H = (J L J)(J L J)^T, so H^-1 = U^T U with U = J L^-1 J upper triangular with
-    a positive diagonal, which is the unique Cholesky factor of H^-1. Computed on one thread, so that U, and
-    with it every code, is the same whatever the thread count. Memory: one float64 [K, K] buffer that the
+    a positive diagonal, which is the unique Cholesky factor of H^-1. Computed on FACTOR_THREADS threads
+    whatever the caller's thread count, so that U, and with it every code, is the same on every machine. Memory: one float64 [K, K] buffer that the
     Cholesky factorization and the triangular inverse overwrite in place, plus the float32 result and
     transients of `_CHUNK_ROWS` rows; H itself is only read by rows (it may wait on disk). tests/test_gptq_cost.py
     checks U against inverting H and factoring the inverse.
@@ -445,7 +450,7 @@ def inverse_cholesky_t(hessian: HessianRows, damp: float, perm: torch.Tensor | N
     diag += damp * float(diag.mean())
     t = buf.mT  # J H J is symmetric: its column-major view is itself, and LAPACK works on it in place
     try:
-        with one_torch_thread():
+        with torch_threads(FACTOR_THREADS):
             torch.linalg.cholesky(t, out=t)
             _invert_lower(t)
     except RuntimeError as e:  # torch raises _LinAlgError (a RuntimeError) for a non-positive-definite H
