@@ -70,9 +70,15 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: setup
+## bench: every key ratio in one run: the solver (exact vs cvxpy/HiGHS), profile throughput, GPTQ vs one dense matmul
+## (the head and an 8B's two layer shapes, the factor apart), pack fresh vs cached and the quantize kernel vs torch
+## (after `dvc repro allocate@bpw4`: the default build up to that target's allocation, ~7 min the first time)
+bench: setup llamacpp
 	$(BIN)/python benchmarks/bench_solve.py
 	$(BIN)/python benchmarks/bench_profile.py
+	$(BIN)/python benchmarks/bench_gptq.py --no-reference --repeat 1
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro allocate@bpw4
+	$(BIN)/python benchmarks/bench_pack.py --target bpw4
 
 ## quality: mintbuild vs uniform MLX, mlx-lm recipes, mlx-lm's calibrated peers (AWQ, GPTQ, dynamic_quant) and the
 ## published greedy at equal bytes (~1-1.5 h here the first time, most of it AWQ; peer folders are then cached in

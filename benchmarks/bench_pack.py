@@ -85,7 +85,7 @@ def bench_eval(target: str, n_tokens: int) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target", default="smollm2-4bpw")
+    ap.add_argument("--target", default="bpw4")
     ap.add_argument("--tokens", type=int, default=256)
     a = ap.parse_args()
     bench_pack(a.target)
