@@ -18,7 +18,7 @@ from mintbuild.mlx.factor_cache import FactorCache
 from mintbuild.mlx.gptq import GAIN_BOUND_SE, factor, gain_estimates, gptq_codes, rounding_gain
 from mintbuild.mlx.hessian_file import HessianFile
 from mintbuild.mlx.quant.reference import quantize_dequantize
-from mintbuild.reproducible import one_torch_thread
+from mintbuild.reproducible import one_torch_thread, torch_threads
 from tests.test_gptq import tokens, weights
 
 
@@ -56,14 +56,10 @@ def test_factor_is_the_same_whatever_the_callers_threads() -> None:
     a machine of any core count. At K = 1536 the thread count matters to MKL (measured: U on one thread differs
     from U on two), so a factor that took the caller's count would fail here."""
     h = hessian(1536, 1536, seed=5).float()
-    saved = torch.get_num_threads()
-    try:
-        got = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
+    got = []
+    for threads in (1, 2, 3):
+        with torch_threads(threads):
             got.append(factor(h, 0.1).ut)
-    finally:
-        torch.set_num_threads(saved)
     assert all(torch.equal(got[0], u) for u in got[1:])
 
 

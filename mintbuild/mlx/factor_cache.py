@@ -6,7 +6,8 @@ H's values, the damping and the GPTQ arithmetic, so it is keyed by the content: 
 bytes, the damp and GPTQ_VERSION. Kept in memory (the most recent ones, up to `memory_bytes`) and, with a
 `root`, on disk: one file per factor, a 16-byte xxh3-128 digest of the payload then the order (int64) and U^T
 (float32), the digest checked on every read so a torn or corrupt entry is recomputed, never used. `factor` is
-computed on a fixed thread count (gptq.FACTOR_THREADS), so a stored factor is bit for bit the one a fresh call gives (tests/test_gptq.py).
+computed on a fixed thread count (gptq.FACTOR_THREADS), so a stored factor is bit for bit the one a fresh call
+gives (tests/test_gptq.py).
 """
 
 from __future__ import annotations

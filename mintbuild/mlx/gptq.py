@@ -34,8 +34,9 @@ block each panel runs the column loop on its own (the rank-1 updates stay in L1)
 carried to the later columns by a register-tiled product (16 rows x 4 columns of accumulators), 4 columns at a
 time for every panel of the block, so that U^T is read from memory once per row block. Row blocks are shared
 among numba's threads (prange). A row's result is the same
-sequence of IEEE float32 operations whatever block, lane or thread computes it, and U is factored on a fixed thread count,
-so the output depends neither on the thread count nor on how rows are split; the kernel calls no BLAS.
+sequence of IEEE float32 operations whatever block, lane or thread computes it, and U is factored on a fixed
+thread count, so the output depends neither on the thread count nor on how rows are split; the kernel calls no
+BLAS.
 
 Which tensors get it is decided by the importance stage, which measures H for every linear layer (or the output
 head only) and GPTQ's held-out gain on each tensor and option (`rounding_gain`); where that gain is not below 1
@@ -427,13 +428,13 @@ def inverse_cholesky_t(hessian: HessianRows, damp: float, perm: torch.Tensor | N
 
     The damping keeps H invertible when calibration tokens are fewer than inputs or an input is always zero;
     larger values move the result toward round-to-nearest. U comes from one Cholesky factorization and one
-    triangular inverse (2/3 K^3 flops, half the 4/3 K^3 of inverting H and factoring the inverse): with J the order
-    reversal, J H J = L L^T gives H = (J L J)(J L J)^T, so H^-1 = U^T U with U = J L^-1 J upper triangular with
-    a positive diagonal, which is the unique Cholesky factor of H^-1. Computed on FACTOR_THREADS threads
-    whatever the caller's thread count, so that U, and with it every code, is the same on every machine. Memory: one float64 [K, K] buffer that the
-    Cholesky factorization and the triangular inverse overwrite in place, plus the float32 result and
-    transients of `_CHUNK_ROWS` rows; H itself is only read by rows (it may wait on disk). tests/test_gptq_cost.py
-    checks U against inverting H and factoring the inverse.
+    triangular inverse (2/3 K^3 flops, half the 4/3 K^3 of inverting H and factoring the inverse): with J the
+    order reversal, J H J = L L^T gives H = (J L J)(J L J)^T, so H^-1 = U^T U with U = J L^-1 J upper
+    triangular with a positive diagonal, which is the unique Cholesky factor of H^-1. Computed on
+    FACTOR_THREADS threads whatever the caller's thread count, so that U, and with it every code, is the same on
+    every machine. Memory: one float64 [K, K] buffer that the Cholesky factorization and the triangular inverse
+    overwrite in place, plus the float32 result and transients of `_CHUNK_ROWS` rows; H itself is only read by
+    rows (it may wait on disk). tests/test_gptq_cost.py checks U against inverting H and factoring the inverse.
     """
     k = hessian.shape[0]
     if len(hessian.shape) != 2 or hessian.shape[1] != k:
@@ -488,11 +489,6 @@ def _invert_lower(t: torch.Tensor) -> None:
         ).neg_()
     _invert_lower(a)
     _invert_lower(c)
-
-
-def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """U (float32, upper) of `inverse_cholesky_t` for H in its stored order."""
-    return inverse_cholesky_t(hessian, damp).T.contiguous()
 
 
 def act_order(hessian: HessianRows) -> torch.Tensor:
