@@ -319,23 +319,34 @@ def bound(a: argparse.Namespace, stage: str, params: dict) -> int:
     # windows' activations in and out of it, and the block's Hessians and gains (a Llama block's distinct
     # inputs: q/k/v, o, gate/up read h-wide inputs, down the intermediate).
     hessian_pass = 4 * block + 2 * imp["hessian_windows"] * imp["window"] * h * 4 + int(1.5 * GB)
-    return max(base, hessian_pass + hessian_bytes([h, h, h, inter]))
+    held = imp["hessian_windows"] // 2 * imp["window"]  # the odd windows' tokens
+    return max(base, hessian_pass + hessian_bytes([h, h, h, inter], held))
 
 
-def hessian_bytes(inputs: list[int]) -> int:
+def hessian_bytes(inputs: list[int], held: int = 0) -> int:
     """What the Hessians and gains of one block add to the importance stage's peak (every linear layer's
-    Hessian), bytes. While the block's windows run: two float64 accumulators per distinct input of width k
-    (all windows and the even ones, 16 k^2 each) and one window's product x^T x in float32 and float64, a block
-    of PRODUCT_ROWS rows at a time (12 k min(k, PRODUCT_ROWS), the widest input's at most). Then the inputs are finished narrowest first, each one's
-    accumulators freed before the next: input i's gains run with the accumulators of i and the inputs after it
-    alive (16 k_j^2 each, the held-out H taken in place of the full one) plus its working set: the float32
-    held-out copy (4 k^2), the factor's float64 buffer (8 k^2) and its float32 result (4 k^2), 16 k_i^2 in all.
-    The widest input's gains thus run alone: 32 k_max^2."""
+    Hessian), bytes, with `held` held-out (odd-window) tokens. While the block's windows run: two float64
+    accumulators per distinct input of width k (all windows and the even ones, 16 k^2 each), the held-out
+    tokens' inputs of every input wider than their count (gptq.held_out_rule: 4 held k each), and one
+    window's product x^T x in float32 and float64, a block of PRODUCT_ROWS rows at a time (12 k min(k,
+    PRODUCT_ROWS), the widest input's at most). Then the inputs are finished narrowest first, each one's
+    accumulators freed before the next: input i's gains run with what the inputs after it hold plus its own
+    working set: with the held-out H (taken in place of the full one), 32 k^2 (the even and held-out
+    accumulators, the held-out float32 copy 4 k^2, the factor's float64 buffer 8 k^2 and its float32 result
+    4 k^2); with the held-out inputs, 20 k^2 + 4 held k (the full accumulator freed, no copy)."""
     from mintbuild.calibration.hessians import PRODUCT_ROWS
+    from mintbuild.mlx.gptq import held_out_rule
 
     ks = sorted(inputs)
-    walk = 16 * sum(k * k for k in ks) + 12 * ks[-1] * min(ks[-1], PRODUCT_ROWS)
-    return max(walk, *(16 * sum(k * k for k in ks[i:]) + 16 * ks[i] ** 2 for i in range(len(ks))))
+
+    def kept(k: int) -> int:  # an unfinished input's accumulators and held-out inputs
+        return 16 * k * k + (4 * held * k if held_out_rule(held, k) else 0)
+
+    def working(k: int) -> int:  # a finishing input's
+        return 20 * k * k + 4 * held * k if held_out_rule(held, k) else 32 * k * k
+
+    walk = sum(kept(k) for k in ks) + 12 * ks[-1] * min(ks[-1], PRODUCT_ROWS)
+    return max(walk, *(sum(kept(k) for k in ks[i + 1 :]) + working(ks[i]) for i in range(len(ks))))
 
 
 def run(a: argparse.Namespace) -> list[tuple]:

@@ -91,7 +91,9 @@ def tiny_params(model: Path, text: Path, targets: dict) -> dict:
     # MLX targets only: the tiny model's own BPE tokenizer is not one llama.cpp's converter recognises
     p["convert"]["enabled"] = False
     p["eval"].update({"window": 64, "n_windows": 2})
-    p["importance"].update({"window": 64, "n_windows": 2, "hessian_windows": 4})
+    # 3 Hessian windows: 64 held-out tokens, fewer than the 128-wide down_proj's inputs (their gains come from
+    # the held-out inputs) and as many as the 64-wide others' (from the held-out Hessian): both paths run
+    p["importance"].update({"window": 64, "n_windows": 2, "hessian_windows": 3})
     p["equalize"].update({"window": 64, "n_windows": 2, "samples": 64, "rank": 16, "grid": 6})
     return p
 

@@ -335,7 +335,7 @@ def test_input_hessians_are_xtx_of_every_linear_input(tmp_path: Path, corpus_dir
     assert key["self_attn.q_proj"] == key["self_attn.k_proj"] == key["self_attn.v_proj"]
     assert key["mlp.gate_proj"] == key["mlp.up_proj"] and len(kept) == 2 * 4 + 1
     halves: dict[str, torch.Tensor] = {}
-    hs = InputHessians(set(oracle), lambda names, _full, even: halves.update(dict.fromkeys(names, even)))
+    hs = InputHessians(set(oracle), lambda names, even, _held: halves.update(dict.fromkeys(names, even)))
     measure(StreamedModel(CheckpointSource(model_dir), torch.float32, head=False), windows, hs, True, False)
     for n in oracle:
         even = per_window[0][n] + per_window[2][n]

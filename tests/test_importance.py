@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -236,17 +237,21 @@ def test_streamed_fisher_equals_whole_model_untied_bos(corpus_dir: Path, tmp_pat
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_wide_input_hessians_by_row_blocks_are_the_whole_products(threads: int) -> None:
+@pytest.mark.parametrize("held_tokens", [0, 96])
+def test_wide_input_hessians_by_row_blocks_are_the_whole_products(threads: int, held_tokens: int) -> None:
     """An input wider than PRODUCT_ROWS (a 14,336-wide down_proj's, scaled down) accumulates x^T x a block of
-    rows at a time; both accumulators (all windows, even windows) equal the sums of the whole products, bit for
-    bit, on 1 and 2 threads."""
+    rows at a time, the lower block triangle only, mirrored at the end; what is kept (all windows), the even
+    windows' H and the held-out tokens' H (all minus even) equal the sums of the whole products, bit for bit,
+    on 1 and 2 threads. With fewer held-out tokens than inputs, the held-out tokens are their inputs instead."""
     from mintbuild.calibration.hessians import PRODUCT_ROWS
+    from mintbuild.mlx.gptq import HeldOutInputs
 
     k = PRODUCT_ROWS + PRODUCT_ROWS // 2 + 7  # one full block and a partial one
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(1, 96, k, generator=gen) * torch.rand(k, generator=gen) for _ in range(3)]
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    hs = InputHessians({"w"}, lambda names, full, even: seen.update({names[0]: (full.clone(), even.clone())}))
+    seen: dict[str, tuple[torch.Tensor, Any]] = {}
+    hs = InputHessians({"w"}, lambda names, even, held: seen.update({names[0]: (even.clone(), held)}), None,
+                       held_tokens)  # fmt: skip
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -257,10 +262,14 @@ def test_wide_input_hessians_by_row_blocks_are_the_whole_products(threads: int) 
         products = [(x[0].T @ x[0]).double() for x in xs]
     finally:
         torch.set_num_threads(before)
-    full, even = seen["w"]
-    assert torch.equal(full, products[0] + products[1] + products[2])
-    assert torch.equal(even, products[0] + products[2])
+    even, held = seen["w"]
+    full = products[0] + products[1] + products[2]
     assert torch.equal(hs.kept["w"], full.float())
+    assert torch.equal(even, products[0] + products[2])
+    if held_tokens:
+        assert isinstance(held, HeldOutInputs) and torch.equal(held.x, xs[1][0])
+    else:
+        assert torch.equal(held, full - (products[0] + products[2]))
 
 
 @pytest.mark.parametrize("hidden", [96, 100])

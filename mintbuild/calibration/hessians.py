@@ -10,7 +10,8 @@ float64; H is stored in float32 (GPTQ factors it in float64).
 
 The model is streamed (streaming.forward_hidden): every window goes through block l before block l+1 is read. When
 a block's windows are done, GPTQ's gain on each of its tensors is measured (`gptq.rounding_gain`: GPTQ fitted on
-the even-numbered windows' H, output error on the odd ones' over round-to-nearest's), and only the float32 sum is
+the even-numbered windows' H, output error on the odd ones' over round-to-nearest's, from their H or, for an
+input wider than their token count, from their inputs), and only the float32 sum is
 kept (`HessianStore`), in a spill folder on disk when the stage gives one: memory is then one block in float32
 and its Hessians in float64, not every Hessian of the model (0.4 GB for a 135M model, ~33 GB for an 8B).
 
@@ -49,8 +50,8 @@ PENDING_BYTES = 64 << 30
 #: importance.hessians: every linear layer, or the output head only (an 8B's per-layer Hessians are ~33 GB).
 SCOPES = ("all", "head")
 
-#: done(weight names sharing the input, H over all windows (kept already: done may overwrite it), H over the
-#: even-numbered ones)
+#: done(weight names sharing the input, H over the even-numbered windows (float64), the held-out tokens: H over
+#: the odd-numbered windows (float64; done may overwrite it) or their inputs as gptq.HeldOutInputs)
 Done = Callable[[list[str], Any, Any], None]
 
 
@@ -100,14 +101,18 @@ PRODUCT_ROWS = 2048
 
 class InputHessians:
     """Per distinct input of the linear layers: H over all windows and over the even-numbered ones (float64)
-    while its block runs, then `done` sees them and only float32 H is kept (`kept`, by key, in the folder
-    `spill` when given; `key_of` maps every weight name to its key)."""
+    while its block runs, then only float32 H is kept (`kept`, by key, in the folder `spill` when given;
+    `key_of` maps every weight name to its key) and `done` sees the even windows' H and the held-out (odd)
+    windows' tokens: their Hessian, or, for an input wider than the `held_tokens` odd-window tokens
+    (`gptq.held_out_rule`), their inputs themselves, kept while the block runs (4 held_tokens k bytes, less than
+    one float32 H)."""
 
-    def __init__(self, wanted: set[str], done: Done, spill: Path | None = None) -> None:
-        self.wanted, self.done = wanted, done
+    def __init__(self, wanted: set[str], done: Done, spill: Path | None = None, held_tokens: int = 0) -> None:
+        self.wanted, self.done, self.held_tokens = wanted, done, held_tokens
         self.kept = HessianStore(spill)
         self.key_of: dict[str, str] = {}
         self._acc: dict[str, list[Any]] = {}
+        self._held: dict[str, list[Any]] = {}
         self._last: tuple[Any, str] | None = None
         self.parity = 0
 
@@ -126,34 +131,62 @@ class InputHessians:
 
     def _accumulate(self, key: str, flat: Any) -> None:
         """Add one window's x^T x (float32 products, float64 sums) to the input's accumulators, PRODUCT_ROWS rows
-        of it at a time: a window's temporaries are 12 k min(k, PRODUCT_ROWS) bytes, not 12 k^2 (2.5 GB for a
-        14,336-wide input). Each row block is the same BLAS dot products over the window's tokens as the whole
-        product, bit for bit (tests/test_importance.py checks it against the whole product)."""
+        of it at a time and only the columns up to the row block's end (the rest is its mirror image, copied
+        by `_mirror` at the end: half the products): a window's temporaries are 12 k min(k, PRODUCT_ROWS)
+        bytes, not 12 k^2. Each row block is the same BLAS dot products over the window's tokens as the whole
+        product, and the whole product is symmetric, bit for bit (tests/test_importance.py checks both)."""
         import torch
+
+        from mintbuild.mlx.gptq import held_out_rule
 
         k = flat.shape[1]
         if key not in self._acc:
             self._acc[key] = [torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64)]
+            if held_out_rule(self.held_tokens, k):
+                self._held[key] = []
         full, even = self._acc[key]
         for r in range(0, k, PRODUCT_ROWS):
-            h = (flat[:, r : r + PRODUCT_ROWS].T @ flat).double()
-            full[r : r + PRODUCT_ROWS] += h
+            end = min(r + PRODUCT_ROWS, k)
+            h = (flat[:, r:end].T @ flat[:, :end]).double()
+            full[r:end, :end] += h
             if self.parity == 0:
-                even[r : r + PRODUCT_ROWS] += h
+                even[r:end, :end] += h
+        if self.parity == 1 and key in self._held:
+            self._held[key].append(flat.clone())
+
+    @staticmethod
+    def _mirror(acc: Any) -> None:
+        """Fill the upper triangle above the diagonal row blocks with the transpose of the lower (in place)."""
+        for r in range(PRODUCT_ROWS, acc.shape[0], PRODUCT_ROWS):
+            end = min(r + PRODUCT_ROWS, acc.shape[0])
+            acc[:r, r:end] = acc[r:end, :r].T
 
     def window(self, index: int) -> None:
         self.parity, self._last = index % 2, None
 
     def finish(self) -> None:
-        """Keep every open Hessian in float32, then hand it to `done` (which may overwrite `full`: it is kept),
+        """Keep every open Hessian in float32, then hand the even windows' H and the held-out tokens to `done`,
         narrowest input first, freeing each input's accumulators before the next input's gains: the widest
         input's gains run with no other accumulator alive (the order changes no output: the artifact is
         written by key)."""
+        import torch
+
+        from mintbuild.mlx.gptq import HeldOutInputs
+
         for key in sorted(self._acc, key=lambda k: (self._acc[k][0].shape[0], k)):
             full, even = self._acc.pop(key)
+            self._mirror(full)
+            self._mirror(even)
             self.kept.put(key, full)
-            self.done(sorted(n for n, k in self.key_of.items() if k == key), full, even)
-            del full, even
+            names = sorted(n for n, k in self.key_of.items() if k == key)
+            if key in self._held:
+                held: Any = HeldOutInputs(torch.cat(self._held.pop(key)))
+            else:
+                with torch.inference_mode():  # the accumulators may be inference tensors (the head's pass)
+                    held = full.sub_(even)  # `full` is kept already: the held-out tokens' H takes its place
+            del full
+            self.done(names, even, held)
+            del even, held
         self._last = None
 
     @contextlib.contextmanager
@@ -287,10 +320,8 @@ def compute_hessians(
     # on a cluster each input's gains are a task reading the spilled Hessians; the walk goes on meanwhile
     remote = RemoteGains(ex, model_dir, pack, spill, 2 * ex.slots, rows) if ex.remote and spill else None
 
-    def done(names: list[str], full: Any, even: Any) -> None:
+    def done(names: list[str], even: Any, held: Any) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
-        with torch.inference_mode():  # the accumulators may be inference tensors (the head's pass)
-            held = full.sub_(even)  # `full` is kept already: the held-out tokens' H takes its place
         measured: dict[str, list[Any]] = {}
         for n in names:
             shape = tuple(ckpt.tensors[n].shape)
@@ -307,9 +338,10 @@ def compute_hessians(
                 w = ckpt.read(n)
                 gains[n].update(rounding_gain(w, even, held, opts, pack.damp, pack.block, rows, fac=fac))
         log.info("hessians: GPTQ gains of %s (input %d wide) in %.1f s (%.1f CPU s)", ", ".join(names),
-                 full.shape[0], time.perf_counter() - t0, time.process_time() - c0)  # fmt: skip
+                 even.shape[0], time.perf_counter() - t0, time.process_time() - c0)  # fmt: skip
 
-    hessians = InputHessians(wanted, done, spill)
+    held_tokens = sum(len(w.ids) for i, w in enumerate(windows) if i % 2)
+    hessians = InputHessians(wanted, done, spill, held_tokens)
     with torch_settings(cfg.threads, cfg.seed):
         t0 = time.perf_counter()
         # headless: only the head's input is measured (an untied 8B's head is 2.1 GB in fp32)
@@ -346,7 +378,7 @@ class RemoteGains:
     factors the fit Hessian and measures every (tensor, option) of that input exactly as the in-process code
     does (the same float64 fit and float32 held-out Hessians, read from the spill folder, a filesystem every
     node sees), so the gains are equal wherever they ran. At most `window` inputs, and PENDING_BYTES of their
-    spilled Hessians (12 k^2 bytes each), wait at once: past that the walk waits for the oldest; `collect`
+    spilled Hessians (12 k^2 bytes each, less with held-out inputs), wait at once: past that the walk waits for the oldest; `collect`
     gives every gain."""
 
     def __init__(
@@ -365,15 +397,21 @@ class RemoteGains:
         folder = self.work / f"{self.submitted:05d}"
         self.submitted += 1
         folder.mkdir(parents=True, exist_ok=True)
+        from mintbuild.mlx.gptq import HeldOutInputs
+
         np.ascontiguousarray(even.double().numpy()).tofile(folder / "fit.f64")
-        np.ascontiguousarray(held.float().numpy()).tofile(folder / "held.f32")
+        inputs = isinstance(held, HeldOutInputs)
+        np.ascontiguousarray((held.x if inputs else held.float()).numpy()).tofile(folder / "held.f32")
         k = int(even.shape[0])
-        task = (self.model_dir, measured, folder.resolve(), k, self.pack.damp, self.pack.block, self.rows)
-        # both Hessians, the factor and the clip search's float32 copy of H, the weights, plus the process
-        res = Resources(memory=24 * k * k + (1 << 30))
+        held_rows = int(held.x.shape[0]) if inputs else 0  # 0: the held-out Hessian (k rows)
+        pack = self.pack
+        task = (self.model_dir, measured, folder.resolve(), k, pack.damp, pack.block, self.rows, held_rows)
+        # the fit H, the held-out H or inputs, the factor and the clip search's float32 copy of H, the weights,
+        # plus the process
+        res = Resources(memory=20 * k * k + 4 * k * (held_rows or k) + (1 << 30))
         label = f"gains {next(iter(measured), '')}"
         wait = self.ex.submit(_gains_task, [task], res, label, progress=False)
-        self.pending.append((folder, 12 * k * k, wait))
+        self.pending.append((folder, 8 * k * k + 4 * k * (held_rows or k), wait))
         while len(self.pending) > self.window or (
             len(self.pending) > 1 and sum(b for _, b, _ in self.pending) > PENDING_BYTES
         ):
@@ -396,11 +434,12 @@ def _gains_task(task: tuple) -> dict[str, dict[str, float]]:
     import torch
 
     from mintbuild.mlx.factor_cache import FactorCache
-    from mintbuild.mlx.gptq import rounding_gain
+    from mintbuild.mlx.gptq import HeldOutInputs, rounding_gain
 
-    folder, measured, spill, k, damp, block, rows = task
+    folder, measured, spill, k, damp, block, rows, held_rows = task
     fit = torch.from_numpy(np.fromfile(spill / "fit.f64", dtype=np.float64).reshape(k, k))
-    held = torch.from_numpy(np.fromfile(spill / "held.f32", dtype=np.float32).reshape(k, k))
+    stored = torch.from_numpy(np.fromfile(spill / "held.f32", dtype=np.float32).reshape(held_rows or k, k))
+    held: Any = HeldOutInputs(stored) if held_rows else stored
     fac = FactorCache().get(fit, damp)
     ckpt = open_checkpoint(folder)
     return {

@@ -588,10 +588,33 @@ class GainEstimate:
     stderr: float
 
 
-def _row_errors(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(`output_error`, the same product's float64 sum per row)."""
+@dataclass(frozen=True)
+class HeldOutInputs:
+    """The held-out tokens' inputs themselves (tokens x K, float32), standing for their Hessian H = X^T X where
+    there are fewer tokens than inputs: an output error is then ||(W - Q) X^T||^2, rows x K x tokens
+    multiply-adds instead of rows x K x K, and X is smaller than H (`held_out_rule`)."""
+
+    x: torch.Tensor
+
+
+def held_out_rule(tokens: int, k: int) -> bool:
+    """Whether a K-wide input's held-out error is measured on its `tokens` inputs (`HeldOutInputs`) rather
+    than on their Hessian: exactly when there are some, and fewer than inputs (the cheaper product, the smaller
+    array; both give tr((W - Q) H (W - Q)^T) up to float32 rounding)."""
+    return 0 < tokens < k
+
+
+def _row_errors(
+    w: torch.Tensor, deq: torch.Tensor, held: torch.Tensor | HeldOutInputs
+) -> tuple[float, torch.Tensor]:
+    """(`output_error`, the same product's float64 sum per row), from the held-out Hessian or the held-out
+    inputs (the product in float32, its squares or its products with e summed in float64)."""
     e = w.float() - deq.float()
-    p = (e @ hessian.float()) * e
+    if isinstance(held, HeldOutInputs):
+        y = e @ held.x.T
+        p = y * y
+    else:
+        p = (e @ held.float()) * e
     return sum64(p), sum64(p, axis=1)
 
 
@@ -618,7 +641,8 @@ def gain_estimates(
     fac: Factor | None = None,
 ) -> dict[str, GainEstimate]:
     """Per option, the output error of GPTQ fitted on the Hessian `fit`, over round-to-nearest's, both measured
-    on `held_out` (the Hessian of other tokens): below 1 when GPTQ helps on text it did not see.
+    on `held_out` (the Hessian of other tokens, or those tokens' inputs as `HeldOutInputs`): below 1 when GPTQ
+    helps on text it did not see.
 
     GPTQ rounds each row against the same H independently of the other rows, so the ratio is estimated on a
     seeded sample of `rows` rows (all of them when there are no more), with its standard error: the sampled gain
@@ -632,7 +656,13 @@ def gain_estimates(
         w = w[pick.sort().values]
     # factored before the held-out H is read, so that the two need not be in memory together
     fac = factor(fit, damp) if fac is None else fac
-    h = held_out.load() if hasattr(held_out, "load") else held_out.float()
+    h = (
+        held_out
+        if isinstance(held_out, HeldOutInputs)
+        else held_out.load()
+        if hasattr(held_out, "load")
+        else held_out.float()
+    )
     out = {}
     for opt in options:
         q, s, b = gptq_codes(w, fit, opt, damp, block, fac)
