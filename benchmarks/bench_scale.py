@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-dtype", default=None, help="eval.dtype: float32 (params.yaml's) or bfloat16")
+    p.add_argument("--gptq-everywhere", action="store_true",
+                   help=f"before allocate, mark every measured GPTQ gain {FORCED_GAIN} (importance.json) so that pack rounds "
+                   "every tensor with a Hessian by GPTQ: random weights give GPTQ no held-out gain, so pack would "
+                   "round them to nearest and skip the factors a real model's pack makes; the codes are meaningless, "
+                   "the work is a real model's")  # fmt: skip
     p.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -349,6 +354,19 @@ def hessian_bytes(inputs: list[int], held: int = 0) -> int:
     return max(walk, *(sum(kept(k) for k in ks[i + 1 :]) + working(ks[i]) for i in range(len(ks))))
 
 
+#: The gain `--gptq-everywhere` writes for every tensor and option (below 1: rounding.gptq_helps).
+FORCED_GAIN = 0.99
+
+
+def force_gptq(run_params: dict) -> None:
+    """Mark every gain in the run's importance.json FORCED_GAIN (idempotent)."""
+    path = Path(run_params["solver"]["importance"])
+    doc = json.loads(path.read_text())
+    for gains in doc["rounding_gain"]["tensors"].values():
+        gains.update(dict.fromkeys(gains, FORCED_GAIN))
+    path.write_text(json.dumps(doc, indent=1))
+
+
 def run(a: argparse.Namespace) -> list[tuple]:
     """Run the stages on a.layers blocks; print and return (label, wall, CPU, peak RSS, bound, exit code) per
     stage command, also written to the run folder's results.json (with the params and stages they used)."""
@@ -368,6 +386,7 @@ def run(a: argparse.Namespace) -> list[tuple]:
         if (
             saved["params"] == run_params
             and saved["stages"] == a.stages
+            and saved.get("gptq_everywhere", False) == a.gptq_everywhere
             and all(r[-1] == 0 for r in saved["rows"])
         ):
             print(f"# {a.size}, {a.layers} block(s): read {record}")
@@ -378,12 +397,15 @@ def run(a: argparse.Namespace) -> list[tuple]:
           f"{imp['window']} + {imp['hessian_windows']} Hessian windows ({imp['hessians']}), eval {ev['n_windows']} "
           f"x {ev['window']}; equalize grid {eq['grid']}, search_rows {eq['search_rows']}, screen_rows "
           f"{eq.get('screen_rows', 'default')}; pack.rounding {run_params['pack']['rounding']}; targets {TARGETS}; "
-          f"threads {a.threads}; eval.dtype {ev.get('dtype')}; env {env_note}")  # fmt: skip
+          f"threads {a.threads}; eval.dtype {ev.get('dtype')}; env {env_note}"
+          + (f"; every GPTQ gain marked {FORCED_GAIN} before allocate" if a.gptq_everywhere else ""))  # fmt: skip
     shutil.rmtree(work / "pack-cache", ignore_errors=True)
     rows: list[tuple] = []
     for stage in [s for s in a.stages.split(",") if s]:
         if stage not in STAGES:
             raise SystemExit(f"unknown stage {stage!r}; choose from {STAGES}")
+        if stage == "allocate" and a.gptq_everywhere:
+            force_gptq(run_params)
         for cmd in commands(stage, params):
             label = stage + (f" {cmd[cmd.index('--target') + 1]}" if "--target" in cmd else "")
             wall, cpu, rss, rc = run_measured(cmd)
@@ -395,7 +417,8 @@ def run(a: argparse.Namespace) -> list[tuple]:
                 break
         if rows and rows[-1][-1]:
             break  # a later stage needs this one's output
-    record.write_text(json.dumps({"params": run_params, "stages": a.stages, "rows": rows}, indent=1))
+    record.write_text(json.dumps({"params": run_params, "stages": a.stages, "gptq_everywhere": a.gptq_everywhere,
+                                  "rows": rows}, indent=1))  # fmt: skip
     print("\n| stage | wall (s) | CPU (s) | peak RSS (GB) | bound (GB) |\n|---|---|---|---|---|")
     for label, wall, cpu, rss, b, rc in rows:
         print(

@@ -238,11 +238,15 @@ def test_streamed_fisher_equals_whole_model_untied_bos(corpus_dir: Path, tmp_pat
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("held_tokens", [0, 96])
-def test_wide_input_hessians_by_row_blocks_are_the_whole_products(threads: int, held_tokens: int) -> None:
+@pytest.mark.parametrize("inference", [False, True], ids=["grad", "inference"])
+def test_wide_input_hessians_by_row_blocks_are_the_whole_products(
+    threads: int, held_tokens: int, inference: bool
+) -> None:
     """An input wider than PRODUCT_ROWS (a 14,336-wide down_proj's, scaled down) accumulates x^T x a block of
     rows at a time, the lower block triangle only, mirrored at the end; what is kept (all windows), the even
     windows' H and the held-out tokens' H (all minus even) equal the sums of the whole products, bit for bit,
-    on 1 and 2 threads. With fewer held-out tokens than inputs, the held-out tokens are their inputs instead."""
+    on 1 and 2 threads. With fewer held-out tokens than inputs, the held-out tokens are their inputs instead.
+    The windows may run in inference mode (the output head's pass does) and be finished outside it."""
     from mintbuild.calibration.hessians import PRODUCT_ROWS
     from mintbuild.mlx.gptq import HeldOutInputs
 
@@ -255,9 +259,10 @@ def test_wide_input_hessians_by_row_blocks_are_the_whole_products(threads: int, 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for i, x in enumerate(xs):
-            hs.window(i)
-            hs.add("w", x)
+        with torch.inference_mode(inference):
+            for i, x in enumerate(xs):
+                hs.window(i)
+                hs.add("w", x)
         hs.finish()
         products = [(x[0].T @ x[0]).double() for x in xs]
     finally:

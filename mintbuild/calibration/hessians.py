@@ -175,14 +175,15 @@ class InputHessians:
 
         for key in sorted(self._acc, key=lambda k: (self._acc[k][0].shape[0], k)):
             full, even = self._acc.pop(key)
-            self._mirror(full)
-            self._mirror(even)
+            with torch.inference_mode():  # the accumulators may be inference tensors (the head's pass)
+                self._mirror(full)
+                self._mirror(even)
             self.kept.put(key, full)
             names = sorted(n for n, k in self.key_of.items() if k == key)
             if key in self._held:
                 held: Any = HeldOutInputs(torch.cat(self._held.pop(key)))
             else:
-                with torch.inference_mode():  # the accumulators may be inference tensors (the head's pass)
+                with torch.inference_mode():
                     held = full.sub_(even)  # `full` is kept already: the held-out tokens' H takes its place
             del full
             self.done(names, even, held)
