@@ -305,8 +305,7 @@ def compute_hessians(
     measured on `gain_rows(cfg)` sampled rows of each tensor."""
     import torch
 
-    from mintbuild.mlx.factor_cache import FactorCache
-    from mintbuild.mlx.gptq import rounding_gain
+    from mintbuild.mlx.gptq import factor, rounding_gain
 
     if cfg.hessians not in SCOPES:
         raise MintError(f"importance.hessians {cfg.hessians!r}: choose {' or '.join(SCOPES)}")
@@ -316,7 +315,6 @@ def compute_hessians(
     wanted = {n for n, t in ckpt.tensors.items() if len(t.shape) == 2 and n != skip}
     gains: dict[str, dict[str, float]] = {}
 
-    factors = FactorCache()  # the even windows' H is factored once for all the tensors that read its input
     ex = executor()
     # on a cluster each input's gains are a task reading the spilled Hessians; the walk goes on meanwhile
     remote = RemoteGains(ex, model_dir, pack, spill, 2 * ex.slots, rows) if ex.remote and spill else None
@@ -334,7 +332,9 @@ def compute_hessians(
         if remote:
             remote.submit(measured, even, held)
         else:
-            fac = factors.get(even, pack.damp)
+            # factored once for every tensor and option reading this input, and freed with it (no cache: an
+            # input's even-window H is its own, and an 8B's widest factor held on would cost 0.8 GB in the next walk)
+            fac = factor(even, pack.damp)
             for n, opts in measured.items():
                 w = ckpt.read(n)
                 gains[n].update(rounding_gain(w, even, held, opts, pack.damp, pack.block, rows, fac=fac))
@@ -434,14 +434,13 @@ def _gains_task(task: tuple) -> dict[str, dict[str, float]]:
     import numpy as np
     import torch
 
-    from mintbuild.mlx.factor_cache import FactorCache
-    from mintbuild.mlx.gptq import HeldOutInputs, rounding_gain
+    from mintbuild.mlx.gptq import HeldOutInputs, factor, rounding_gain
 
     folder, measured, spill, k, damp, block, rows, held_rows = task
     fit = torch.from_numpy(np.fromfile(spill / "fit.f64", dtype=np.float64).reshape(k, k))
     stored = torch.from_numpy(np.fromfile(spill / "held.f32", dtype=np.float32).reshape(held_rows or k, k))
     held: Any = HeldOutInputs(stored) if held_rows else stored
-    fac = FactorCache().get(fit, damp)
+    fac = factor(fit, damp)
     ckpt = open_checkpoint(folder)
     return {
         n: rounding_gain(ckpt.read(n), fit, held, opts, damp, block, rows, fac=fac)
