@@ -222,9 +222,7 @@ def test_sweep_measures_points_and_fits_a_curve(repo) -> None:
         f"hydra.sweep.dir={quick}",
     )
     rows = json.loads((quick / "sweep.json").read_text())
-    ok = [
-        r for r in rows if "error" not in r
-    ]  # the solver's veto may put 4 bits/weight below the floor
+    ok = [r for r in rows if "error" not in r]  # the solver's veto may put 4 bits/weight below the floor
     assert len(rows) == 9 and len(ok) >= 5 and all(r["scope"]["objective_kind"] == "fisher" for r in ok)
     assert any(r["predicted"] for r in ok)  # from the build report (none at or below the curve's pole)
     out = repo_dir / "artifacts/sweep/measured"

@@ -99,6 +99,12 @@ class HessianStore(Mapping[str, Any]):
 PRODUCT_ROWS = 2048
 
 
+def held_out(window: int) -> bool:
+    """Whether calibration window `window` (0-based) is held out of GPTQ's fit to measure its gain on: the odd
+    ones. The fit H sums the even windows; the kept H sums them all."""
+    return window % 2 == 1
+
+
 class InputHessians:
     """Per distinct input of the linear layers: H over all windows and over the even-numbered ones (float64)
     while its block runs, then only float32 H is kept (`kept`, by key, in the folder `spill` when given;
@@ -114,7 +120,7 @@ class InputHessians:
         self._acc: dict[str, list[Any]] = {}
         self._held: dict[str, list[Any]] = {}
         self._last: tuple[Any, str] | None = None
-        self.parity = 0
+        self.in_held_out = False  # the current window is held out of the fit
 
     def add(self, name: str, x: Any) -> None:
         """Record one window's input `x` of the layer whose weight is `name`."""
@@ -149,9 +155,9 @@ class InputHessians:
             end = min(r + PRODUCT_ROWS, k)
             h = (flat[:, r:end].T @ flat[:, :end]).double()
             full[r:end, :end] += h
-            if self.parity == 0:
+            if not self.in_held_out:
                 even[r:end, :end] += h
-        if self.parity == 1 and key in self._held:
+        if self.in_held_out and key in self._held:
             self._held[key].append(flat.clone())
 
     @staticmethod
@@ -162,7 +168,7 @@ class InputHessians:
             acc[:r, r:end] = acc[r:end, :r].T
 
     def window(self, index: int) -> None:
-        self.parity, self._last = index % 2, None
+        self.in_held_out, self._last = held_out(index), None
 
     def finish(self) -> None:
         """Keep every open Hessian in float32, then hand the even windows' H and the held-out tokens to `done`,
@@ -341,7 +347,7 @@ def compute_hessians(
         log.info("hessians: GPTQ gains of %s (input %d wide) in %.1f s (%.1f CPU s)", ", ".join(names),
                  even.shape[0], time.perf_counter() - t0, time.process_time() - c0)  # fmt: skip
 
-    held_tokens = sum(len(w.ids) for i, w in enumerate(windows) if i % 2)
+    held_tokens = sum(len(w.ids) for i, w in enumerate(windows) if held_out(i))
     hessians = InputHessians(wanted, done, spill, held_tokens)
     with torch_settings(cfg.threads, cfg.seed):
         t0 = time.perf_counter()
@@ -379,8 +385,8 @@ class RemoteGains:
     factors the fit Hessian and measures every (tensor, option) of that input exactly as the in-process code
     does (the same float64 fit and float32 held-out Hessians, read from the spill folder, a filesystem every
     node sees), so the gains are equal wherever they ran. At most `window` inputs, and PENDING_BYTES of their
-    spilled Hessians (12 k^2 bytes each, less with held-out inputs), wait at once: past that the walk waits for the oldest; `collect`
-    gives every gain."""
+    spilled Hessians (12 k^2 bytes each, less with held-out inputs), wait at once: past that the walk waits for
+    the oldest; `collect` gives every gain."""
 
     def __init__(
         self, ex: Executor, model_dir: Path, pack: PackConfig, spill: Path, window: int, rows: int = GAIN_ROWS
@@ -395,11 +401,11 @@ class RemoteGains:
     def submit(self, measured: dict[str, list[Any]], even: Any, held: Any) -> None:
         import numpy as np
 
+        from mintbuild.mlx.gptq import HeldOutInputs
+
         folder = self.work / f"{self.submitted:05d}"
         self.submitted += 1
         folder.mkdir(parents=True, exist_ok=True)
-        from mintbuild.mlx.gptq import HeldOutInputs
-
         np.ascontiguousarray(even.double().numpy()).tofile(folder / "fit.f64")
         inputs = isinstance(held, HeldOutInputs)
         np.ascontiguousarray((held.x if inputs else held.float()).numpy()).tofile(folder / "held.f32")

@@ -618,6 +618,16 @@ def _row_errors(
     return sum64(p), sum64(p, axis=1)
 
 
+def _held_out_operand(held_out: Any) -> torch.Tensor | HeldOutInputs:
+    """What `_row_errors` multiplies by: the held-out inputs as given, or the held-out Hessian in float32 (read
+    now when it is a lazy one with a `load`)."""
+    if isinstance(held_out, HeldOutInputs):
+        return held_out
+    if hasattr(held_out, "load"):
+        return held_out.load()
+    return held_out.float()
+
+
 def _ratio_stderr(a: torch.Tensor, b: torch.Tensor, population: int) -> float:
     """Standard error of sum(a) / sum(b) for n rows drawn without replacement from `population` rows."""
     n = a.numel()
@@ -656,13 +666,7 @@ def gain_estimates(
         w = w[pick.sort().values]
     # factored before the held-out H is read, so that the two need not be in memory together
     fac = factor(fit, damp) if fac is None else fac
-    h = (
-        held_out
-        if isinstance(held_out, HeldOutInputs)
-        else held_out.load()
-        if hasattr(held_out, "load")
-        else held_out.float()
-    )
+    h = _held_out_operand(held_out)
     out = {}
     for opt in options:
         q, s, b = gptq_codes(w, fit, opt, damp, block, fac)
