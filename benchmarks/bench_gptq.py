@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from mintbuild.artifacts.importance import HessianFile
 from mintbuild.calibration.hessians import GAIN_ROWS
 from mintbuild.formats import Option
 from mintbuild.mlx.factor_cache import FactorCache
 from mintbuild.mlx.gptq import Factor, clipped_group_params, factor, gptq_codes, output_error, rounding_gain
-from mintbuild.mlx.hessian_file import HessianFile
 from mintbuild.mlx.quant.reference import dequantize_codes, quantize_dequantize
 from mintbuild.mlx.quant.simd import bf16 as _bf16
 from mintbuild.mlx.quant.simd import mlx_scale_bias as _mlx_scale_bias

@@ -36,6 +36,7 @@ from mintbuild.llamacpp.build import (
     TOOLS,
     _last_error_line,
     _run_build_step,
+    _run_streaming,
     build_dir,
     ensure_llamacpp,
     run_tool,
@@ -326,6 +327,21 @@ def test_stale_temporary_build_is_removed():
     assert not stale.exists()
 
 
+def test_streamed_run_gives_every_line_and_keeps_the_timeout():
+    """The streaming runner (how llama-quantize's progress is read): stderr lines handed over as they come, stdout
+    kept whole (a full pipe would stall the child), and a child past its timeout killed."""
+    import subprocess
+    import sys
+
+    seen: list[str] = []
+    code = "import sys\nfor i in range(3): print(i, file=sys.stderr, flush=True)\nprint('x' * 200_000)"
+    proc = _run_streaming([sys.executable, "-c", code], None, 60.0, None, seen.append)
+    assert seen == ["0\n", "1\n", "2\n"] and proc.stderr == "0\n1\n2\n"
+    assert proc.returncode == 0 and proc.stdout == "x" * 200_000 + "\n"
+    with pytest.raises(subprocess.TimeoutExpired):
+        _run_streaming([sys.executable, "-c", "import time; time.sleep(60)"], None, 0.5, None, seen.append)
+
+
 def test_failing_tool_is_one_line(tmp_path):
     out = tmp_path / "out.gguf"
     with pytest.raises(MintError) as e:
@@ -335,6 +351,12 @@ def test_failing_tool_is_one_line(tmp_path):
     assert msg.startswith("llama-quantize failed (exit 1): ")
     assert "failed to quantize" in msg
     assert not out.exists()
+    # streamed (progress reads stderr as it comes): every stderr line seen, the same one-line error
+    seen: list[str] = []
+    with pytest.raises(MintError) as streamed:
+        run_tool("llama-quantize", [tmp_path / "missing.gguf", out, "Q4_K"], on_stderr_line=seen.append)
+    assert str(streamed.value) == msg
+    assert any("failed to quantize" in line for line in seen), seen
     # perplexity logs through llama.cpp's queued logger: the patched build flushes it at exit, every time.
     for _ in range(3):
         with pytest.raises(MintError, match=r"^llama-perplexity failed \(exit 1\): .*unable to load model$"):

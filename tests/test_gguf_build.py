@@ -6,6 +6,7 @@ bytes of real files), allocate and pack (types and bytes as planned, byte-identi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -287,18 +288,25 @@ def test_profile_bytes_add_up_to_the_files(built: dict[str, Path], tmp_path: Pat
 
 
 @pytest.mark.e2e
-def test_pack_matches_the_plan_and_repeats_byte_for_byte(built: dict[str, Path], tmp_path: Path) -> None:
+def test_pack_matches_the_plan_and_repeats_byte_for_byte(
+    built: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     params = _params(built, {"g": TargetConfig(bits_per_weight=4.5, formats=["gguf"])})
     docs = allocate.run(params, None, tmp_path / "no-mlx-profile", Path(params.allocate_out), built["model"])
     alloc = docs["g"]
     assert alloc["format"] == "gguf" and alloc["imatrix"] is True
+    caplog.set_level(logging.INFO, logger="mintbuild.progress")
     first = pack_gguf.run(params, ["g"])[0]
+    said = [r.getMessage() for r in caplog.records if r.name == "mintbuild.progress"]
     out = Path(params.pack_out) / "g"
     path = out / "model.gguf"
     t = alloc["totals"]
     assert path.stat().st_size == t["bytes"] == first.manifest["weights_bytes"] <= t["budget"]
     # every tensor's type, read back independently, is the allocation's (the source type where it stays 16-bit)
     types = {x.name: x.tensor_type.name for x in gguf.GGUFReader(str(path)).tensors}
+    # llama-quantize's tensors counted as it writes them (a log line under DVC), to the last one
+    n = len(types)
+    assert said and said[-1].startswith(f"pack g: llama-quantize {n}/{n} tensor (100%)"), (n, said)
     for d in alloc["decisions"]:
         want = d["gguf_type"] if d["option"] == "BF16" else d["option"]
         assert types[d["members"][0]] == want, d["name"]

@@ -367,6 +367,15 @@ def test_input_hessians_are_xtx_of_every_linear_input(tmp_path: Path, corpus_dir
         loaded.full["model.layers.1.self_attn.k_proj.weight"]
         is loaded.full["model.layers.1.self_attn.q_proj.weight"]
     )
+    # read by rows from the file (nothing mapped): the values safetensors itself reads, row blocks and diagonal too
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "a" / HESSIAN_FILE))
+    for n, t in a["hessian"]["tensors"].items():
+        h, want = loaded.full[n], stored[t["key"]]
+        assert torch.equal(h.load(), want) and torch.equal(h[1:3], want[1:3]), n
+        assert torch.equal(h[torch.tensor([2, 0])], want[[2, 0]]), n
+        assert torch.equal(h.diagonal(), torch.diagonal(want).double()), n
     only_head = run(model_dir, corpus_dir, replace(TINY, hessians="head"), tmp_path / "h", False)
     assert list(only_head["hessian"]["tensors"]) == [head] == list(only_head["rounding_gain"]["tensors"])
     cfg = ImportanceConfig(n_windows=1, window=64, hessian_windows=0)

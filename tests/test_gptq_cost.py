@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from benchmarks.bench_gptq import head, hessian, reference_clipped_group_params
+from mintbuild.artifacts.importance import HessianFile
 from mintbuild.calibration.hessians import pickable_options
 from mintbuild.formats import Option
 from mintbuild.mlx import gptq
 from mintbuild.mlx.factor_cache import FactorCache
 from mintbuild.mlx.gptq import GAIN_BOUND_SE, factor, gain_estimates, gptq_codes, rounding_gain
-from mintbuild.mlx.hessian_file import HessianFile
 from mintbuild.mlx.quant.reference import quantize_dequantize
 from mintbuild.reproducible import one_torch_thread, torch_threads
 from tests.test_gptq import tokens, weights

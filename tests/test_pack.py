@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import shutil
 import struct
 from pathlib import Path
@@ -153,10 +154,18 @@ def test_planned_bytes_equal_written_bytes(build: dict[str, Any]) -> None:
 
 
 @pytest.mark.e2e
-def test_cached_repack_is_byte_identical(build: dict[str, Any], tmp_path: Path) -> None:
+def test_cached_repack_is_byte_identical(
+    build: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A repack from the cache writes the same bytes, and with progress off (DVC) says how far it is."""
+    caplog.set_level(logging.INFO, logger="mintbuild.progress")
     params, first = build["params"], build["results"]["lo"]
     again = pack_target(params, "lo", out_root=tmp_path, progress=False, cache_dir=build["root"] / "cache")
     assert again.cache_misses == 0 and again.cache_hits == first.cache_hits + first.cache_misses
+    said = [r.getMessage() for r in caplog.records if r.name == "mintbuild.progress"]
+    n = len(again.plan.items)
+    assert said and said[-1].startswith("pack lo ") and "(100%)" in said[-1], said
+    assert said[-1].endswith(f"done [{n}/{n} tensors]"), said[-1]
     for name in sorted(p.name for p in first.out.iterdir()):
         assert (first.out / name).read_bytes() == (tmp_path / "lo" / name).read_bytes(), name
 

@@ -7,12 +7,17 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from mintbuild.errors import MintError
+from mintbuild.hf.safetensors_out import StreamedSafetensors
 from mintbuild.io import atomic_write_json, sha256_file
 from mintbuild.rounding import GPTQ_VERSION
-from mintbuild.hf.safetensors_out import StreamedSafetensors
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 2
 
@@ -42,8 +47,9 @@ class Hessians:
 
 def load_hessians(folder: Path, model_fingerprint: str) -> Hessians:
     """The input Hessians of an importance folder, measured on the model with `model_fingerprint`; the file is
-    checked against the sha256 importance.json recorded."""
-    from safetensors.torch import load_file
+    checked against the sha256 importance.json recorded. Each Hessian is a `HessianFile` read from the file by
+    rows when used (pack holds one tensor's at a time, whatever the model's size)."""
+    from mintbuild.hf.checkpoint import read_header
 
     doc, record = _gptq_record(folder, "hessian", "input Hessians")
     path = Path(folder) / HESSIAN_FILE
@@ -57,10 +63,20 @@ def load_hessians(folder: Path, model_fingerprint: str) -> Hessians:
             f"{folder}: the Hessians were measured on another model (fingerprint {measured_on} != "
             f"{model_fingerprint}); re-run `mintbuild importance`"
         )
-    stored = load_file(str(path))
-    missing = sorted({t["key"] for t in record["tensors"].values()} - set(stored))
-    if missing:
-        raise MintError(f"{path}: no Hessian {missing[0]!r} that importance.json names ({len(missing)} missing)")
+    header, data_start = read_header(path)
+    stored: dict[str, HessianFile] = {}
+    for t in record["tensors"].values():
+        key = t["key"]
+        entry = header.get(key)
+        if entry is None:
+            raise MintError(f"{path}: no Hessian {key!r} that importance.json names")
+        k = int(t["inputs"])
+        if entry.get("dtype") != "F32" or list(entry.get("shape", [])) != [k, k]:
+            raise MintError(
+                f"{path}: Hessian {key!r} is {entry.get('dtype')} {entry.get('shape')}, not F32 [{k}, {k}]"
+            )
+        if key not in stored:  # layers that share an input share one reader
+            stored[key] = HessianFile(path, k, data_start + int(entry["data_offsets"][0]))
     return Hessians({n: stored[t["key"]] for n, t in record["tensors"].items()}, record["sha256"], doc)
 
 
@@ -166,3 +182,60 @@ def load_input_squares(folder: Path) -> InputSquares:
     return InputSquares(
         sums, {k: int(v) for k, v in rec["counts"].items()}, int(rec["chunk_size"]), rec["sha256"]
     )
+
+
+class HessianFile:
+    """H [K, K] float32 (C order, little-endian) stored in `path` from byte `offset` on: a raw file (offset 0, its
+    whole size) or a member of hessian.safetensors. `h[rows]` (a slice or an index tensor) reads those rows,
+    `diagonal()` the diagonal in float64, `load()` all of it; nothing is kept in memory between reads, and the
+    reads are plain file reads, so no page of the file stays mapped into the process (GPTQ's factor and clip
+    search take it in place of a tensor: a wide layer's H, 28,672^2 x 4 B = 3.3 GB for a 70B's down_proj, need
+    not be in memory beside the factor's buffer)."""
+
+    def __init__(self, path: Path, k: int, offset: int = 0) -> None:
+        self.path, self.k, self.offset = Path(path), k, offset
+        self.shape = (k, k)
+        size, end = self.path.stat().st_size, offset + k * k * 4
+        if size < end or (offset == 0 and size != end):
+            raise MintError(
+                f"{self.path}: {size:,} B cannot hold a float32 Hessian of {k} x {k} at byte {offset:,}"
+            )
+
+    def _rows(self, i0: int, n: int) -> np.ndarray:
+        at = self.offset + i0 * self.k * 4
+        return np.fromfile(self.path, dtype="<f4", count=n * self.k, offset=at).reshape(n, self.k)
+
+    def __getitem__(self, rows: Any) -> torch.Tensor:
+        import torch
+
+        if isinstance(rows, slice):
+            i0, i1, step = rows.indices(self.k)
+            if step != 1:
+                raise IndexError("HessianFile reads contiguous or indexed rows only")
+            return torch.from_numpy(self._rows(i0, max(i1 - i0, 0)))
+        idx = torch.as_tensor(rows).reshape(-1).tolist()
+        out = np.empty((len(idx), self.k), np.float32)
+        for n, i in enumerate(idx):
+            out[n] = self._rows(int(i), 1)[0]
+        return torch.from_numpy(out)
+
+    def diagonal(self) -> torch.Tensor:
+        import torch
+
+        d = np.empty(self.k, np.float64)
+        for i0 in range(0, self.k, 1024):
+            rows = self._rows(i0, min(1024, self.k - i0))
+            d[i0 : i0 + len(rows)] = rows[np.arange(len(rows)), np.arange(i0, i0 + len(rows))]
+        return torch.from_numpy(d)
+
+    def load(self) -> torch.Tensor:
+        """The whole H in memory."""
+        import torch
+
+        return torch.from_numpy(self._rows(0, self.k))
+
+    @staticmethod
+    def write(path: Path, h: torch.Tensor) -> HessianFile:
+        """Store the float32 [K, K] `h` at `path` (raw, C order)."""
+        h.detach().float().contiguous().numpy().astype("<f4", copy=False).tofile(path)
+        return HessianFile(path, h.shape[0])

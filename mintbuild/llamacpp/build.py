@@ -37,8 +37,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -380,8 +381,10 @@ def run_tool(
     cwd: str | os.PathLike[str] | None = None,
     timeout: float | None = None,
     env: dict[str, str] | None = None,
+    on_stderr_line: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a built llama.cpp tool (`llama-quantize` or `quantize`) and return its completed process.
+    """Run a built llama.cpp tool (`llama-quantize` or `quantize`) and return its completed process;
+    `on_stderr_line` gets each stderr line as the tool writes it (llama.cpp logs there: progress reads it).
 
     On a non-zero exit (or a timeout) raise MintError with one line: the tool, its exit code and its last
     non-empty stderr line (stdout's if stderr is empty).
@@ -390,9 +393,12 @@ def run_tool(
     cmd = [str(exe), *map(str, args)]
     log.debug("running %s", " ".join(cmd))
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, errors="replace", cwd=cwd, timeout=timeout, env=env
-        )
+        if on_stderr_line is None:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, errors="replace", cwd=cwd, timeout=timeout, env=env
+            )
+        else:
+            proc = _run_streaming(cmd, cwd, timeout, env, on_stderr_line)
     except subprocess.TimeoutExpired as e:
         raise MintError(f"{exe.name} timed out after {timeout} s") from e
     if proc.returncode != 0:
@@ -400,6 +406,34 @@ def run_tool(
         last = lines[-1] if lines else "(no output)"
         raise MintError(f"{exe.name} failed (exit {proc.returncode}): {last}")
     return proc
+
+
+def _run_streaming(
+    cmd: list[str], cwd: str | os.PathLike[str] | None, timeout: float | None, env: dict[str, str] | None,
+    on_line: Callable[[str], None],
+) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """`subprocess.run(cmd, capture_output=True, timeout=timeout)`, handing each stderr line to `on_line` as it
+    arrives (a thread drains stdout, so neither pipe can fill up and stall the tool)."""
+    timed_out, out, err, pipe = threading.Event(), list[str](), list[str](), subprocess.PIPE
+    with subprocess.Popen(
+        cmd, stdout=pipe, stderr=pipe, text=True, errors="replace", cwd=cwd, env=env
+    ) as proc:
+        (drain := threading.Thread(target=lambda: out.extend(proc.stdout or ()), daemon=True)).start()
+        killer = threading.Timer(timeout or 0, lambda: timed_out.set() or proc.kill())  # type: ignore[func-returns-value]
+        if timeout is not None:
+            killer.start()
+        try:
+            for line in proc.stderr or ():
+                err.append(line)
+                on_line(line)
+            drain.join()
+        finally:
+            killer.cancel()
+            if proc.poll() is None:
+                proc.kill()  # on_line raised: the exit below waits for the killed tool
+    if timed_out.is_set():
+        raise subprocess.TimeoutExpired(cmd, timeout or 0)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "".join(err))
 
 
 def main() -> None:

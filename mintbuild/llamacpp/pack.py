@@ -134,6 +134,7 @@ def quantize(plan: GGUFPlan, source: Path, imatrix: Path | None, out_file: Path,
     """Run llama-quantize on `source` into `out_file` as planned (type file and imatrix copied into `work`, which
     is its working folder, so the output records the relative name IMATRIX_GGUF); returns its seconds."""
     from mintbuild.llamacpp.build import run_tool
+    from mintbuild.progress import progress as reporter
 
     (work / TYPE_FILE).write_text(type_file_text(plan), encoding="utf-8")
     args: list[str] = ["--tensor-type-file", TYPE_FILE]
@@ -144,8 +145,18 @@ def quantize(plan: GGUFPlan, source: Path, imatrix: Path | None, out_file: Path,
         args += ["--imatrix", IMATRIX_GGUF]
     args += [str(Path(source).resolve()), str(Path(out_file).resolve()), BASE_TYPE]
     t0 = time.perf_counter()
-    run_tool("llama-quantize", args, cwd=work)
+    with reporter(len(plan.types), f"pack {plan.target}: llama-quantize", "tensor") as bar:
+
+        def on_line(line: str) -> None:
+            if _QUANTIZE_LINE.match(line):  # one line per tensor written
+                bar.update(1)
+
+        run_tool("llama-quantize", args, cwd=work, on_stderr_line=on_line)
     return time.perf_counter() - t0
+
+
+#: llama-quantize's line for each tensor it writes: `[  12/ 339]  blk.0.attn_q.weight - [...], type = ...`.
+_QUANTIZE_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]")
 
 
 def verify(plan: GGUFPlan, path: Path) -> dict[str, Any]:

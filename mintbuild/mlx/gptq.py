@@ -399,7 +399,7 @@ def _clip_rows(
 
 
 class HessianRows(Protocol):
-    """A square Hessian read by rows: a tensor, or a file read a few rows at a time (hessian_file.py)."""
+    """A square Hessian read by rows: a tensor, or a file read a few rows at a time (artifacts/importance.HessianFile)."""
 
     shape: Any
 

@@ -42,7 +42,7 @@ from mintbuild.mlx.folder import (
     layout,
     quantization_section,
 )
-from mintbuild.mlx.gptq import gptq_codes
+from mintbuild.mlx.gptq import HessianRows, gptq_codes
 from mintbuild.mlx.pack_cache import PackCache
 from mintbuild.mlx.quant.pack_kernel import packed_shapes, quantize_pack
 from mintbuild.mlx.quant.reference import pack_codes
@@ -57,14 +57,14 @@ class Rounding:
     gain says it does worse (`overfit`: tensor -> option names), round-to-nearest for the rest."""
 
     method: str = "rtn"
-    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessians: dict[str, HessianRows] = field(default_factory=dict)
     hessian_sha256: str = ""
     damp: float = 0.1
     block: int = 128
     overfit: dict[str, frozenset[str]] = field(default_factory=dict)
     factors: FactorCache = field(default_factory=FactorCache, compare=False)
 
-    def hessian(self, name: str, option: Option) -> torch.Tensor | None:
+    def hessian(self, name: str, option: Option) -> HessianRows | None:
         """The Hessian to round `name` at `option` against by GPTQ, or None: round to nearest."""
         if option.name in self.overfit.get(name, ()):
             return None
@@ -107,7 +107,7 @@ def load_rounding(params: Params, ckpt: Checkpoint) -> Rounding:
 
 
 def gptq_pack(
-    w: torch.Tensor, option: Option, hessian: torch.Tensor, rounding: Rounding
+    w: torch.Tensor, option: Option, hessian: HessianRows, rounding: Rounding
 ) -> tuple[np.ndarray, ...]:
     """`quantize_pack`'s arrays, rounded by GPTQ against `hessian`."""
     wshape, sshape = packed_shapes(option, tuple(w.shape))
@@ -274,15 +274,16 @@ def write_weights(
 ) -> tuple[dict[str, int], str]:
     """Write the safetensors file front to back; return the bytes written per decision (checked against the
     plan) and the file's sha256, computed as it is written (a second pass over the file cost ~10% of a pack)."""
-    from tqdm import tqdm
+    from mintbuild.progress import progress as reporter
 
     written: Counter[str] = Counter()
     sha = hashlib.sha256(plan.header)
-    bar = tqdm(total=plan.parameters, unit="param", unit_scale=True, disable=not progress, desc=plan.target)
+    # a bar on a terminal, else a log line every 10 s (DVC): GPTQ makes a large model's pack minutes long
+    bar = reporter(plan.parameters, f"pack {plan.target}", "param", progress, unit_scale=True)
     with open(path, "wb") as f:
         f.write(plan.header)
         pos = 0
-        for item in plan.items:
+        for i, item in enumerate(plan.items):
             for entry, data in zip(
                 item.entries, tensor_payload(ckpt, item, cache, hashes, rounding), strict=True
             ):
@@ -296,6 +297,7 @@ def write_weights(
                 sha.update(data)
                 pos = end
                 written[item.decision] += len(data)
+            bar.set_postfix_str(f"{i + 1}/{len(plan.items)} tensors")
             bar.update(math.prod(item.shape))
     bar.close()
     return dict(written), sha.hexdigest()
