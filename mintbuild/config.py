@@ -230,7 +230,7 @@ class ImportanceConfig:
     hessians: str = "all"
     #: Rows of each tensor GPTQ's held-out gain is measured on (a seeded sample, with a stated error bound:
     #: mlx/gptq.py GAIN_BOUND_SE); 0 = every row.
-    gain_rows: int = 512
+    gain_rows: int = 256
     #: None: a measured gain for every option. A number (dB, at most solver.veto_sqnr_db): no gain for the
     #: options whose sampled round-to-nearest SQNR is 3 dB or more below it, the allocator's veto removing them
     #: (recorded as 1.0). Its own key, so that the solver's veto can change without recalibrating.

@@ -41,7 +41,7 @@ from mintbuild.hf.streaming import CheckpointSource, StreamedModel, check_fits, 
 log = logging.getLogger(__name__)
 
 #: Rows of a tensor GPTQ's held-out gain is measured on (a seeded sample: GPTQ rounds each row alone).
-GAIN_ROWS = 512
+GAIN_ROWS = 256
 #: How far below the allocator's SQNR veto a sampled round-to-nearest SQNR must be for `pickable_options` to skip
 #: the option (3 dB: twice the veto's error; the row sample's SQNR is within a few tenths of a dB of the tensor's).
 VETO_MARGIN_DB = 3.0
